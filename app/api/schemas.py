@@ -1,0 +1,97 @@
+"""The public API's bodies, shared by the router and the regional service (one OpenAPI surface).
+
+Request bodies are decoded strictly with msgspec (`app.api.decoding`): an amount of `"100"`, `100.0` or
+`true` is refused, not coerced, and unknown fields are refused.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated
+
+import msgspec
+
+from app import limits
+from app.ledger.money import CURRENCIES
+from app.topology.ids import ACCOUNT_ID_PATTERN, TRANSFER_ID_PATTERN
+
+Currency = enum.StrEnum("Currency", {code: code for code in sorted(CURRENCIES)})  # type: ignore[misc]
+
+AccountId = Annotated[str, msgspec.Meta(pattern=ACCOUNT_ID_PATTERN, examples=["acc_2a901JDQ2ZJ4M7Q0VKDA9X6QH3N5"])]
+TransferId = Annotated[str, msgspec.Meta(pattern=TRANSFER_ID_PATTERN)]
+AmountMinor = Annotated[
+    int,
+    msgspec.Meta(ge=1, le=limits.AMOUNT_MINOR_MAX, description="Integer count of the currency's minor unit."),
+]
+OverdraftMinor = Annotated[int, msgspec.Meta(ge=0, le=limits.OVERDRAFT_LIMIT_MINOR_MAX)]
+Reference = Annotated[str, msgspec.Meta(min_length=1, max_length=limits.REFERENCE_CHARS_MAX)]
+RegionName = Annotated[str, msgspec.Meta(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$", max_length=32)]
+
+
+class OpenAccountRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    currency: Currency  # type: ignore[valid-type]
+    region: RegionName | None = None
+    overdraft_limit: OverdraftMinor = 0
+
+
+class FundsRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A deposit or a withdrawal: money in or out through the shard's settlement account."""
+
+    account: AccountId
+    amount: AmountMinor
+    currency: Currency  # type: ignore[valid-type]
+    reference: Reference | None = None
+
+
+class TransferRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    debit_account: AccountId
+    credit_account: AccountId
+    amount: AmountMinor
+    currency: Currency  # type: ignore[valid-type]
+    reference: Reference | None = None
+
+
+class Account(msgspec.Struct, kw_only=True):
+    id: AccountId
+    currency: str
+    balance: int
+    available: int
+    overdraft_limit: int
+    status: str
+    region: str
+    created_at: str
+
+
+class Transfer(msgspec.Struct, kw_only=True):
+    id: TransferId
+    kind: str
+    amount: int
+    currency: str
+    state: str
+    created_at: str
+    reference: str | None = None
+    debit_account: str | None = None
+    credit_account: str | None = None
+    account: str | None = None
+
+
+class Entry(msgspec.Struct, kw_only=True):
+    id: int
+    transfer_id: str
+    amount: int
+    balance_after: int
+    created_at: str
+
+
+class EntriesPage(msgspec.Struct, kw_only=True):
+    items: list[Entry]
+    next_cursor: str | None
+
+
+class ProblemDetails(msgspec.Struct, kw_only=True):
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    request_id: str

@@ -1,0 +1,93 @@
+"""Errors as RFC 9457 problem+json with a stable `code` (DESIGN D10).
+
+The tree, drawn once:
+
+    Problem                  an expected outcome with an HTTP status and a stable code; its detail is safe
+                             to show the client (it never holds a secret, a stack trace or SQL)
+    anything else            a bug: logged with the request id, answered as 500 `internal_error` and nothing
+                             more
+
+Every code the API can answer with is in `CODES`, with its status and title; the OpenAPI document and the
+README list them from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+PROBLEM_TYPE_BASE = "https://docs.txroute.dev/problems/"
+
+# code -> (HTTP status, title)
+CODES: Mapping[str, tuple[int, str]] = {
+    "invalid_request": (400, "The request is not valid"),
+    "malformed_json": (400, "The body is not valid JSON"),
+    "invalid_amount": (400, "The amount must be an integer number of minor units in 1..2^53-1"),
+    "unsupported_currency": (400, "The currency is not supported"),
+    "invalid_account_id": (400, "An account id in the body is malformed"),
+    "idempotency_key_missing": (400, "Every POST needs an Idempotency-Key header"),
+    "idempotency_key_invalid": (400, "The Idempotency-Key header is malformed"),
+    "invalid_cursor": (400, "The pagination cursor is malformed"),
+    "unauthorized": (401, "Authentication is required"),
+    "forbidden": (403, "The token does not grant this operation"),
+    "not_found": (404, "No such route"),
+    "account_not_found": (404, "The account was not found"),
+    "transfer_not_found": (404, "The transfer was not found"),
+    "method_not_allowed": (405, "The method is not allowed on this route"),
+    "idempotency_key_in_flight": (409, "A request with this Idempotency-Key is in flight"),
+    "payload_too_large": (413, "The body is too large"),
+    "unsupported_media_type": (415, "The body must be application/json"),
+    "misdirected": (421, "This region does not own the account's slot"),
+    "idempotency_key_reused": (422, "The Idempotency-Key was used for a different request"),
+    "insufficient_funds": (422, "The account has insufficient funds"),
+    "currency_mismatch": (422, "The currency does not match the account's"),
+    "account_closed": (422, "The account is closed"),
+    "balance_limit_exceeded": (422, "The balance would exceed its limit"),
+    "same_account": (422, "Debit and credit accounts are the same"),
+    "cross_shard_not_supported": (422, "Transfers between shards are not supported yet"),
+    "internal_error": (500, "Internal error"),
+    "shard_unavailable": (503, "The account's database is unavailable"),
+    "region_unavailable": (503, "The account's home region is unavailable"),
+    "overloaded": (503, "The service is overloaded"),
+}
+
+
+class Problem(Exception):
+    """An expected outcome: status and stable code from `CODES`, and a detail safe to show the client."""
+
+    def __init__(
+        self,
+        code: str,
+        detail: str | None = None,
+        *,
+        extra: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        assert code in CODES, code
+        self.code = code
+        self.status, self.title = CODES[code]
+        self.detail = detail or self.title
+        self.extra = dict(extra or {})
+        self.headers = dict(headers or {})
+        super().__init__(f"{code}: {self.detail}")
+
+    def body(self, request_id: str) -> bytes:
+        return problem_body(self.code, self.detail, request_id, self.extra)
+
+
+def problem_body(code: str, detail: str, request_id: str, extra: Mapping[str, Any] | None = None) -> bytes:
+    status, title = CODES[code]
+    doc: dict[str, Any] = {
+        "type": PROBLEM_TYPE_BASE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+        "request_id": request_id,
+    }
+    if extra:
+        doc.update({k: v for k, v in extra.items() if k not in doc})
+    return msgspec.json.encode(doc)

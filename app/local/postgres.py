@@ -1,0 +1,272 @@
+"""Embedded PostgreSQL clusters for the local stack and the tests.
+
+Uses the machine's server binaries when present (>= 14), otherwise the ones the `pgserver` wheel ships
+(installed by `ci/bootstrap.sh` when needed). PostgreSQL refuses to run as root, so when we are root the
+server runs as an unprivileged system user that this module creates. Clusters listen on 127.0.0.1 only,
+with password (SCRAM) authentication; the password lives in the cluster's folder, mode 0600.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import pwd
+import re
+import secrets
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from app import limits
+
+PG_USER_DEFAULT = "txroute-pg"
+PG_MAJOR_MIN = 14
+SUPERUSER = "postgres"
+
+
+class PostgresError(RuntimeError):
+    """The embedded PostgreSQL could not be found, initialised, started or stopped."""
+
+
+def find_pg_bin() -> Path:
+    """The folder holding `initdb`, `pg_ctl`, `postgres` and `pgbench`."""
+    override = os.environ.get("TXROUTE_PG_BIN")
+    if override:
+        return _checked_bin(Path(override))
+    candidates = glob.glob("/usr/lib/postgresql/*/bin") + glob.glob("/usr/pgsql-*/bin")
+    best: tuple[int, Path] | None = None
+    for text in candidates:
+        major = _major(Path(text))
+        if major is not None and major >= PG_MAJOR_MIN and (best is None or major > best[0]):
+            best = (major, Path(text))
+    if best is not None:
+        return best[1]
+    try:
+        import pgserver  # type: ignore[import-not-found]  # optional extra: embedded-pg
+    except ImportError:
+        raise PostgresError(
+            "no PostgreSQL server binaries (>= 14) found: run `bash ci/bootstrap.sh`, which installs the "
+            "embedded-pg extra, or set TXROUTE_PG_BIN"
+        ) from None
+    return _checked_bin(Path(pgserver.__file__).parent / "pginstall" / "bin")
+
+
+def _checked_bin(folder: Path) -> Path:
+    major = _major(folder)
+    if major is None or major < PG_MAJOR_MIN:
+        raise PostgresError(f"{folder}: no PostgreSQL >= {PG_MAJOR_MIN} server binaries there")
+    return folder
+
+
+def _major(folder: Path) -> int | None:
+    postgres = folder / "postgres"
+    if not postgres.is_file():
+        return None
+    out = subprocess.run([str(postgres), "--version"], capture_output=True, text=True, timeout=10).stdout
+    m = re.search(r"(\d+)", out)
+    return int(m.group(1)) if m else None
+
+
+def ensure_pg_user(name: str = PG_USER_DEFAULT) -> str | None:
+    """The system user the server runs as: None when we are not root (run as ourselves)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """One PostgreSQL cluster: a data folder and a TCP port on 127.0.0.1."""
+
+    folder: Path
+    port: int
+    run_as: str | None
+    bin_dir: Path
+
+    @property
+    def data_dir(self) -> Path:
+        return self.folder / "data"
+
+    @property
+    def password_file(self) -> Path:
+        return self.folder / "password"
+
+    @property
+    def log_file(self) -> Path:
+        return self.folder / "server.log"
+
+    def password(self) -> str:
+        return self.password_file.read_text().strip()
+
+    def dsn(self, database: str) -> str:
+        return f"postgresql://{SUPERUSER}:{self.password()}@127.0.0.1:{self.port}/{database}"
+
+    def initialised(self) -> bool:
+        return (self.data_dir / "PG_VERSION").is_file()
+
+    def init(self, *, fsync: bool = True) -> None:
+        """Create the cluster once; later calls keep its data."""
+        if self.initialised():
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._check_traversable()
+        if not self.password_file.exists():
+            self.password_file.write_text(secrets.token_urlsafe(24))
+            self.password_file.chmod(0o600)
+        # initdb reads the password from a file that the server user can read; we remove it afterwards.
+        pwfile = self.folder / ".initpw"
+        shutil.copyfile(self.password_file, pwfile)
+        self._chown(self.folder, pwfile)
+        args = [
+            str(self.bin_dir / "initdb"),
+            "-D", str(self.data_dir),
+            "-U", SUPERUSER,
+            "--pwfile", str(pwfile),
+            "--auth-host=scram-sha-256",
+            "--auth-local=scram-sha-256",
+            "-E", "UTF8",
+            "--locale=C",
+        ]
+        if not fsync:
+            args.append("--no-sync")
+        try:
+            self._run(args, timeout_s=120)
+        finally:
+            pwfile.unlink(missing_ok=True)
+
+    def start(self, *, settings: dict[str, str] | None = None) -> None:
+        if self.is_running():
+            return
+        options = {
+            "port": str(self.port),
+            "listen_addresses": "127.0.0.1",
+            "unix_socket_directories": "",
+            "max_connections": "200",
+            "shared_buffers": "128MB",
+            "logging_collector": "off",
+        }
+        options.update(settings or {})
+        opts = " ".join(f"-c {k}={v}" if v else f"-c {k}=''" for k, v in options.items())
+        self._chown(self.folder)
+        self._run(
+            [
+                str(self.bin_dir / "pg_ctl"), "start", "-w",
+                "-t", str(int(limits.PG_READY_TIMEOUT_S)),
+                "-D", str(self.data_dir), "-l", str(self.log_file), "-o", opts,
+            ],
+            timeout_s=limits.PG_READY_TIMEOUT_S + 10,
+        )
+
+    def stop(self, *, mode: str = "fast") -> None:
+        if not self.is_running():
+            return
+        self._run(
+            [str(self.bin_dir / "pg_ctl"), "stop", "-w", "-m", mode, "-D", str(self.data_dir)],
+            timeout_s=limits.PROCESS_STOP_TIMEOUT_S + 30,
+        )
+
+    def is_running(self) -> bool:
+        pid_file = self.data_dir / "postmaster.pid"
+        if not pid_file.exists():
+            return False
+        try:
+            pid = int(pid_file.read_text().split("\n", 1)[0])
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def _run(self, args: list[str], *, timeout_s: float) -> None:
+        if self.run_as is not None:
+            args = ["runuser", "-u", self.run_as, "--", *args]
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s, cwd="/")
+        if proc.returncode != 0:
+            tail = _tail(self.log_file)
+            raise PostgresError(
+                f"{Path(args[0] if self.run_as is None else args[4]).name} failed "
+                f"(exit {proc.returncode}): {proc.stderr.strip()[-800:]}\n{tail}"
+            )
+
+    def _chown(self, *paths: Path) -> None:
+        if self.run_as is None:
+            return
+        entry = pwd.getpwnam(self.run_as)
+        for path in paths:
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+            if path.is_dir():
+                for sub in path.rglob("*"):
+                    if sub.name != "password":
+                        os.lchown(sub, entry.pw_uid, entry.pw_gid)
+
+    def _check_traversable(self) -> None:
+        """The server user must be able to reach its folder; say which parent blocks it."""
+        blocker = first_untraversable_parent(self.folder, self.run_as)
+        if blocker is not None:
+            raise PostgresError(
+                f"{blocker} is not traversable by user {self.run_as!r}: PostgreSQL cannot run under it. "
+                f"Set TXROUTE_PG_DIR to a folder it can reach."
+            )
+
+
+def first_untraversable_parent(folder: Path, run_as: str | None) -> Path | None:
+    if run_as is None:
+        return None
+    for parent in reversed(folder.resolve().parents):
+        if not parent.stat().st_mode & 0o001:
+            return parent
+    return None
+
+
+def clusters_root(state_dir: Path, run_as: str | None) -> Path:
+    """Where the clusters live: `<state>/pg`, unless the server user cannot reach it.
+
+    A checkout under a private home folder (/root is mode 0700) cannot hold a cluster that an unprivileged
+    user runs. Rather than loosen the permissions of the user's folders, the clusters then live in a folder
+    of their own under /var/tmp, keyed by the checkout, and `<state>/pg` is a symlink to it.
+    """
+    override = os.environ.get("TXROUTE_PG_DIR")
+    if override:
+        return Path(override)
+    link = state_dir / "pg"
+    if link.is_symlink():
+        return link.resolve()
+    if first_untraversable_parent(link, run_as) is None:
+        return link
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]
+    target = Path("/var/tmp") / f"txroute-pg-{digest}"  # noqa: S108 - ownership checked below
+    target.mkdir(mode=0o755, exist_ok=True)
+    if target.stat().st_uid != os.geteuid() or target.is_symlink():
+        raise PostgresError(f"{target} exists and is not ours: remove it or set TXROUTE_PG_DIR")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+    return target
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def wait_until(predicate: object, *, timeout_s: float, interval_s: float = 0.05) -> bool:
+    """Poll `predicate()` until true or the bound passes."""
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return bool(predicate())

@@ -1,0 +1,169 @@
+"""The regional service's HTTP controllers: decode, call one `RegionLedger` command, answer. Nothing else."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from litestar import Request, Response, get, post
+from litestar.openapi.datastructures import ResponseSpec
+
+from app import limits
+from app.api.decoding import decode_body, idempotency_key
+from app.api.http import json_response, problem_response
+from app.api.schemas import (
+    Account,
+    EntriesPage,
+    FundsRequest,
+    OpenAccountRequest,
+    ProblemDetails,
+    Transfer,
+    TransferRequest,
+)
+from app.errors import Problem
+from app.region.identity import caller
+from app.region.service import RegionLedger
+from app.store.shard import Outcome
+from app.topology.ids import InvalidId, parse_account_id, parse_transfer_id
+
+REPLAYED_HEADER = "idempotent-replayed"
+# Request bodies are decoded by hand (strictly); this tells the OpenAPI document what each route takes.
+REQUEST_BODIES: dict[str, type[Any]] = {
+    "/v1/accounts": OpenAccountRequest,
+    "/v1/deposits": FundsRequest,
+    "/v1/withdrawals": FundsRequest,
+    "/v1/transfers": TransferRequest,
+}
+_PROBLEM = ResponseSpec(data_container=ProblemDetails, description="problem+json", media_type="application/problem+json")
+_ERRORS = {status: _PROBLEM for status in (400, 401, 404, 409, 413, 415, 421, 422, 503)}
+
+
+def ledger(request: Request[Any, Any, Any]) -> RegionLedger:
+    svc = request.app.state.ledger
+    assert isinstance(svc, RegionLedger)
+    return svc
+
+
+def outcome_response(request: Request[Any, Any, Any], outcome: Outcome, *, location: str | None = None) -> Response[bytes]:
+    """The ledger's outcome as HTTP: the stored body on success, problem+json otherwise."""
+    headers = {REPLAYED_HEADER: "true"} if outcome.replayed else {}
+    if outcome.status < 400:
+        if location and outcome.status == 201:
+            headers["location"] = location.format(**outcome.body)
+        return json_response(request, outcome.status, outcome.body, headers)
+    body = dict(outcome.body)
+    code, detail = body.pop("code"), body.pop("detail")
+    if code == "misdirected":
+        owner = request.app.state.topology.shard_for_slot(int(body["slot"]))
+        body.update(owner_region=owner.region, owner_shard=owner.name)
+    response = problem_response(request, Problem(code, detail, extra=body))
+    response.headers.update(headers)
+    return response
+
+
+async def _body(request: Request[Any, Any, Any], target: type[Any]) -> Any:
+    key = idempotency_key(request.headers.get("idempotency-key"))
+    data = decode_body(await request.body(), request.headers.get("content-type", ""), target)
+    return key, data
+
+
+@post("/v1/accounts", summary="Open an account", responses={201: ResponseSpec(Account), **_ERRORS}, status_code=201)
+async def open_account(request: Request[Any, Any, Any]) -> Response[bytes]:
+    client = caller(request)
+    key, data = await _body(request, OpenAccountRequest)
+    outcome = await ledger(request).open_account(client, key, data)
+    return outcome_response(request, outcome, location="/v1/accounts/{id}")
+
+
+@post("/v1/deposits", summary="Deposit money", responses={201: ResponseSpec(Transfer), **_ERRORS}, status_code=201)
+async def deposit(request: Request[Any, Any, Any]) -> Response[bytes]:
+    client = caller(request)
+    key, data = await _body(request, FundsRequest)
+    return outcome_response(request, await ledger(request).deposit(client, key, data), location="/v1/transfers/{id}")
+
+
+@post("/v1/withdrawals", summary="Withdraw money", responses={201: ResponseSpec(Transfer), **_ERRORS}, status_code=201)
+async def withdraw(request: Request[Any, Any, Any]) -> Response[bytes]:
+    client = caller(request)
+    key, data = await _body(request, FundsRequest)
+    return outcome_response(request, await ledger(request).withdraw(client, key, data), location="/v1/transfers/{id}")
+
+
+@post("/v1/transfers", summary="Transfer money", responses={201: ResponseSpec(Transfer), **_ERRORS}, status_code=201)
+async def transfer(request: Request[Any, Any, Any]) -> Response[bytes]:
+    client = caller(request)
+    key, data = await _body(request, TransferRequest)
+    return outcome_response(request, await ledger(request).transfer(client, key, data), location="/v1/transfers/{id}")
+
+
+@get("/v1/accounts/{account_id:str}", summary="Read an account", responses={200: ResponseSpec(Account), **_ERRORS})
+async def get_account(request: Request[Any, Any, Any], account_id: str) -> Response[bytes]:
+    client = caller(request)
+    parsed = _path_id(parse_account_id, account_id, "account_not_found")
+    store = ledger(request).store_for_slot(parsed.slot)
+    return outcome_response(request, await store.get_account(parsed.text, client, parsed.slot))
+
+
+@get(
+    "/v1/accounts/{account_id:str}/entries",
+    summary="List an account's entries, newest first",
+    responses={200: ResponseSpec(EntriesPage), **_ERRORS},
+)
+async def list_entries(
+    request: Request[Any, Any, Any], account_id: str, cursor: str | None = None, limit: int | None = None
+) -> Response[bytes]:
+    client = caller(request)
+    parsed = _path_id(parse_account_id, account_id, "account_not_found")
+    page_size = _page_size(request.query_params.get("limit"))
+    before_id = _decode_cursor(request.query_params.get("cursor"))
+    store = ledger(request).store_for_slot(parsed.slot)
+    account, items = await store.list_entries(
+        parsed.text, client, parsed.slot, before_id=before_id, limit=page_size
+    )
+    if account.status != 200:
+        return outcome_response(request, account)
+    next_cursor = _encode_cursor(items[-1]["id"]) if len(items) == page_size else None
+    return json_response(request, 200, {"items": items, "next_cursor": next_cursor})
+
+
+@get("/v1/transfers/{transfer_id:str}", summary="Read a transfer", responses={200: ResponseSpec(Transfer), **_ERRORS})
+async def get_transfer(request: Request[Any, Any, Any], transfer_id: str) -> Response[bytes]:
+    client = caller(request)
+    parsed = _path_id(parse_transfer_id, transfer_id, "transfer_not_found")
+    store = ledger(request).store_for_slot(parsed.slot)
+    return outcome_response(request, await store.get_transfer(parsed.text, client, parsed.slot))
+
+
+def _path_id(parse: Any, text: str, code: str) -> Any:
+    try:
+        return parse(text)
+    except InvalidId:
+        raise Problem(code, f"{text[:40]!r} is not a valid id") from None
+
+
+def _page_size(text: str | None) -> int:
+    if text is None:
+        return limits.ENTRIES_PAGE_SIZE_DEFAULT
+    if not text.isdigit() or not 1 <= int(text) <= limits.ENTRIES_PAGE_SIZE_MAX:
+        raise Problem("invalid_request", f"limit must be an integer in 1..{limits.ENTRIES_PAGE_SIZE_MAX}")
+    return int(text)
+
+
+def _encode_cursor(entry_id: int) -> str:
+    return base64.urlsafe_b64encode(f"e{entry_id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raw = ""
+    if not (raw.startswith("e") and raw[1:].isdigit() and len(raw) <= 20):
+        raise Problem("invalid_cursor", "use the next_cursor of a previous page as it was given")
+    return int(raw[1:])
+
+
+PUBLIC_ROUTES = [open_account, deposit, withdraw, transfer, get_account, list_entries, get_transfer]

@@ -1,0 +1,109 @@
+"""The regional service's composition root: `create_app(settings)` does no I/O; the lifespan opens one
+asyncpg pool per shard of the region (after provisioning it, when configured) and closes them."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from litestar import Litestar, Request, Response, get
+
+from app import limits
+from app.api.http import EXCEPTION_HANDLERS, json_response, problem_response
+from app.api.openapi import OPENAPI_CONFIG, openapi_document
+from app.config import RegionSettings
+from app.errors import Problem
+from app.region.api import PUBLIC_ROUTES, REQUEST_BODIES
+from app.region.service import RegionLedger
+from app.store.provision import provision_shard, shard_dsn
+from app.store.shard import QueueFull, ShardStore, ShardUnavailable, open_pool
+from app.telemetry import configure_logging
+from app.topology.loader import load_topology
+
+log = logging.getLogger("txroute.region")
+
+
+def create_app(settings: RegionSettings) -> Litestar:
+    topology = load_topology(settings.regions_dir)
+    region = topology.region(settings.region)  # fails fast on an unknown region
+
+    @contextlib.asynccontextmanager
+    async def lifespan(application: Litestar) -> AsyncIterator[None]:
+        stores: dict[str, ShardStore] = {}
+        try:
+            for shard in region.shards:
+                if settings.provision_on_start:
+                    await provision_shard(settings.server_dsn(), shard)
+                pool = await open_pool(shard_dsn(settings.server_dsn(), shard), size_max=settings.db_pool_size_max)
+                stores[shard.name] = ShardStore(shard.name, pool, workers=settings.db_pool_size_max)
+            application.state.ledger = RegionLedger(region=region.name, topology=topology, stores=stores)
+            log.info("region_started", extra={"region": region.name, "shards": len(stores)})
+            yield
+        finally:
+            for store in stores.values():
+                await store.close()
+
+    return Litestar(
+        route_handlers=[*PUBLIC_ROUTES, healthz, readyz, shardmap, openapi_document],
+        lifespan=[lifespan],
+        exception_handlers={
+            **EXCEPTION_HANDLERS,
+            ShardUnavailable: _shard_unavailable,
+            QueueFull: _overloaded,
+        },
+        openapi_config=OPENAPI_CONFIG,
+        request_max_body_size=limits.REQUEST_BODY_BYTES_MAX,
+        state=_state(topology=topology, region=region.name, request_bodies=REQUEST_BODIES),
+        logging_config=None,
+        on_startup=[lambda: configure_logging(service="region", region=region.name)],
+        debug=False,
+    )
+
+
+def _state(**values: Any) -> Any:
+    from litestar.datastructures import State
+
+    return State(values)
+
+
+def _shard_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    log.warning("shard_unavailable", extra={"error": str(exc)})
+    return problem_response(
+        request,
+        Problem("shard_unavailable", "the account's database did not answer; retry with the same Idempotency-Key",
+                headers={"retry-after": "1"}),
+    )
+
+
+def _overloaded(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    return problem_response(request, Problem("overloaded", "too many requests queued", headers={"retry-after": "1"}))
+
+
+@get("/healthz", include_in_schema=True, summary="The process is alive")
+async def healthz(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return json_response(request, 200, {"status": "ok"})
+
+
+@get("/readyz", summary="Every shard of the region is reachable and migrated")
+async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
+    ledger = request.app.state.get("ledger")
+    shards = {name: await store.ready() for name, store in ledger.stores.items()} if ledger else {}
+    ok = bool(shards) and all(shards.values())
+    return json_response(request, 200 if ok else 503, {"status": "ready" if ok else "not_ready", "shards": shards})
+
+
+@get("/internal/shardmap", summary="This region's shards and the slots each claims (DESIGN D2)")
+async def shardmap(request: Request[Any, Any, Any]) -> Response[bytes]:
+    ledger: RegionLedger = request.app.state.ledger
+    shards = [
+        {"shard": name, "region": ledger.region, "slots": await store.slot_claims()}
+        for name, store in ledger.stores.items()
+    ]
+    return json_response(request, 200, {"region": ledger.region, "shards": shards})
+
+
+def app_from_env() -> Litestar:
+    """Entry point for the ASGI server: `granian --interface asgi --factory app.region.app:app_from_env`."""
+    return create_app(RegionSettings.from_env())

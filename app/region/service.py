@@ -1,0 +1,141 @@
+"""The regional ledger service's use cases: one method per command, no HTTP types.
+
+It decides which of this region's shards a request belongs to (DESIGN D1, D2), refuses what this region
+does not own, builds the posting and hands it to the shard's store. Outcomes are the ledger's own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from app.api.schemas import FundsRequest, OpenAccountRequest, TransferRequest
+from app.errors import Problem
+from app.ledger.postings import Posting, PostingKind, fingerprint, settlement_account_id
+from app.store.shard import Outcome, ShardStore
+from app.topology.ids import ParsedId, new_account_id, new_transfer_id, parse_account_id
+from app.topology.model import Shard, Topology
+
+
+@dataclass
+class RegionLedger:
+    region: str
+    topology: Topology
+    stores: dict[str, ShardStore]
+
+    def __post_init__(self) -> None:
+        self.shards = self.topology.region(self.region).shards
+        assert {s.name for s in self.shards} == set(self.stores), "one store per shard of the region"
+
+    # Routing inside the region ----------------------------------------------------------------------
+
+    def store_for_slot(self, slot: int) -> ShardStore:
+        """The store of the shard owning `slot`, or 421 naming the owner when it is not in this region."""
+        shard = self.topology.shard_for_slot(slot)
+        if shard.region != self.region:
+            raise misdirected(slot, shard)
+        return self.stores[shard.name]
+
+    def _placement(self, client: str, key: str) -> tuple[Shard, int]:
+        """Where an account opened with this key lives: a pure function of (client, key), so a retried
+        request lands on the shard that holds its idempotency record and replays instead of opening twice."""
+        digest = int.from_bytes(hashlib.sha256(f"{client}\x1f{key}".encode()).digest()[:8], "big")
+        shard = self.shards[digest % len(self.shards)]
+        slots = [s for r in shard.slots for s in range(r.lo, r.hi + 1)]
+        return shard, slots[(digest >> 16) % len(slots)]
+
+    # Commands ---------------------------------------------------------------------------------------
+
+    async def open_account(self, client: str, key: str, request: OpenAccountRequest) -> Outcome:
+        region = request.region or self.region
+        if region != self.region:
+            raise Problem(
+                "misdirected",
+                f"accounts in {region} are opened by region {region}",
+                extra={"owner_region": region},
+            )
+        shard, slot = self._placement(client, key)
+        body = {"currency": str(request.currency), "region": region, "overdraft_limit": request.overdraft_limit}
+        return await self.stores[shard.name].open_account(
+            {
+                "client": client,
+                "key": key,
+                "fingerprint": fingerprint("open_account", body),
+                "id": new_account_id(slot),
+                "slot": slot,
+                "currency": body["currency"],
+                "overdraft_limit": request.overdraft_limit,
+            }
+        )
+
+    async def deposit(self, client: str, key: str, request: FundsRequest) -> Outcome:
+        return await self._funds(PostingKind.DEPOSIT, client, key, request)
+
+    async def withdraw(self, client: str, key: str, request: FundsRequest) -> Outcome:
+        return await self._funds(PostingKind.WITHDRAWAL, client, key, request)
+
+    async def _funds(self, kind: PostingKind, client: str, key: str, request: FundsRequest) -> Outcome:
+        account = _body_account(request.account)
+        store = self.store_for_slot(account.slot)
+        settlement = settlement_account_id(store.name, str(request.currency))
+        debit, credit = (settlement, account.text) if kind is PostingKind.DEPOSIT else (account.text, settlement)
+        return await store.post(
+            Posting(
+                kind=kind,
+                id=new_transfer_id(account.slot),
+                slot=account.slot,
+                client=client,
+                key=key,
+                fingerprint=fingerprint(kind.value, _fields(request)),
+                debit=debit,
+                credit=credit,
+                amount=request.amount,
+                currency=str(request.currency),
+                reference=request.reference,
+            )
+        )
+
+    async def transfer(self, client: str, key: str, request: TransferRequest) -> Outcome:
+        debit = _body_account(request.debit_account)
+        credit = _body_account(request.credit_account)
+        if debit.text == credit.text:
+            raise Problem("same_account", "debit_account and credit_account must differ")
+        store = self.store_for_slot(debit.slot)
+        if self.topology.shard_for_slot(credit.slot).name != store.name:
+            raise Problem(
+                "cross_shard_not_supported",
+                "both accounts of a transfer must be in the same shard for now",
+            )
+        return await store.post(
+            Posting(
+                kind=PostingKind.TRANSFER,
+                id=new_transfer_id(debit.slot),
+                slot=debit.slot,
+                client=client,
+                key=key,
+                fingerprint=fingerprint("transfer", _fields(request)),
+                debit=debit.text,
+                credit=credit.text,
+                amount=request.amount,
+                currency=str(request.currency),
+                reference=request.reference,
+            )
+        )
+
+
+def misdirected(slot: int, owner: Shard) -> Problem:
+    return Problem(
+        "misdirected",
+        f"slot {slot} belongs to shard {owner.name} in region {owner.region}",
+        extra={"slot": slot, "owner_region": owner.region, "owner_shard": owner.name},
+    )
+
+
+def _body_account(text: str) -> ParsedId:
+    # The schema already checked the pattern; parsing again yields the slot.
+    return parse_account_id(text)
+
+
+def _fields(request: Any) -> dict[str, Any]:
+    return {f: str(v) if f == "currency" else v for f in request.__struct_fields__ for v in [getattr(request, f)]}

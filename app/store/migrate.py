@@ -1,0 +1,81 @@
+"""Applies the plain SQL migrations in `app/store/migrations/` to one shard database, in order, once.
+
+Each file runs in its own transaction together with its row in `schema_migrations`, under an advisory lock,
+so two processes starting at once apply it once. A file edited after it was applied is refused (its checksum
+no longer matches): migrations are append-only, like the ledger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_LOCK_ID = 0x7478_726F  # "txro"
+
+
+class MigrationError(RuntimeError):
+    """A migration file changed after it was applied, or the files are misnamed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def migrations() -> list[Migration]:
+    found = []
+    for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+        number, _, rest = path.stem.partition("_")
+        if not number.isdigit() or not rest:
+            raise MigrationError(f"{path}: migration files are named NNNN_description.sql")
+        found.append(Migration(int(number), path.stem, path.read_text()))
+    versions = [m.version for m in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise MigrationError(f"{MIGRATIONS_DIR}: versions must be 1..n without gaps, got {versions}")
+    return found
+
+
+async def migrate(conn: asyncpg.Connection) -> list[str]:
+    """Apply what is missing; return the names applied now."""
+    applied_now: list[str] = []
+    await conn.execute(
+        """create table if not exists schema_migrations (
+               version integer primary key, name text not null, checksum text not null,
+               applied_at timestamptz not null default now())"""
+    )
+    await conn.execute("select pg_advisory_lock($1)", _LOCK_ID)
+    try:
+        rows = await conn.fetch("select version, checksum from schema_migrations")
+        done = {r["version"]: r["checksum"] for r in rows}
+        for m in migrations():
+            if m.version in done:
+                if done[m.version] != m.checksum:
+                    raise MigrationError(f"migration {m.name} changed after it was applied; add a new one")
+                continue
+            async with conn.transaction():
+                await conn.execute(m.sql)
+                await conn.execute(
+                    "insert into schema_migrations (version, name, checksum) values ($1, $2, $3)",
+                    m.version, m.name, m.checksum,
+                )
+            applied_now.append(m.name)
+    finally:
+        await conn.execute("select pg_advisory_unlock($1)", _LOCK_ID)
+    return applied_now
+
+
+async def is_migrated(conn: asyncpg.Connection) -> bool:
+    if await conn.fetchval("select to_regclass('schema_migrations')") is None:
+        return False
+    row = await conn.fetchval("select coalesce(max(version), 0) from schema_migrations")
+    return bool(row == len(migrations()))

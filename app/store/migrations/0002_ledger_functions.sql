@@ -1,0 +1,205 @@
+-- Server-side functions of the ledger: each write is one round trip (DESIGN D11). They return
+-- {"status": http status, "body": json, "replayed": bool?}: expected refusals are results with stable codes,
+-- never exceptions; an exception here is a bug (or a retryable serialization failure) and aborts the batch.
+
+create function txr_ts(t timestamptz) returns text language sql immutable as $$
+    select to_char(t at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+$$;
+
+create function txr_owns(p_slot integer) returns boolean language sql stable as $$
+    select exists (
+        select 1 from slot_ownership where p_slot between slot_lo and slot_hi and state = 'owned'
+    )
+$$;
+
+create function txr_refusal(p_status integer, p_code text, p_detail text) returns jsonb
+language sql immutable as $$
+    select jsonb_build_object('status', p_status, 'body', jsonb_build_object('code', p_code, 'detail', p_detail))
+$$;
+
+create function txr_misdirected(p_slot integer) returns jsonb language sql stable as $$
+    select txr_refusal(421, 'misdirected', format('slot %s is not owned by shard %s', p_slot, shard))
+        || jsonb_build_object('slot', p_slot)
+    from shard_info
+$$;
+
+-- The outcome already stored for (client, key), a refusal, or null when the key is new.
+-- The advisory lock makes a concurrent duplicate fail fast with 409 instead of waiting on the row lock;
+-- a try-lock never waits, so batches cannot deadlock on keys.
+create function txr_idempotency_check(p_client text, p_key text, p_fingerprint text) returns jsonb
+language plpgsql as $$
+declare
+    prior record;
+begin
+    if not pg_try_advisory_xact_lock(hashtextextended(p_client || chr(31) || p_key, 7)) then
+        return txr_refusal(409, 'idempotency_key_in_flight',
+            'a request with this Idempotency-Key is still being processed; retry it shortly');
+    end if;
+    select fingerprint, status_code, body into prior
+    from idempotency where client = p_client and key = p_key;
+    if not found then
+        return null;
+    end if;
+    if prior.fingerprint <> p_fingerprint then
+        return txr_refusal(422, 'idempotency_key_reused',
+            'this Idempotency-Key was already used for a different request');
+    end if;
+    return jsonb_build_object('status', prior.status_code, 'body', prior.body, 'replayed', true);
+end $$;
+
+create function txr_idempotency_store(
+    p_client text, p_key text, p_fingerprint text, p_outcome jsonb
+) returns jsonb language plpgsql as $$
+begin
+    insert into idempotency (client, key, fingerprint, status_code, body)
+    values (p_client, p_key, p_fingerprint, (p_outcome ->> 'status')::integer, p_outcome -> 'body');
+    return p_outcome;
+end $$;
+
+create function txr_account_body(a accounts) returns jsonb language sql stable as $$
+    select jsonb_build_object(
+        'id', a.id,
+        'currency', a.currency,
+        'balance', a.balance,
+        'available', a.balance + a.overdraft_limit,
+        'overdraft_limit', a.overdraft_limit,
+        'status', a.status,
+        'region', (select region from shard_info),
+        'created_at', txr_ts(a.created_at)
+    )
+$$;
+
+create function txr_transfer_body(t transfers) returns jsonb language sql immutable as $$
+    select case t.kind
+        when 'transfer' then jsonb_build_object(
+            'id', t.id, 'kind', t.kind, 'debit_account', t.debit_account, 'credit_account', t.credit_account,
+            'amount', t.amount, 'currency', t.currency, 'reference', t.reference, 'state', t.state,
+            'created_at', txr_ts(t.created_at))
+        else jsonb_build_object(
+            'id', t.id, 'kind', t.kind,
+            'account', case t.kind when 'deposit' then t.credit_account else t.debit_account end,
+            'amount', t.amount, 'currency', t.currency, 'reference', t.reference, 'state', t.state,
+            'created_at', txr_ts(t.created_at))
+    end
+$$;
+
+-- Opens a customer account (and the shard's settlement account for its currency, once).
+create function txr_open_account(p jsonb) returns jsonb language plpgsql as $$
+declare
+    v_slot integer := (p ->> 'slot')::integer;
+    v_prior jsonb;
+    v_account accounts;
+    v_shard text;
+begin
+    if not txr_owns(v_slot) then
+        return txr_misdirected(v_slot);
+    end if;
+    v_prior := txr_idempotency_check(p ->> 'client', p ->> 'key', p ->> 'fingerprint');
+    if v_prior is not null then
+        return v_prior;
+    end if;
+    select shard into strict v_shard from shard_info;
+    insert into accounts (id, slot, kind, owner_client, currency, overdraft_limit)
+    values (p ->> 'id', v_slot, 'customer', p ->> 'client', p ->> 'currency', (p ->> 'overdraft_limit')::bigint)
+    returning * into v_account;
+    insert into accounts (id, slot, kind, owner_client, currency)
+    values ('set_' || v_shard || '_' || (p ->> 'currency'), v_slot, 'settlement', 'txroute', p ->> 'currency')
+    on conflict (id) do nothing;
+    return txr_idempotency_store(p ->> 'client', p ->> 'key', p ->> 'fingerprint',
+        jsonb_build_object('status', 201, 'body', txr_account_body(v_account)));
+end $$;
+
+-- Checks a customer account named by a posting: exists, belongs to the client, open, right currency.
+create function txr_customer_refusal(a accounts, p_id text, p_client text, p_currency text) returns jsonb
+language sql immutable as $$
+    select case
+        when a.id is null or a.kind <> 'customer' or a.owner_client <> p_client then
+            txr_refusal(404, 'account_not_found', format('account %s was not found', p_id))
+        when a.currency <> p_currency then
+            txr_refusal(422, 'currency_mismatch',
+                format('account %s holds %s, not %s', p_id, a.currency, p_currency))
+        when a.status <> 'open' then
+            txr_refusal(422, 'account_closed', format('account %s is closed', p_id))
+    end
+$$;
+
+-- Posts one transfer, deposit or withdrawal whose accounts the caller (txr_post) has already locked.
+create function txr_post_one(p jsonb) returns jsonb language plpgsql as $$
+declare
+    v_kind text := p ->> 'kind';
+    v_client text := p ->> 'client';
+    v_amount bigint := (p ->> 'amount')::bigint;
+    v_currency text := p ->> 'currency';
+    v_prior jsonb;
+    v_refusal jsonb;
+    v_debit accounts;
+    v_credit accounts;
+    v_transfer transfers;
+begin
+    if not txr_owns((p ->> 'slot')::integer) then
+        return txr_misdirected((p ->> 'slot')::integer);
+    end if;
+    v_prior := txr_idempotency_check(v_client, p ->> 'key', p ->> 'fingerprint');
+    if v_prior is not null then
+        return v_prior;
+    end if;
+    select * into v_debit from accounts where id = p ->> 'debit';
+    select * into v_credit from accounts where id = p ->> 'credit';
+    if v_kind <> 'deposit' then
+        v_refusal := txr_customer_refusal(v_debit, p ->> 'debit', v_client, v_currency);
+    end if;
+    if v_refusal is null and v_kind <> 'withdrawal' then
+        v_refusal := txr_customer_refusal(v_credit, p ->> 'credit', v_client, v_currency);
+    end if;
+    if v_refusal is null and v_kind <> 'deposit' and v_debit.balance - v_amount < -v_debit.overdraft_limit then
+        v_refusal := txr_refusal(422, 'insufficient_funds',
+            format('account %s has %s %s available, %s requested',
+                v_debit.id, v_debit.balance + v_debit.overdraft_limit, v_currency, v_amount));
+    end if;
+    if v_refusal is null and v_kind <> 'withdrawal' and v_credit.balance > 9007199254740991 - v_amount then
+        v_refusal := txr_refusal(422, 'balance_limit_exceeded',
+            format('account %s would exceed the largest balance, 9007199254740991', v_credit.id));
+    end if;
+    if v_refusal is not null then
+        return txr_idempotency_store(v_client, p ->> 'key', p ->> 'fingerprint', v_refusal);
+    end if;
+    -- System accounts (settlement) are created with the first customer account of their currency.
+    assert v_debit.id is not null and v_credit.id is not null, 'posting names a missing system account';
+    assert v_debit.currency = v_currency and v_credit.currency = v_currency, 'system account currency';
+
+    update accounts set balance = balance - v_amount, version = version + 1
+    where id = v_debit.id returning balance into v_debit.balance;
+    update accounts set balance = balance + v_amount, version = version + 1
+    where id = v_credit.id returning balance into v_credit.balance;
+    insert into transfers (id, client, kind, debit_account, credit_account, amount, currency, reference, state)
+    values (p ->> 'id', v_client, v_kind, v_debit.id, v_credit.id, v_amount, v_currency, p ->> 'reference',
+            'posted')
+    returning * into v_transfer;
+    insert into entries (transfer_id, account_id, amount, balance_after)
+    values (v_transfer.id, v_debit.id, -v_amount, v_debit.balance),
+           (v_transfer.id, v_credit.id, v_amount, v_credit.balance);
+    return txr_idempotency_store(v_client, p ->> 'key', p ->> 'fingerprint',
+        jsonb_build_object('status', 201, 'body', txr_transfer_body(v_transfer)));
+end $$;
+
+-- Posts a batch (group commit, DESIGN D11): every account of the batch is locked first, in one pass in
+-- id order, so batches never deadlock with each other; then each posting runs on its own and gets its own
+-- result. A batch of one runs exactly this code.
+create function txr_post(p_batch jsonb) returns jsonb language plpgsql as $$
+declare
+    v_results jsonb := '[]'::jsonb;
+    v_item jsonb;
+begin
+    perform 1 from accounts
+    where id in (
+        select x ->> 'debit' from jsonb_array_elements(p_batch) x
+        union
+        select x ->> 'credit' from jsonb_array_elements(p_batch) x
+    )
+    order by id
+    for update;
+    for v_item in select value from jsonb_array_elements(p_batch) loop
+        v_results := v_results || jsonb_build_array(txr_post_one(v_item));
+    end loop;
+    return v_results;
+end $$;

@@ -1,0 +1,238 @@
+"""One shard's database: its pool, the group-commit queue for postings, and the reads (visible SQL).
+
+Every call returns an `Outcome`: the HTTP status and body the ledger decided, and whether it is an
+idempotent replay. Database failures are translated here, by class, never by message text:
+serialization failures and deadlocks are retried (bounded), a lost connection becomes `ShardUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from app import limits
+from app.ledger.postings import Posting
+from app.store.migrate import is_migrated
+
+log = logging.getLogger("txroute.store")
+
+_RETRYABLE = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
+_UNAVAILABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.QueryCanceledError,
+    asyncpg.LockNotAvailableError,
+)
+
+
+class ShardUnavailable(Exception):
+    """The shard's database could not be reached or did not answer in time; the outcome is unknown."""
+
+
+class QueueFull(Exception):
+    """More postings are queued for this shard than `POSTING_QUEUE_DEPTH_MAX`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: int
+    body: dict[str, Any]
+    replayed: bool = False
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Outcome:
+        return cls(status=int(doc["status"]), body=doc["body"], replayed=bool(doc.get("replayed", False)))
+
+
+_encode = msgspec.json.encode
+_decode = msgspec.json.decode
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb", schema="pg_catalog", format="text", encoder=lambda v: _encode(v).decode(), decoder=_decode
+    )
+
+
+async def open_pool(dsn: str, *, size_max: int = limits.DB_POOL_SIZE_MAX) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min(limits.DB_POOL_SIZE_MIN, size_max),
+        max_size=size_max,
+        timeout=limits.DB_CONNECT_TIMEOUT_S,
+        command_timeout=limits.DB_COMMAND_TIMEOUT_S,
+        init=_init_connection,
+        server_settings={
+            "statement_timeout": str(limits.DB_STATEMENT_TIMEOUT_MS),
+            "lock_timeout": str(limits.DB_LOCK_TIMEOUT_MS),
+            "idle_in_transaction_session_timeout": "30000",
+            "jit": "off",
+            "application_name": "txroute-region",
+        },
+    )
+    assert pool is not None
+    return pool
+
+
+class ShardStore:
+    """The ledger of one shard, as this regional process sees it."""
+
+    def __init__(self, name: str, pool: asyncpg.Pool, *, workers: int = limits.DB_POOL_SIZE_MAX) -> None:
+        self.name = name
+        self.pool = pool
+        self._queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[Outcome]]] = asyncio.Queue(
+            maxsize=limits.POSTING_QUEUE_DEPTH_MAX
+        )
+        self._workers = [asyncio.create_task(self._work(), name=f"post-{name}-{i}") for i in range(workers)]
+
+    async def close(self) -> None:
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        await self.pool.close()
+
+    # Writes -----------------------------------------------------------------------------------------
+
+    async def post(self, posting: Posting) -> Outcome:
+        """Queue a posting for the next group commit and wait for its own outcome."""
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait((posting.as_json(), future))
+        except asyncio.QueueFull:
+            raise QueueFull(self.name) from None
+        return await future
+
+    async def open_account(self, request: dict[str, Any]) -> Outcome:
+        doc = await self._call("select txr_open_account($1::jsonb)", request)
+        return Outcome.from_json(doc)
+
+    async def _work(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < limits.POSTING_BATCH_SIZE_MAX and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            await self._post_batch(batch)
+
+    async def _post_batch(self, batch: list[tuple[dict[str, Any], asyncio.Future[Outcome]]]) -> None:
+        try:
+            results = await self._call("select txr_post($1::jsonb)", [item for item, _ in batch])
+        except ShardUnavailable as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(ShardUnavailable(str(exc)))
+            return
+        except asyncpg.PostgresError as exc:
+            if len(batch) > 1:
+                # One posting broke an invariant (a bug): post each alone so only it fails.
+                log.error("batch_failed_splitting", extra={"shard": self.name, "sqlstate": exc.sqlstate})
+                for one in batch:
+                    await self._post_batch([one])
+                return
+            batch[0][1].set_exception(exc)
+            return
+        assert len(results) == len(batch), (len(results), len(batch))
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(Outcome.from_json(result))
+
+    async def _call(self, sql: str, argument: Any) -> Any:
+        """One round trip, retried on serialization failure or deadlock (never surfaced to a client)."""
+        for attempt in range(1, limits.POSTING_RETRIES_MAX + 1):
+            try:
+                return await self._fetchval(sql, argument)
+            except _RETRYABLE:
+                if attempt == limits.POSTING_RETRIES_MAX:
+                    raise
+                await asyncio.sleep(limits.POSTING_RETRY_BACKOFF_MS * attempt / 1000)
+        raise AssertionError("unreachable")
+
+    # Reads ------------------------------------------------------------------------------------------
+
+    async def owns(self, slot: int) -> bool:
+        return bool(await self._fetchval("select txr_owns($1)", slot))
+
+    async def get_account(self, account_id: str, client: str, slot: int) -> Outcome:
+        row = await self._fetchrow(
+            """select txr_owns($3) as owned,
+                      (select txr_account_body(a) from accounts a
+                       where a.id = $1 and a.owner_client = $2 and a.kind = 'customer') as body""",
+            account_id, client, slot,
+        )
+        return self._read_outcome(row, slot, "account_not_found", f"account {account_id} was not found")
+
+    async def get_transfer(self, transfer_id: str, client: str, slot: int) -> Outcome:
+        row = await self._fetchrow(
+            """select txr_owns($3) as owned,
+                      (select txr_transfer_body(t) from transfers t where t.id = $1 and t.client = $2) as body""",
+            transfer_id, client, slot,
+        )
+        return self._read_outcome(row, slot, "transfer_not_found", f"transfer {transfer_id} was not found")
+
+    async def list_entries(
+        self, account_id: str, client: str, slot: int, *, before_id: int | None, limit: int
+    ) -> tuple[Outcome, list[dict[str, Any]]]:
+        """Entries of one account, newest first, keyset-paginated by entry id (`before_id`)."""
+        assert 1 <= limit <= limits.ENTRIES_PAGE_SIZE_MAX
+        account = await self.get_account(account_id, client, slot)
+        if account.status != 200:
+            return account, []
+        rows = await self._fetch(
+            """select id, transfer_id, amount, balance_after, txr_ts(created_at) as created_at
+               from entries where account_id = $1 and ($2::bigint is null or id < $2)
+               order by id desc limit $3""",
+            account_id, before_id, limit,
+        )
+        return account, [dict(r) for r in rows]
+
+    async def ready(self) -> bool:
+        try:
+            async with self._connection() as conn:
+                return await is_migrated(conn)
+        except (ShardUnavailable, asyncpg.PostgresError):
+            return False
+
+    async def slot_claims(self) -> list[dict[str, Any]]:
+        rows = await self._fetch("select slot_lo, slot_hi, epoch, state from slot_ownership order by slot_lo")
+        return [dict(r) for r in rows]
+
+    @staticmethod
+    def _read_outcome(row: asyncpg.Record, slot: int, code: str, detail: str) -> Outcome:
+        if not row["owned"]:
+            return Outcome(421, {"code": "misdirected", "detail": f"slot {slot} is not owned here", "slot": slot})
+        if row["body"] is None:
+            return Outcome(404, {"code": code, "detail": detail})
+        return Outcome(200, row["body"])
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            async with self.pool.acquire(timeout=limits.DB_CONNECT_TIMEOUT_S) as conn:
+                yield conn
+        except _UNAVAILABLE as exc:
+            raise ShardUnavailable(f"shard {self.name}: {type(exc).__name__}") from None
+
+    async def _fetchval(self, sql: str, *args: Any) -> Any:
+        async with self._connection() as conn:
+            return await conn.fetchval(sql, *args)
+
+    async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(sql, *args)
+        assert row is not None
+        return row
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        async with self._connection() as conn:
+            return list(await conn.fetch(sql, *args))

@@ -1,0 +1,96 @@
+"""Real parts for every test: one PostgreSQL cluster per region, started by the tests themselves.
+
+Clusters are initialised once (a template), copied per region and started with fsync off (they are
+throwaway). Region services run as real granian processes on loopback, exactly as `txroute up` runs them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.local.postgres import Cluster, ensure_pg_user, find_pg_bin
+from app.local.processes import REGION_FACTORY, ServiceProcess, asgi_command, free_port
+from app.topology.loader import load_topology
+from app.topology.model import Topology
+
+TEST_PG_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+
+
+@pytest.fixture(scope="session")
+def topology() -> Topology:
+    return load_topology()
+
+
+@pytest.fixture(scope="session")
+def work_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="txroute-test-"))
+    path.chmod(0o755)  # the PostgreSQL user must traverse it
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_clusters(work_dir: Path, topology: Topology) -> Iterator[dict[str, Cluster]]:
+    """One started cluster per region of `regions/`."""
+    bin_dir, run_as = find_pg_bin(), ensure_pg_user()
+    template = Cluster(work_dir / "template", free_port(), run_as, bin_dir)
+    template.init(fsync=False)
+    clusters: dict[str, Cluster] = {}
+    try:
+        for region in topology.regions:
+            cluster = Cluster(work_dir / "pg" / region.name, free_port(), run_as, bin_dir)
+            cluster.folder.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["cp", "-a", str(template.folder), str(cluster.folder)], check=True, timeout=60)
+            cluster.start(settings=TEST_PG_SETTINGS)
+            clusters[region.name] = cluster
+        yield clusters
+    finally:
+        for cluster in clusters.values():
+            cluster.stop(mode="immediate")
+
+
+def server_url(cluster: Cluster) -> str:
+    return f"postgresql://postgres:{cluster.password()}@127.0.0.1:{cluster.port}"
+
+
+def region_process(region: str, cluster: Cluster, log_dir: Path, **env: str) -> ServiceProcess:
+    port = free_port()
+    return ServiceProcess(
+        name=f"region-{region}",
+        argv=asgi_command(REGION_FACTORY, port),
+        env={
+            "TXROUTE_REGION": region,
+            "TXROUTE_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{cluster.port}",
+            "TXROUTE_DATABASE_PASSWORD": cluster.password(),
+            **env,
+        },
+        port=port,
+        log_file=log_dir / f"region-{region}.log",
+    )
+
+
+@pytest.fixture(scope="session")
+def region_services(
+    pg_clusters: dict[str, Cluster], work_dir: Path, topology: Topology
+) -> Iterator[dict[str, ServiceProcess]]:
+    """Every region's service, running as its own process against its own cluster."""
+    services = {r.name: region_process(r.name, pg_clusters[r.name], work_dir / "logs") for r in topology.regions}
+    try:
+        for service in services.values():
+            service.start()
+        for service in services.values():
+            service.wait_ready()
+        yield services
+    finally:
+        for service in services.values():
+            service.stop()
+        if os.environ.get("TXROUTE_TEST_SHOW_LOGS"):
+            for service in services.values():
+                print(service.log_file.read_text())
