@@ -239,6 +239,7 @@ def clusters_root(state_dir: Path, run_as: str | None) -> Path:
     override = os.environ.get("TXROUTE_PG_DIR")
     if override:
         return Path(override)
+    state_dir.mkdir(parents=True, exist_ok=True)
     link = state_dir / "pg"
     if link.is_symlink():
         return link.resolve()
@@ -249,7 +250,6 @@ def clusters_root(state_dir: Path, run_as: str | None) -> Path:
     target.mkdir(mode=0o755, exist_ok=True)
     if target.stat().st_uid != os.geteuid() or target.is_symlink():
         raise PostgresError(f"{target} exists and is not ours: remove it or set TXROUTE_PG_DIR")
-    state_dir.mkdir(parents=True, exist_ok=True)
     link.symlink_to(target)
     return target
 

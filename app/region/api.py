@@ -35,7 +35,9 @@ REQUEST_BODIES: dict[str, type[Any]] = {
     "/v1/withdrawals": FundsRequest,
     "/v1/transfers": TransferRequest,
 }
-_PROBLEM = ResponseSpec(data_container=ProblemDetails, description="problem+json", media_type="application/problem+json")
+_PROBLEM = ResponseSpec(
+    data_container=ProblemDetails, description="problem+json", media_type="application/problem+json"
+)
 _ERRORS = {status: _PROBLEM for status in (400, 401, 404, 409, 413, 415, 421, 422, 503)}
 
 
@@ -45,7 +47,9 @@ def ledger(request: Request[Any, Any, Any]) -> RegionLedger:
     return svc
 
 
-def outcome_response(request: Request[Any, Any, Any], outcome: Outcome, *, location: str | None = None) -> Response[bytes]:
+def outcome_response(
+    request: Request[Any, Any, Any], outcome: Outcome, *, location: str | None = None
+) -> Response[bytes]:
     """The ledger's outcome as HTTP: the stored body on success, problem+json otherwise."""
     headers = {REPLAYED_HEADER: "true"} if outcome.replayed else {}
     if outcome.status < 400:

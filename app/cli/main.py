@@ -1,0 +1,130 @@
+"""`txroute`: the command-line entry point. Each subcommand is a thin layer over a module that does the work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from app.local import stack as local_stack
+from app.local.postgres import PostgresError
+from app.topology.loader import TopologyError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args))
+    except (local_stack.StackError, PostgresError, TopologyError, TimeoutError) as exc:
+        print(f"txroute: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="txroute", description="txroute: multi-region transaction routing")
+    sub = parser.add_subparsers(title="commands")
+
+    up = sub.add_parser("up", help="start the local stack: one PostgreSQL and one service per region")
+    up.add_argument("--detach", action="store_true", help="return once every part is ready")
+    _stack_options(up)
+    up.set_defaults(run=_up)
+
+    down = sub.add_parser("down", help="stop the local stack")
+    down.add_argument("--purge", action="store_true", help="also delete the local data (.state/)")
+    _stack_options(down)
+    down.set_defaults(run=_down)
+
+    status = sub.add_parser("status", help="each region, shard, process and its health")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    _stack_options(status)
+    status.set_defaults(run=_status)
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures beside a baseline")
+    bench.add_argument("name", choices=["ledger"], help="ledger: transfers/s and latency vs pgbench tpcb-like")
+    bench.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
+    bench.add_argument("--seconds", type=float, default=10.0, help="duration of each measurement (default 10)")
+    bench.add_argument("--accounts", type=int, default=100, help="accounts the transfers move between")
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+def _stack_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", type=Path, default=None, help="where clusters, keys and logs live (.state/)")
+    p.add_argument("--regions-dir", type=Path, default=None, help="the topology folder (regions/)")
+    p.add_argument("--region-port-base", type=int, default=local_stack.REGION_PORT_BASE_DEFAULT)
+    p.add_argument("--pg-port-base", type=int, default=local_stack.PG_PORT_BASE_DEFAULT)
+
+
+def _stack(args: argparse.Namespace) -> local_stack.Stack:
+    config = local_stack.StackConfig(
+        regions_dir=args.regions_dir,
+        region_port_base=args.region_port_base,
+        pg_port_base=args.pg_port_base,
+    )
+    if args.state_dir is not None:
+        config.state = args.state_dir
+    return local_stack.plan(config)
+
+
+def _up(args: argparse.Namespace) -> int:
+    stack = _stack(args)
+    print(f"starting {len(stack.topology.regions)} regions (state in {stack.config.state}) ...", flush=True)
+    local_stack.up(stack)
+    _print_status(stack)
+    if args.detach:
+        print("running in the background; stop it with `txroute down`")
+        return 0
+    print("running; press Ctrl-C to stop", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("stopping ...", flush=True)
+    local_stack.down(stack)
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    stopped = local_stack.down(_stack(args), purge=args.purge)
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    if args.purge:
+        print("local data deleted")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    stack = _stack(args)
+    if args.json:
+        print(json.dumps(local_stack.status(stack), indent=2))
+    else:
+        _print_status(stack)
+    return 0
+
+
+def _print_status(stack: local_stack.Stack) -> None:
+    for row in local_stack.status(stack):
+        health = "ready" if row["ready"] else ("running" if row["pid"] else "stopped")
+        print(f"{row['name']:<24} {row['url']:<24} pid={row['pid'] or '-':<8} {health}")
+        if "postgres" in row:
+            pg = row["postgres"]
+            print(f"  postgres 127.0.0.1:{pg['port']:<6} {'running' if pg['running'] else 'stopped'}")
+            for shard in row["shards"]:
+                print(f"  shard {shard['shard']:<10} db={shard['database']:<16} slots={','.join(shard['slots'])}")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from benchmarks import ledger
+
+    return ledger.run(clients=args.clients, seconds=args.seconds, accounts=args.accounts)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

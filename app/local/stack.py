@@ -1,0 +1,206 @@
+"""The local multi-region stack: for every region of `regions/`, its PostgreSQL cluster and its regional
+service, all on loopback, with their state in `.state/` (git-ignored) so data survives `down`/`up`.
+
+`txroute up|down|status` (app/cli) drive this module. What runs is recorded in `.state/stack.json`, so a
+second `up` sees the first, and `down` or `status` from another shell find the processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.config import REPO_ROOT
+from app.local.postgres import Cluster, clusters_root, ensure_pg_user, find_pg_bin
+from app.local.processes import REGION_FACTORY, ServiceProcess, asgi_command, http_ok
+from app.topology.loader import load_topology
+from app.topology.model import Topology
+
+REGION_PORT_BASE_DEFAULT = 8101
+PG_PORT_BASE_DEFAULT = 15431
+
+
+class StackError(RuntimeError):
+    """The stack cannot do what was asked; the message says why and what to do."""
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("TXROUTE_STATE_DIR") or REPO_ROOT / ".state")
+
+
+@dataclass
+class StackConfig:
+    state: Path = field(default_factory=state_dir)
+    regions_dir: Path | None = None
+    region_port_base: int = REGION_PORT_BASE_DEFAULT
+    pg_port_base: int = PG_PORT_BASE_DEFAULT
+
+
+@dataclass
+class Stack:
+    config: StackConfig
+    topology: Topology
+    clusters: dict[str, Cluster]
+    services: list[ServiceProcess]
+
+    @property
+    def record_file(self) -> Path:
+        return self.config.state / "stack.json"
+
+
+def plan(config: StackConfig) -> Stack:
+    """What the stack is made of; pure apart from finding the PostgreSQL binaries and user."""
+    topology = load_topology(config.regions_dir)
+    run_as = ensure_pg_user()
+    bin_dir = find_pg_bin()
+    root = clusters_root(config.state, run_as)
+    clusters: dict[str, Cluster] = {}
+    services: list[ServiceProcess] = []
+    for i, region in enumerate(topology.regions):
+        cluster = Cluster(root / region.name, config.pg_port_base + i, run_as, bin_dir)
+        clusters[region.name] = cluster
+        env = {
+            "TXROUTE_REGION": region.name,
+            "TXROUTE_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{cluster.port}",
+        }
+        if config.regions_dir is not None:
+            env["TXROUTE_REGIONS_DIR"] = str(config.regions_dir)
+        port = config.region_port_base + i
+        services.append(
+            ServiceProcess(
+                name=f"region-{region.name}",
+                argv=asgi_command(REGION_FACTORY, port),
+                env=env,
+                port=port,
+                log_file=config.state / "logs" / f"region-{region.name}.log",
+            )
+        )
+    return Stack(config, topology, clusters, services)
+
+
+def running_record(stack: Stack) -> dict[str, Any] | None:
+    """The record of a stack started earlier whose processes still run, else None."""
+    try:
+        record: dict[str, Any] = json.loads(stack.record_file.read_text())
+    except (OSError, ValueError):
+        return None
+    alive = [s for s in record.get("services", []) if _alive(int(s["pid"]))]
+    return record if alive else None
+
+
+def up(stack: Stack) -> None:
+    """Start every cluster and service and wait until each is ready; record what runs."""
+    if running_record(stack) is not None:
+        raise StackError(f"the local stack is already running (see `txroute status`; {stack.record_file})")
+    stack.config.state.mkdir(parents=True, exist_ok=True)
+    for cluster in stack.clusters.values():
+        cluster.init()
+        cluster.start()
+    for service in stack.services:
+        # The password stays out of stack.json and of argv: it goes to the child's environment only.
+        region = service.env["TXROUTE_REGION"] if "TXROUTE_REGION" in service.env else None
+        if region is not None:
+            service.env["TXROUTE_DATABASE_PASSWORD"] = stack.clusters[region].password()
+        service.start()
+    try:
+        for service in stack.services:
+            service.wait_ready()
+    except (RuntimeError, TimeoutError):
+        down(stack)
+        raise
+    _write_record(stack)
+
+
+def down(stack: Stack, *, purge: bool = False) -> list[str]:
+    """Stop what runs (recorded or planned); with `purge` delete the local data too."""
+    stopped: list[str] = []
+    record = running_record(stack) or {"services": []}
+    for entry in record["services"]:
+        pid = int(entry["pid"])
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGTERM)
+                stopped.append(entry["name"])
+            except ProcessLookupError:
+                pass
+    for service in stack.services:
+        if service.process is not None and service.process.poll() is None:
+            service.stop()
+            stopped.append(service.name)
+    for entry in record["services"]:
+        _wait_gone(int(entry["pid"]))
+    for name, cluster in stack.clusters.items():
+        if cluster.is_running():
+            cluster.stop()
+            stopped.append(f"postgres-{name}")
+    stack.record_file.unlink(missing_ok=True)
+    if purge:
+        for cluster in stack.clusters.values():
+            shutil.rmtree(cluster.folder, ignore_errors=True)
+        shutil.rmtree(stack.config.state, ignore_errors=True)
+    return stopped
+
+
+def status(stack: Stack) -> list[dict[str, Any]]:
+    """One row per region: its cluster, its service and their health, and its shards with their slots."""
+    record = running_record(stack) or {"services": []}
+    pids = {s["name"]: int(s["pid"]) for s in record["services"]}
+    rows = []
+    for service in stack.services:
+        region = service.env.get("TXROUTE_REGION")
+        pid = pids.get(service.name)
+        row: dict[str, Any] = {
+            "name": service.name,
+            "url": service.url,
+            "pid": pid if pid and _alive(pid) else None,
+            "ready": http_ok(service.url + "/readyz"),
+        }
+        if region is not None:
+            cluster = stack.clusters[region]
+            row["region"] = region
+            row["postgres"] = {"port": cluster.port, "running": cluster.is_running(), "data": str(cluster.data_dir)}
+            row["shards"] = [
+                {"shard": s.name, "database": s.database, "slots": [str(r) for r in s.slots]}
+                for s in stack.topology.region(region).shards
+            ]
+        rows.append(row)
+    return rows
+
+
+def _write_record(stack: Stack) -> None:
+    services = [
+        {"name": s.name, "pid": s.process.pid, "url": s.url, "log": str(s.log_file)}
+        for s in stack.services
+        if s.process is not None
+    ]
+    stack.record_file.write_text(json.dumps({"services": services}, indent=2))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _wait_gone(pid: int) -> None:
+    from app import limits
+    from app.local.postgres import wait_until
+
+    if not wait_until(lambda: not _alive(pid), timeout_s=limits.PROCESS_STOP_TIMEOUT_S):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
