@@ -29,6 +29,9 @@ DB_LOCK_TIMEOUT_MS = 2_000
 
 # Group commit (DESIGN D11): postings queued for one shard are sent together, at most this many per call.
 POSTING_BATCH_SIZE_MAX = 64
+# Tasks per shard that each take whatever is queued and post it in one call. Fewer workers than clients is
+# what lets batches form under load; the rest of the pool serves reads.
+POSTING_WORKERS = 4
 POSTING_QUEUE_DEPTH_MAX = 4_096
 # Serialization failures and deadlocks are retried by the server, never surfaced to a client.
 POSTING_RETRIES_MAX = 5
@@ -38,3 +41,31 @@ POSTING_RETRY_BACKOFF_MS = 5
 PROCESS_READY_TIMEOUT_S = 60.0
 PROCESS_STOP_TIMEOUT_S = 15.0
 PG_READY_TIMEOUT_S = 30.0
+
+# Client tokens (DESIGN D8), checked by the router.
+CLIENT_TOKEN_LEEWAY_S = 5  # clock skew tolerated on `exp`
+CLIENT_TOKEN_CHARS_MAX = 4_096
+CLIENT_KEYS_MAX = 16  # configured client public keys; a token without `kid` is tried against each
+# Verifying an Ed25519 JWT costs ~250 us here; a verified token is remembered (its `exp` still checked on
+# every use). The cache is cleared whole when full: bounded memory, no per-entry bookkeeping.
+TOKEN_CACHE_ENTRIES_MAX = 10_000
+
+# Internal hop tokens (router -> region).
+INTERNAL_TOKEN_LIFETIME_S = 60
+# The router reuses a minted token for one (client, scopes) until this much of its life is left.
+INTERNAL_TOKEN_REFRESH_BEFORE_S = 30
+INTERNAL_TOKEN_LEEWAY_S = 5
+
+# Router -> region forwarding: one pooled client per region.
+UPSTREAM_CONNECTIONS_MAX = 256  # per region, per router process
+UPSTREAM_KEEPALIVE_S = 15.0  # idle pooled connections are closed after this
+UPSTREAM_CONNECT_TIMEOUT_S = 1.0  # includes waiting for a free pooled connection
+UPSTREAM_READ_TIMEOUT_S = 15.0  # above the region's own database timeouts, so the region answers first
+REGION_UNAVAILABLE_RETRY_AFTER_S = 2
+# Shard map refreshes (on 421): at most one in flight, at most one per interval, each call bounded.
+SHARDMAP_REFRESH_INTERVAL_S_MIN = 0.5
+SHARDMAP_FETCH_TIMEOUT_S = 2.0
+READYZ_PROBE_TIMEOUT_S = 0.5
+# A request the router forwards is retried at most this often, and only when safe (see app.router.forwarding).
+UPSTREAM_RETRIES_MAX = 1
+QUERY_STRING_BYTES_MAX = 1_024

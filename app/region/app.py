@@ -16,7 +16,10 @@ from app.api.openapi import OPENAPI_CONFIG, openapi_document
 from app.config import RegionSettings
 from app.errors import Problem
 from app.region.api import PUBLIC_ROUTES, REQUEST_BODIES
+from app.region.identity import require_internal
 from app.region.service import RegionLedger
+from app.security.keys import load_public_key
+from app.security.tokens import InternalTokenVerifier
 from app.store.provision import provision_shard, shard_dsn
 from app.store.shard import QueueFull, ShardStore, ShardUnavailable, open_pool
 from app.telemetry import configure_logging
@@ -28,6 +31,11 @@ log = logging.getLogger("txroute.region")
 def create_app(settings: RegionSettings) -> Litestar:
     topology = load_topology(settings.regions_dir)
     region = topology.region(settings.region)  # fails fast on an unknown region
+    internal_tokens = (
+        InternalTokenVerifier(load_public_key(settings.internal_public_key, what="TXROUTE_INTERNAL_PUBLIC_KEY"))
+        if settings.internal_public_key
+        else None
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(application: Litestar) -> AsyncIterator[None]:
@@ -37,7 +45,8 @@ def create_app(settings: RegionSettings) -> Litestar:
                 if settings.provision_on_start:
                     await provision_shard(settings.server_dsn(), shard)
                 pool = await open_pool(shard_dsn(settings.server_dsn(), shard), size_max=settings.db_pool_size_max)
-                stores[shard.name] = ShardStore(shard.name, pool, workers=settings.db_pool_size_max)
+                workers = min(limits.POSTING_WORKERS, settings.db_pool_size_max)
+                stores[shard.name] = ShardStore(shard.name, pool, workers=workers)
             application.state.ledger = RegionLedger(region=region.name, topology=topology, stores=stores)
             log.info("region_started", extra={"region": region.name, "shards": len(stores)})
             yield
@@ -55,7 +64,9 @@ def create_app(settings: RegionSettings) -> Litestar:
         },
         openapi_config=OPENAPI_CONFIG,
         request_max_body_size=limits.REQUEST_BODY_BYTES_MAX,
-        state=_state(topology=topology, region=region.name, request_bodies=REQUEST_BODIES),
+        state=_state(
+            topology=topology, region=region.name, request_bodies=REQUEST_BODIES, internal_tokens=internal_tokens
+        ),
         logging_config=None,
         on_startup=[lambda: configure_logging(service="region", region=region.name)],
         debug=False,
@@ -96,6 +107,7 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 @get("/internal/shardmap", summary="This region's shards and the slots each claims (DESIGN D2)")
 async def shardmap(request: Request[Any, Any, Any]) -> Response[bytes]:
+    require_internal(request)
     ledger: RegionLedger = request.app.state.ledger
     shards = [
         {"shard": name, "region": ledger.region, "slots": await store.slot_claims()}

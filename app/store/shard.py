@@ -89,7 +89,7 @@ async def open_pool(dsn: str, *, size_max: int = limits.DB_POOL_SIZE_MAX) -> asy
 class ShardStore:
     """The ledger of one shard, as this regional process sees it."""
 
-    def __init__(self, name: str, pool: asyncpg.Pool, *, workers: int = limits.DB_POOL_SIZE_MAX) -> None:
+    def __init__(self, name: str, pool: asyncpg.Pool, *, workers: int = limits.POSTING_WORKERS) -> None:
         self.name = name
         self.pool = pool
         self._queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[Outcome]]] = asyncio.Queue(
