@@ -6,6 +6,7 @@ Manager by ECS) and are never logged: `__repr__` hides them.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,9 @@ class RegionSettings:
     db_pool_size_max: int = limits.DB_POOL_SIZE_MAX
     # Create and migrate the shard databases at start (safe to run from every replica at once).
     provision_on_start: bool = True
+    # PEM of the public key that verifies the router's internal hop tokens (DESIGN D8). Without it every
+    # public API call is refused with 401; `from_env` requires it.
+    internal_public_key: str | None = field(default=None, repr=False)
 
     def server_dsn(self) -> str:
         url = self.database_url.rstrip("/")
@@ -55,7 +59,60 @@ class RegionSettings:
             regions_dir=Path(e["TXROUTE_REGIONS_DIR"]) if e.get("TXROUTE_REGIONS_DIR") else None,
             db_pool_size_max=pool,
             provision_on_start=e.get("TXROUTE_PROVISION_ON_START", "1") != "0",
+            internal_public_key=_required(e, "TXROUTE_INTERNAL_PUBLIC_KEY"),
         )
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    # The region this router runs in: `POST /v1/accounts` without a region opens the account here.
+    region: str
+    # Base URL of each region's service (the router's upstreams), e.g. {"eu-west-1": "http://10.20.1.5:8000"}.
+    region_urls: dict[str, str]
+    # Client issuers' public keys, by key id (`kid`): PEM text or a file path each.
+    client_public_keys: dict[str, str] = field(repr=False)
+    # The private key that signs internal hop tokens: PEM text or a file path.
+    internal_private_key: str = field(repr=False)
+    regions_dir: Path | None = None
+    upstream_connections_max: int = limits.UPSTREAM_CONNECTIONS_MAX
+    upstream_connect_timeout_s: float = limits.UPSTREAM_CONNECT_TIMEOUT_S
+    upstream_read_timeout_s: float = limits.UPSTREAM_READ_TIMEOUT_S
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> RouterSettings:
+        """TXROUTE_REGION, TXROUTE_REGION_URLS (JSON object region -> URL), TXROUTE_CLIENT_PUBLIC_KEYS (JSON
+        object kid -> PEM or path), TXROUTE_INTERNAL_PRIVATE_KEY (PEM or path), optional TXROUTE_REGIONS_DIR
+        and TXROUTE_UPSTREAM_{CONNECTIONS_MAX,CONNECT_TIMEOUT_S,READ_TIMEOUT_S}."""
+        e = os.environ if env is None else env
+        connections = int(e.get("TXROUTE_UPSTREAM_CONNECTIONS_MAX", limits.UPSTREAM_CONNECTIONS_MAX))
+        connect_s = float(e.get("TXROUTE_UPSTREAM_CONNECT_TIMEOUT_S", limits.UPSTREAM_CONNECT_TIMEOUT_S))
+        read_s = float(e.get("TXROUTE_UPSTREAM_READ_TIMEOUT_S", limits.UPSTREAM_READ_TIMEOUT_S))
+        if not 1 <= connections <= 4096:
+            raise SettingsError("TXROUTE_UPSTREAM_CONNECTIONS_MAX must be in 1..4096")
+        if not 0 < connect_s <= 30 or not 0 < read_s <= 120:
+            raise SettingsError("TXROUTE_UPSTREAM_CONNECT_TIMEOUT_S must be in (0, 30], READ_TIMEOUT_S in (0, 120]")
+        return cls(
+            region=_required(e, "TXROUTE_REGION"),
+            region_urls=_json_object(e, "TXROUTE_REGION_URLS"),
+            client_public_keys=_json_object(e, "TXROUTE_CLIENT_PUBLIC_KEYS"),
+            internal_private_key=_required(e, "TXROUTE_INTERNAL_PRIVATE_KEY"),
+            regions_dir=Path(e["TXROUTE_REGIONS_DIR"]) if e.get("TXROUTE_REGIONS_DIR") else None,
+            upstream_connections_max=connections,
+            upstream_connect_timeout_s=connect_s,
+            upstream_read_timeout_s=read_s,
+        )
+
+
+def _json_object(env: os._Environ[str] | dict[str, str], name: str) -> dict[str, str]:
+    try:
+        value = json.loads(_required(env, name))
+    except ValueError:
+        raise SettingsError(f"{name} must be a JSON object of strings") from None
+    if not isinstance(value, dict) or not value or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise SettingsError(f"{name} must be a non-empty JSON object of strings")
+    return value
 
 
 def _required(env: os._Environ[str] | dict[str, str], name: str) -> str:

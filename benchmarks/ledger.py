@@ -26,7 +26,7 @@ from app.local.processes import REGION_FACTORY, ServiceProcess, asgi_command, fr
 from app.local.stack import state_dir
 from app.topology.ids import parse_account_id
 from app.topology.loader import load_topology
-from benchmarks.client import auth_headers
+from benchmarks.client import auth_headers, region_env
 
 REGION = "eu-west-1"
 BENCH_PG_SETTINGS = {"shared_buffers": "256MB", "max_connections": "200"}
@@ -73,6 +73,7 @@ def run(*, clients: int, seconds: float, accounts: int) -> int:
             "TXROUTE_REGION": REGION,
             "TXROUTE_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{cluster.port}",
             "TXROUTE_DATABASE_PASSWORD": cluster.password(),
+            **region_env(),
         },
         port=port,
         log_file=folder / "region.log",

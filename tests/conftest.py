@@ -19,6 +19,7 @@ from app.local.postgres import Cluster, ensure_pg_user, find_pg_bin
 from app.local.processes import REGION_FACTORY, ServiceProcess, asgi_command, free_port
 from app.topology.loader import load_topology
 from app.topology.model import Topology
+from tests.keys import TestKeys, region_env, test_keys
 
 TEST_PG_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 
@@ -26,6 +27,12 @@ TEST_PG_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writ
 @pytest.fixture(scope="session")
 def topology() -> Topology:
     return load_topology()
+
+
+@pytest.fixture(scope="session")
+def keys() -> TestKeys:
+    """The session's client-issuer and internal key pairs (made once; tokens are minted from them)."""
+    return test_keys()
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +76,7 @@ def region_process(region: str, cluster: Cluster, log_dir: Path, **env: str) -> 
             "TXROUTE_REGION": region,
             "TXROUTE_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{cluster.port}",
             "TXROUTE_DATABASE_PASSWORD": cluster.password(),
+            **region_env(),
             **env,
         },
         port=port,

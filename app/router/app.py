@@ -1,0 +1,337 @@
+"""The router's composition root: `create_app(settings)` does no I/O; the lifespan opens one pooled client
+per region and closes them.
+
+The public API (`/v1/...`) is served by a bare ASGI handler, `Router`, because the router's cost is per
+request and Litestar's routing, request objects and responses cost about a quarter of a proxy's throughput
+here (NOTES: Forwarding). Everything else (`/healthz`, `/readyz`, `/openapi.json`, unknown paths and the
+lifespan) goes to a small Litestar app, with the same problem+json handlers as the regions.
+
+A request's path through `Router`: match the route (404/405) -> verify the client token (401) -> check
+the route's scope (403) -> decode the body as strictly as the region will (400) -> slot -> region from the
+shard map -> forward with an internal token -> on 421 refresh the map and forward once more; a region that
+cannot be reached answers 503 `region_unavailable` with Retry-After.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any
+
+import aiohttp
+import msgspec
+from litestar import Litestar, Request, Response, get
+
+from app import limits
+from app.api.http import EXCEPTION_HANDLERS, json_response
+from app.api.openapi import OPENAPI_CONFIG, build_document, openapi_document
+from app.config import RouterSettings
+from app.errors import PROBLEM_CONTENT_TYPE, Problem, problem_body
+from app.router.forwarding import Answer, NoAnswer, NotConnected, UpstreamError, Upstreams
+from app.router.routes import Kind, Route, decode_write, match, read_slot
+from app.router.shardmap import ShardMap, ShardMapCache
+from app.security.keys import load_private_key, load_public_key
+from app.security.scopes import INTERNAL
+from app.security.tokens import ClientTokenVerifier, InternalTokenMinter, TokenRefused, bearer
+from app.telemetry import configure_logging
+from app.topology.loader import load_topology
+
+log = logging.getLogger("txroute.router")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+ROUTER_ID = "txroute-router"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-[0-9a-f]{16}-([0-9a-f]{2})$")
+_JSON = b"application/json"
+
+
+class Router:
+    """The bare-ASGI public API of the router; see the module docstring for a request's path."""
+
+    def __init__(
+        self,
+        *,
+        region: str,
+        clients: ClientTokenVerifier,
+        minter: InternalTokenMinter,
+        upstreams: Upstreams,
+        shardmap: ShardMapCache,
+        fallback: Litestar,
+    ) -> None:
+        self.region = region
+        self.clients = clients
+        self.minter = minter
+        self.upstreams = upstreams
+        self.shardmap = shardmap
+        self.fallback = fallback
+        self._retry_after = str(limits.REGION_UNAVAILABLE_RETRY_AFTER_S)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            await self._public(scope, receive, send)
+        else:
+            await self.fallback(scope, receive, send)  # type: ignore[arg-type]
+
+    async def _public(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+        given = headers.get("x-request-id")
+        rid = given if given and _REQUEST_ID.match(given) else "req_" + secrets.token_hex(12)
+        try:
+            answer = await self._handle(scope, receive, headers, rid)
+        except Problem as problem:
+            await _send(send, problem.status, _problem_headers(problem), problem.body(rid), rid)
+            return
+        except Exception as exc:  # a bug: the request id and nothing else leaves the process
+            log.error("unhandled_error", extra={"request_id": rid, "error_type": type(exc).__name__})
+            body = problem_body("internal_error", f"internal error; quote request id {rid}", rid)
+            await _send(send, 500, [(b"content-type", PROBLEM_CONTENT_TYPE.encode())], body, rid)
+            return
+        if answer is not None:
+            await _send(send, answer.status, answer.headers, answer.body, rid)
+
+    async def _handle(self, scope: Scope, receive: Receive, headers: dict[str, str], rid: str) -> Answer | None:
+        method: str = scope["method"]
+        path: str = scope["path"]
+        route = match(method, path)
+        principal = self._authenticate(headers.get("authorization"))
+        if route.scope not in principal.scopes:
+            raise Problem("forbidden", f"the token does not grant {route.scope}")
+        body: bytes | None = None
+        if route.kind is Kind.READ_ACCOUNT or route.kind is Kind.READ_TRANSFER:
+            slot: int | None = read_slot(route)
+            named_region = None
+        else:
+            body = await _read_body(receive, headers)
+            if body is None:
+                return None  # the client went away
+            write = decode_write(route, body, headers.get("content-type", ""), headers.get("idempotency-key"))
+            slot, named_region = write.slot, write.region
+        query = scope.get("query_string", b"")
+        if len(query) > limits.QUERY_STRING_BYTES_MAX:
+            raise Problem("invalid_request", f"the query string may hold at most {limits.QUERY_STRING_BYTES_MAX} bytes")
+        path_qs = path + "?" + query.decode("latin-1") if query else path
+        upstream_headers = self._upstream_headers(headers, rid, self.minter.for_client(principal), body is not None)
+        return await self._forward(route, slot, named_region, method, path_qs, upstream_headers, body)
+
+    def _authenticate(self, authorization: str | None) -> Any:
+        try:
+            return self.clients.verify(bearer(authorization))
+        except TokenRefused as exc:
+            raise Problem("unauthorized", exc.reason, headers={"www-authenticate": "Bearer"}) from None
+
+    def _upstream_headers(self, headers: dict[str, str], rid: str, token: str, has_body: bool) -> dict[str, str]:
+        out = {"authorization": "Bearer " + token, "x-request-id": rid, "traceparent": _next_traceparent(headers)}
+        if "tracestate" in headers:
+            out["tracestate"] = headers["tracestate"][:512]
+        if has_body:
+            out["content-type"] = headers.get("content-type", "")
+            out["idempotency-key"] = headers.get("idempotency-key", "")
+        return out
+
+    async def _forward(
+        self,
+        route: Route,
+        slot: int | None,
+        named_region: str | None,
+        method: str,
+        path_qs: str,
+        headers: dict[str, str],
+        body: bytes | None,
+    ) -> Answer:
+        if slot is None:  # an account is opened in the region its body names, else in this router's region
+            region = named_region or self.region
+            if not self.upstreams.knows(region):
+                raise Problem("invalid_request", f"no region named {region!r}")
+            return await self._send(region, method, path_qs, headers, body)
+        seen = self.shardmap.current.version
+        answer = await self._send(self.shardmap.region_for_slot(slot), method, path_qs, headers, body)
+        if answer.status != 421:
+            return answer
+        # The map is stale (slots moved): a refusal with 421 wrote nothing, so sending again is safe.
+        await self.shardmap.refresh(seen_version=seen)
+        return await self._send(self.shardmap.region_for_slot(slot), method, path_qs, headers, body)
+
+    async def _send(
+        self, region: str, method: str, path_qs: str, headers: dict[str, str], body: bytes | None
+    ) -> Answer:
+        attempt = 0
+        while True:
+            try:
+                return await self.upstreams.send(region, method, path_qs, headers=headers, body=body)
+            except NotConnected as exc:
+                # Never sent: safe to try again for a read, and for a POST because it carries an
+                # Idempotency-Key (decode_write required one).
+                failure: UpstreamError = exc
+            except NoAnswer as exc:
+                failure = exc
+                if method == "POST":
+                    break  # its effect is unknown: the client retries with the same Idempotency-Key
+            attempt += 1
+            if attempt > limits.UPSTREAM_RETRIES_MAX:
+                break
+        log.warning("region_unavailable", extra={"upstream": region, "error_type": failure.error_type})
+        raise Problem(
+            "region_unavailable",
+            f"region {region} did not answer; retry after {self._retry_after} s with the same Idempotency-Key",
+            extra={"region": region},
+            headers={"retry-after": self._retry_after},
+        )
+
+
+def _problem_headers(problem: Problem) -> list[tuple[bytes, bytes]]:
+    return [(b"content-type", PROBLEM_CONTENT_TYPE.encode())] + [
+        (k.encode(), v.encode()) for k, v in problem.headers.items()
+    ]
+
+
+async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes, rid: str) -> None:
+    out = [*headers, (b"x-request-id", rid.encode()), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": out})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(receive: Receive, headers: dict[str, str]) -> bytes | None:
+    """The whole body, refused early when it is larger than any request may be."""
+    declared = headers.get("content-length", "0")
+    if not declared.isdigit() or int(declared) > limits.REQUEST_BODY_BYTES_MAX:
+        raise Problem("payload_too_large", f"the body may hold at most {limits.REQUEST_BODY_BYTES_MAX} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limits.REQUEST_BODY_BYTES_MAX:
+            raise Problem("payload_too_large", f"the body may hold at most {limits.REQUEST_BODY_BYTES_MAX} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _next_traceparent(headers: dict[str, str]) -> str:
+    """W3C trace context: the caller's trace continues with the router's hop as the new parent."""
+    m = _TRACEPARENT.match(headers.get("traceparent", ""))
+    if m and m.group(1) != "0" * 32:
+        return f"00-{m.group(1)}-{secrets.token_hex(8)}-{m.group(2)}"
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+# The fallback Litestar app: health, readiness, the OpenAPI document ---------------------------------
+
+
+@get("/healthz", summary="The process is alive")
+async def healthz(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return json_response(request, 200, {"status": "ok"})
+
+
+@get("/readyz", summary="The router's upstream clients are open; each region's reachability")
+async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
+    upstreams: Upstreams = request.app.state.upstreams
+    if not upstreams.is_open:
+        return json_response(request, 503, {"status": "not_ready"})
+    timeout = aiohttp.ClientTimeout(total=limits.READYZ_PROBE_TIMEOUT_S)
+    regions = {}
+    for region in upstreams.urls:
+        try:
+            answer = await upstreams.send(region, "GET", "/healthz", headers={}, body=None, timeout=timeout)
+            regions[region] = answer.status == 200
+        except UpstreamError:
+            regions[region] = False
+    # Ready even when a region is down: this router still answers for the others, and 503 fast for it.
+    return json_response(request, 200, {"status": "ready", "regions": regions})
+
+
+def _document(bodies: dict[str, type[Any]]) -> bytes:
+    """The regions' OpenAPI surface (the same controllers' declarations), plus bearer authentication."""
+    from app.region.api import PUBLIC_ROUTES
+
+    schema_app = Litestar(route_handlers=[*PUBLIC_ROUTES, healthz, readyz], openapi_config=OPENAPI_CONFIG)
+    document = build_document(schema_app, bodies)
+    document.setdefault("components", {})["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT (EdDSA or ES256)"}
+    }
+    for path, operations in document["paths"].items():
+        if path.startswith("/v1/"):
+            for operation in operations.values():
+                operation["security"] = [{"bearer": []}]
+                operation.setdefault("responses", {}).setdefault(
+                    "403", {"description": "the token does not grant the route's scope"}
+                )
+    return msgspec.json.encode(document)
+
+
+def create_app(settings: RouterSettings) -> Router:
+    topology = load_topology(settings.regions_dir)
+    topology.region(settings.region)  # fails fast on an unknown region
+    missing = {r.name for r in topology.regions} - set(settings.region_urls)
+    assert not missing, f"TXROUTE_REGION_URLS has no URL for {sorted(missing)}"
+    clients = ClientTokenVerifier(
+        {kid: load_public_key(pem, what=f"client key {kid!r}") for kid, pem in settings.client_public_keys.items()}
+    )
+    minter = InternalTokenMinter(load_private_key(settings.internal_private_key, what="TXROUTE_INTERNAL_PRIVATE_KEY"))
+    upstreams = Upstreams(
+        settings.region_urls,
+        connections_max=settings.upstream_connections_max,
+        connect_timeout_s=settings.upstream_connect_timeout_s,
+        read_timeout_s=settings.upstream_read_timeout_s,
+    )
+    fetch_timeout = aiohttp.ClientTimeout(total=limits.SHARDMAP_FETCH_TIMEOUT_S)
+
+    async def fetch_claims(region: str) -> dict[str, Any]:
+        token = minter.token(ROUTER_ID, frozenset({INTERNAL}))
+        answer = await upstreams.send(
+            region, "GET", "/internal/shardmap", headers={"authorization": "Bearer " + token}, body=None,
+            timeout=fetch_timeout,
+        )
+        if answer.status != 200:
+            raise RuntimeError(f"/internal/shardmap of {region} answered {answer.status}")
+        document: dict[str, Any] = msgspec.json.decode(answer.body)
+        return document
+
+    shardmap = ShardMapCache(ShardMap.from_topology(topology), tuple(upstreams.urls), fetch_claims)
+    from app.region.api import REQUEST_BODIES
+
+    @contextlib.asynccontextmanager
+    async def lifespan(application: Litestar) -> AsyncIterator[None]:
+        await upstreams.open()
+        log.info("router_started", extra={"region": settings.region, "upstreams": len(upstreams.urls)})
+        try:
+            yield
+        finally:
+            await upstreams.close()
+
+    fallback = Litestar(
+        route_handlers=[healthz, readyz, openapi_document],
+        lifespan=[lifespan],
+        exception_handlers=dict(EXCEPTION_HANDLERS),  # type: ignore[arg-type]
+        openapi_config=None,
+        state=_state(
+            upstreams=upstreams, request_bodies=REQUEST_BODIES, openapi_document=_document(REQUEST_BODIES)
+        ),
+        logging_config=None,
+        on_startup=[lambda: configure_logging(service="router", region=settings.region)],
+        debug=False,
+    )
+    return Router(
+        region=settings.region, clients=clients, minter=minter, upstreams=upstreams, shardmap=shardmap,
+        fallback=fallback,
+    )
+
+
+def _state(**values: Any) -> Any:
+    from litestar.datastructures import State
+
+    return State(values)
+
+
+def app_from_env() -> Router:
+    """Entry point for the ASGI server: `granian --interface asgi --factory app.router.app:app_from_env`."""
+    return create_app(RouterSettings.from_env())

@@ -1,0 +1,98 @@
+"""Which public route a request is, the scope it needs, and where its account lives: the router's pure part.
+
+Routing reads only the request: the account id in the path or body embeds its slot (DESIGN D1). Malformed ids
+are refused here, before any routing, with the codes the regions use.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from app.api.decoding import decode_body, idempotency_key
+from app.api.schemas import FundsRequest, OpenAccountRequest, TransferRequest
+from app.errors import Problem
+from app.security import scopes
+from app.topology.ids import InvalidId, parse_account_id, parse_transfer_id
+
+
+class Kind(enum.Enum):
+    OPEN_ACCOUNT = "open_account"
+    FUNDS = "funds"
+    TRANSFER = "transfer"
+    READ_ACCOUNT = "read_account"
+    READ_TRANSFER = "read_transfer"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    kind: Kind
+    scope: str
+    path_id: str | None = None  # the id in the path, for reads
+
+
+_POSTS = {
+    "/v1/accounts": Route(Kind.OPEN_ACCOUNT, scopes.ACCOUNTS_WRITE),
+    "/v1/deposits": Route(Kind.FUNDS, scopes.FUNDS_WRITE),
+    "/v1/withdrawals": Route(Kind.FUNDS, scopes.FUNDS_WRITE),
+    "/v1/transfers": Route(Kind.TRANSFER, scopes.TRANSFERS_WRITE),
+}
+_BODIES: dict[Kind, type[Any]] = {
+    Kind.OPEN_ACCOUNT: OpenAccountRequest,
+    Kind.FUNDS: FundsRequest,
+    Kind.TRANSFER: TransferRequest,
+}
+
+
+def match(method: str, path: str) -> Route:
+    """The route of `method path`, or the problem a region would answer for it (404, 405)."""
+    post = _POSTS.get(path)
+    if post is not None:
+        if method != "POST":
+            raise Problem("method_not_allowed", headers={"allow": "POST"})
+        return post
+    parts = path.split("/")  # ['', 'v1', 'accounts', id] or [..., id, 'entries']
+    route: Route | None = None
+    if len(parts) == 4 and parts[2] == "accounts" and parts[3]:
+        route = Route(Kind.READ_ACCOUNT, scopes.ACCOUNTS_READ, parts[3])
+    elif len(parts) == 5 and parts[2] == "accounts" and parts[3] and parts[4] == "entries":
+        route = Route(Kind.READ_ACCOUNT, scopes.ACCOUNTS_READ, parts[3])
+    elif len(parts) == 4 and parts[2] == "transfers" and parts[3]:
+        route = Route(Kind.READ_TRANSFER, scopes.ACCOUNTS_READ, parts[3])
+    if route is None:
+        raise Problem("not_found", "no such route")
+    if method not in ("GET", "HEAD"):
+        raise Problem("method_not_allowed", headers={"allow": "GET"})
+    assert scopes.required_scope("GET", path) == route.scope
+    return route
+
+
+def read_slot(route: Route) -> int:
+    """The slot of a read's path id; a malformed id reads as not found, as at the region."""
+    assert route.path_id is not None
+    try:
+        if route.kind is Kind.READ_ACCOUNT:
+            return parse_account_id(route.path_id).slot
+        return parse_transfer_id(route.path_id).slot
+    except InvalidId:
+        code = "account_not_found" if route.kind is Kind.READ_ACCOUNT else "transfer_not_found"
+        raise Problem(code, f"{route.path_id[:40]!r} is not a valid id") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    slot: int | None  # where the write lands, or None for an account opened by region
+    region: str | None  # the region named in an open-account body
+
+
+def decode_write(route: Route, body: bytes, content_type: str, key_header: str | None) -> Write:
+    """Checks a POST as strictly as the region will (key, media type, schema) and finds its home."""
+    idempotency_key(key_header)
+    data: Any = decode_body(body, content_type, _BODIES[route.kind])
+    if isinstance(data, OpenAccountRequest):
+        return Write(slot=None, region=data.region)
+    if isinstance(data, FundsRequest):
+        return Write(slot=parse_account_id(data.account).slot, region=None)
+    assert isinstance(data, TransferRequest)
+    return Write(slot=parse_account_id(data.debit_account).slot, region=None)
