@@ -1,0 +1,226 @@
+"""A region's compute: its ECR repository, an ECS cluster, and two Fargate services built from the same
+image: the regional service (behind an internal load balancer, reached by routers and saga relays of every
+region over the peering mesh) and the router (behind a public, HTTPS-only load balancer that Global
+Accelerator sends clients to).
+
+Each service has its own execution role (pull the image, write its logs, inject its own secrets) and its own
+task role (read its own secrets, nothing else). Health checks everywhere use `/readyz`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pulumi
+import pulumi_aws.acm as acm
+import pulumi_aws.ecr as ecr
+import pulumi_aws.ecs as ecs
+import pulumi_aws.iam as iam
+import pulumi_aws.lb as lb
+import pulumi_aws.secretsmanager as secretsmanager
+
+from txroute_infra import layout
+from txroute_infra.components.base import RegionalComponent, tags
+from txroute_infra.topology import Region
+
+ECR_REPOSITORY = "txroute"
+# Untagged layers older than this are expired; tagged releases are kept (rollbacks need them).
+ECR_UNTAGGED_EXPIRY_DAYS = 14
+# Container health check (the image has Python, not curl).
+CONTAINER_HEALTH_CMD = [
+    "CMD", "python", "-c",
+    f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{layout.CONTAINER_PORT}"
+    f"{layout.HEALTH_PATH}', timeout={layout.HEALTH_TIMEOUT_S - 1})",
+]
+# Days a deleted secret can still be restored (the maximum).
+SECRET_RECOVERY_WINDOW_DAYS = 30
+EXECUTION_POLICY_ARN = "arn:aws:iam::aws:policy/service-role/AmazonECSTaskExecutionRolePolicy"
+
+
+def ecr_repository_name(environment: str) -> str:
+    return f"{ECR_REPOSITORY}-{environment}"
+
+
+class Compute(RegionalComponent):
+    """Built in two steps: the constructor makes everything a region needs by itself; `add_router` runs
+    once every region's internal endpoint is known (the router forwards to all of them)."""
+
+    def __init__(self, region: Region, *, environment: str, image_tag: str, api_domain: str,
+                 vpc_id: pulumi.Input[str], public_subnet_ids: Sequence[pulumi.Input[str]],
+                 app_subnet_ids: Sequence[pulumi.Input[str]], public_lb_sg: pulumi.Input[str],
+                 internal_lb_sg: pulumi.Input[str], router_sg: pulumi.Input[str], region_sg: pulumi.Input[str],
+                 kms_key_arn: pulumi.Input[str], log_groups: Mapping[str, pulumi.Input[str]],
+                 database_endpoint: pulumi.Input[str], database_secret_arn: pulumi.Input[str],
+                 database_username: str, provider: pulumi.ProviderResource,
+                 opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("txroute:cell:Compute", region.name, provider, opts)
+        self.spec = region
+        self.environment = environment
+        self._tags = tags(environment, region.name)
+        self._kms_key_arn = kms_key_arn
+        self._vpc_id = vpc_id
+        self._public_subnet_ids = list(public_subnet_ids)
+        self._app_subnet_ids = list(app_subnet_ids)
+        self._public_lb_sg = public_lb_sg
+        self._router_sg = router_sg
+        self._log_groups = log_groups
+
+        self.repository = ecr.Repository(
+            self.name("ecr"), name=ecr_repository_name(environment), image_tag_mutability="IMMUTABLE",
+            image_scanning_configuration={"scan_on_push": True},
+            encryption_configurations=[{"encryption_type": "KMS", "kms_key": kms_key_arn}],
+            force_delete=False, tags=self._tags, opts=self.child())
+        ecr.LifecyclePolicy(self.name("ecr-lifecycle"), repository=self.repository.name, policy=json.dumps({
+            "rules": [{"rulePriority": 1, "description": "expire untagged layers",
+                       "selection": {"tagStatus": "untagged", "countType": "sinceImagePushed",
+                                     "countUnit": "days", "countNumber": ECR_UNTAGGED_EXPIRY_DAYS},
+                       "action": {"type": "expire"}}]}), opts=self.child())
+        self.image = pulumi.Output.concat(self.repository.repository_url, ":", image_tag)
+        self.cluster = ecs.Cluster(self.name("ecs"), name=f"txroute-{environment}",
+                                   settings=[{"name": "containerInsights", "value": "enabled"}],
+                                   tags=self._tags, opts=self.child())
+
+        # Secrets the services read; their values are put by an operator (infra/README.md), never by code.
+        self.region_secret = self._secret("region-secret", f"txroute/{environment}/region-service",
+                                          "internal token verification key of the region service")
+        self.router_secret = self._secret("router-secret", f"txroute/{environment}/router",
+                                          "client token keys and internal token signing key of the router")
+
+        # Regional service behind the internal load balancer.
+        self.internal_lb = lb.LoadBalancer(
+            self.name("internal"), internal=True, load_balancer_type="application",
+            subnets=self._app_subnet_ids, security_groups=[internal_lb_sg], drop_invalid_header_fields=True,
+            enable_deletion_protection=True, idle_timeout=layout.ALB_IDLE_TIMEOUT_S, tags=self._tags,
+            opts=self.child())
+        self.region_tg = self._target_group("reg-tg", "HTTP")
+        self.internal_listener = lb.Listener(
+            self.name("internal-api"), load_balancer_arn=self.internal_lb.arn, port=layout.INTERNAL_API_PORT,
+            protocol="HTTP", default_actions=[{"type": "forward", "target_group_arn": self.region_tg.arn}],
+            tags=self._tags, opts=self.child())
+        region_secrets = {
+            "TXROUTE_DATABASE_PASSWORD": pulumi.Output.concat(database_secret_arn, ":password::"),
+            "TXROUTE_INTERNAL_TOKEN_KEY": pulumi.Output.concat(self.region_secret, ":internal_token_key::"),
+        }
+        self.region_service = self._service(
+            "region-service", layout.REGION_FACTORY, region.capacity.region_service_tasks, region_sg,
+            self.region_tg, self.internal_listener,
+            env={"TXROUTE_REGION": region.name,
+                 "TXROUTE_DATABASE_URL": pulumi.Output.concat(
+                     "postgresql://", database_username, "@", database_endpoint, ":",
+                     str(layout.POSTGRES_PORT))},
+            secrets=region_secrets, readable_secret_arns=[database_secret_arn, self.region_secret])
+        self.internal_url = pulumi.Output.concat(
+            "http://", self.internal_lb.dns_name, ":", str(layout.INTERNAL_API_PORT))
+
+        # The router's certificate; validated once DNS is ready (`add_router`).
+        self.certificate = acm.Certificate(self.name("cert"), domain_name=api_domain, validation_method="DNS",
+                                           key_algorithm="EC_prime256v1", tags=self._tags, opts=self.child())
+
+    def add_router(self, *, region_urls: pulumi.Input[Mapping[str, str]],
+                   validation_record_fqdns: Sequence[pulumi.Input[str]]) -> None:
+        validation = acm.CertificateValidation(
+            self.name("cert-validation"), certificate_arn=self.certificate.arn,
+            validation_record_fqdns=list(validation_record_fqdns) or None, opts=self.child())
+        self.public_lb = lb.LoadBalancer(
+            self.name("public"), internal=False, load_balancer_type="application",
+            subnets=self._public_subnet_ids, security_groups=[self._public_lb_sg],
+            drop_invalid_header_fields=True, enable_deletion_protection=True,
+            idle_timeout=layout.ALB_IDLE_TIMEOUT_S, tags=self._tags, opts=self.child())
+        self.router_tg = self._target_group("rtr-tg", "HTTP")
+        # HTTPS only: there is no port-80 listener to redirect from, so nothing ever speaks plain HTTP.
+        self.public_listener = lb.Listener(
+            self.name("public-https"), load_balancer_arn=self.public_lb.arn, port=layout.HTTPS_PORT,
+            protocol="HTTPS", ssl_policy=layout.TLS_POLICY, certificate_arn=validation.certificate_arn,
+            default_actions=[{"type": "forward", "target_group_arn": self.router_tg.arn}],
+            tags=self._tags, opts=self.child())
+        self.router_service = self._service(
+            "router", layout.ROUTER_FACTORY, self.spec.capacity.router_tasks, self._router_sg,
+            self.router_tg, self.public_listener,
+            env={"TXROUTE_REGION": self.spec.name,
+                 "TXROUTE_REGION_URLS": pulumi.Output.json_dumps(region_urls)},
+            secrets={
+                "TXROUTE_CLIENT_TOKEN_KEYS": pulumi.Output.concat(self.router_secret, ":client_token_keys::"),
+                "TXROUTE_INTERNAL_TOKEN_KEY": pulumi.Output.concat(self.router_secret, ":internal_token_key::"),
+            },
+            readable_secret_arns=[self.router_secret])
+
+    # --- pieces -------------------------------------------------------------------------------------
+
+    def _secret(self, key: str, name: str, description: str) -> pulumi.Output[str]:
+        secret = secretsmanager.Secret(
+            self.name(key), name=name, description=description, kms_key_id=self._kms_key_arn,
+            recovery_window_in_days=SECRET_RECOVERY_WINDOW_DAYS, tags=self._tags, opts=self.child())
+        return secret.arn
+
+    def _target_group(self, key: str, protocol: str) -> lb.TargetGroup:
+        return lb.TargetGroup(
+            self.name(key), port=layout.CONTAINER_PORT, protocol=protocol, target_type="ip",
+            vpc_id=self._vpc_id, deregistration_delay=layout.DEREGISTRATION_DELAY_S,
+            health_check={"enabled": True, "path": layout.HEALTH_PATH, "protocol": "HTTP", "matcher": "200",
+                          "interval": layout.HEALTH_INTERVAL_S, "timeout": layout.HEALTH_TIMEOUT_S,
+                          "healthy_threshold": layout.HEALTHY_THRESHOLD,
+                          "unhealthy_threshold": layout.UNHEALTHY_THRESHOLD},
+            tags=self._tags, opts=self.child())
+
+    def _roles(self, service: str, secret_arns: Sequence[pulumi.Input[str]]) -> tuple[iam.Role, iam.Role]:
+        assume = json.dumps({"Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Principal": {"Service": "ecs-tasks.amazonaws.com"}, "Action": "sts:AssumeRole"}]})
+        read_own = pulumi.Output.all(self._kms_key_arn, *secret_arns).apply(lambda a: json.dumps({
+            "Version": "2012-10-17", "Statement": [
+                {"Effect": "Allow", "Action": "secretsmanager:GetSecretValue", "Resource": list(a[1:])},
+                {"Effect": "Allow", "Action": "kms:Decrypt", "Resource": a[0],
+                 "Condition": {"StringEquals": {"kms:ViaService": f"secretsmanager.{self.region}.amazonaws.com"}}},
+            ]}))
+        execution = iam.Role(self.name(f"{service}-exec"), assume_role_policy=assume, tags=self._tags,
+                             opts=self.child())
+        iam.RolePolicyAttachment(self.name(f"{service}-exec"), role=execution.name,
+                                 policy_arn=EXECUTION_POLICY_ARN, opts=self.child())
+        iam.RolePolicy(self.name(f"{service}-exec-secrets"), role=execution.id, policy=read_own,
+                       opts=self.child())
+        task = iam.Role(self.name(f"{service}-task"), assume_role_policy=assume, tags=self._tags,
+                        opts=self.child())
+        iam.RolePolicy(self.name(f"{service}-task-secrets"), role=task.id, policy=read_own, opts=self.child())
+        return execution, task
+
+    def _service(self, service: str, factory: str, desired_count: int, security_group: pulumi.Input[str],
+                 target_group: lb.TargetGroup, listener: lb.Listener, *,
+                 env: Mapping[str, pulumi.Input[str]], secrets: Mapping[str, pulumi.Input[str]],
+                 readable_secret_arns: Sequence[pulumi.Input[str]]) -> ecs.Service:
+        execution, task = self._roles(service, readable_secret_arns)
+        capacity = self.spec.capacity
+        container: dict[str, Any] = {
+            "name": service,
+            "image": self.image,
+            "essential": True,
+            "command": ["python", "-m", "granian", "--interface", "asgi", "--factory", "--host", "0.0.0.0",  # noqa: S104
+                        "--port", str(layout.CONTAINER_PORT), "--workers", "1", "--loop", "uvloop", factory],
+            "portMappings": [{"containerPort": layout.CONTAINER_PORT, "protocol": "tcp"}],
+            "environment": [{"name": k, "value": v} for k, v in sorted(env.items())],
+            "secrets": [{"name": k, "valueFrom": v} for k, v in sorted(secrets.items())],
+            "healthCheck": {"command": CONTAINER_HEALTH_CMD, "interval": layout.HEALTH_INTERVAL_S,
+                            "timeout": layout.HEALTH_TIMEOUT_S, "retries": layout.UNHEALTHY_THRESHOLD,
+                            "startPeriod": layout.HEALTH_GRACE_PERIOD_S},
+            "logConfiguration": {"logDriver": "awslogs", "options": {
+                "awslogs-group": self._log_groups[service], "awslogs-region": self.region,
+                "awslogs-stream-prefix": service}},
+        }
+        definition = ecs.TaskDefinition(
+            self.name(service), family=f"txroute-{self.environment}-{service}", cpu=str(capacity.task_cpu),
+            memory=str(capacity.task_memory_mib), network_mode="awsvpc", requires_compatibilities=["FARGATE"],
+            runtime_platform={"operating_system_family": "LINUX", "cpu_architecture": "ARM64"},
+            execution_role_arn=execution.arn, task_role_arn=task.arn,
+            container_definitions=pulumi.Output.json_dumps([container]), tags=self._tags, opts=self.child())
+        return ecs.Service(
+            self.name(service), name=service, cluster=self.cluster.arn, task_definition=definition.arn,
+            desired_count=desired_count, launch_type="FARGATE", platform_version="LATEST",
+            network_configuration={"subnets": self._app_subnet_ids, "security_groups": [security_group],
+                                   "assign_public_ip": False},
+            load_balancers=[{"target_group_arn": target_group.arn, "container_name": service,
+                             "container_port": layout.CONTAINER_PORT}],
+            health_check_grace_period_seconds=layout.HEALTH_GRACE_PERIOD_S,
+            deployment_circuit_breaker={"enable": True, "rollback": True},
+            deployment_minimum_healthy_percent=100, deployment_maximum_percent=200,
+            propagate_tags="SERVICE", enable_execute_command=False, wait_for_steady_state=False,
+            tags=self._tags, opts=self.child(depends_on=[listener]))

@@ -1,0 +1,88 @@
+"""Global entry: one AWS Global Accelerator (two anycast IPs) with a TCP 443 listener and one endpoint
+group per region pointing at that region's public router load balancer, health-checked on `/readyz`; and,
+when the stack has a Route 53 zone, the API name as an alias of the accelerator plus the certificate
+validation records.
+
+Global Accelerator's API exists only in us-west-2, and Route 53 is global: both use the `global` provider.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import pulumi
+import pulumi_aws
+import pulumi_aws.globalaccelerator as ga
+import pulumi_aws.route53 as route53
+
+from txroute_infra import layout
+
+if TYPE_CHECKING:
+    from txroute_infra.components.cell import RegionalCell
+
+GLOBAL_ACCELERATOR_REGION = "us-west-2"
+# Global Accelerator's fixed hosted zone for alias records.
+GLOBAL_ACCELERATOR_ZONE_ID = "Z2BJ6XQ5FK7U4H"
+VALIDATION_RECORD_TTL_S = 300
+# Share of a region's traffic its endpoint group takes (the runbook lowers it to drain a region).
+TRAFFIC_DIAL_PERCENT = 100
+ENDPOINT_WEIGHT = 128
+
+
+def global_provider(environment: str) -> pulumi_aws.Provider:
+    return pulumi_aws.Provider(
+        "global-aws", region=GLOBAL_ACCELERATOR_REGION,
+        default_tags={"tags": {"app": "txroute", "environment": environment, "managed-by": "pulumi"}})
+
+
+class CertificateDns(pulumi.ComponentResource):
+    """The DNS records that prove we own the API name. ACM issues the same validation record for a domain
+    in every region of an account, so one record validates every region's certificate; it is taken from the
+    first region's certificate."""
+
+    def __init__(self, certificate: pulumi_aws.acm.Certificate, *, hosted_zone_id: str,
+                 provider: pulumi_aws.Provider, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("txroute:global:CertificateDns", "global-cert-dns", None, opts)
+        option = certificate.domain_validation_options.apply(lambda o: o[0])
+        self.record = route53.Record(
+            "global-cert-validation", zone_id=hosted_zone_id, name=option.resource_record_name,
+            type=option.resource_record_type, records=[option.resource_record_value],
+            ttl=VALIDATION_RECORD_TTL_S, allow_overwrite=True,
+            opts=pulumi.ResourceOptions(parent=self, provider=provider))
+        self.fqdns: list[pulumi.Input[str]] = [self.record.fqdn]
+        self.register_outputs({"fqdn": self.record.fqdn})
+
+
+class GlobalEntry(pulumi.ComponentResource):
+    def __init__(self, cells: Sequence[RegionalCell], *, environment: str, api_domain: str,
+                 hosted_zone_id: str, provider: pulumi_aws.Provider,
+                 opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("txroute:global:GlobalEntry", "global-entry", None, opts)
+        child = pulumi.ResourceOptions(parent=self, provider=provider)
+        tags = {"app": "txroute", "environment": environment}
+        self.accelerator = ga.Accelerator("global-accelerator", name=f"txroute-{environment}",
+                                          ip_address_type="IPV4", enabled=True, tags=tags, opts=child)
+        # TCP pass-through: TLS ends at each region's load balancer, with its own certificate.
+        self.listener = ga.Listener("global-https", accelerator_arn=self.accelerator.arn, protocol="TCP",
+                                    client_affinity="NONE", port_ranges=[{"from_port": layout.HTTPS_PORT,
+                                                                         "to_port": layout.HTTPS_PORT}],
+                                    opts=child)
+        self.endpoint_groups = {
+            cell.region: ga.EndpointGroup(
+                f"global-{cell.region}-endpoints", listener_arn=self.listener.arn,
+                endpoint_group_region=cell.region,
+                endpoint_configurations=[{"endpoint_id": cell.compute.public_lb.arn, "weight": ENDPOINT_WEIGHT,
+                                          "client_ip_preservation_enabled": True}],
+                health_check_protocol="HTTPS", health_check_port=layout.HTTPS_PORT,
+                health_check_path=layout.HEALTH_PATH,
+                health_check_interval_seconds=layout.GA_HEALTH_INTERVAL_S,
+                threshold_count=layout.GA_THRESHOLD_COUNT, traffic_dial_percentage=TRAFFIC_DIAL_PERCENT,
+                opts=child)
+            for cell in cells
+        }
+        if hosted_zone_id:
+            route53.Record("global-api-alias", zone_id=hosted_zone_id, name=api_domain, type="A",
+                           aliases=[{"name": self.accelerator.dns_name, "zone_id": GLOBAL_ACCELERATOR_ZONE_ID,
+                                     "evaluate_target_health": True}], opts=child)
+        self.register_outputs({"dns_name": self.accelerator.dns_name})

@@ -1,0 +1,131 @@
+"""The stack's configuration, read in one place into one typed, validated value.
+
+Every key lives in the `txroute:` namespace of `Pulumi.<stack>.yaml` (see `infra/README.md`, which lists each
+one). Defaults are the production-safe value; a stack may only loosen what is listed here, never the safety
+rules (encryption, privacy, deletion protection), which are not configuration at all.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# CloudWatch Logs accepts only these retention periods (days).
+LOG_RETENTION_DAYS_ALLOWED = frozenset(
+    {1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653}
+)
+# RDS keeps automated backups 1..35 days; a ledger keeps at least a week so a bad deploy found on Monday
+# can still be restored to Friday.
+BACKUP_RETENTION_DAYS_MIN = 7
+BACKUP_RETENTION_DAYS_MAX = 35
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+_IMAGE_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_ZONE_ID = re.compile(r"^Z[A-Z0-9]{1,31}$")
+
+
+class ConfigError(ValueError):
+    """A stack config value is missing or out of bounds; the message names the `txroute:` key."""
+
+
+@dataclass(frozen=True, slots=True)
+class InfraConfig:
+    # The environment's name, used in resource names and tags (the stack name: `staging`, `prod`).
+    environment: str
+    # The public API name clients call (the router's ACM certificate is issued for it).
+    api_domain: str
+    # The image tag every service runs, pushed to each region's ECR repository before `pulumi up`.
+    image_tag: str
+    # Route 53 hosted zone for `api_domain`: when set, certificate validation records and an alias to the
+    # accelerator are created in it; when empty, DNS is managed elsewhere (validation records are exported).
+    hosted_zone_id: str = ""
+    # Where alarms are mailed (an SNS email subscription, confirmed by the recipient); empty: topic only.
+    alarm_email: str = ""
+    # Application log retention.
+    log_retention_days: int = 365
+    # Automated database backups (point-in-time recovery window).
+    backup_retention_days: int = 14
+    # PostgreSQL major.minor on every regional cluster; the parameter group family follows the major.
+    db_engine_version: str = "16.4"
+    # One NAT gateway per availability zone (survives an AZ outage) or one per region (cheaper, staging).
+    nat_gateway_per_az: bool = True
+    # Alarm thresholds, each named with its unit last.
+    error_ratio_max: float = 0.01
+    latency_p99_ms_max: int = 500
+    db_cpu_percent_max: int = 80
+    db_free_storage_percent_min: int = 15
+    db_connections_percent_max: int = 80
+    db_replica_lag_s_max: int = 30
+    outbox_age_s_max: int = 60
+
+    def __post_init__(self) -> None:
+        _check(re.fullmatch(r"[a-z][a-z0-9-]{1,15}", self.environment) is not None, "environment",
+               f"{self.environment!r} must be 2-16 lowercase letters, digits or dashes")
+        _check(_DOMAIN.match(self.api_domain) is not None, "apiDomain",
+               f"{self.api_domain!r} is not a lowercase DNS name like api.example.com")
+        _check(_IMAGE_TAG.match(self.image_tag) is not None, "imageTag",
+               f"{self.image_tag!r} is not a valid image tag")
+        _check(not self.hosted_zone_id or _ZONE_ID.match(self.hosted_zone_id) is not None, "hostedZoneId",
+               f"{self.hosted_zone_id!r} is not a Route 53 zone id like Z0123456789ABC")
+        _check(not self.alarm_email or "@" in self.alarm_email, "alarmEmail", "must be an email address")
+        _check(self.log_retention_days in LOG_RETENTION_DAYS_ALLOWED, "logRetentionDays",
+               f"{self.log_retention_days} is not one of CloudWatch's {sorted(LOG_RETENTION_DAYS_ALLOWED)}")
+        _check(BACKUP_RETENTION_DAYS_MIN <= self.backup_retention_days <= BACKUP_RETENTION_DAYS_MAX,
+               "backupRetentionDays", f"must be in {BACKUP_RETENTION_DAYS_MIN}..{BACKUP_RETENTION_DAYS_MAX}")
+        _check(re.fullmatch(r"1[4-9]\.[0-9]+", self.db_engine_version) is not None, "dbEngineVersion",
+               f"{self.db_engine_version!r} must be a PostgreSQL version >= 14 like 16.4")
+        _check(0 < self.error_ratio_max < 1, "errorRatioMax", "must be in (0, 1)")
+        _check(1 <= self.latency_p99_ms_max <= 60_000, "latencyP99MsMax", "must be in 1..60000")
+        _check(1 <= self.db_cpu_percent_max <= 100, "dbCpuPercentMax", "must be in 1..100")
+        _check(1 <= self.db_free_storage_percent_min <= 90, "dbFreeStoragePercentMin", "must be in 1..90")
+        _check(1 <= self.db_connections_percent_max <= 100, "dbConnectionsPercentMax", "must be in 1..100")
+        _check(1 <= self.db_replica_lag_s_max <= 3600, "dbReplicaLagSMax", "must be in 1..3600")
+        _check(1 <= self.outbox_age_s_max <= 86_400, "outboxAgeSMax", "must be in 1..86400")
+
+    @property
+    def db_engine_major(self) -> str:
+        return self.db_engine_version.split(".", 1)[0]
+
+    @classmethod
+    def from_stack(cls) -> InfraConfig:
+        """Reads `txroute:*` of the current stack (only valid inside a Pulumi program)."""
+        import pulumi
+
+        c = pulumi.Config("txroute")
+        d = cls.__dataclass_fields__
+        return cls(
+            environment=pulumi.get_stack(),
+            api_domain=c.require("apiDomain"),
+            image_tag=c.require("imageTag"),
+            hosted_zone_id=c.get("hostedZoneId") or "",
+            alarm_email=c.get("alarmEmail") or "",
+            log_retention_days=c.get_int("logRetentionDays") or d["log_retention_days"].default,
+            backup_retention_days=c.get_int("backupRetentionDays") or d["backup_retention_days"].default,
+            db_engine_version=c.get("dbEngineVersion") or d["db_engine_version"].default,
+            nat_gateway_per_az=_bool_or(c.get_bool("natGatewayPerAz"), d["nat_gateway_per_az"].default),
+            error_ratio_max=c.get_float("errorRatioMax") or d["error_ratio_max"].default,
+            latency_p99_ms_max=c.get_int("latencyP99MsMax") or d["latency_p99_ms_max"].default,
+            db_cpu_percent_max=c.get_int("dbCpuPercentMax") or d["db_cpu_percent_max"].default,
+            db_free_storage_percent_min=c.get_int("dbFreeStoragePercentMin")
+            or d["db_free_storage_percent_min"].default,
+            db_connections_percent_max=c.get_int("dbConnectionsPercentMax")
+            or d["db_connections_percent_max"].default,
+            db_replica_lag_s_max=c.get_int("dbReplicaLagSMax") or d["db_replica_lag_s_max"].default,
+            outbox_age_s_max=c.get_int("outboxAgeSMax") or d["outbox_age_s_max"].default,
+        )
+
+
+# The `txroute:` keys `from_stack` reads, for the README and for a test that keeps both in step.
+CONFIG_KEYS = (
+    "apiDomain", "imageTag", "hostedZoneId", "alarmEmail", "logRetentionDays", "backupRetentionDays",
+    "dbEngineVersion", "natGatewayPerAz", "errorRatioMax", "latencyP99MsMax", "dbCpuPercentMax",
+    "dbFreeStoragePercentMin", "dbConnectionsPercentMax", "dbReplicaLagSMax", "outboxAgeSMax",
+)
+
+
+def _bool_or(value: bool | None, default: object) -> bool:
+    return bool(default) if value is None else value
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"txroute:{key}: {why}")

@@ -1,0 +1,86 @@
+"""Pure facts every component agrees on: ports, subnet plan, runbook paths, naming. No Pulumi here.
+
+The subnet plan is a pure function of a region's `vpc_cidr`, so a cell can allow its peers' application
+subnets in its security groups without waiting for their outputs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+AZ_COUNT = 3
+HTTPS_PORT = 443
+# The port every container listens on (granian), the regional API's internal listener and PostgreSQL.
+CONTAINER_PORT = 8000
+INTERNAL_API_PORT = 8080
+POSTGRES_PORT = 5432
+
+# Health checks everywhere use the same endpoint: it answers 200 only when every shard is reachable.
+HEALTH_PATH = "/readyz"
+HEALTH_INTERVAL_S = 10
+HEALTH_TIMEOUT_S = 5
+HEALTHY_THRESHOLD = 2
+UNHEALTHY_THRESHOLD = 3
+# Global Accelerator allows only 10 or 30 seconds between health checks, and 1..10 failures.
+GA_HEALTH_INTERVAL_S = 10
+GA_THRESHOLD_COUNT = 3
+# Time ECS gives a new task before load balancer health checks count (migrations run at start).
+HEALTH_GRACE_PERIOD_S = 60
+# How long a draining target keeps in-flight requests (a transfer's fast path waits at most a few seconds).
+DEREGISTRATION_DELAY_S = 30
+ALB_IDLE_TIMEOUT_S = 60
+# TLS 1.2 and 1.3 only, forward-secret ciphers.
+TLS_POLICY = "ELBSecurityPolicy-TLS13-1-2-2021-06"
+
+# Runbooks the alarms point at (paths relative to the repository root).
+RUNBOOK_REGION_UNAVAILABLE = "runbooks/region-unavailable.md"
+RUNBOOK_LATENCY_OR_ERRORS = "runbooks/high-latency-or-errors.md"
+RUNBOOK_DATABASE_FAILOVER = "runbooks/database-failover.md"
+RUNBOOK_DATABASE_CAPACITY = "runbooks/database-capacity.md"
+RUNBOOK_SAGA_BACKLOG = "runbooks/saga-backlog.md"
+RUNBOOKS = (
+    RUNBOOK_REGION_UNAVAILABLE, RUNBOOK_LATENCY_OR_ERRORS, RUNBOOK_DATABASE_FAILOVER,
+    RUNBOOK_DATABASE_CAPACITY, RUNBOOK_SAGA_BACKLOG,
+)
+
+# The custom metric the region service publishes (CloudWatch embedded metric format in its logs): the age
+# of the oldest undelivered outbox message, per region.
+OUTBOX_METRIC_NAMESPACE = "txroute"
+OUTBOX_METRIC_NAME = "OutboxOldestAgeSeconds"
+
+# The two deployables share one image (one Python package); each runs its own ASGI factory.
+REGION_FACTORY = "app.region.app:app_from_env"
+ROUTER_FACTORY = "app.router.app:app_from_env"
+
+
+@dataclass(frozen=True, slots=True)
+class SubnetPlan:
+    """Three tiers, one subnet per tier per availability zone, carved from the VPC CIDR in sixteenths.
+
+    public: load balancers and NAT gateways; app: Fargate tasks; data: the database. Sixteenths leave seven
+    unused blocks for later tiers (a /16 gives /20 subnets, a /20 gives /24).
+    """
+
+    public: tuple[str, ...]
+    app: tuple[str, ...]
+    data: tuple[str, ...]
+
+
+def subnet_plan(vpc_cidr: str) -> SubnetPlan:
+    net = ipaddress.IPv4Network(vpc_cidr)
+    blocks = [str(b) for b in net.subnets(prefixlen_diff=4)]
+    return SubnetPlan(
+        public=tuple(blocks[0:AZ_COUNT]),
+        app=tuple(blocks[4 : 4 + AZ_COUNT]),
+        data=tuple(blocks[8 : 8 + AZ_COUNT]),
+    )
+
+
+def alarm_description(summary: str, runbook: str) -> str:
+    """Every alarm's description ends with its runbook, in one format the tests and the policy pack read."""
+    assert runbook in RUNBOOKS, runbook
+    return f"{summary} Runbook: {runbook}"

@@ -1,0 +1,51 @@
+"""The whole deployment: `deploy(topology, config)` wires one cell per region, the peering mesh between
+them and the global entry in front. Adding a region is adding a file to `regions/`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+
+from txroute_infra.components.cell import RegionalCell, region_provider
+from txroute_infra.components.global_entry import CertificateDns, GlobalEntry, global_provider
+from txroute_infra.components.interconnect import PeeringMesh
+from txroute_infra.config import InfraConfig
+from txroute_infra.topology import Topology
+
+
+@dataclass(frozen=True)
+class Deployment:
+    cells: dict[str, RegionalCell]
+    mesh: PeeringMesh
+    entry: GlobalEntry
+
+
+def deploy(topology: Topology, config: InfraConfig) -> Deployment:
+    assert topology.regions, "the loader refuses an empty regions/"
+    cells: dict[str, RegionalCell] = {}
+    for region in topology.regions:
+        peers = [r for r in topology.regions if r.name != region.name]
+        cells[region.name] = RegionalCell(region, peers=peers, config=config,
+                                          provider=region_provider(region.name, config.environment))
+    shared = global_provider(config.environment)
+    validation_fqdns: list[pulumi.Input[str]] = []
+    first = cells[topology.regions[0].name]
+    if config.hosted_zone_id:
+        validation_fqdns = CertificateDns(first.compute.certificate, hosted_zone_id=config.hosted_zone_id,
+                                          provider=shared).fqdns
+    region_urls = pulumi.Output.all(**{name: cell.compute.internal_url for name, cell in cells.items()})
+    for cell in cells.values():
+        cell.add_router(region_urls=region_urls, validation_record_fqdns=validation_fqdns)
+    mesh = PeeringMesh(list(cells.values()), environment=config.environment)
+    entry = GlobalEntry(list(cells.values()), environment=config.environment, api_domain=config.api_domain,
+                        hosted_zone_id=config.hosted_zone_id, provider=shared)
+
+    pulumi.export("accelerator_dns_name", entry.accelerator.dns_name)
+    pulumi.export("accelerator_ips", entry.accelerator.ip_sets)
+    pulumi.export("ecr_repositories", {n: c.compute.repository.repository_url for n, c in cells.items()})
+    pulumi.export("alarm_topics", {n: c.observability.topic.arn for n, c in cells.items()})
+    if not config.hosted_zone_id:
+        # DNS lives elsewhere: these are the records to create there for the certificates to be issued.
+        pulumi.export("certificate_validation_records", first.compute.certificate.domain_validation_options)
+    return Deployment(cells=cells, mesh=mesh, entry=entry)
