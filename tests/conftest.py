@@ -19,7 +19,7 @@ from app.local.postgres import Cluster, ensure_pg_user, find_pg_bin
 from app.local.processes import REGION_FACTORY, ServiceProcess, asgi_command, free_port
 from app.topology.loader import load_topology
 from app.topology.model import Topology
-from tests.keys import TestKeys, region_env, test_keys
+from tests.keys import SessionKeys, region_env, session_keys
 
 TEST_PG_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 
@@ -30,9 +30,9 @@ def topology() -> Topology:
 
 
 @pytest.fixture(scope="session")
-def keys() -> TestKeys:
+def keys() -> SessionKeys:
     """The session's client-issuer and internal key pairs (made once; tokens are minted from them)."""
-    return test_keys()
+    return session_keys()
 
 
 @pytest.fixture(scope="session")

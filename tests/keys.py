@@ -17,7 +17,7 @@ CLIENT_KID = "test-issuer"
 
 
 @dataclass(frozen=True)
-class TestKeys:
+class SessionKeys:
     client_private: ed25519.Ed25519PrivateKey
     internal_private: ed25519.Ed25519PrivateKey
     minter: InternalTokenMinter
@@ -44,11 +44,11 @@ class TestKeys:
 
 
 @functools.cache
-def test_keys() -> TestKeys:
+def session_keys() -> SessionKeys:
     internal = ed25519.Ed25519PrivateKey.generate()
-    return TestKeys(ed25519.Ed25519PrivateKey.generate(), internal, InternalTokenMinter(internal))
+    return SessionKeys(ed25519.Ed25519PrivateKey.generate(), internal, InternalTokenMinter(internal))
 
 
 def region_env() -> dict[str, str]:
     """What a regional service process needs to accept the test session's internal tokens."""
-    return {"TXROUTE_INTERNAL_PUBLIC_KEY": test_keys().internal_public_pem}
+    return {"TXROUTE_INTERNAL_PUBLIC_KEY": session_keys().internal_public_pem}

@@ -32,6 +32,7 @@ def asgi_command(factory: str, port: int, *, host: str = "127.0.0.1") -> list[st
 
 
 REGION_FACTORY = "app.region.app:app_from_env"
+ROUTER_FACTORY = "app.router.app:app_from_env"
 
 
 @dataclass

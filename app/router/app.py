@@ -246,7 +246,8 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
         except UpstreamError:
             regions[region] = False
     # Ready even when a region is down: this router still answers for the others, and 503 fast for it.
-    return json_response(request, 200, {"status": "ready", "regions": regions})
+    version = request.app.state.shardmap.current.version
+    return json_response(request, 200, {"status": "ready", "regions": regions, "shardmap_version": version})
 
 
 def _document(bodies: dict[str, type[Any]]) -> bytes:
@@ -314,7 +315,10 @@ def create_app(settings: RouterSettings) -> Router:
         exception_handlers=dict(EXCEPTION_HANDLERS),  # type: ignore[arg-type]
         openapi_config=None,
         state=_state(
-            upstreams=upstreams, request_bodies=REQUEST_BODIES, openapi_document=_document(REQUEST_BODIES)
+            upstreams=upstreams,
+            shardmap=shardmap,
+            request_bodies=REQUEST_BODIES,
+            openapi_document=_document(REQUEST_BODIES),
         ),
         logging_config=None,
         on_startup=[lambda: configure_logging(service="router", region=settings.region)],

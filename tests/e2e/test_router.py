@@ -1,0 +1,117 @@
+"""End to end through the router: three regions as separate processes, each with its own PostgreSQL."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+
+from app.local.processes import ServiceProcess
+from app.topology.ids import parse_account_id
+from app.topology.model import Topology
+from tests.e2e.conftest import ROUTER_REGION, RouterApi, StartRouter
+from tests.helpers import new_key
+from tests.keys import SessionKeys
+
+
+def home_region(topology: Topology, account_id: str) -> str:
+    return topology.shard_for_slot(parse_account_id(account_id).slot).region
+
+
+async def test_each_regions_accounts_are_opened_and_served_in_that_region(
+    client_api: RouterApi, topology: Topology, region_services: dict[str, ServiceProcess], keys: SessionKeys,
+    http: httpx.AsyncClient,
+) -> None:
+    for region in topology.regions:
+        opened = await client_api.open_account("EUR", region=region.name)
+        assert opened.status_code == 201, f"expected 201 opening in {region.name}, got {opened.text}"
+        account = opened.json()["id"]
+        assert opened.json()["region"] == region.name
+        assert home_region(topology, account) == region.name, f"expected {account} to live in {region.name}"
+        await client_api.funded(account, 500)
+        assert await client_api.balance(account) == 500
+        # The region itself holds it: read straight from its service with an internal token.
+        direct = await http.get(
+            f"{region_services[region.name].url}/v1/accounts/{account}",
+            headers={"authorization": "Bearer " + keys.internal_token(client_api.client_id)},
+        )
+        assert direct.status_code == 200 and direct.json()["balance"] == 500, direct.text
+    default = await client_api.open_account("EUR")
+    assert default.status_code == 201 and default.json()["region"] == ROUTER_REGION, default.text
+
+
+async def test_transfer_through_the_router_moves_money_once(client_api: RouterApi, topology: Topology) -> None:
+    debit = await client_api.new_account()
+    credit = None
+    for _ in range(40):  # placement hashes the key: open until one shares the debit account's shard
+        candidate = await client_api.new_account()
+        if topology.shard_for_slot(parse_account_id(candidate).slot) == topology.shard_for_slot(
+            parse_account_id(debit).slot
+        ):
+            credit = candidate
+            break
+    assert credit is not None, "expected a second account in the same shard within 40 opens"
+    await client_api.funded(debit, 1_000)
+    key = new_key()
+    first = await client_api.transfer(debit, credit, 300, key=key)
+    again = await client_api.transfer(debit, credit, 300, key=key)
+    assert first.status_code == 201, first.text
+    assert again.status_code == 201 and again.headers.get("idempotent-replayed") == "true", again.text
+    assert again.json()["id"] == first.json()["id"]
+    assert (await client_api.balance(debit), await client_api.balance(credit)) == (700, 300)
+    fetched = await client_api.get(f"/v1/transfers/{first.json()['id']}")
+    assert fetched.status_code == 200 and fetched.json()["amount"] == 300, fetched.text
+
+
+def stale_regions_dir(tmp_path: Path, topology: Topology, a: str, b: str) -> Path:
+    """A copy of regions/ in which shards `a` and `b` (in different regions) have swapped slot ranges."""
+    target = tmp_path / "regions-stale"
+    shutil.copytree(Path(topology.regions[0].source).parent, target)
+    shard_a, shard_b = topology.shard(a), topology.shard(b)
+    for shard, other in ((shard_a, shard_b), (shard_b, shard_a)):
+        path = target / f"{shard.region}.toml"
+        old = "slots = [" + ", ".join(f'"{r}"' for r in shard.slots) + "]"
+        new = "slots = [" + ", ".join(f'"{r}"' for r in other.slots) + "]"
+        text = path.read_text()
+        assert old in text, f"expected {old} in {path}"
+        path.write_text(text.replace(old, new))
+    return target
+
+
+async def test_a_stale_router_is_corrected_by_421_and_writes_exactly_once(
+    client_api: RouterApi, topology: Topology, tmp_path: Path, start_router: StartRouter, keys: SessionKeys,
+) -> None:
+    account = None
+    for _ in range(40):
+        candidate = await client_api.new_account()
+        if topology.shard_for_slot(parse_account_id(candidate).slot).name == "euw1-a":
+            account = candidate
+            break
+    assert account is not None, "expected an account in shard euw1-a within 40 opens"
+    stale = start_router("router-stale", regions_dir=stale_regions_dir(tmp_path, topology, "euw1-a", "use1-a"))
+    async with httpx.AsyncClient(base_url=stale.url, timeout=30) as http:
+        stale_api = RouterApi(http, client_api.client_id, client_api.token)
+        before = (await http.get("/readyz")).json()["shardmap_version"]
+        key = new_key()
+        first = await stale_api.deposit(account, 250, key=key)  # sent to us-east-1 first: 421, refresh, retry
+        assert first.status_code == 201, f"expected the stale router to land the deposit, got {first.text}"
+        after = (await http.get("/readyz")).json()["shardmap_version"]
+        assert after == before + 1, f"expected one shard map refresh, versions {before} -> {after}"
+        replay = await stale_api.deposit(account, 250, key=key)
+        assert replay.status_code == 201 and replay.headers.get("idempotent-replayed") == "true", replay.text
+        assert await stale_api.balance(account) == 250, "expected the deposit exactly once"
+        entries = await stale_api.all_entries(account)
+        assert len(entries) == 1, f"expected one entry, got {entries}"
+
+
+async def test_the_router_serves_the_regions_openapi_surface_plus_health(
+    router: ServiceProcess, region_services: dict[str, ServiceProcess], http: httpx.AsyncClient
+) -> None:
+    ours = (await http.get(router.url + "/openapi.json")).json()
+    theirs = (await http.get(region_services[ROUTER_REGION].url + "/openapi.json")).json()
+    public = {p for p in theirs["paths"] if p.startswith("/v1/")}
+    assert public and public <= set(ours["paths"]), f"expected every public path of the region, got {ours['paths']}"
+    assert {"/healthz", "/readyz"} <= set(ours["paths"])
+    assert (await http.get(router.url + "/healthz")).status_code == 200
+    assert (await http.get(router.url + "/readyz")).json()["status"] == "ready"
