@@ -36,6 +36,13 @@ class RegionSettings:
     # PEM of the public key that verifies the router's internal hop tokens (DESIGN D8). Without it every
     # public API call is refused with 401; `from_env` requires it.
     internal_public_key: str | None = field(default=None, repr=False)
+    # Saga relay (DESIGN D6): the other regions' service URLs, and the internal key that signs this region's
+    # calls to them. Without them, transfers to shards of other regions wait in the outbox.
+    region_urls: dict[str, str] = field(default_factory=dict)
+    internal_private_key: str | None = field(default=None, repr=False)
+    # Simulated WAN round-trip time added to every call to another region (local stack only; 0 = off).
+    wan_latency_ms: int = 0
+    faults: FaultSettings = field(default_factory=lambda: FaultSettings())
 
     def server_dsn(self) -> str:
         url = self.database_url.rstrip("/")
@@ -60,7 +67,51 @@ class RegionSettings:
             db_pool_size_max=pool,
             provision_on_start=e.get("TXROUTE_PROVISION_ON_START", "1") != "0",
             internal_public_key=_required(e, "TXROUTE_INTERNAL_PUBLIC_KEY"),
+            region_urls=_json_object(e, "TXROUTE_REGION_URLS") if e.get("TXROUTE_REGION_URLS") else {},
+            internal_private_key=e.get("TXROUTE_INTERNAL_PRIVATE_KEY") or None,
+            wan_latency_ms=_wan_latency_ms(e),
+            faults=FaultSettings.from_env(e),
         )
+
+
+@dataclass(frozen=True)
+class FaultSettings:
+    """Fault injection for the fault tests (TXROUTE_FAULT_*); every one is off unless set."""
+
+    # The fast path does not push saga messages: only the relay delivers them.
+    skip_fast_path: bool = False
+    # The relay does not run: messages stay in the outbox (as if the process died after its commit).
+    relay_paused: bool = False
+    # Per delivery attempt: probability (0..1) that the request is lost, that the answer is lost, that it is
+    # sent twice; and whether each claimed batch is delivered in random order.
+    drop_request: float = 0.0
+    drop_answer: float = 0.0
+    duplicate: float = 0.0
+    reorder: bool = False
+
+    @classmethod
+    def from_env(cls, e: os._Environ[str] | dict[str, str]) -> FaultSettings:
+        def probability(name: str) -> float:
+            value = float(e.get(name, "0"))
+            if not 0.0 <= value <= 1.0:
+                raise SettingsError(f"{name} must be a probability in [0, 1]")
+            return value
+
+        return cls(
+            skip_fast_path=e.get("TXROUTE_FAULT_SKIP_FAST_PATH") == "1",
+            relay_paused=e.get("TXROUTE_FAULT_RELAY_PAUSED") == "1",
+            drop_request=probability("TXROUTE_FAULT_DROP_REQUEST"),
+            drop_answer=probability("TXROUTE_FAULT_DROP_ANSWER"),
+            duplicate=probability("TXROUTE_FAULT_DUPLICATE"),
+            reorder=e.get("TXROUTE_FAULT_REORDER") == "1",
+        )
+
+
+def _wan_latency_ms(e: os._Environ[str] | dict[str, str]) -> int:
+    value = int(e.get("TXROUTE_WAN_LATENCY_MS", "0"))
+    if not 0 <= value <= limits.WAN_LATENCY_MS_MAX:
+        raise SettingsError(f"TXROUTE_WAN_LATENCY_MS must be in 0..{limits.WAN_LATENCY_MS_MAX}")
+    return value
 
 
 @dataclass(frozen=True)

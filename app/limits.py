@@ -69,3 +69,18 @@ READYZ_PROBE_TIMEOUT_S = 0.5
 # A request the router forwards is retried at most this often, and only when safe (see app.router.forwarding).
 UPSTREAM_RETRIES_MAX = 1
 QUERY_STRING_BYTES_MAX = 1_024
+
+# Sagas (DESIGN D6). The fast path waits this long for the credit side before answering 202.
+SAGA_FAST_PATH_WAIT_MS = 1_000
+# The relay leaves a fresh message to the fast path for this long after the commit (wait plus a margin).
+SAGA_RELAY_FIRST_DELAY_MS = 1_500
+SAGA_RELAY_BATCH_MAX = 32
+# A claimed message is not claimed again for this long (another replica, or a crashed delivery).
+SAGA_RELAY_LEASE_MS = 10_000
+SAGA_RELAY_IDLE_POLL_MS = 100
+SAGA_RELAY_BACKOFF_BASE_MS = 100
+SAGA_RELAY_BACKOFF_MAX_MS = 10_000
+# One delivery's HTTP call to the destination region.
+SAGA_DELIVERY_TIMEOUT_S = 5.0
+# Simulated WAN (local stack only).
+WAN_LATENCY_MS_MAX = 2_000

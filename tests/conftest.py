@@ -6,6 +6,7 @@ throwaway). Region services run as real granian processes on loopback, exactly a
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -84,12 +85,20 @@ def region_process(region: str, cluster: Cluster, log_dir: Path, **env: str) -> 
     )
 
 
+def link_regions(services: dict[str, ServiceProcess]) -> None:
+    """Tell every region where the others are (saga messages go region to region)."""
+    urls = json.dumps({region: service.url for region, service in services.items()})
+    for service in services.values():
+        service.env["TXROUTE_REGION_URLS"] = urls
+
+
 @pytest.fixture(scope="session")
 def region_services(
     pg_clusters: dict[str, Cluster], work_dir: Path, topology: Topology
 ) -> Iterator[dict[str, ServiceProcess]]:
     """Every region's service, running as its own process against its own cluster."""
     services = {r.name: region_process(r.name, pg_clusters[r.name], work_dir / "logs") for r in topology.regions}
+    link_regions(services)
     try:
         for service in services.values():
             service.start()

@@ -50,5 +50,10 @@ def session_keys() -> SessionKeys:
 
 
 def region_env() -> dict[str, str]:
-    """What a regional service process needs to accept the test session's internal tokens."""
-    return {"TXROUTE_INTERNAL_PUBLIC_KEY": session_keys().internal_public_pem}
+    """What a regional service process needs to accept the test session's internal tokens, and to sign its
+    own saga calls to other regions."""
+    keys = session_keys()
+    return {
+        "TXROUTE_INTERNAL_PUBLIC_KEY": keys.internal_public_pem,
+        "TXROUTE_INTERNAL_PRIVATE_KEY": keys.internal_private_pem,
+    }

@@ -95,3 +95,18 @@ class ProblemDetails(msgspec.Struct, kw_only=True):
     detail: str
     code: str
     request_id: str
+
+
+class SagaMessage(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A saga's message from the debit shard to the credit shard (internal API, DESIGN D6)."""
+
+    transfer_id: TransferId
+    client: str
+    debit_account: AccountId
+    credit_account: AccountId
+    credit_slot: Annotated[int, msgspec.Meta(ge=0, le=4095)]
+    amount: AmountMinor
+    currency: Currency  # type: ignore[valid-type]
+    reference: Reference | None = None
+    source_shard: str
+    destination_shard: str

@@ -53,7 +53,7 @@ def outcome_response(
     """The ledger's outcome as HTTP: the stored body on success, problem+json otherwise."""
     headers = {REPLAYED_HEADER: "true"} if outcome.replayed else {}
     if outcome.status < 400:
-        if location and outcome.status == 201:
+        if location and outcome.status in (201, 202):
             headers["location"] = location.format(**outcome.body)
         return json_response(request, outcome.status, outcome.body, headers)
     body = dict(outcome.body)

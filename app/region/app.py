@@ -3,25 +3,31 @@ asyncpg pool per shard of the region (after provisioning it, when configured) an
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from litestar import Litestar, Request, Response, get
+import msgspec
+from litestar import Litestar, Request, Response, get, post
 
 from app import limits
+from app.api.decoding import decode_body
 from app.api.http import EXCEPTION_HANDLERS, json_response, problem_response
 from app.api.openapi import OPENAPI_CONFIG, openapi_document
+from app.api.schemas import SagaMessage
 from app.config import RegionSettings
 from app.errors import Problem
-from app.region.api import PUBLIC_ROUTES, REQUEST_BODIES
+from app.region.api import PUBLIC_ROUTES, REQUEST_BODIES, outcome_response
 from app.region.identity import require_internal
+from app.region.saga import Saga
 from app.region.service import RegionLedger
-from app.security.keys import load_public_key
-from app.security.tokens import InternalTokenVerifier
+from app.router.forwarding import Upstreams
+from app.security.keys import load_private_key, load_public_key
+from app.security.tokens import InternalTokenMinter, InternalTokenVerifier
 from app.store.provision import provision_shard, shard_dsn
-from app.store.shard import QueueFull, ShardStore, ShardUnavailable, open_pool
+from app.store.shard import Outcome, QueueFull, ShardStore, ShardUnavailable, open_pool
 from app.telemetry import configure_logging
 from app.topology.loader import load_topology
 
@@ -40,6 +46,8 @@ def create_app(settings: RegionSettings) -> Litestar:
     @contextlib.asynccontextmanager
     async def lifespan(application: Litestar) -> AsyncIterator[None]:
         stores: dict[str, ShardStore] = {}
+        peers: Upstreams | None = None
+        relay: asyncio.Task[None] | None = None
         try:
             for shard in region.shards:
                 if settings.provision_on_start:
@@ -47,15 +55,31 @@ def create_app(settings: RegionSettings) -> Litestar:
                 pool = await open_pool(shard_dsn(settings.server_dsn(), shard), size_max=settings.db_pool_size_max)
                 workers = min(limits.POSTING_WORKERS, settings.db_pool_size_max)
                 stores[shard.name] = ShardStore(shard.name, pool, workers=workers)
-            application.state.ledger = RegionLedger(region=region.name, topology=topology, stores=stores)
+            peers = Upstreams(
+                {r: url for r, url in settings.region_urls.items() if r != region.name},
+                read_timeout_s=limits.SAGA_DELIVERY_TIMEOUT_S,
+            )
+            await peers.open()
+            minter = None
+            if settings.internal_private_key:
+                key = load_private_key(settings.internal_private_key, what="TXROUTE_INTERNAL_PRIVATE_KEY")
+                minter = InternalTokenMinter(key)
+            saga = Saga(region.name, stores, peers, minter, settings.wan_latency_ms, settings.faults)
+            application.state.ledger = RegionLedger(region=region.name, topology=topology, stores=stores, saga=saga)
+            relay = asyncio.create_task(saga.relay_forever(), name="saga-relay")
             log.info("region_started", extra={"region": region.name, "shards": len(stores)})
             yield
         finally:
+            if relay is not None:
+                relay.cancel()
+                await asyncio.gather(relay, return_exceptions=True)
+            if peers is not None:
+                await peers.close()
             for store in stores.values():
                 await store.close()
 
     return Litestar(
-        route_handlers=[*PUBLIC_ROUTES, healthz, readyz, shardmap, openapi_document],
+        route_handlers=[*PUBLIC_ROUTES, healthz, readyz, shardmap, saga_apply, openapi_document],
         lifespan=[lifespan],
         exception_handlers={
             **EXCEPTION_HANDLERS,
@@ -114,6 +138,18 @@ async def shardmap(request: Request[Any, Any, Any]) -> Response[bytes]:
         for name, store in ledger.stores.items()
     ]
     return json_response(request, 200, {"region": ledger.region, "shards": shards})
+
+
+@post("/internal/saga/apply", summary="Apply a saga message to its credit shard, once (DESIGN D6)", status_code=200)
+async def saga_apply(request: Request[Any, Any, Any]) -> Response[bytes]:
+    require_internal(request)
+    message = decode_body(await request.body(), request.headers.get("content-type", ""), SagaMessage)
+    ledger: RegionLedger = request.app.state.ledger
+    store = ledger.store_for_slot(message.credit_slot)
+    result = await store.saga_apply(msgspec.structs.asdict(message))
+    if result.get("status") == 421:
+        return outcome_response(request, Outcome(421, result["body"]))
+    return json_response(request, 200, result)
 
 
 def app_from_env() -> Litestar:

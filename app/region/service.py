@@ -10,9 +10,18 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+from app import limits
 from app.api.schemas import FundsRequest, OpenAccountRequest, TransferRequest
 from app.errors import Problem
-from app.ledger.postings import Posting, PostingKind, fingerprint, settlement_account_id
+from app.ledger.postings import (
+    Posting,
+    PostingKind,
+    SagaLeg,
+    fingerprint,
+    settlement_account_id,
+    transit_account_id,
+)
+from app.region.saga import Saga
 from app.store.shard import Outcome, ShardStore
 from app.topology.ids import ParsedId, new_account_id, new_transfer_id, parse_account_id
 from app.topology.model import Shard, Topology
@@ -23,6 +32,7 @@ class RegionLedger:
     region: str
     topology: Topology
     stores: dict[str, ShardStore]
+    saga: Saga | None = None
 
     def __post_init__(self) -> None:
         self.shards = self.topology.region(self.region).shards
@@ -102,12 +112,18 @@ class RegionLedger:
         if debit.text == credit.text:
             raise Problem("same_account", "debit_account and credit_account must differ")
         store = self.store_for_slot(debit.slot)
-        if self.topology.shard_for_slot(credit.slot).name != store.name:
-            raise Problem(
-                "cross_shard_not_supported",
-                "both accounts of a transfer must be in the same shard for now",
+        credit_shard = self.topology.shard_for_slot(credit.slot)
+        saga = None
+        if credit_shard.name != store.name:
+            # A saga (DESIGN D6): the credit side is booked by its own shard, once this side has committed.
+            saga = SagaLeg(
+                transit=transit_account_id(store.name, credit_shard.name, str(request.currency)),
+                credit_shard=credit_shard.name,
+                credit_region=credit_shard.region,
+                credit_slot=credit.slot,
+                relay_delay_ms=limits.SAGA_RELAY_FIRST_DELAY_MS,
             )
-        return await store.post(
+        outcome = await store.post(
             Posting(
                 kind=PostingKind.TRANSFER,
                 id=new_transfer_id(debit.slot),
@@ -120,8 +136,12 @@ class RegionLedger:
                 amount=request.amount,
                 currency=str(request.currency),
                 reference=request.reference,
+                saga=saga,
             )
         )
+        if outcome.message is not None and self.saga is not None:
+            return await self.saga.fast_path(store, outcome, outcome.message)
+        return outcome
 
 
 def misdirected(slot: int, owner: Shard) -> Problem:

@@ -50,10 +50,17 @@ class Outcome:
     status: int
     body: dict[str, Any]
     replayed: bool = False
+    # A saga message just committed to the outbox, for the fast path to deliver (never part of a response).
+    message: dict[str, Any] | None = None
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Outcome:
-        return cls(status=int(doc["status"]), body=doc["body"], replayed=bool(doc.get("replayed", False)))
+        return cls(
+            status=int(doc["status"]),
+            body=doc["body"],
+            replayed=bool(doc.get("replayed", False)),
+            message=doc.get("message"),
+        )
 
 
 _encode = msgspec.json.encode
@@ -118,6 +125,38 @@ class ShardStore:
         doc = await self._call("select txr_open_account($1::jsonb)", request)
         return Outcome.from_json(doc)
 
+    # Saga (DESIGN D6) -------------------------------------------------------------------------------
+
+    async def saga_apply(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Apply a saga message addressed to this shard, once; a duplicate reads the first outcome."""
+        return dict(await self._call("select txr_saga_apply($1::jsonb)", message))
+
+    async def saga_settle(self, transfer_id: str, outcome: str, reason: str | None) -> dict[str, Any]:
+        """Post or return a pending transfer on the destination's answer; returns the transfer's body."""
+        async with self._connection() as conn:
+            body = await conn.fetchval("select txr_saga_settle($1, $2, $3)", transfer_id, outcome, reason)
+        return dict(body)
+
+    async def outbox_claim(self, *, limit: int, lease_ms: int) -> list[asyncpg.Record]:
+        return await self._fetch("select * from txr_outbox_claim($1, $2)", limit, lease_ms)
+
+    async def outbox_reschedule(self, transfer_id: str, *, delay_ms: int, error: str) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                """update outbox set next_attempt_at = clock_timestamp() + make_interval(secs => $2 / 1000.0),
+                          last_error = $3
+                   where transfer_id = $1 and delivered_at is null""",
+                transfer_id, delay_ms, error[:200],
+            )
+
+    async def outbox_backlog(self) -> dict[str, Any]:
+        row = await self._fetchrow(
+            """select count(*) as pending,
+                      coalesce(extract(epoch from clock_timestamp() - min(created_at)), 0)::float as oldest_s
+               from outbox where delivered_at is null"""
+        )
+        return dict(row)
+
     async def _work(self) -> None:
         while True:
             batch = [await self._queue.get()]
@@ -175,7 +214,13 @@ class ShardStore:
     async def get_transfer(self, transfer_id: str, client: str, slot: int) -> Outcome:
         row = await self._fetchrow(
             """select txr_owns($3) as owned,
-                      (select txr_transfer_body(t) from transfers t where t.id = $1 and t.client = $2) as body""",
+                      (select txr_transfer_body(t) || jsonb_build_object('history', coalesce(
+                                  (select jsonb_agg(jsonb_build_object('state', e.state, 'reason', e.reason,
+                                                                       'at', txr_ts(e.at)) order by e.seq)
+                                   from transfer_events e where e.transfer_id = t.id),
+                                  jsonb_build_array(jsonb_build_object('state', t.state, 'reason', t.reason,
+                                                                       'at', txr_ts(t.created_at)))))
+                       from transfers t where t.id = $1 and t.client = $2) as body""",
             transfer_id, client, slot,
         )
         return self._read_outcome(row, slot, "transfer_not_found", f"transfer {transfer_id} was not found")
