@@ -84,9 +84,9 @@ class Compute(RegionalComponent):
 
         # Secrets the services read; their values are put by an operator (infra/README.md), never by code.
         self.region_secret = self._secret("region-secret", f"txroute/{environment}/region-service",
-                                          "internal token verification key of the region service")
+                                          "internal_public_key: verifies the router's internal tokens")
         self.router_secret = self._secret("router-secret", f"txroute/{environment}/router",
-                                          "client token keys and internal token signing key of the router")
+                                          "client_public_keys (JSON kid -> PEM), internal_private_key (PEM)")
 
         # Regional service behind the internal load balancer.
         self.internal_lb = lb.LoadBalancer(
@@ -101,7 +101,7 @@ class Compute(RegionalComponent):
             tags=self._tags, opts=self.child())
         region_secrets = {
             "TXROUTE_DATABASE_PASSWORD": pulumi.Output.concat(database_secret_arn, ":password::"),
-            "TXROUTE_INTERNAL_TOKEN_KEY": pulumi.Output.concat(self.region_secret, ":internal_token_key::"),
+            "TXROUTE_INTERNAL_PUBLIC_KEY": pulumi.Output.concat(self.region_secret, ":internal_public_key::"),
         }
         self.region_service = self._service(
             "region-service", layout.REGION_FACTORY, region.capacity.region_service_tasks, region_sg,
@@ -141,8 +141,9 @@ class Compute(RegionalComponent):
             env={"TXROUTE_REGION": self.spec.name,
                  "TXROUTE_REGION_URLS": pulumi.Output.json_dumps(region_urls)},
             secrets={
-                "TXROUTE_CLIENT_TOKEN_KEYS": pulumi.Output.concat(self.router_secret, ":client_token_keys::"),
-                "TXROUTE_INTERNAL_TOKEN_KEY": pulumi.Output.concat(self.router_secret, ":internal_token_key::"),
+                "TXROUTE_CLIENT_PUBLIC_KEYS": pulumi.Output.concat(self.router_secret, ":client_public_keys::"),
+                "TXROUTE_INTERNAL_PRIVATE_KEY": pulumi.Output.concat(
+                    self.router_secret, ":internal_private_key::"),
             },
             readable_secret_arns=[self.router_secret])
 

@@ -1,0 +1,53 @@
+"""The typed stack config: bounds refused with the key named, stack files and README in step with it."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tests.infra.conftest import REPO
+
+VALID = {"environment": "prod", "api_domain": "api.txroute.example", "image_tag": "abc123"}
+
+
+def test_defaults_are_the_production_safe_values() -> None:
+    from txroute_infra.config import InfraConfig
+
+    c = InfraConfig(**VALID)
+    assert c.backup_retention_days >= 7 and c.log_retention_days == 365 and c.nat_gateway_per_az
+
+
+@pytest.mark.parametrize(("field", "value", "key"), [
+    ("backup_retention_days", 3, "backupRetentionDays"),
+    ("log_retention_days", 42, "logRetentionDays"),
+    ("api_domain", "Not a domain", "apiDomain"),
+    ("image_tag", "", "imageTag"),
+    ("db_engine_version", "9.6", "dbEngineVersion"),
+    ("error_ratio_max", 1.5, "errorRatioMax"),
+    ("hosted_zone_id", "zone", "hostedZoneId"),
+])
+def test_out_of_bounds_values_are_refused_naming_the_key(field: str, value: object, key: str) -> None:
+    from txroute_infra.config import ConfigError, InfraConfig
+
+    with pytest.raises(ConfigError, match=f"txroute:{key}"):
+        InfraConfig(**{**VALID, field: value})
+
+
+@pytest.mark.parametrize("stack", ["staging", "prod"])
+def test_stack_files_use_only_known_keys_and_valid_values(stack: str) -> None:
+    from txroute_infra.config import CONFIG_KEYS, InfraConfig
+
+    config = yaml.safe_load((REPO / "infra" / f"Pulumi.{stack}.yaml").read_text())["config"]
+    keys = {k.split(":", 1)[1] for k in config}
+    assert keys <= set(CONFIG_KEYS), keys - set(CONFIG_KEYS)
+    InfraConfig(environment=stack, api_domain=config["txroute:apiDomain"], image_tag=config["txroute:imageTag"],
+                log_retention_days=int(config["txroute:logRetentionDays"]),
+                backup_retention_days=int(config["txroute:backupRetentionDays"]))
+
+
+def test_readme_documents_every_config_key() -> None:
+    from txroute_infra.config import CONFIG_KEYS
+
+    readme = (REPO / "infra" / "README.md").read_text()
+    missing = [k for k in CONFIG_KEYS if f"`txroute:{k}`" not in readme]
+    assert missing == []

@@ -1,0 +1,250 @@
+"""The Pulumi program under mocks: what `regions/` yields, and the safety rules each resource obeys."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from tests.infra.conftest import REPO, Recorded, Run
+
+GLOBAL_PREFIX = "global-"
+PER_REGION = {  # type -> how many each region gets (one cluster hosts every shard database of a region)
+    "aws:ec2/vpc:Vpc": 1,
+    "aws:ec2/subnet:Subnet": 9,
+    "aws:ec2/natGateway:NatGateway": 3,
+    "aws:kms/key:Key": 1,
+    "aws:rds/cluster:Cluster": 1,
+    "aws:ecr/repository:Repository": 1,
+    "aws:ecs/cluster:Cluster": 1,
+    "aws:ecs/service:Service": 2,
+    "aws:lb/loadBalancer:LoadBalancer": 2,
+    "aws:sns/topic:Topic": 1,
+    "aws:cloudwatch/metricAlarm:MetricAlarm": 11,
+    "aws:acm/certificate:Certificate": 1,
+}
+
+
+def _regions(run: Run) -> list[str]:
+    return sorted(r.inputs["region"] for r in run.of_type("pulumi:providers:aws")
+                  if not r.name.startswith(GLOBAL_PREFIX))
+
+
+def _by_region(run: Run, type_: str) -> Counter[str]:
+    return Counter(run.region_of(r) or "?" for r in run.of_type(type_))
+
+
+def _world(rule: dict[str, Any]) -> bool:
+    return "0.0.0.0/0" in (rule.get("cidrBlocks") or []) or "::/0" in (rule.get("ipv6CidrBlocks") or [])
+
+
+@pytest.mark.parametrize("fixture", ["program_run", "program_run_4"])
+def test_each_region_file_yields_one_full_cell(fixture: str, request: pytest.FixtureRequest) -> None:
+    run: Run = request.getfixturevalue(fixture)
+    from txroute_infra.topology import load_topology
+
+    expected = sorted(r.name for r in load_topology(
+        None if fixture == "program_run" else request.getfixturevalue("four_regions_dir")).regions)
+    assert _regions(run) == expected
+    for type_, per_region in PER_REGION.items():
+        counts = _by_region(run, type_)
+        assert counts == dict.fromkeys(expected, per_region), f"{type_}: want {per_region} per region, got {counts}"
+
+
+def test_a_fourth_region_file_adds_a_cell_an_endpoint_group_and_peerings(program_run: Run,
+                                                                         program_run_4: Run) -> None:
+    assert len(_regions(program_run)) == 3 and len(_regions(program_run_4)) == 4
+    groups = program_run_4.of_type("aws:globalaccelerator/endpointGroup:EndpointGroup")
+    assert sorted(g.inputs["endpointGroupRegion"] for g in groups) == _regions(program_run_4)
+    # A full mesh: n(n-1)/2 connections, each accepted on the other side.
+    assert len(program_run.of_type("aws:ec2/vpcPeeringConnection:VpcPeeringConnection")) == 3
+    assert len(program_run_4.of_type("aws:ec2/vpcPeeringConnection:VpcPeeringConnection")) == 6
+    assert len(program_run_4.of_type(
+        "aws:ec2/vpcPeeringConnectionAccepter:VpcPeeringConnectionAccepter")) == 6
+    assert len(program_run_4.of_type("aws:globalaccelerator/accelerator:Accelerator")) == 1
+
+
+def test_endpoint_groups_health_check_readyz_and_point_at_their_regions_router(program_run: Run) -> None:
+    public_lbs = {program_run.region_of(r): f"arn:aws:mock:{r.name}"
+                  for r in program_run.of_type("aws:lb/loadBalancer:LoadBalancer") if r.inputs["internal"] is False}
+    for group in program_run.of_type("aws:globalaccelerator/endpointGroup:EndpointGroup"):
+        i = group.inputs
+        assert (i["healthCheckPath"], i["healthCheckProtocol"], i["healthCheckPort"]) == ("/readyz", "HTTPS", 443)
+        assert i["healthCheckIntervalSeconds"] in (10, 30) and 1 <= i["thresholdCount"] <= 10
+        assert [e["endpointId"] for e in i["endpointConfigurations"]] == [public_lbs[i["endpointGroupRegion"]]]
+
+
+def test_every_aws_resource_uses_its_own_regions_provider(program_run_4: Run) -> None:
+    regions = _regions(program_run_4)
+    for r in program_run_4.resources:
+        if not r.custom or r.type.startswith("pulumi:providers:"):
+            continue
+        if r.name.startswith(GLOBAL_PREFIX):
+            assert program_run_4.region_of(r) == "us-west-2", f"{r.name}: global resources use us-west-2"
+            continue
+        owner = next((reg for reg in regions if r.name.startswith(reg + "-")), None)
+        assert owner is not None, f"{r.type} {r.name}: regional resource names start with their region"
+        assert program_run_4.region_of(r) == owner, f"{r.name}: provider {r.provider!r}, want {owner}'s"
+
+
+def test_every_database_is_encrypted_with_its_own_regions_key_private_and_protected(program_run_4: Run) -> None:
+    keys = {program_run_4.region_of(k): f"arn:aws:mock:{k.name}" for k in program_run_4.of_type("aws:kms/key:Key")}
+    assert len(set(keys.values())) == len(keys) == 4, "one key per region"
+    for db in program_run_4.of_type("aws:rds/cluster:Cluster"):
+        i, region = db.inputs, program_run_4.region_of(db)
+        assert i["storageEncrypted"] is True and i["kmsKeyId"] == keys[region], f"{db.name} key"
+        assert i["masterUserSecretKmsKeyId"] == keys[region] and i["performanceInsightsKmsKeyId"] == keys[region]
+        assert i["publiclyAccessible"] is False
+        assert i["deletionProtection"] is True and i["skipFinalSnapshot"] is False and i["finalSnapshotIdentifier"]
+        assert i["backupRetentionPeriod"] >= 7
+        assert i["manageMasterUserPassword"] is True and "masterPassword" not in i
+        assert i["performanceInsightsEnabled"] is True
+        assert i["engine"] == "postgres" and i["dbClusterInstanceClass"], "a Multi-AZ DB cluster"
+    for group in program_run_4.of_type("aws:rds/clusterParameterGroup:ClusterParameterGroup"):
+        params = {p["name"]: p["value"] for p in group.inputs["parameters"]}
+        assert params["rds.force_ssl"] == "1"
+
+
+def test_database_accepts_postgres_only_from_region_service_tasks(program_run: Run) -> None:
+    for sg in program_run.of_type("aws:ec2/securityGroup:SecurityGroup"):
+        if not sg.name.endswith("-db-sg"):
+            continue
+        region = program_run.region_of(sg)
+        assert sg.inputs.get("egress", []) == []
+        (rule,) = sg.inputs["ingress"]
+        assert (rule["fromPort"], rule["toPort"]) == (5432, 5432)
+        assert rule["securityGroups"] == [f"{region}-region-sg_id"] and not rule.get("cidrBlocks")
+
+
+def test_only_the_public_load_balancer_is_open_to_the_world_and_only_on_443(program_run_4: Run) -> None:
+    open_groups = set()
+    for sg in program_run_4.of_type("aws:ec2/securityGroup:SecurityGroup"):
+        for rule in sg.inputs.get("ingress", []):
+            if _world(rule):
+                assert (rule["protocol"], rule["fromPort"], rule["toPort"]) == ("tcp", 443, 443), sg.name
+                open_groups.add(f"{sg.name}_id")
+    assert open_groups == {f"{r}-public-lb-sg_id" for r in _regions(program_run_4)}
+    for lb in program_run_4.of_type("aws:lb/loadBalancer:LoadBalancer"):
+        uses_open = bool(set(lb.inputs["securityGroups"]) & open_groups)
+        assert uses_open == (lb.inputs["internal"] is False), lb.name
+    for rule_type in ("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule",
+                      "aws:ec2/securityGroupRule:SecurityGroupRule"):
+        assert program_run_4.of_type(rule_type) == [], "rules are inline so each group reads as a whole"
+
+
+def test_public_load_balancers_speak_https_only_with_a_certificate(program_run: Run) -> None:
+    listeners = program_run.of_type("aws:lb/listener:Listener")
+    public = {f"arn:aws:mock:{lb.name}" for lb in program_run.of_type("aws:lb/loadBalancer:LoadBalancer")
+              if lb.inputs["internal"] is False}
+    public_listeners = [li for li in listeners if li.inputs["loadBalancerArn"] in public]
+    assert len(public_listeners) == 3
+    for li in public_listeners:
+        assert (li.inputs["protocol"], li.inputs["port"]) == ("HTTPS", 443)
+        assert li.inputs["certificateArn"].startswith("arn:aws:mock:") and li.inputs["sslPolicy"].startswith(
+            "ELBSecurityPolicy-TLS13")
+
+
+def test_subnets_come_from_the_region_cidr_across_three_zones(program_run: Run) -> None:
+    from txroute_infra.topology import load_topology
+
+    cidrs = {r.name: ipaddress.IPv4Network(r.vpc_cidr) for r in load_topology().regions}
+    for region, net in cidrs.items():
+        subnets = [s for s in program_run.of_type("aws:ec2/subnet:Subnet") if program_run.region_of(s) == region]
+        assert all(ipaddress.IPv4Network(s.inputs["cidrBlock"]).subnet_of(net) for s in subnets)
+        for tier in ("public", "app", "data"):
+            zones = {s.inputs["availabilityZone"] for s in subnets if s.inputs["tags"]["tier"] == tier}
+            assert zones == {"za", "zb", "zc"}, f"{region} {tier}: {zones}"
+        assert not any(s.inputs["mapPublicIpOnLaunch"] for s in subnets)
+
+
+def test_services_run_private_with_readyz_health_checks_and_their_regions_image(program_run: Run) -> None:
+    import json
+
+    for svc in program_run.of_type("aws:ecs/service:Service"):
+        net = svc.inputs["networkConfiguration"]
+        assert net["assignPublicIp"] is False and svc.inputs["deploymentCircuitBreaker"]["rollback"] is True
+    for tg in program_run.of_type("aws:lb/targetGroup:TargetGroup"):
+        hc = tg.inputs["healthCheck"]
+        assert hc["path"] == "/readyz" and hc["interval"] == 10 and hc["timeout"] == 5
+    for td in program_run.of_type("aws:ecs/taskDefinition:TaskDefinition"):
+        region = program_run.region_of(td)
+        (container,) = json.loads(td.inputs["containerDefinitions"])
+        assert container["image"] == "123456789012.dkr.ecr.mock/txroute-test:abc123"
+        assert "/readyz" in " ".join(container["healthCheck"]["command"])
+        assert container["logConfiguration"]["options"]["awslogs-region"] == region
+        assert not any("PASSWORD" in e["name"] or "KEY" in e["name"] for e in container["environment"]), \
+            "secrets come from Secrets Manager, never plain environment"
+
+
+def test_task_roles_read_only_their_own_secrets(program_run: Run) -> None:
+    import json
+
+    policies = {p.name: json.loads(p.inputs["policy"]) for p in program_run.of_type("aws:iam/rolePolicy:RolePolicy")}
+    for region in _regions(program_run):
+        db_secret = f"arn:aws:secretsmanager:mock:secret:rds!{region}-db"
+        region_stmt = policies[f"{region}-region-service-task-secrets"]["Statement"][0]
+        router_stmt = policies[f"{region}-router-task-secrets"]["Statement"][0]
+        assert sorted(region_stmt["Resource"]) == sorted([db_secret, f"arn:aws:mock:{region}-region-secret"])
+        assert router_stmt["Resource"] == [f"arn:aws:mock:{region}-router-secret"]
+        assert region_stmt["Action"] == router_stmt["Action"] == "secretsmanager:GetSecretValue"
+
+
+def test_every_alarm_names_a_runbook_that_exists_and_notifies_its_regions_topic(program_run_4: Run) -> None:
+    topics = {program_run_4.region_of(t): f"arn:aws:mock:{t.name}" for t in program_run_4.of_type("aws:sns/topic:Topic")}
+    seen_runbooks = set()
+    for alarm in program_run_4.of_type("aws:cloudwatch/metricAlarm:MetricAlarm"):
+        match = re.search(r"Runbook: (runbooks/[a-z0-9-]+\.md)$", alarm.inputs["alarmDescription"])
+        assert match, f"{alarm.name}: description must end with its runbook"
+        assert (REPO / match.group(1)).is_file(), f"{alarm.name}: {match.group(1)} does not exist"
+        seen_runbooks.add(match.group(1))
+        assert alarm.inputs["alarmActions"] == [topics[program_run_4.region_of(alarm)]]
+        assert alarm.inputs["evaluationPeriods"] >= alarm.inputs["datapointsToAlarm"] >= 1
+    assert len(seen_runbooks) == 5
+    kinds = {a.name.split("-", 3)[-1] for a in program_run_4.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")}
+    for needed in ("5xx-ratio", "p99-latency", "db-cpu", "db-free-storage", "db-connections",
+                   "db-replica-lag", "saga-outbox-age"):
+        assert any(k.endswith(needed) for k in kinds), f"no {needed} alarm in {kinds}"
+
+
+def test_logs_expire_and_are_encrypted(program_run: Run) -> None:
+    groups = program_run.of_type("aws:cloudwatch/logGroup:LogGroup")
+    assert len(groups) == 9
+    for g in groups:
+        assert g.inputs["retentionInDays"] == 365 and g.inputs["kmsKeyId"].startswith("arn:aws:mock:")
+
+
+def test_no_output_or_input_carries_a_password(program_run: Run) -> None:
+    for r in program_run.resources:
+        assert "masterPassword" not in r.inputs and "password" not in {k.lower() for k in r.inputs}, r.name
+
+
+def test_without_a_hosted_zone_no_dns_records_are_made(run_with: Any) -> None:
+    run = run_with(None, hosted_zone_id="", alarm_email="", nat_gateway_per_az=False)
+    assert run.of_type("aws:route53/record:Record") == []
+    assert run.of_type("aws:sns/topicSubscription:TopicSubscription") == []
+    assert Counter(run.region_of(n) for n in run.of_type("aws:ec2/natGateway:NatGateway")) == dict.fromkeys(
+        _regions(run), 1)
+
+
+def test_program_resources_satisfy_every_resource_policy(program_run_4: Run) -> None:
+    from types import SimpleNamespace
+
+    import txroute_policies as policies
+
+    violations: list[str] = []
+    names = {f"{r.name}_id": r.name for r in program_run_4.of_type("pulumi:providers:aws")}
+    for r in program_run_4.resources:
+        provider = SimpleNamespace(name=names.get(r.provider.rsplit("::", 1)[-1], "")) if r.provider else None
+        args = SimpleNamespace(resource_type=r.type, props=r.inputs, name=r.name, provider=provider)
+        for rule, (_, validate) in policies.RESOURCE_RULES.items():
+            if not r.custom or r.type.startswith("pulumi:"):
+                continue
+            validate(args, lambda message, *_, rule=rule, r=r: violations.append(f"{rule}: {r.name}: {message}"))
+    assert violations == []
+
+
+def _resource(run: Run, name: str) -> Recorded:
+    return run.named(name)
