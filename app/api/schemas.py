@@ -17,7 +17,7 @@ from app.topology.ids import ACCOUNT_ID_PATTERN, TRANSFER_ID_PATTERN
 
 Currency = enum.StrEnum("Currency", {code: code for code in sorted(CURRENCIES)})  # type: ignore[misc]
 
-AccountId = Annotated[str, msgspec.Meta(pattern=ACCOUNT_ID_PATTERN, examples=["acc_2a901JDQ2ZJ4M7Q0VKDA9X6QH3N5"])]
+AccountId = Annotated[str, msgspec.Meta(pattern=ACCOUNT_ID_PATTERN, examples=["acc_2a901JDQ2ZJ4M7Q0VKDA9X6QH3N5A"])]
 TransferId = Annotated[str, msgspec.Meta(pattern=TRANSFER_ID_PATTERN)]
 AmountMinor = Annotated[
     int,

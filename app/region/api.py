@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import Any
 
 from litestar import Request, Response, get, post
@@ -38,6 +39,9 @@ REQUEST_BODIES: dict[str, type[Any]] = {
 _PROBLEM = ResponseSpec(
     data_container=ProblemDetails, description="problem+json", media_type="application/problem+json"
 )
+# An entry id in a cursor: ASCII digits only (str.isdigit also accepts '²', which int() refuses) and at most
+# 18 of them, so it always fits the bigint it is compared with.
+_CURSOR_ENTRY_ID = re.compile(r"^e([0-9]{1,18})$")
 _ERRORS = {status: _PROBLEM for status in (400, 401, 404, 409, 413, 415, 421, 422, 503)}
 
 
@@ -149,7 +153,7 @@ def _path_id(parse: Any, text: str, code: str) -> Any:
 def _page_size(text: str | None) -> int:
     if text is None:
         return limits.ENTRIES_PAGE_SIZE_DEFAULT
-    if not text.isdigit() or not 1 <= int(text) <= limits.ENTRIES_PAGE_SIZE_MAX:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= limits.ENTRIES_PAGE_SIZE_MAX:
         raise Problem("invalid_request", f"limit must be an integer in 1..{limits.ENTRIES_PAGE_SIZE_MAX}")
     return int(text)
 
@@ -165,9 +169,10 @@ def _decode_cursor(text: str | None) -> int | None:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raw = ""
-    if not (raw.startswith("e") and raw[1:].isdigit() and len(raw) <= 20):
+    m = _CURSOR_ENTRY_ID.match(raw)
+    if m is None:
         raise Problem("invalid_cursor", "use the next_cursor of a previous page as it was given")
-    return int(raw[1:])
+    return int(m.group(1))
 
 
 PUBLIC_ROUTES = [open_account, deposit, withdraw, transfer, get_account, list_entries, get_transfer]
