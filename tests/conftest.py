@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,19 +46,28 @@ def work_dir() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def pg_clusters(work_dir: Path, topology: Topology) -> Iterator[dict[str, Cluster]]:
-    """One started cluster per region of `regions/`."""
-    bin_dir, run_as = find_pg_bin(), ensure_pg_user()
-    template = Cluster(work_dir / "template", free_port(), run_as, bin_dir)
+def pg_template(work_dir: Path) -> Cluster:
+    """An initialised, stopped cluster that every test cluster is copied from (initdb once per session)."""
+    template = Cluster(work_dir / "template", free_port(), ensure_pg_user(), find_pg_bin())
     template.init(fsync=False)
+    return template
+
+
+def copy_cluster(template: Cluster, folder: Path) -> Cluster:
+    cluster = Cluster(folder, free_port(), template.run_as, template.bin_dir)
+    cluster.folder.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cp", "-a", str(template.folder), str(cluster.folder)], check=True, timeout=60)
+    cluster.start(settings=TEST_PG_SETTINGS)
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def pg_clusters(work_dir: Path, topology: Topology, pg_template: Cluster) -> Iterator[dict[str, Cluster]]:
+    """One started cluster per region of `regions/`."""
     clusters: dict[str, Cluster] = {}
     try:
         for region in topology.regions:
-            cluster = Cluster(work_dir / "pg" / region.name, free_port(), run_as, bin_dir)
-            cluster.folder.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["cp", "-a", str(template.folder), str(cluster.folder)], check=True, timeout=60)
-            cluster.start(settings=TEST_PG_SETTINGS)
-            clusters[region.name] = cluster
+            clusters[region.name] = copy_cluster(pg_template, work_dir / "pg" / region.name)
         yield clusters
     finally:
         for cluster in clusters.values():
@@ -111,3 +121,23 @@ def region_services(
         if os.environ.get("TXROUTE_TEST_SHOW_LOGS"):
             for service in services.values():
                 print(service.log_file.read_text())
+
+
+@pytest.fixture
+def make_world(work_dir: Path, topology: Topology, pg_template: Cluster) -> Iterator[Any]:
+    """A factory of isolated worlds (clusters and region services of their own) for tests that kill things."""
+    from tests.world import World
+
+    worlds: list[World] = []
+
+    def make(env: dict[str, dict[str, str]] | None = None) -> World:
+        world = World.build(work_dir / f"world-{len(worlds)}-{os.getpid()}-{id(worlds)}", topology, pg_template,
+                            env or {})
+        worlds.append(world)
+        return world
+
+    try:
+        yield make
+    finally:
+        for world in worlds:
+            world.close()
