@@ -47,8 +47,30 @@ def _parser() -> argparse.ArgumentParser:
     _stack_options(status)
     status.set_defaults(run=_status)
 
+    token = sub.add_parser("token", help="print a client token signed by the local stack's dev issuer key")
+    token.add_argument("--client", required=True, help="the client id (the token's sub)")
+    token.add_argument(
+        "--scope", action="append", default=None,
+        help="a scope to grant (repeatable; default: all of accounts:read accounts:write transfers:write funds:write)",
+    )
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    token.add_argument("--state-dir", type=Path, default=None, help="where the stack's keys live (.state/)")
+    token.set_defaults(run=_token)
+
+    audit = sub.add_parser("audit", help="reconcile every shard; exits 1 on any violation")
+    audit.add_argument("--json", action="store_true", help="machine-readable output")
+    audit.add_argument(
+        "--dsn", action="append", default=[], metavar="SHARD=DSN",
+        help="audit these shard databases instead of the local stack's (repeat per shard)",
+    )
+    _stack_options(audit)
+    audit.set_defaults(run=_audit)
+
     bench = sub.add_parser("bench", help="benchmarks that print figures beside a baseline")
-    bench.add_argument("name", choices=["ledger"], help="ledger: transfers/s and latency vs pgbench tpcb-like")
+    bench.add_argument(
+        "name", choices=["ledger", "router"],
+        help="ledger: transfers/s and latency vs pgbench tpcb-like; router: transfers via the router vs direct",
+    )
     bench.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
     bench.add_argument("--seconds", type=float, default=10.0, help="duration of each measurement (default 10)")
     bench.add_argument("--accounts", type=int, default=100, help="accounts the transfers move between")
@@ -61,6 +83,8 @@ def _stack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regions-dir", type=Path, default=None, help="the topology folder (regions/)")
     p.add_argument("--region-port-base", type=int, default=local_stack.REGION_PORT_BASE_DEFAULT)
     p.add_argument("--pg-port-base", type=int, default=local_stack.PG_PORT_BASE_DEFAULT)
+    p.add_argument("--router-port", type=int, default=local_stack.ROUTER_PORT_DEFAULT)
+    p.add_argument("--router-region", default=None, help="the region the local router runs in (default: the first)")
 
 
 def _stack(args: argparse.Namespace) -> local_stack.Stack:
@@ -68,6 +92,8 @@ def _stack(args: argparse.Namespace) -> local_stack.Stack:
         regions_dir=args.regions_dir,
         region_port_base=args.region_port_base,
         pg_port_base=args.pg_port_base,
+        router_port=args.router_port,
+        router_region=args.router_region,
     )
     if args.state_dir is not None:
         config.state = args.state_dir
@@ -120,7 +146,48 @@ def _print_status(stack: local_stack.Stack) -> None:
                 print(f"  shard {shard['shard']:<10} db={shard['database']:<16} slots={','.join(shard['slots'])}")
 
 
+def _token(args: argparse.Namespace) -> int:
+    from app.security.keys import DevKeys, load_private_key
+    from app.security.scopes import PUBLIC_SCOPES
+    from app.security.tokens import CLIENT_ID, mint_client_token
+
+    if not CLIENT_ID.match(args.client):
+        raise local_stack.StackError("--client must be 1..64 of letters, digits, '.', '_' or '-'")
+    keys = DevKeys((args.state_dir or local_stack.state_dir()) / "keys")
+    if not keys.client_private.exists():
+        raise local_stack.StackError(f"no dev keys in {keys.folder}: run `txroute up` first")
+    scopes = set(args.scope or PUBLIC_SCOPES)
+    unknown = scopes - PUBLIC_SCOPES
+    if unknown:
+        raise local_stack.StackError(f"unknown scope(s) {sorted(unknown)}; known: {sorted(PUBLIC_SCOPES)}")
+    if not 1 <= args.ttl <= 30 * 24 * 3600:
+        raise local_stack.StackError("--ttl must be in 1..2592000 seconds")
+    key = load_private_key(str(keys.client_private), what="dev client key")
+    kid = local_stack.DEV_CLIENT_KID
+    token = mint_client_token(key, client=args.client, scopes=scopes, lifetime_s=args.ttl, kid=kid)
+    print(token)
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from app.ops.audit import as_json, audit
+
+    if args.dsn:
+        dsns = dict(item.split("=", 1) for item in args.dsn)
+    else:
+        dsns = local_stack.shard_dsns(_stack(args))
+    report = asyncio.run(audit(dsns))
+    print(json.dumps(as_json(report), indent=2) if args.json else report.text())
+    return 0 if report.clean else 1
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.name == "router":
+        from benchmarks import router
+
+        return router.run(clients=args.clients, seconds=args.seconds, accounts=args.accounts)
     from benchmarks import ledger
 
     return ledger.run(clients=args.clients, seconds=args.seconds, accounts=args.accounts)

@@ -17,11 +17,15 @@ from typing import Any
 
 from app.config import REPO_ROOT
 from app.local.postgres import Cluster, clusters_root, ensure_pg_user, find_pg_bin
-from app.local.processes import REGION_FACTORY, ServiceProcess, asgi_command, http_ok
+from app.local.processes import REGION_FACTORY, ROUTER_FACTORY, ServiceProcess, asgi_command, http_ok
+from app.security.keys import DevKeys, ensure_dev_keys
 from app.topology.loader import load_topology
 from app.topology.model import Topology
 
 REGION_PORT_BASE_DEFAULT = 8101
+ROUTER_PORT_DEFAULT = 8100
+ROUTER_NAME = "router"
+DEV_CLIENT_KID = "dev"
 PG_PORT_BASE_DEFAULT = 15431
 
 
@@ -39,6 +43,9 @@ class StackConfig:
     regions_dir: Path | None = None
     region_port_base: int = REGION_PORT_BASE_DEFAULT
     pg_port_base: int = PG_PORT_BASE_DEFAULT
+    router_port: int = ROUTER_PORT_DEFAULT
+    # The region the local router says it runs in (accounts opened without a region land there).
+    router_region: str | None = None
 
 
 @dataclass
@@ -52,6 +59,11 @@ class Stack:
     def record_file(self) -> Path:
         return self.config.state / "stack.json"
 
+    @property
+    def keys(self) -> DevKeys:
+        """Dev signing keys (made by `up`): the dev client issuer's and the internal hop tokens'."""
+        return DevKeys(self.config.state / "keys")
+
 
 def plan(config: StackConfig) -> Stack:
     """What the stack is made of; pure apart from finding the PostgreSQL binaries and user."""
@@ -61,12 +73,14 @@ def plan(config: StackConfig) -> Stack:
     root = clusters_root(config.state, run_as)
     clusters: dict[str, Cluster] = {}
     services: list[ServiceProcess] = []
+    keys = DevKeys(config.state / "keys")
     for i, region in enumerate(topology.regions):
         cluster = Cluster(root / region.name, config.pg_port_base + i, run_as, bin_dir)
         clusters[region.name] = cluster
         env = {
             "TXROUTE_REGION": region.name,
             "TXROUTE_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{cluster.port}",
+            "TXROUTE_INTERNAL_PUBLIC_KEY": str(keys.internal_public),
         }
         if config.regions_dir is not None:
             env["TXROUTE_REGIONS_DIR"] = str(config.regions_dir)
@@ -80,7 +94,29 @@ def plan(config: StackConfig) -> Stack:
                 log_file=config.state / "logs" / f"region-{region.name}.log",
             )
         )
+    services.append(_router(config, topology, services, keys))
     return Stack(config, topology, clusters, services)
+
+
+def _router(config: StackConfig, topology: Topology, regions: list[ServiceProcess], keys: DevKeys) -> ServiceProcess:
+    """The local router in front of every region; clients authenticate with `txroute token`."""
+    region = config.router_region or topology.regions[0].name
+    topology.region(region)  # an unknown region fails here, not in the router's log
+    env = {
+        "TXROUTE_REGION": region,
+        "TXROUTE_REGION_URLS": json.dumps({s.env["TXROUTE_REGION"]: s.url for s in regions}),
+        "TXROUTE_CLIENT_PUBLIC_KEYS": json.dumps({DEV_CLIENT_KID: str(keys.client_public)}),
+        "TXROUTE_INTERNAL_PRIVATE_KEY": str(keys.internal_private),
+    }
+    if config.regions_dir is not None:
+        env["TXROUTE_REGIONS_DIR"] = str(config.regions_dir)
+    return ServiceProcess(
+        name=ROUTER_NAME,
+        argv=asgi_command(ROUTER_FACTORY, config.router_port),
+        env=env,
+        port=config.router_port,
+        log_file=config.state / "logs" / "router.log",
+    )
 
 
 def running_record(stack: Stack) -> dict[str, Any] | None:
@@ -98,12 +134,13 @@ def up(stack: Stack) -> None:
     if running_record(stack) is not None:
         raise StackError(f"the local stack is already running (see `txroute status`; {stack.record_file})")
     stack.config.state.mkdir(parents=True, exist_ok=True)
+    ensure_dev_keys(stack.keys.folder)
     for cluster in stack.clusters.values():
         cluster.init()
         cluster.start()
     for service in stack.services:
         # The password stays out of stack.json and of argv: it goes to the child's environment only.
-        region = service.env["TXROUTE_REGION"] if "TXROUTE_REGION" in service.env else None
+        region = service.env["TXROUTE_REGION"] if service.name != ROUTER_NAME else None
         if region is not None:
             service.env["TXROUTE_DATABASE_PASSWORD"] = stack.clusters[region].password()
         service.start()
@@ -152,7 +189,7 @@ def status(stack: Stack) -> list[dict[str, Any]]:
     pids = {s["name"]: int(s["pid"]) for s in record["services"]}
     rows = []
     for service in stack.services:
-        region = service.env.get("TXROUTE_REGION")
+        region = service.env.get("TXROUTE_REGION") if service.name != ROUTER_NAME else None
         pid = pids.get(service.name)
         row: dict[str, Any] = {
             "name": service.name,
@@ -170,6 +207,15 @@ def status(stack: Stack) -> list[dict[str, Any]]:
             ]
         rows.append(row)
     return rows
+
+
+def shard_dsns(stack: Stack) -> dict[str, str]:
+    """Every shard's database DSN in the local stack (for `txroute audit`)."""
+    return {
+        shard.name: stack.clusters[region.name].dsn(shard.database)
+        for region in stack.topology.regions
+        for shard in region.shards
+    }
 
 
 def _write_record(stack: Stack) -> None:
