@@ -2,7 +2,6 @@
 The rules themselves live in `txroute_policies.py`, where the tests call them directly."""
 
 from pulumi_policy import EnforcementLevel, PolicyPack, ResourceValidationPolicy, StackValidationPolicy
-
 from txroute_policies import RESOURCE_RULES, STACK_RULES
 
 PolicyPack(

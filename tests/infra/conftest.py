@@ -54,6 +54,7 @@ class Run:
 
     resources: list[Recorded] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
+    urns: list[str] = field(default_factory=list)
 
     def of_type(self, type_: str) -> list[Recorded]:
         return [r for r in self.resources if r.type == type_]
@@ -124,7 +125,18 @@ def run_program(regions_dir: Path | None, **config_overrides: Any) -> Run:
                         "userId": "t", "id": "123456789012"}, []
             raise AssertionError(f"unexpected invoke {args.token}")
 
-    pulumi.runtime.set_mocks(Mocks(), project="txroute", stack="test", preview=False)
+    class EngineUrns(pulumi.runtime.mocks.MockMonitor):
+        """URNs as the engine makes them: the full chain of parent types (the stock mock keeps only the
+        nearest parent's), without the root stack's type."""
+
+        def make_urn(self, parent: str, type_: str, name: str) -> str:
+            if parent and "::pulumi:pulumi:Stack::" not in parent:
+                type_ = parent.split("::")[2] + "$" + type_
+            return "urn:pulumi:" + "::".join([pulumi.get_stack(), pulumi.get_project(), type_, name])
+
+    mocks = Mocks()
+    monitor = EngineUrns(mocks)
+    pulumi.runtime.set_mocks(mocks, project="txroute", stack="test", preview=False, monitor=monitor)
     from txroute_infra.config import InfraConfig
     from txroute_infra.program import deploy
     from txroute_infra.topology import load_topology
@@ -140,6 +152,7 @@ def run_program(regions_dir: Path | None, **config_overrides: Any) -> Run:
         deploy(topology, InfraConfig(**settings))
 
     program()
+    run.urns = list(monitor.resources)
     return run
 
 

@@ -193,7 +193,8 @@ def test_task_roles_read_only_their_own_secrets(program_run: Run) -> None:
 
 
 def test_every_alarm_names_a_runbook_that_exists_and_notifies_its_regions_topic(program_run_4: Run) -> None:
-    topics = {program_run_4.region_of(t): f"arn:aws:mock:{t.name}" for t in program_run_4.of_type("aws:sns/topic:Topic")}
+    topics = {program_run_4.region_of(t): f"arn:aws:mock:{t.name}"
+              for t in program_run_4.of_type("aws:sns/topic:Topic")}
     seen_runbooks = set()
     for alarm in program_run_4.of_type("aws:cloudwatch/metricAlarm:MetricAlarm"):
         match = re.search(r"Runbook: (runbooks/[a-z0-9-]+\.md)$", alarm.inputs["alarmDescription"])
