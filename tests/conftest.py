@@ -23,7 +23,9 @@ from app.topology.loader import load_topology
 from app.topology.model import Topology
 from tests.keys import SessionKeys, region_env, session_keys
 
-TEST_PG_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+# fsync off: the machine does not crash during a test, only processes do. synchronous_commit stays on, so an
+# acknowledged commit is in the WAL when PostgreSQL itself is killed (the fault tests stop it "immediate").
+TEST_PG_SETTINGS = {"fsync": "off", "synchronous_commit": "on", "full_page_writes": "off"}
 
 
 @pytest.fixture(scope="session")
