@@ -128,6 +128,8 @@ class RouterSettings:
     upstream_connections_max: int = limits.UPSTREAM_CONNECTIONS_MAX
     upstream_connect_timeout_s: float = limits.UPSTREAM_CONNECT_TIMEOUT_S
     upstream_read_timeout_s: float = limits.UPSTREAM_READ_TIMEOUT_S
+    # Simulated WAN round-trip time added to every call to another region (local stack only; 0 = off).
+    wan_latency_ms: int = 0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> RouterSettings:
@@ -151,6 +153,7 @@ class RouterSettings:
             upstream_connections_max=connections,
             upstream_connect_timeout_s=connect_s,
             upstream_read_timeout_s=read_s,
+            wan_latency_ms=_wan_latency_ms(e),
         )
 
 

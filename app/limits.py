@@ -66,7 +66,7 @@ REGION_UNAVAILABLE_RETRY_AFTER_S = 2
 SHARDMAP_REFRESH_INTERVAL_S_MIN = 0.5
 SHARDMAP_FETCH_TIMEOUT_S = 2.0
 READYZ_PROBE_TIMEOUT_S = 0.5
-# A request the router forwards is retried at most this often, and only when safe (see app.router.forwarding).
+# A request the router forwards is retried at most this often, and only when safe (see app.api.upstreams).
 UPSTREAM_RETRIES_MAX = 1
 QUERY_STRING_BYTES_MAX = 1_024
 

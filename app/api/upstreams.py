@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from app import limits
+from app.api import wan
 
 
 class UpstreamError(Exception):
@@ -59,8 +60,13 @@ class Upstreams:
         connections_max: int = limits.UPSTREAM_CONNECTIONS_MAX,
         connect_timeout_s: float = limits.UPSTREAM_CONNECT_TIMEOUT_S,
         read_timeout_s: float = limits.UPSTREAM_READ_TIMEOUT_S,
+        local_region: str | None = None,
+        wan_latency_ms: int = 0,
     ) -> None:
         self.urls = {region: url.rstrip("/") for region, url in urls.items()}
+        # Simulated WAN (local stack only, app.api.wan): calls to regions other than ours pay this round trip.
+        self._local_region = local_region
+        self._wan_latency_ms = wan_latency_ms
         self._connections_max = connections_max
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s, sock_read=read_timeout_s
@@ -107,6 +113,8 @@ class Upstreams:
         timeout: aiohttp.ClientTimeout | None = None,  # noqa: ASYNC109 - aiohttp's own per-call timeout
     ) -> Answer:
         session = self._sessions[region]
+        wan_ms = self._wan_latency_ms if region != self._local_region else 0
+        await wan.one_way(wan_ms)
         try:
             async with session.request(
                 method, path_qs, data=body, headers=headers, allow_redirects=False, timeout=timeout
@@ -117,7 +125,8 @@ class Upstreams:
                     for name in _PASSED_BACK
                     if (value := response.headers.get(name)) is not None
                 ]
-                return Answer(response.status, passed, data)
+            await wan.one_way(wan_ms)
+            return Answer(response.status, passed, data)
         except _NEVER_CONNECTED as exc:
             raise NotConnected(region, exc) from None
         except _NO_ANSWER as exc:

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from app import limits
 from app.local import stack as local_stack
 from app.local.postgres import PostgresError
 from app.topology.loader import TopologyError
@@ -34,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start the local stack: one PostgreSQL and one service per region")
     up.add_argument("--detach", action="store_true", help="return once every part is ready")
+    up.add_argument(
+        "--wan-latency", type=_duration_ms, default=0, metavar="RTT",
+        help="SIMULATE a WAN round trip between regions, e.g. 40ms (off by default)",
+    )
     _stack_options(up)
     up.set_defaults(run=_up)
 
@@ -87,6 +92,23 @@ def _stack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-region", default=None, help="the region the local router runs in (default: the first)")
 
 
+def _duration_ms(text: str) -> int:
+    """'40ms', '0.04s' or '40' (milliseconds)."""
+    value = text.strip().lower()
+    try:
+        if value.endswith("ms"):
+            ms = float(value[:-2])
+        elif value.endswith("s"):
+            ms = float(value[:-1]) * 1000
+        else:
+            ms = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 40ms") from None
+    if not 0 <= ms <= limits.WAN_LATENCY_MS_MAX:
+        raise argparse.ArgumentTypeError(f"the WAN latency must be in 0..{limits.WAN_LATENCY_MS_MAX} ms")
+    return int(ms)
+
+
 def _stack(args: argparse.Namespace) -> local_stack.Stack:
     config = local_stack.StackConfig(
         regions_dir=args.regions_dir,
@@ -94,6 +116,7 @@ def _stack(args: argparse.Namespace) -> local_stack.Stack:
         pg_port_base=args.pg_port_base,
         router_port=args.router_port,
         router_region=args.router_region,
+        wan_latency_ms=getattr(args, "wan_latency", 0),
     )
     if args.state_dir is not None:
         config.state = args.state_dir

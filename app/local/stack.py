@@ -23,7 +23,7 @@ from app.topology.loader import load_topology
 from app.topology.model import Topology
 
 REGION_PORT_BASE_DEFAULT = 8101
-ROUTER_PORT_DEFAULT = 8100
+ROUTER_PORT_DEFAULT = 8080
 ROUTER_NAME = "router"
 DEV_CLIENT_KID = "dev"
 PG_PORT_BASE_DEFAULT = 15431
@@ -46,6 +46,8 @@ class StackConfig:
     router_port: int = ROUTER_PORT_DEFAULT
     # The region the local router says it runs in (accounts opened without a region land there).
     router_region: str | None = None
+    # SIMULATED WAN round trip between regions (router to a remote region, region to region); 0 = off.
+    wan_latency_ms: int = 0
 
 
 @dataclass
@@ -94,6 +96,14 @@ def plan(config: StackConfig) -> Stack:
                 log_file=config.state / "logs" / f"region-{region.name}.log",
             )
         )
+    # Regions send saga messages to each other, signed with the internal key.
+    urls = json.dumps({s.env["TXROUTE_REGION"]: s.url for s in services})
+    for service in services:
+        service.env.update(
+            TXROUTE_REGION_URLS=urls,
+            TXROUTE_INTERNAL_PRIVATE_KEY=str(keys.internal_private),
+            TXROUTE_WAN_LATENCY_MS=str(config.wan_latency_ms),
+        )
     services.append(_router(config, topology, services, keys))
     return Stack(config, topology, clusters, services)
 
@@ -107,6 +117,7 @@ def _router(config: StackConfig, topology: Topology, regions: list[ServiceProces
         "TXROUTE_REGION_URLS": json.dumps({s.env["TXROUTE_REGION"]: s.url for s in regions}),
         "TXROUTE_CLIENT_PUBLIC_KEYS": json.dumps({DEV_CLIENT_KID: str(keys.client_public)}),
         "TXROUTE_INTERNAL_PRIVATE_KEY": str(keys.internal_private),
+        "TXROUTE_WAN_LATENCY_MS": str(config.wan_latency_ms),
     }
     if config.regions_dir is not None:
         env["TXROUTE_REGIONS_DIR"] = str(config.regions_dir)

@@ -17,13 +17,13 @@ from app.api.decoding import decode_body
 from app.api.http import EXCEPTION_HANDLERS, json_response, problem_response
 from app.api.openapi import OPENAPI_CONFIG, openapi_document
 from app.api.schemas import SagaMessage
+from app.api.upstreams import Upstreams
 from app.config import RegionSettings
 from app.errors import Problem
 from app.region.api import PUBLIC_ROUTES, REQUEST_BODIES, outcome_response
 from app.region.identity import require_internal
 from app.region.saga import Saga
 from app.region.service import RegionLedger
-from app.router.forwarding import Upstreams
 from app.security.keys import load_private_key, load_public_key
 from app.security.tokens import InternalTokenMinter, InternalTokenVerifier
 from app.store.provision import provision_shard, shard_dsn
@@ -58,13 +58,15 @@ def create_app(settings: RegionSettings) -> Litestar:
             peers = Upstreams(
                 {r: url for r, url in settings.region_urls.items() if r != region.name},
                 read_timeout_s=limits.SAGA_DELIVERY_TIMEOUT_S,
+                local_region=region.name,
+                wan_latency_ms=settings.wan_latency_ms,
             )
             await peers.open()
             minter = None
             if settings.internal_private_key:
                 key = load_private_key(settings.internal_private_key, what="TXROUTE_INTERNAL_PRIVATE_KEY")
                 minter = InternalTokenMinter(key)
-            saga = Saga(region.name, stores, peers, minter, settings.wan_latency_ms, settings.faults)
+            saga = Saga(region.name, stores, peers, minter, settings.faults)
             application.state.ledger = RegionLedger(region=region.name, topology=topology, stores=stores, saga=saga)
             relay = asyncio.create_task(saga.relay_forever(), name="saga-relay")
             log.info("region_started", extra={"region": region.name, "shards": len(stores)})

@@ -21,9 +21,8 @@ from typing import Any
 import msgspec
 
 from app import limits
-from app.api.wan import one_way
+from app.api.upstreams import Answer, UpstreamError, Upstreams
 from app.config import FaultSettings
-from app.router.forwarding import Answer, UpstreamError, Upstreams
 from app.security.scopes import INTERNAL
 from app.security.tokens import InternalTokenMinter
 from app.store.shard import Outcome, ShardStore, ShardUnavailable
@@ -43,7 +42,6 @@ class Saga:
     stores: dict[str, ShardStore]  # this region's shards
     peers: Upstreams | None  # the other regions' services
     minter: InternalTokenMinter | None
-    wan_latency_ms: int = 0
     faults: FaultSettings = field(default_factory=FaultSettings)
 
     # The fast path ----------------------------------------------------------------------------------
@@ -86,11 +84,9 @@ class Saga:
         faults = self.faults
         if faults.drop_request and random.random() < faults.drop_request:
             raise DeliveryFailed("fault injection: request dropped")
-        await one_way(self.wan_latency_ms)
         answer = await self._post(region, token, body)
         if faults.duplicate and random.random() < faults.duplicate:
             answer = await self._post(region, token, body)
-        await one_way(self.wan_latency_ms)
         if faults.drop_answer and random.random() < faults.drop_answer:
             raise DeliveryFailed("fault injection: answer dropped")
         if answer.status != 200:

@@ -28,9 +28,9 @@ from litestar import Litestar, Request, Response, get
 from app import limits
 from app.api.http import EXCEPTION_HANDLERS, json_response
 from app.api.openapi import OPENAPI_CONFIG, build_document, openapi_document
+from app.api.upstreams import Answer, NoAnswer, NotConnected, UpstreamError, Upstreams
 from app.config import RouterSettings
 from app.errors import PROBLEM_CONTENT_TYPE, Problem, problem_body
-from app.router.forwarding import Answer, NoAnswer, NotConnected, UpstreamError, Upstreams
 from app.router.routes import Kind, Route, decode_write, match, read_slot
 from app.router.shardmap import ShardMap, ShardMapCache
 from app.security.keys import load_private_key, load_public_key
@@ -283,6 +283,8 @@ def create_app(settings: RouterSettings) -> Router:
         connections_max=settings.upstream_connections_max,
         connect_timeout_s=settings.upstream_connect_timeout_s,
         read_timeout_s=settings.upstream_read_timeout_s,
+        local_region=settings.region,
+        wan_latency_ms=settings.wan_latency_ms,
     )
     fetch_timeout = aiohttp.ClientTimeout(total=limits.SHARDMAP_FETCH_TIMEOUT_S)
 
