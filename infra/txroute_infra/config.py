@@ -8,7 +8,9 @@ rules (encryption, privacy, deletion protection), which are not configuration at
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 # CloudWatch Logs accepts only these retention periods (days).
 LOG_RETENTION_DAYS_ALLOWED = frozenset(
@@ -87,43 +89,40 @@ class InfraConfig:
 
     @classmethod
     def from_stack(cls) -> InfraConfig:
-        """Reads `txroute:*` of the current stack (only valid inside a Pulumi program)."""
+        """Reads `txroute:*` of the current stack (only valid inside a Pulumi program). A key left out
+        takes the field's default; a key set to an out-of-range value is refused, never replaced."""
         import pulumi
 
         c = pulumi.Config("txroute")
-        d = cls.__dataclass_fields__
-        return cls(
-            environment=pulumi.get_stack(),
-            api_domain=c.require("apiDomain"),
-            image_tag=c.require("imageTag"),
-            hosted_zone_id=c.get("hostedZoneId") or "",
-            alarm_email=c.get("alarmEmail") or "",
-            log_retention_days=c.get_int("logRetentionDays") or d["log_retention_days"].default,
-            backup_retention_days=c.get_int("backupRetentionDays") or d["backup_retention_days"].default,
-            db_engine_version=c.get("dbEngineVersion") or d["db_engine_version"].default,
-            nat_gateway_per_az=_bool_or(c.get_bool("natGatewayPerAz"), d["nat_gateway_per_az"].default),
-            error_ratio_max=c.get_float("errorRatioMax") or d["error_ratio_max"].default,
-            latency_p99_ms_max=c.get_int("latencyP99MsMax") or d["latency_p99_ms_max"].default,
-            db_cpu_percent_max=c.get_int("dbCpuPercentMax") or d["db_cpu_percent_max"].default,
-            db_free_storage_percent_min=c.get_int("dbFreeStoragePercentMin")
-            or d["db_free_storage_percent_min"].default,
-            db_connections_percent_max=c.get_int("dbConnectionsPercentMax")
-            or d["db_connections_percent_max"].default,
-            db_replica_lag_s_max=c.get_int("dbReplicaLagSMax") or d["db_replica_lag_s_max"].default,
-            outbox_age_s_max=c.get_int("outboxAgeSMax") or d["outbox_age_s_max"].default,
-        )
+        readers: dict[str, Callable[[str], Any]] = {
+            "str": c.get, "int": c.get_int, "float": c.get_float, "bool": c.get_bool}
+        optional: dict[str, Any] = {}
+        for field_name, (key, kind) in _OPTIONAL_KEYS.items():
+            value = readers[kind](key)
+            if value is not None:
+                optional[field_name] = value
+        return cls(environment=pulumi.get_stack(), api_domain=c.require("apiDomain"),
+                   image_tag=c.require("imageTag"), **optional)
 
 
-# The `txroute:` keys `from_stack` reads, for the README and for a test that keeps both in step.
-CONFIG_KEYS = (
-    "apiDomain", "imageTag", "hostedZoneId", "alarmEmail", "logRetentionDays", "backupRetentionDays",
-    "dbEngineVersion", "natGatewayPerAz", "errorRatioMax", "latencyP99MsMax", "dbCpuPercentMax",
-    "dbFreeStoragePercentMin", "dbConnectionsPercentMax", "dbReplicaLagSMax", "outboxAgeSMax",
-)
-
-
-def _bool_or(value: bool | None, default: object) -> bool:
-    return bool(default) if value is None else value
+# field -> (`txroute:` key, type) for every optional key `from_stack` reads.
+_OPTIONAL_KEYS: dict[str, tuple[str, str]] = {
+    "hosted_zone_id": ("hostedZoneId", "str"),
+    "alarm_email": ("alarmEmail", "str"),
+    "log_retention_days": ("logRetentionDays", "int"),
+    "backup_retention_days": ("backupRetentionDays", "int"),
+    "db_engine_version": ("dbEngineVersion", "str"),
+    "nat_gateway_per_az": ("natGatewayPerAz", "bool"),
+    "error_ratio_max": ("errorRatioMax", "float"),
+    "latency_p99_ms_max": ("latencyP99MsMax", "int"),
+    "db_cpu_percent_max": ("dbCpuPercentMax", "int"),
+    "db_free_storage_percent_min": ("dbFreeStoragePercentMin", "int"),
+    "db_connections_percent_max": ("dbConnectionsPercentMax", "int"),
+    "db_replica_lag_s_max": ("dbReplicaLagSMax", "int"),
+    "outbox_age_s_max": ("outboxAgeSMax", "int"),
+}
+# Every `txroute:` key, for the README and for a test that keeps both in step.
+CONFIG_KEYS = ("apiDomain", "imageTag", *(key for key, _ in _OPTIONAL_KEYS.values()))
 
 
 def _check(ok: bool, key: str, why: str) -> None:

@@ -51,3 +51,30 @@ def test_readme_documents_every_config_key() -> None:
     readme = (REPO / "infra" / "README.md").read_text()
     missing = [k for k in CONFIG_KEYS if f"`txroute:{k}`" not in readme]
     assert missing == []
+
+
+def test_from_stack_reads_the_stack_config_and_refuses_bad_values() -> None:
+    import pulumi
+    from pulumi.runtime.config import set_all_config
+    from txroute_infra.config import ConfigError, InfraConfig
+
+    class NoResources(pulumi.runtime.Mocks):
+        def new_resource(self, args: object) -> tuple[str, dict[str, object]]:
+            raise AssertionError("reading config creates nothing")
+
+        def call(self, args: object) -> tuple[dict[str, object], list[tuple[str, str]]]:
+            raise AssertionError("reading config invokes nothing")
+
+    pulumi.runtime.set_mocks(NoResources(), project="txroute", stack="staging")
+    base = {"txroute:apiDomain": "api.txroute.example", "txroute:imageTag": "abc",
+            "txroute:natGatewayPerAz": "false", "txroute:latencyP99MsMax": "900"}
+    try:
+        set_all_config(base)
+        c = InfraConfig.from_stack()
+        assert (c.environment, c.nat_gateway_per_az, c.latency_p99_ms_max, c.backup_retention_days) == (
+            "staging", False, 900, 14)
+        set_all_config({**base, "txroute:errorRatioMax": "0"})
+        with pytest.raises(ConfigError, match="txroute:errorRatioMax"):
+            InfraConfig.from_stack()
+    finally:
+        set_all_config({})

@@ -102,5 +102,6 @@ class Database(RegionalComponent):
         )
         self.endpoint = self.cluster.endpoint
         # The secret RDS creates and rotates; only the region service's roles may read it.
-        self.master_secret_arn = self.cluster.master_user_secrets.apply(lambda s: s[0].secret_arn)
+        self.master_secret_arn: pulumi.Output[str] = self.cluster.master_user_secrets.apply(
+            lambda s: str(s[0].secret_arn))
         self.register_outputs({"endpoint": self.endpoint})

@@ -71,8 +71,8 @@ class Network(RegionalComponent):
             rt = ec2.RouteTable(self.name(f"private-rt-{i}"), vpc_id=self.vpc.id, tags=t, opts=self.child())
             ec2.Route(self.name(f"private-default-{i}"), route_table_id=rt.id, destination_cidr_block=WORLD,
                       nat_gateway_id=nats[i % nat_count].id, opts=self.child())
-            for tier, group in (("app", self.app_subnets), ("data", self.data_subnets)):
-                ec2.RouteTableAssociation(self.name(f"{tier}-{i}"), subnet_id=group[i].id,
+            for tier, tier_subnets in (("app", self.app_subnets), ("data", self.data_subnets)):
+                ec2.RouteTableAssociation(self.name(f"{tier}-{i}"), subnet_id=tier_subnets[i].id,
                                           route_table_id=rt.id, opts=self.child())
             self.private_route_tables.append(rt)
 
