@@ -22,8 +22,13 @@ def _keys() -> tuple[ed25519.Ed25519PrivateKey, ed25519.Ed25519PrivateKey, Inter
 
 
 def region_env() -> dict[str, str]:
-    """What a regional service started by a benchmark needs to accept `auth_headers`."""
-    return {"TXROUTE_INTERNAL_PUBLIC_KEY": public_pem(_keys()[1].public_key())}
+    """What a regional service started by a benchmark needs to accept `auth_headers` and to sign its saga
+    calls to the other regions."""
+    internal = _keys()[1]
+    return {
+        "TXROUTE_INTERNAL_PUBLIC_KEY": public_pem(internal.public_key()),
+        "TXROUTE_INTERNAL_PRIVATE_KEY": private_pem(internal),
+    }
 
 
 def router_env() -> dict[str, str]:

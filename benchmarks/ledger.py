@@ -12,72 +12,30 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import subprocess
-import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
-
-from app.local.postgres import Cluster, clusters_root, ensure_pg_user, find_pg_bin
-from app.local.processes import REGION_FACTORY, ServiceProcess, asgi_command, free_port
-from app.local.stack import state_dir
-from app.topology.ids import parse_account_id
-from app.topology.loader import load_topology
-from benchmarks.client import auth_headers, region_env
+from app.local.postgres import Cluster
+from app.local.processes import ServiceProcess
+from benchmarks.client import auth_headers
+from benchmarks.common import (
+    WARM_UP_S,
+    Figures,
+    fresh_cluster,
+    open_accounts,
+    pairs_within,
+    region_service,
+    transfer_workload,
+)
 
 REGION = "eu-west-1"
-BENCH_PG_SETTINGS = {"shared_buffers": "256MB", "max_connections": "200"}
-REQUEST_TIMEOUT_S = 10.0
-
-
-@dataclass
-class Figures:
-    name: str
-    ops: int
-    errors: int
-    seconds: float
-    latencies_ms: list[float]
-
-    @property
-    def per_second(self) -> float:
-        return self.ops / self.seconds
-
-    def percentile(self, q: float) -> float:
-        if not self.latencies_ms:
-            return float("nan")
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-    def line(self) -> str:
-        return (
-            f"{self.name:<28} {self.per_second:>9.0f}/s  p50 {self.percentile(0.50):>6.2f} ms  "
-            f"p99 {self.percentile(0.99):>6.2f} ms  ops {self.ops}  errors {self.errors}"
-        )
 
 
 def run(*, clients: int, seconds: float, accounts: int) -> int:
     assert 1 <= clients <= 256 and 1 <= seconds <= 600 and 2 <= accounts <= 10_000
-    folder = clusters_root(state_dir(), ensure_pg_user()) / "bench-ledger"
-    shutil.rmtree(folder, ignore_errors=True)
-    cluster = Cluster(folder, free_port(), ensure_pg_user(), find_pg_bin())
-    cluster.init()
-    cluster.start(settings=BENCH_PG_SETTINGS)
-    port = free_port()
-    service = ServiceProcess(
-        name="bench-region",
-        argv=asgi_command(REGION_FACTORY, port),
-        env={
-            "TXROUTE_REGION": REGION,
-            "TXROUTE_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{cluster.port}",
-            "TXROUTE_DATABASE_PASSWORD": cluster.password(),
-            **region_env(),
-        },
-        port=port,
-        log_file=folder / "region.log",
-    )
+    cluster = fresh_cluster("bench-ledger")
+    service = region_service(REGION, cluster, cluster.folder / "region.log")
     try:
         service.start()
         service.wait_ready()
@@ -97,62 +55,12 @@ def run(*, clients: int, seconds: float, accounts: int) -> int:
 
 async def _http_workload(url: str, *, clients: int, seconds: float, accounts: int) -> Figures:
     client_id = "bench-" + uuid.uuid4().hex[:8]
-    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    connector = aiohttp.TCPConnector(limit=clients + 4)
-    async with aiohttp.ClientSession(url, timeout=timeout, connector=connector) as http:
-        ids = await _open_accounts_in_one_shard(http, client_id, accounts)
-        for account in ids:
-            await _post(http, client_id, "/v1/deposits", {"account": account, "amount": 10**9, "currency": "EUR"})
-        latencies: list[float] = []
-        counters = {"ok": 0, "errors": 0}
-        deadline = time.monotonic() + seconds
-
-        async def worker(n: int) -> None:
-            i = n
-            while time.monotonic() < deadline:
-                a, b = ids[i % len(ids)], ids[(i * 7 + 3) % len(ids)]
-                i += clients
-                if a == b:
-                    continue
-                started = time.perf_counter()
-                status = await _post(
-                    http, client_id, "/v1/transfers",
-                    {"debit_account": a, "credit_account": b, "amount": 1, "currency": "EUR"},
-                )
-                latencies.append((time.perf_counter() - started) * 1000)
-                counters["ok" if status == 201 else "errors"] += 1
-
-        started = time.monotonic()
-        await asyncio.gather(*(worker(n) for n in range(clients)))
-        elapsed = time.monotonic() - started
-    return Figures("txroute transfers (HTTP)", counters["ok"], counters["errors"], elapsed, latencies)
-
-
-async def _open_accounts_in_one_shard(http: aiohttp.ClientSession, client_id: str, count: int) -> list[str]:
-    topology = load_topology()
-    ids: list[str] = []
-    shard: str | None = None
-    for _ in range(count * 4):
-        async with http.post(
-            "/v1/accounts", json={"currency": "EUR"},
-            headers={**auth_headers(client_id), "idempotency-key": uuid.uuid4().hex},
-        ) as r:
-            assert r.status == 201, await r.text()
-            account = (await r.json())["id"]
-        name = topology.shard_for_slot(parse_account_id(account).slot).name
-        shard = shard or name
-        if name == shard:
-            ids.append(account)
-        if len(ids) == count:
-            return ids
-    raise RuntimeError("could not open enough accounts in one shard")
-
-
-async def _post(http: aiohttp.ClientSession, client_id: str, path: str, body: dict[str, object]) -> int:
-    headers = {**auth_headers(client_id), "idempotency-key": uuid.uuid4().hex}
-    async with http.post(path, json=body, headers=headers) as r:
-        await r.read()
-        return r.status
+    ids = await open_accounts(url, client_id, accounts)
+    headers = auth_headers(client_id)
+    await transfer_workload("warm-up", url, headers, pairs_within(ids), clients=clients, seconds=WARM_UP_S)
+    return await transfer_workload(
+        "txroute transfers (HTTP)", url, headers, pairs_within(ids), clients=clients, seconds=seconds
+    )
 
 
 def _pgbench(cluster: Cluster, *, clients: int, seconds: float) -> Figures:

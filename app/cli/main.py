@@ -73,9 +73,12 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks that print figures beside a baseline")
     bench.add_argument(
-        "name", choices=["ledger", "router"],
-        help="ledger: transfers/s and latency vs pgbench tpcb-like; router: transfers via the router vs direct",
+        "name", choices=["ledger", "router", "saga"],
+        help="ledger: transfers/s and latency vs pgbench tpcb-like; router: transfers via the router vs direct; "
+        "saga: cross-region vs same-shard latency under a simulated RTT, and the relay's drain rate",
     )
+    bench.add_argument("--rtt", type=_duration_ms, default=40, help="saga: simulated RTT between regions (40ms)")
+    bench.add_argument("--backlog", type=int, default=2_000, help="saga: messages in the relay backlog (2000)")
     bench.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
     bench.add_argument("--seconds", type=float, default=10.0, help="duration of each measurement (default 10)")
     bench.add_argument("--accounts", type=int, default=100, help="accounts the transfers move between")
@@ -207,6 +210,11 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.name == "saga":
+        from benchmarks import saga
+
+        return saga.run(clients=args.clients, seconds=args.seconds, accounts=min(args.accounts, 1_000),
+                        rtt_ms=args.rtt, backlog=args.backlog)
     if args.name == "router":
         from benchmarks import router
 

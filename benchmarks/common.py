@@ -1,0 +1,154 @@
+"""What every benchmark shares: a fresh durable cluster, a regional service process, the transfer workload
+(C concurrent clients, each a loop of one request at a time) and the figures it prints."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from app.local.postgres import Cluster, clusters_root, ensure_pg_user, find_pg_bin
+from app.local.processes import REGION_FACTORY, ServiceProcess, asgi_command, free_port
+from app.local.stack import state_dir
+from app.topology.ids import parse_account_id
+from app.topology.loader import load_topology
+from benchmarks.client import auth_headers, region_env
+
+# A durable cluster, as a ledger runs: fsync and synchronous_commit stay on (PostgreSQL's defaults).
+BENCH_PG_SETTINGS = {"shared_buffers": "256MB", "max_connections": "200"}
+REQUEST_TIMEOUT_S = 10.0
+WARM_UP_S = 1.0
+
+
+@dataclass
+class Figures:
+    name: str
+    ops: int
+    errors: int
+    seconds: float
+    latencies_ms: list[float]
+
+    @property
+    def per_second(self) -> float:
+        return self.ops / self.seconds if self.seconds else float("nan")
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies_ms:
+            return float("nan")
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    def line(self) -> str:
+        return (
+            f"{self.name:<30} {self.per_second:>9.0f}/s  p50 {self.percentile(0.50):>7.2f} ms  "
+            f"p99 {self.percentile(0.99):>7.2f} ms  ops {self.ops}  errors {self.errors}"
+        )
+
+
+def fresh_cluster(name: str) -> Cluster:
+    """A new, started, durable cluster under the state folder (any earlier one of that name is deleted)."""
+    run_as = ensure_pg_user()
+    folder = clusters_root(state_dir(), run_as) / name
+    shutil.rmtree(folder, ignore_errors=True)
+    cluster = Cluster(folder, free_port(), run_as, find_pg_bin())
+    cluster.init()
+    cluster.start(settings=BENCH_PG_SETTINGS)
+    return cluster
+
+
+def region_service(region: str, cluster: Cluster, log_file: Path, **env: str) -> ServiceProcess:
+    port = free_port()
+    return ServiceProcess(
+        name=f"bench-{region}",
+        argv=asgi_command(REGION_FACTORY, port),
+        env={
+            "TXROUTE_REGION": region,
+            "TXROUTE_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{cluster.port}",
+            "TXROUTE_DATABASE_PASSWORD": cluster.password(),
+            **region_env(),
+            **env,
+        },
+        port=port,
+        log_file=log_file,
+    )
+
+
+async def post(http: aiohttp.ClientSession, path: str, headers: dict[str, str], body: dict[str, object]) -> int:
+    async with http.post(path, json=body, headers={**headers, "idempotency-key": uuid.uuid4().hex}) as r:
+        await r.read()
+        return r.status
+
+
+async def open_accounts(
+    url: str, client_id: str, count: int, *, shard: str | None = None, funded_minor: int = 10**12
+) -> list[str]:
+    """Open `count` funded accounts in one shard of the region at `url` (`shard`, or the first one hit)."""
+    topology = load_topology()
+    ids: list[str] = []
+    headers = auth_headers(client_id)
+    async with aiohttp.ClientSession(url, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as http:
+        for _ in range(count * 8):
+            async with http.post("/v1/accounts", json={"currency": "EUR"},
+                                 headers={**headers, "idempotency-key": uuid.uuid4().hex}) as r:
+                assert r.status == 201, await r.text()
+                account = (await r.json())["id"]
+            name = topology.shard_for_slot(parse_account_id(account).slot).name
+            shard = shard or name
+            if name == shard:
+                ids.append(account)
+                status = await post(http, "/v1/deposits", headers,
+                                    {"account": account, "amount": funded_minor, "currency": "EUR"})
+                assert status == 201, status
+            if len(ids) == count:
+                return ids
+    raise RuntimeError(f"could not open {count} accounts in one shard")
+
+
+def pairs_within(ids: list[str]) -> Callable[[int], tuple[str, str]]:
+    """Transfers among `ids`, spread so concurrent clients rarely share an account."""
+    def pick(i: int) -> tuple[str, str]:
+        a, b = ids[i % len(ids)], ids[(i * 7 + 3) % len(ids)]
+        return (a, ids[(i + 1) % len(ids)]) if a == b else (a, b)
+    return pick
+
+
+async def transfer_workload(
+    name: str,
+    url: str,
+    headers: dict[str, str],
+    pick: Callable[[int], tuple[str, str]],
+    *,
+    clients: int,
+    seconds: float,
+    ok: Iterable[int] = (201,),
+) -> Figures:
+    """C clients, each sending one transfer of 1 minor unit at a time for `seconds`."""
+    accepted = frozenset(ok)
+    latencies: list[float] = []
+    counters = {"ok": 0, "errors": 0}
+    connector = aiohttp.TCPConnector(limit=clients + 4)
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    async with aiohttp.ClientSession(url, timeout=timeout, connector=connector) as http:
+        deadline = time.monotonic() + seconds
+
+        async def worker(n: int) -> None:
+            i = n
+            while time.monotonic() < deadline:
+                a, b = pick(i)
+                i += clients
+                started = time.perf_counter()
+                status = await post(http, "/v1/transfers", headers,
+                                    {"debit_account": a, "credit_account": b, "amount": 1, "currency": "EUR"})
+                latencies.append((time.perf_counter() - started) * 1000)
+                counters["ok" if status in accepted else "errors"] += 1
+
+        started = time.monotonic()
+        await asyncio.gather(*(worker(n) for n in range(clients)))
+        elapsed = time.monotonic() - started
+    return Figures(name, counters["ok"], counters["errors"], elapsed, latencies)
