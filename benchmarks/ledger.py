@@ -33,24 +33,33 @@ REGION = "eu-west-1"
 
 
 def run(*, clients: int, seconds: float, accounts: int) -> int:
+    print(f"txroute bench ledger: {clients} clients, {seconds:.0f} s each, {accounts} accounts, one shard")
+    ours, pgbench, rss_mib = measure(clients=clients, seconds=seconds, accounts=accounts, with_pgbench=True)
+    assert pgbench is not None
+    print(ours.line() + f"  service RSS {rss_mib:.0f} MiB")
+    print(pgbench.line())
+    print(f"ratio: txroute transfers/s = {ours.per_second / pgbench.per_second:.2f} x pgbench tpcb-like TPS")
+    return 0 if ours.errors == 0 else 1
+
+
+def measure(
+    *, clients: int, seconds: float, accounts: int, with_pgbench: bool
+) -> tuple[Figures, Figures | None, float]:
+    """(txroute's figures, pgbench's on the same cluster or None, the service's RSS in MiB)."""
     assert 1 <= clients <= 256 and 1 <= seconds <= 600 and 2 <= accounts <= 10_000
     cluster = fresh_cluster("bench-ledger")
     service = region_service(REGION, cluster, cluster.folder / "region.log")
     try:
         service.start()
         service.wait_ready()
-        print(f"txroute bench ledger: {clients} clients, {seconds:.0f} s each, {accounts} accounts, one shard")
         print(f"PostgreSQL {cluster.bin_dir}, fsync on, synchronous_commit on, shared_buffers 256MB")
         ours = asyncio.run(_http_workload(service.url, clients=clients, seconds=seconds, accounts=accounts))
         rss_mib = _rss_mib(service)
-        pgbench = _pgbench(cluster, clients=clients, seconds=seconds)
+        pgbench = _pgbench(cluster, clients=clients, seconds=seconds) if with_pgbench else None
     finally:
         service.stop()
         cluster.stop()
-    print(ours.line() + f"  service RSS {rss_mib:.0f} MiB")
-    print(pgbench.line())
-    print(f"ratio: txroute transfers/s = {ours.per_second / pgbench.per_second:.2f} x pgbench tpcb-like TPS")
-    return 0 if ours.errors == 0 else 1
+    return ours, pgbench, rss_mib
 
 
 async def _http_workload(url: str, *, clients: int, seconds: float, accounts: int) -> Figures:

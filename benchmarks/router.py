@@ -33,6 +33,21 @@ REGION = "eu-west-1"
 
 
 def run(*, clients: int, seconds: float, accounts: int) -> int:
+    print(f"txroute bench router: {clients} clients, {seconds:.0f} s each, {accounts} accounts, one shard")
+    direct, routed = measure(clients=clients, seconds=seconds, accounts=accounts)
+    print(direct.line())
+    print(routed.line())
+    ratio = routed.per_second / direct.per_second if direct.per_second else float("nan")
+    print(
+        f"router cost: {ratio:.2f} x direct throughput ({(1 - ratio) * 100:.0f}% less); "
+        f"+{routed.percentile(0.50) - direct.percentile(0.50):.2f} ms at p50, "
+        f"+{routed.percentile(0.99) - direct.percentile(0.99):.2f} ms at p99"
+    )
+    return 0 if direct.errors == 0 and routed.errors == 0 else 1
+
+
+def measure(*, clients: int, seconds: float, accounts: int) -> tuple[Figures, Figures]:
+    """(straight to the region, through the router) for the same workload, in one run."""
     assert 1 <= clients <= 256 and 1 <= seconds <= 600 and 2 <= accounts <= 10_000
     cluster = fresh_cluster("bench-router")
     region = region_service(REGION, cluster, cluster.folder / "region.log")
@@ -51,21 +66,11 @@ def run(*, clients: int, seconds: float, accounts: int) -> int:
         router.start()
         region.wait_ready()
         router.wait_ready()
-        print(f"txroute bench router: {clients} clients, {seconds:.0f} s each, {accounts} accounts, one shard")
-        direct, routed = asyncio.run(_both(region.url, router.url, clients=clients, seconds=seconds, accounts=accounts))
+        return asyncio.run(_both(region.url, router.url, clients=clients, seconds=seconds, accounts=accounts))
     finally:
         router.stop()
         region.stop()
         cluster.stop()
-    print(direct.line())
-    print(routed.line())
-    ratio = routed.per_second / direct.per_second if direct.per_second else float("nan")
-    print(
-        f"router cost: {ratio:.2f} x direct throughput ({(1 - ratio) * 100:.0f}% less); "
-        f"+{routed.percentile(0.50) - direct.percentile(0.50):.2f} ms at p50, "
-        f"+{routed.percentile(0.99) - direct.percentile(0.99):.2f} ms at p99"
-    )
-    return 0 if direct.errors == 0 and routed.errors == 0 else 1
 
 
 async def _both(

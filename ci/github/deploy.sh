@@ -32,7 +32,7 @@ if [ "${#repos[@]}" -lt "$(wc -w <<<"$regions")" ]; then
 fi
 
 account=$(aws sts get-caller-identity --query Account --output text)
-docker build -t "txroute:${IMAGE_TAG}" ..
+docker build -f ../ci/Dockerfile -t "txroute:${IMAGE_TAG}" ..
 for region in $regions; do
   registry="${account}.dkr.ecr.${region}.amazonaws.com"
   aws ecr get-login-password --region "$region" | docker login --username AWS --password-stdin "$registry"
