@@ -51,6 +51,7 @@ CODES: Mapping[str, tuple[int, str]] = {
     "internal_error": (500, "Internal error"),
     "shard_unavailable": (503, "The account's database is unavailable"),
     "region_unavailable": (503, "The account's home region is unavailable"),
+    "region_draining": (503, "The account's home region is drained for maintenance; writes wait"),
     "overloaded": (503, "The service is overloaded"),
 }
 

@@ -66,6 +66,11 @@ REGION_UNAVAILABLE_RETRY_AFTER_S = 2
 SHARDMAP_REFRESH_INTERVAL_S_MIN = 0.5
 SHARDMAP_FETCH_TIMEOUT_S = 2.0
 READYZ_PROBE_TIMEOUT_S = 0.5
+# Draining a region (`txroute ops drain`): routers re-read every region's claims (and drain flag) this
+# often, regions re-read their own flag this often, and clients are told to come back after this long.
+SHARDMAP_REFRESH_PERIOD_S = 2.0
+REGION_DRAIN_POLL_S = 1.0
+REGION_DRAINING_RETRY_AFTER_S = 30
 # A request the router forwards is retried at most this often, and only when safe (see app.api.upstreams).
 UPSTREAM_RETRIES_MAX = 1
 QUERY_STRING_BYTES_MAX = 1_024
