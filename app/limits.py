@@ -89,3 +89,8 @@ SAGA_RELAY_BACKOFF_MAX_MS = 10_000
 SAGA_DELIVERY_TIMEOUT_S = 5.0
 # Simulated WAN (local stack only).
 WAN_LATENCY_MS_MAX = 2_000
+
+# Observability (app/telemetry.py)
+METRICS_DB_TIMEOUT_S = 1.0  # a scrape's outbox and audit read, per shard; a slow shard leaves its gauges stale
+SPAN_ATTRIBUTE_CHARS_MAX = 128  # no span attribute value is longer (they carry names and codes, nothing else)
+EMF_INTERVAL_S = 60.0  # how often a region writes its CloudWatch metrics (embedded metric format) to its log

@@ -16,8 +16,9 @@ from typing import Any
 
 import asyncpg
 import msgspec
+from opentelemetry.trace import SpanContext
 
-from app import limits
+from app import limits, telemetry
 from app.ledger.postings import Posting
 from app.store.migrate import is_migrated
 
@@ -93,13 +94,17 @@ async def open_pool(dsn: str, *, size_max: int = limits.DB_POOL_SIZE_MAX) -> asy
     return pool
 
 
+# A queued posting: its JSON, the future its request awaits, and its request's span (None when untraced).
+_Queued = tuple[dict[str, Any], "asyncio.Future[Outcome]", SpanContext | None]
+
+
 class ShardStore:
     """The ledger of one shard, as this regional process sees it."""
 
     def __init__(self, name: str, pool: asyncpg.Pool, *, workers: int = limits.POSTING_WORKERS) -> None:
         self.name = name
         self.pool = pool
-        self._queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[Outcome]]] = asyncio.Queue(
+        self._queue: asyncio.Queue[_Queued] = asyncio.Queue(
             maxsize=limits.POSTING_QUEUE_DEPTH_MAX
         )
         self._workers = [asyncio.create_task(self._work(), name=f"post-{name}-{i}") for i in range(workers)]
@@ -115,33 +120,34 @@ class ShardStore:
     async def post(self, posting: Posting) -> Outcome:
         """Queue a posting for the next group commit and wait for its own outcome."""
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        telemetry.annotate(shard=self.name)
         try:
-            self._queue.put_nowait((posting.as_json(), future))
+            self._queue.put_nowait((posting.as_json(), future, telemetry.current_span_context()))
         except asyncio.QueueFull:
             raise QueueFull(self.name) from None
         return await future
 
     async def open_account(self, request: dict[str, Any]) -> Outcome:
-        doc = await self._call("select txr_open_account($1::jsonb)", request)
+        doc = await self._call("open_account", "select txr_open_account($1::jsonb)", request)
         return Outcome.from_json(doc)
 
     # Saga (DESIGN D6) -------------------------------------------------------------------------------
 
     async def saga_apply(self, message: dict[str, Any]) -> dict[str, Any]:
         """Apply a saga message addressed to this shard, once; a duplicate reads the first outcome."""
-        return dict(await self._call("select txr_saga_apply($1::jsonb)", message))
+        return dict(await self._call("saga_apply", "select txr_saga_apply($1::jsonb)", message))
 
     async def saga_settle(self, transfer_id: str, outcome: str, reason: str | None) -> dict[str, Any]:
         """Post or return a pending transfer on the destination's answer; returns the transfer's body."""
-        async with self._connection() as conn:
+        async with self._connection("saga_settle") as conn:
             body = await conn.fetchval("select txr_saga_settle($1, $2, $3)", transfer_id, outcome, reason)
         return dict(body)
 
     async def outbox_claim(self, *, limit: int, lease_ms: int) -> list[asyncpg.Record]:
-        return await self._fetch("select * from txr_outbox_claim($1, $2)", limit, lease_ms)
+        return await self._fetch("outbox_claim", "select * from txr_outbox_claim($1, $2)", limit, lease_ms)
 
     async def outbox_reschedule(self, transfer_id: str, *, delay_ms: int, error: str) -> None:
-        async with self._connection() as conn:
+        async with self._connection("outbox_reschedule") as conn:
             await conn.execute(
                 """update outbox set next_attempt_at = clock_timestamp() + make_interval(secs => $2 / 1000.0),
                           last_error = $3
@@ -151,6 +157,7 @@ class ShardStore:
 
     async def outbox_backlog(self) -> dict[str, Any]:
         row = await self._fetchrow(
+            "outbox_backlog",
             """select count(*) as pending,
                       coalesce(extract(epoch from clock_timestamp() - min(created_at)), 0)::float as oldest_s
                from outbox where delivered_at is null"""
@@ -164,11 +171,16 @@ class ShardStore:
                 batch.append(self._queue.get_nowait())
             await self._post_batch(batch)
 
-    async def _post_batch(self, batch: list[tuple[dict[str, Any], asyncio.Future[Outcome]]]) -> None:
+    async def _post_batch(self, batch: list[_Queued]) -> None:
+        # The round trip belongs to the first request's trace; the others' spans are linked to it.
+        spans = [span for _, _, span in batch if span is not None]
         try:
-            results = await self._call("select txr_post($1::jsonb)", [item for item, _ in batch])
+            results = await self._call(
+                "post", "select txr_post($1::jsonb)", [item for item, _, _ in batch],
+                parent=spans[0] if spans else None, links=spans[1:], batch_size=len(batch),
+            )
         except ShardUnavailable as exc:
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(ShardUnavailable(str(exc)))
             return
@@ -182,15 +194,15 @@ class ShardStore:
             batch[0][1].set_exception(exc)
             return
         assert len(results) == len(batch), (len(results), len(batch))
-        for (_, future), result in zip(batch, results, strict=True):
+        for (_, future, _), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(Outcome.from_json(result))
 
-    async def _call(self, sql: str, argument: Any) -> Any:
+    async def _call(self, op: str, sql: str, argument: Any, **span: Any) -> Any:
         """One round trip, retried on serialization failure or deadlock (never surfaced to a client)."""
         for attempt in range(1, limits.POSTING_RETRIES_MAX + 1):
             try:
-                return await self._fetchval(sql, argument)
+                return await self._fetchval(op, sql, argument, **span)
             except _RETRYABLE:
                 if attempt == limits.POSTING_RETRIES_MAX:
                     raise
@@ -200,10 +212,11 @@ class ShardStore:
     # Reads ------------------------------------------------------------------------------------------
 
     async def owns(self, slot: int) -> bool:
-        return bool(await self._fetchval("select txr_owns($1)", slot))
+        return bool(await self._fetchval("owns", "select txr_owns($1)", slot))
 
     async def get_account(self, account_id: str, client: str, slot: int) -> Outcome:
         row = await self._fetchrow(
+            "get_account",
             """select txr_owns($3) as owned,
                       (select txr_account_body(a) from accounts a
                        where a.id = $1 and a.owner_client = $2 and a.kind = 'customer') as body""",
@@ -213,6 +226,7 @@ class ShardStore:
 
     async def get_transfer(self, transfer_id: str, client: str, slot: int) -> Outcome:
         row = await self._fetchrow(
+            "get_transfer",
             """select txr_owns($3) as owned,
                       (select txr_transfer_body(t) || jsonb_build_object('history', coalesce(
                                   (select jsonb_agg(jsonb_build_object('state', e.state, 'reason', e.reason,
@@ -234,6 +248,7 @@ class ShardStore:
         if account.status != 200:
             return account, []
         rows = await self._fetch(
+            "list_entries",
             """select id, transfer_id, amount, balance_after, txr_ts(created_at) as created_at
                from entries where account_id = $1 and ($2::bigint is null or id < $2)
                order by id desc limit $3""",
@@ -243,13 +258,15 @@ class ShardStore:
 
     async def ready(self) -> bool:
         try:
-            async with self._connection() as conn:
+            async with self._connection("ready") as conn:
                 return await is_migrated(conn)
         except (ShardUnavailable, asyncpg.PostgresError):
             return False
 
     async def slot_claims(self) -> list[dict[str, Any]]:
-        rows = await self._fetch("select slot_lo, slot_hi, epoch, state from slot_ownership order by slot_lo")
+        rows = await self._fetch(
+            "slot_claims", "select slot_lo, slot_hi, epoch, state from slot_ownership order by slot_lo"
+        )
         return [dict(r) for r in rows]
 
     @staticmethod
@@ -261,23 +278,28 @@ class ShardStore:
         return Outcome(200, row["body"])
 
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
-        try:
-            async with self.pool.acquire(timeout=limits.DB_CONNECT_TIMEOUT_S) as conn:
-                yield conn
-        except _UNAVAILABLE as exc:
-            raise ShardUnavailable(f"shard {self.name}: {type(exc).__name__}") from None
+    async def _connection(
+        self, op: str, *, parent: SpanContext | None = None, links: list[SpanContext] | None = None,
+        batch_size: int | None = None,
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection for one round trip named `op` (its span, when tracing: never its SQL)."""
+        with telemetry.db_span(op, self.name, parent=parent, links=links or (), batch_size=batch_size):
+            try:
+                async with self.pool.acquire(timeout=limits.DB_CONNECT_TIMEOUT_S) as conn:
+                    yield conn
+            except _UNAVAILABLE as exc:
+                raise ShardUnavailable(f"shard {self.name}: {type(exc).__name__}") from None
 
-    async def _fetchval(self, sql: str, *args: Any) -> Any:
-        async with self._connection() as conn:
+    async def _fetchval(self, op: str, sql: str, *args: Any, **span: Any) -> Any:
+        async with self._connection(op, **span) as conn:
             return await conn.fetchval(sql, *args)
 
-    async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record:
-        async with self._connection() as conn:
+    async def _fetchrow(self, op: str, sql: str, *args: Any) -> asyncpg.Record:
+        async with self._connection(op) as conn:
             row = await conn.fetchrow(sql, *args)
         assert row is not None
         return row
 
-    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        async with self._connection() as conn:
+    async def _fetch(self, op: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+        async with self._connection(op) as conn:
             return list(await conn.fetch(sql, *args))
