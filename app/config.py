@@ -130,6 +130,9 @@ class RouterSettings:
     upstream_read_timeout_s: float = limits.UPSTREAM_READ_TIMEOUT_S
     # Simulated WAN round-trip time added to every call to another region (local stack only; 0 = off).
     wan_latency_ms: int = 0
+    # How often the router re-reads every region's claims and drain flag (`txroute ops drain`), and once at
+    # start. 0 turns both off: the map then changes only on a 421 or a region's own 503 region_draining.
+    shardmap_refresh_period_s: float = limits.SHARDMAP_REFRESH_PERIOD_S
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> RouterSettings:
@@ -144,6 +147,9 @@ class RouterSettings:
             raise SettingsError("TXROUTE_UPSTREAM_CONNECTIONS_MAX must be in 1..4096")
         if not 0 < connect_s <= 30 or not 0 < read_s <= 120:
             raise SettingsError("TXROUTE_UPSTREAM_CONNECT_TIMEOUT_S must be in (0, 30], READ_TIMEOUT_S in (0, 120]")
+        refresh_s = float(e.get("TXROUTE_SHARDMAP_REFRESH_PERIOD_S", limits.SHARDMAP_REFRESH_PERIOD_S))
+        if not 0 <= refresh_s <= 60:
+            raise SettingsError("TXROUTE_SHARDMAP_REFRESH_PERIOD_S must be in [0, 60] (0 = off)")
         return cls(
             region=_required(e, "TXROUTE_REGION"),
             region_urls=_json_object(e, "TXROUTE_REGION_URLS"),
@@ -154,6 +160,7 @@ class RouterSettings:
             upstream_connect_timeout_s=connect_s,
             upstream_read_timeout_s=read_s,
             wan_latency_ms=_wan_latency_ms(e),
+            shardmap_refresh_period_s=refresh_s,
         )
 
 

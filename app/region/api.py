@@ -71,6 +71,8 @@ def outcome_response(
 
 
 async def _body(request: Request[Any, Any, Any], target: type[Any]) -> Any:
+    # Every public write comes through here: a drained region refuses it before reading the body.
+    ledger(request).refuse_writes_if_draining()
     key = idempotency_key(request.headers.get("idempotency-key"))
     data = decode_body(await request.body(), request.headers.get("content-type", ""), target)
     return key, data

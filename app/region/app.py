@@ -48,6 +48,7 @@ def create_app(settings: RegionSettings) -> Litestar:
         stores: dict[str, ShardStore] = {}
         peers: Upstreams | None = None
         relay: asyncio.Task[None] | None = None
+        drain_watch: asyncio.Task[None] | None = None
         try:
             for shard in region.shards:
                 if settings.provision_on_start:
@@ -68,13 +69,16 @@ def create_app(settings: RegionSettings) -> Litestar:
                 minter = InternalTokenMinter(key)
             saga = Saga(region.name, stores, peers, minter, settings.faults)
             application.state.ledger = RegionLedger(region=region.name, topology=topology, stores=stores, saga=saga)
+            await application.state.ledger.refresh_drain()  # a drained region starts drained
             relay = asyncio.create_task(saga.relay_forever(), name="saga-relay")
+            drain_watch = asyncio.create_task(_watch_drain(application.state.ledger), name="drain-watch")
             log.info("region_started", extra={"region": region.name, "shards": len(stores)})
             yield
         finally:
-            if relay is not None:
-                relay.cancel()
-                await asyncio.gather(relay, return_exceptions=True)
+            for task in (relay, drain_watch):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             if peers is not None:
                 await peers.close()
             for store in stores.values():
@@ -118,6 +122,18 @@ def _overloaded(request: Request[Any, Any, Any], exc: Exception) -> Response[byt
     return problem_response(request, Problem("overloaded", "too many requests queued", headers={"retry-after": "1"}))
 
 
+async def _watch_drain(ledger: RegionLedger) -> None:
+    """Keeps the region's drain flag (`txroute ops drain`) within REGION_DRAIN_POLL_S of its databases."""
+    while True:
+        try:
+            before = ledger.draining
+            if await ledger.refresh_drain() != before:
+                log.warning("region_drain_changed", extra={"region": ledger.region, "draining": ledger.draining})
+        except Exception as exc:  # the watch must outlive any one failure; the flag stays as it was
+            log.error("drain_watch_error", extra={"error_type": type(exc).__name__})
+        await asyncio.sleep(limits.REGION_DRAIN_POLL_S)
+
+
 @get("/healthz", include_in_schema=True, summary="The process is alive")
 async def healthz(request: Request[Any, Any, Any]) -> Response[bytes]:
     return json_response(request, 200, {"status": "ok"})
@@ -139,7 +155,11 @@ async def shardmap(request: Request[Any, Any, Any]) -> Response[bytes]:
         {"shard": name, "region": ledger.region, "slots": await store.slot_claims()}
         for name, store in ledger.stores.items()
     ]
-    return json_response(request, 200, {"region": ledger.region, "shards": shards})
+    draining = await ledger.refresh_drain()
+    return json_response(
+        request, 200, {"region": ledger.region, "shards": shards, "draining": draining is not None,
+                       "drain_reason": draining},
+    )
 
 
 @post("/internal/saga/apply", summary="Apply a saga message to its credit shard, once (DESIGN D6)", status_code=200)

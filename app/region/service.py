@@ -10,6 +10,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
+
 from app import limits
 from app.api.schemas import FundsRequest, OpenAccountRequest, TransferRequest
 from app.errors import Problem
@@ -33,10 +35,40 @@ class RegionLedger:
     topology: Topology
     stores: dict[str, ShardStore]
     saga: Saga | None = None
+    # Set while the region is drained (`txroute ops drain`): the reason recorded in its shard databases.
+    # Re-read every REGION_DRAIN_POLL_S, so a router with a stale map still cannot write here for longer.
+    draining: str | None = None
 
     def __post_init__(self) -> None:
         self.shards = self.topology.region(self.region).shards
         assert {s.name for s in self.shards} == set(self.stores), "one store per shard of the region"
+
+    # Draining ---------------------------------------------------------------------------------------
+
+    async def refresh_drain(self) -> str | None:
+        """Re-read the drain flag from every shard (drained if any shard says so); an unreachable shard
+        leaves the flag as it was."""
+        states = []
+        for store in self.stores.values():
+            try:
+                async with store.pool.acquire(timeout=limits.DB_CONNECT_TIMEOUT_S) as conn:
+                    states.append(await conn.fetchrow("select draining_since, drain_reason from shard_info"))
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                return self.draining
+        drained = [s for s in states if s is not None and s["draining_since"] is not None]
+        self.draining = (drained[0]["drain_reason"] or "drained") if drained else None
+        return self.draining
+
+    def refuse_writes_if_draining(self) -> None:
+        if self.draining is not None:
+            retry_after = str(limits.REGION_DRAINING_RETRY_AFTER_S)
+            raise Problem(
+                "region_draining",
+                f"region {self.region} takes no new writes for now ({self.draining}); retry after "
+                f"{retry_after} s with the same Idempotency-Key",
+                extra={"region": self.region},
+                headers={"retry-after": retry_after},
+            )
 
     # Routing inside the region ----------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ cannot be reached answers 503 `region_unavailable` with Retry-After.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -148,14 +149,36 @@ class Router:
             region = named_region or self.region
             if not self.upstreams.knows(region):
                 raise Problem("invalid_request", f"no region named {region!r}")
-            return await self._send(region, method, path_qs, headers, body)
+            self._refuse_if_draining(region)
+            return await self._drain_aware(await self._send(region, method, path_qs, headers, body))
         seen = self.shardmap.current.version
-        answer = await self._send(self.shardmap.region_for_slot(slot), method, path_qs, headers, body)
+        region = self.shardmap.region_for_slot(slot)
+        if body is not None:
+            self._refuse_if_draining(region)
+        answer = await self._drain_aware(await self._send(region, method, path_qs, headers, body))
         if answer.status != 421:
             return answer
         # The map is stale (slots moved): a refusal with 421 wrote nothing, so sending again is safe.
         await self.shardmap.refresh(seen_version=seen)
         return await self._send(self.shardmap.region_for_slot(slot), method, path_qs, headers, body)
+
+    def _refuse_if_draining(self, region: str) -> None:
+        """A write for a drained region (`txroute ops drain`) is answered here; reads still go through."""
+        if region in self.shardmap.current.draining:
+            retry_after = str(limits.REGION_DRAINING_RETRY_AFTER_S)
+            raise Problem(
+                "region_draining",
+                f"region {region} takes no new writes for now; retry after {retry_after} s with the same "
+                "Idempotency-Key",
+                extra={"region": region},
+                headers={"retry-after": retry_after},
+            )
+
+    async def _drain_aware(self, answer: Answer) -> Answer:
+        """A region that says it is drained before this router knew: learn it now for the next writes."""
+        if answer.status == 503 and b'"region_draining"' in answer.body:
+            await self.shardmap.refresh(seen_version=self.shardmap.current.version)
+        return answer
 
     async def _send(
         self, region: str, method: str, path_qs: str, headers: dict[str, str], body: bytes | None
@@ -246,8 +269,9 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
         except UpstreamError:
             regions[region] = False
     # Ready even when a region is down: this router still answers for the others, and 503 fast for it.
-    version = request.app.state.shardmap.current.version
-    return json_response(request, 200, {"status": "ready", "regions": regions, "shardmap_version": version})
+    current = request.app.state.shardmap.current
+    return json_response(request, 200, {"status": "ready", "regions": regions, "shardmap_version": current.version,
+                                        "draining": sorted(current.draining)})
 
 
 def _document(bodies: dict[str, type[Any]]) -> bytes:
@@ -306,9 +330,18 @@ def create_app(settings: RouterSettings) -> Router:
     async def lifespan(application: Litestar) -> AsyncIterator[None]:
         await upstreams.open()
         log.info("router_started", extra={"region": settings.region, "upstreams": len(upstreams.urls)})
+        refresher = None
+        if settings.shardmap_refresh_period_s > 0:
+            await shardmap.refresh(seen_version=shardmap.current.version)  # a drained region is known at once
+            refresher = asyncio.create_task(
+                shardmap.refresh_forever(settings.shardmap_refresh_period_s), name="shardmap-refresh"
+            )
         try:
             yield
         finally:
+            if refresher is not None:
+                refresher.cancel()
+                await asyncio.gather(refresher, return_exceptions=True)
             await upstreams.close()
 
     fallback = Litestar(

@@ -27,6 +27,8 @@ FetchClaims = Callable[[str], Awaitable[Mapping[str, Any]]]
 class ShardMap:
     regions: tuple[str, ...]  # slot -> region name
     version: int = 1
+    # Regions drained by `txroute ops drain`: their accounts' writes are answered 503 region_draining here.
+    draining: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         assert len(self.regions) == SLOT_COUNT, len(self.regions)
@@ -41,7 +43,12 @@ class ShardMap:
     def with_claims(self, claims: Mapping[str, Mapping[str, Any]]) -> ShardMap:
         """This map corrected by each answering region's `/internal/shardmap` document."""
         table = list(self.regions)
+        draining = set(self.draining)
         for region, document in claims.items():
+            if document.get("draining"):
+                draining.add(region)
+            else:
+                draining.discard(region)
             for shard in document.get("shards", []):
                 for claim in shard.get("slots", []):
                     if claim.get("state") != "owned":
@@ -50,7 +57,7 @@ class ShardMap:
                     if not 0 <= lo <= hi < SLOT_COUNT:
                         raise ValueError(f"region {region} claims slots {lo}-{hi}, outside 0..{SLOT_COUNT - 1}")
                     table[lo : hi + 1] = [region] * (hi - lo + 1)
-        return ShardMap(tuple(table), self.version + 1)
+        return ShardMap(tuple(table), self.version + 1, frozenset(draining))
 
 
 class ShardMapCache:
@@ -65,6 +72,17 @@ class ShardMapCache:
 
     def region_for_slot(self, slot: int) -> str:
         return self.current.region_for_slot(slot)
+
+    async def refresh_forever(self, period_s: float) -> None:
+        """Re-read every region's claims each `period_s`, so a drain (which no request to this router need
+        reveal) is learnt within that bound."""
+        assert period_s > 0, period_s
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                await self.refresh(seen_version=self.current.version)
+            except Exception as exc:  # the loop must outlive any one failure; the map stays as it was
+                log.error("shardmap_refresh_error", extra={"error_type": type(exc).__name__})
 
     async def refresh(self, *, seen_version: int) -> ShardMap:
         """Refresh unless someone did since the caller read `seen_version`, or did so moments ago."""
@@ -85,5 +103,5 @@ class ShardMapCache:
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("shardmap_claims_invalid", extra={"error_type": type(exc).__name__})
             self._refreshed_at = time.monotonic()
-            log.info("shardmap_refreshed", extra={"version": self.current.version, "regions": len(claims)})
+            log.debug("shardmap_refreshed", extra={"version": self.current.version, "regions": len(claims)})
             return self.current

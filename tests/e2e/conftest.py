@@ -29,6 +29,7 @@ def router_process(
     log_dir: Path,
     *,
     regions_dir: Path | None = None,
+    env_extra: dict[str, str] | None = None,
 ) -> ServiceProcess:
     port = free_port()
     env = {
@@ -39,6 +40,7 @@ def router_process(
     }
     if regions_dir is not None:
         env["TXROUTE_REGIONS_DIR"] = str(regions_dir)
+    env.update(env_extra or {})
     return ServiceProcess(name=name, argv=asgi_command(ROUTER_FACTORY, port), env=env, port=port,
                           log_file=log_dir / f"{name}.log")
 
@@ -63,8 +65,11 @@ def router(region_urls: dict[str, str], keys: SessionKeys, work_dir: Path) -> It
 def start_router(region_urls: dict[str, str], keys: SessionKeys, work_dir: Path) -> Iterator[StartRouter]:
     started: list[ServiceProcess] = []
 
-    def start(name: str, *, region: str = ROUTER_REGION, regions_dir: Path | None = None) -> ServiceProcess:
-        process = router_process(name, region, region_urls, keys, work_dir / "logs", regions_dir=regions_dir)
+    def start(
+        name: str, *, region: str = ROUTER_REGION, regions_dir: Path | None = None, env: dict[str, str] | None = None
+    ) -> ServiceProcess:
+        process = router_process(name, region, region_urls, keys, work_dir / "logs", regions_dir=regions_dir,
+                                 env_extra=env)
         started.append(process)
         process.start()
         process.wait_ready()

@@ -89,7 +89,9 @@ async def test_a_stale_router_is_corrected_by_421_and_writes_exactly_once(
             account = candidate
             break
     assert account is not None, "expected an account in shard euw1-a within 40 opens"
-    stale = start_router("router-stale", regions_dir=stale_regions_dir(tmp_path, topology, "euw1-a", "use1-a"))
+    # No periodic refresh: only the 421 may correct this router's map.
+    stale = start_router("router-stale", regions_dir=stale_regions_dir(tmp_path, topology, "euw1-a", "use1-a"),
+                         env={"TXROUTE_SHARDMAP_REFRESH_PERIOD_S": "0"})
     async with httpx.AsyncClient(base_url=stale.url, timeout=30) as http:
         stale_api = RouterApi(http, client_api.client_id, client_api.token)
         before = (await http.get("/readyz")).json()["shardmap_version"]
