@@ -186,7 +186,7 @@ def exposition() -> tuple[bytes, str]:
     return prometheus_client.generate_latest(METRICS.registry), prometheus_client.CONTENT_TYPE_LATEST
 
 
-def route_label(scope: Scope) -> str:
+def route_label(scope: Mapping[str, Any]) -> str:
     """`METHOD /template` for a matched route, else `unmatched` (never the raw path: unbounded labels)."""
     template = scope.get("path_template")
     if not template:
@@ -345,8 +345,8 @@ class Instrumented:
     """Wraps a deployable's ASGI app: per HTTP request a request id and trace id (the caller's when
     well-formed), a server span when tracing, and its duration, status and problem code as metrics."""
 
-    def __init__(self, app: ASGIApp, *, service: str, region: str) -> None:
-        self.app = app
+    def __init__(self, app: Any, *, service: str, region: str) -> None:
+        self.app: ASGIApp = app  # Any: Litestar declares its own, narrower ASGI scope types
         self.service = service
         self.region = region
 

@@ -16,6 +16,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
+from app import telemetry
 from app.errors import PROBLEM_CONTENT_TYPE, Problem, problem_body
 
 log = logging.getLogger("txroute.http")
@@ -55,6 +56,9 @@ def json_response(
 
 def problem_response(request: Request[Any, Any, Any], problem: Problem) -> Response[bytes]:
     rid = request_id(request)
+    telemetry.annotate(error_code=problem.code)
+    if problem.code == "misdirected":
+        telemetry.METRICS.misdirected.labels("region", str(request.app.state.get("region", ""))).inc()
     return Response(
         problem.body(rid),
         status_code=problem.status,
@@ -79,6 +83,7 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: Exception) -> Re
 
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     rid = request_id(request)
+    telemetry.annotate(error_code="internal_error")
     log.error(
         "unhandled_error",
         extra={"request_id": rid, "error_type": type(exc).__name__, "path": request.url.path},

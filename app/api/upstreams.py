@@ -13,12 +13,13 @@ Failures, by class, at this boundary:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
 
-from app import limits
+from app import limits, telemetry
 from app.api import wan
 
 
@@ -112,7 +113,28 @@ class Upstreams:
         body: bytes | None,
         timeout: aiohttp.ClientTimeout | None = None,  # noqa: ASYNC109 - aiohttp's own per-call timeout
     ) -> Answer:
+        started = time.perf_counter()
+        status = "none"
+        try:
+            with telemetry.client_span(region, method) as span:
+                answer = await self._send(region, method, path_qs, headers, body, timeout)
+                status = str(answer.status)
+                if span is not None:
+                    span.set_attribute("http.response.status_code", answer.status)
+                return answer
+        finally:
+            telemetry.METRICS.upstream.labels(region, status, self._local_region or "").observe(
+                time.perf_counter() - started
+            )
+
+    async def _send(
+        self, region: str, method: str, path_qs: str, headers: Mapping[str, str], body: bytes | None,
+        timeout: aiohttp.ClientTimeout | None,  # noqa: ASYNC109 - aiohttp's own per-call timeout
+    ) -> Answer:
         session = self._sessions[region]
+        # The call carries the trace context: this call's span when tracing, else the request's trace id.
+        headers = dict(headers)
+        telemetry.inject(headers)
         wan_ms = self._wan_latency_ms if region != self._local_region else 0
         await wan.one_way(wan_ms)
         try:

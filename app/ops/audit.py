@@ -218,3 +218,35 @@ def as_json(report: AuditReport) -> dict[str, Any]:
         "totals": report.totals,
         "violations": [{"check": v.check, "detail": v.detail} for v in report.violations],
     }
+
+
+AUDIT_RUNS_KEPT = 1_000  # per shard: years of daily audits; older rows are deleted as new ones are written
+
+
+async def record(report: AuditReport, shard_dsns: dict[str, str]) -> list[str]:
+    """Write the audit's result into every shard it read (`audit_runs`, migration 0004), where each region's
+    `/metrics` reads it as `txroute_last_audit_clean`. Only the names of failed checks are stored. Returns
+    the shards that could not be written (the audit's own result stands either way)."""
+    failed_checks = sorted({v.check for v in report.violations})
+    unwritten = []
+    for name, dsn in sorted(shard_dsns.items()):
+        try:
+            conn = await asyncpg.connect(dsn, timeout=limits.DB_CONNECT_TIMEOUT_S,
+                                         command_timeout=limits.DB_COMMAND_TIMEOUT_S)
+        except (OSError, TimeoutError, asyncpg.PostgresError):
+            unwritten.append(name)
+            continue
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "insert into audit_runs (clean, violations, failed_checks) values ($1, $2, $3)",
+                    report.clean, len(report.violations), failed_checks,
+                )
+                await conn.execute(
+                    "delete from audit_runs where id <= (select max(id) from audit_runs) - $1", AUDIT_RUNS_KEPT
+                )
+        except (OSError, TimeoutError, asyncpg.PostgresError):
+            unwritten.append(name)
+        finally:
+            await conn.close()
+    return unwritten

@@ -10,7 +10,7 @@ from typing import Any
 from litestar import Request, Response, get, post
 from litestar.openapi.datastructures import ResponseSpec
 
-from app import limits
+from app import limits, telemetry
 from app.api.decoding import decode_body, idempotency_key
 from app.api.http import json_response, problem_response
 from app.api.schemas import (
@@ -56,6 +56,8 @@ def outcome_response(
 ) -> Response[bytes]:
     """The ledger's outcome as HTTP: the stored body on success, problem+json otherwise."""
     headers = {REPLAYED_HEADER: "true"} if outcome.replayed else {}
+    if outcome.replayed:
+        telemetry.METRICS.replays.labels(telemetry.route_label(request.scope), request.app.state.region).inc()
     if outcome.status < 400:
         if location and outcome.status in (201, 202):
             headers["location"] = location.format(**outcome.body)
@@ -90,21 +92,24 @@ async def open_account(request: Request[Any, Any, Any]) -> Response[bytes]:
 async def deposit(request: Request[Any, Any, Any]) -> Response[bytes]:
     client = caller(request)
     key, data = await _body(request, FundsRequest)
-    return outcome_response(request, await ledger(request).deposit(client, key, data), location="/v1/transfers/{id}")
+    outcome = _counted("deposit", request, await ledger(request).deposit(client, key, data))
+    return outcome_response(request, outcome, location="/v1/transfers/{id}")
 
 
 @post("/v1/withdrawals", summary="Withdraw money", responses={201: ResponseSpec(Transfer), **_ERRORS}, status_code=201)
 async def withdraw(request: Request[Any, Any, Any]) -> Response[bytes]:
     client = caller(request)
     key, data = await _body(request, FundsRequest)
-    return outcome_response(request, await ledger(request).withdraw(client, key, data), location="/v1/transfers/{id}")
+    outcome = _counted("withdrawal", request, await ledger(request).withdraw(client, key, data))
+    return outcome_response(request, outcome, location="/v1/transfers/{id}")
 
 
 @post("/v1/transfers", summary="Transfer money", responses={201: ResponseSpec(Transfer), **_ERRORS}, status_code=201)
 async def transfer(request: Request[Any, Any, Any]) -> Response[bytes]:
     client = caller(request)
     key, data = await _body(request, TransferRequest)
-    return outcome_response(request, await ledger(request).transfer(client, key, data), location="/v1/transfers/{id}")
+    outcome = _counted("transfer", request, await ledger(request).transfer(client, key, data))
+    return outcome_response(request, outcome, location="/v1/transfers/{id}")
 
 
 @get("/v1/accounts/{account_id:str}", summary="Read an account", responses={200: ResponseSpec(Account), **_ERRORS})
@@ -143,6 +148,14 @@ async def get_transfer(request: Request[Any, Any, Any], transfer_id: str) -> Res
     parsed = _path_id(parse_transfer_id, transfer_id, "transfer_not_found")
     store = ledger(request).store_for_slot(parsed.slot)
     return outcome_response(request, await store.get_transfer(parsed.text, client, parsed.slot))
+
+
+def _counted(kind: str, request: Request[Any, Any, Any], outcome: Outcome) -> Outcome:
+    """Count a posting by its outcome: its state (posted, pending, returned) or its refusal's code."""
+    if not outcome.replayed:
+        label = str(outcome.body.get("state", "posted") if outcome.status < 400 else outcome.body.get("code"))
+        telemetry.METRICS.transfers.labels(kind, label, request.app.state.region).inc()
+    return outcome
 
 
 def _path_id(parse: Any, text: str, code: str) -> Any:

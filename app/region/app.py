@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 from litestar import Litestar, Request, Response, get, post
 
-from app import limits
+from app import limits, telemetry
 from app.api.decoding import decode_body
 from app.api.http import EXCEPTION_HANDLERS, json_response, problem_response
 from app.api.openapi import OPENAPI_CONFIG, openapi_document
@@ -28,13 +28,12 @@ from app.security.keys import load_private_key, load_public_key
 from app.security.tokens import InternalTokenMinter, InternalTokenVerifier
 from app.store.provision import provision_shard, shard_dsn
 from app.store.shard import Outcome, QueueFull, ShardStore, ShardUnavailable, open_pool
-from app.telemetry import configure_logging
 from app.topology.loader import load_topology
 
 log = logging.getLogger("txroute.region")
 
 
-def create_app(settings: RegionSettings) -> Litestar:
+def create_app(settings: RegionSettings) -> telemetry.Instrumented:
     topology = load_topology(settings.regions_dir)
     region = topology.region(settings.region)  # fails fast on an unknown region
     internal_tokens = (
@@ -84,8 +83,8 @@ def create_app(settings: RegionSettings) -> Litestar:
             for store in stores.values():
                 await store.close()
 
-    return Litestar(
-        route_handlers=[*PUBLIC_ROUTES, healthz, readyz, shardmap, saga_apply, openapi_document],
+    app = Litestar(
+        route_handlers=[*PUBLIC_ROUTES, healthz, readyz, shardmap, saga_apply, openapi_document, metrics],
         lifespan=[lifespan],
         exception_handlers={
             **EXCEPTION_HANDLERS,
@@ -98,9 +97,11 @@ def create_app(settings: RegionSettings) -> Litestar:
             topology=topology, region=region.name, request_bodies=REQUEST_BODIES, internal_tokens=internal_tokens
         ),
         logging_config=None,
-        on_startup=[lambda: configure_logging(service="region", region=region.name)],
+        on_startup=[lambda: telemetry.configure(service="region", region=region.name)],
+        on_shutdown=[telemetry.shutdown],
         debug=False,
     )
+    return telemetry.Instrumented(app, service="region", region=region.name)
 
 
 def _state(**values: Any) -> Any:
@@ -174,6 +175,34 @@ async def saga_apply(request: Request[Any, Any, Any]) -> Response[bytes]:
     return json_response(request, 200, result)
 
 
-def app_from_env() -> Litestar:
+@get("/metrics", include_in_schema=False)
+async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Prometheus exposition: the process's counters, and per shard its saga backlog, pool and last audit."""
+    ledger: RegionLedger | None = request.app.state.get("ledger")
+    if ledger is not None:
+        await asyncio.gather(*(_observe_shard(ledger.region, store) for store in ledger.stores.values()))
+    body, content_type = telemetry.exposition()
+    return Response(body, media_type=content_type)
+
+
+async def _observe_shard(region: str, store: ShardStore) -> None:
+    m = telemetry.METRICS
+    pool = store.pool
+    m.pool_in_use.labels(region, store.name).set(pool.get_size() - pool.get_idle_size())
+    m.pool_max.labels(region, store.name).set(pool.get_max_size())
+    try:
+        async with asyncio.timeout(limits.METRICS_DB_TIMEOUT_S):
+            seen = await store.observe()
+    except (TimeoutError, ShardUnavailable):
+        m.scrape_errors.labels(region, store.name).inc()
+        return
+    m.saga_backlog.labels(region, store.name).set(seen["pending"])
+    m.saga_oldest_s.labels(region, store.name).set(seen["oldest_s"])
+    if seen["audit_clean"] is not None:
+        m.audit_clean.labels(region, store.name).set(1 if seen["audit_clean"] else 0)
+        m.audit_time.labels(region, store.name).set(seen["audit_at"])
+
+
+def app_from_env() -> telemetry.Instrumented:
     """Entry point for the ASGI server: `granian --interface asgi --factory app.region.app:app_from_env`."""
     return create_app(RegionSettings.from_env())

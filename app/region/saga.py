@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from app import limits
+from app import limits, telemetry
 from app.api.upstreams import Answer, UpstreamError, Upstreams
 from app.config import FaultSettings
 from app.security.scopes import INTERNAL
@@ -60,10 +60,21 @@ class Saga:
     # Delivery ---------------------------------------------------------------------------------------
 
     async def deliver(self, store: ShardStore, message: dict[str, Any]) -> dict[str, Any]:
-        """Send one message to its credit shard and settle its answer; returns the transfer's body."""
-        result = await self._apply(message)
-        # Once the credit side has answered, the settlement must finish even if our caller stops waiting.
-        return await asyncio.shield(store.saga_settle(message["transfer_id"], result["outcome"], result.get("reason")))
+        """Send one message to its credit shard and settle its answer; returns the transfer's body.
+
+        Its trace is its own, linked to the request that committed the message (when delivered by the fast
+        path): delivery outlives that request, and the relay may redeliver long after it."""
+        attributes = {"txroute.region": self.region, "txroute.shard": store.name,
+                      "txroute.peer_region": str(message.get("destination_region", "")),
+                      "txroute.transfer_id": str(message["transfer_id"])}
+        with telemetry.linked_root_span("saga deliver", attributes):
+            result = await self._apply(message)
+            # Once the credit side has answered, the settlement must finish even if our caller stops waiting.
+            body = await asyncio.shield(
+                store.saga_settle(message["transfer_id"], result["outcome"], result.get("reason"))
+            )
+        telemetry.METRICS.saga_deliveries.labels(self.region, str(result["outcome"])).inc()
+        return body
 
     async def _apply(self, message: dict[str, Any]) -> dict[str, Any]:
         local = self.stores.get(message["destination_shard"])
@@ -146,6 +157,7 @@ class Saga:
                 await self.deliver(store, message)
         except (DeliveryFailed, TimeoutError, ShardUnavailable) as exc:
             delay_ms = backoff_ms(int(row["attempts"]))
+            telemetry.METRICS.saga_retries.labels(self.region, store.name).inc()
             log.info("relay_retry", extra={"transfer_id": row["transfer_id"], "attempts": row["attempts"],
                                            "delay_ms": delay_ms, "error_type": type(exc).__name__})
             await store.outbox_reschedule(row["transfer_id"], delay_ms=delay_ms, error=str(exc))

@@ -26,7 +26,7 @@ import aiohttp
 import msgspec
 from litestar import Litestar, Request, Response, get
 
-from app import limits
+from app import limits, telemetry
 from app.api.http import EXCEPTION_HANDLERS, json_response
 from app.api.openapi import OPENAPI_CONFIG, build_document, openapi_document
 from app.api.upstreams import Answer, NoAnswer, NotConnected, UpstreamError, Upstreams
@@ -37,7 +37,6 @@ from app.router.shardmap import ShardMap, ShardMapCache
 from app.security.keys import load_private_key, load_public_key
 from app.security.scopes import INTERNAL
 from app.security.tokens import ClientTokenVerifier, InternalTokenMinter, TokenRefused, bearer
-from app.telemetry import configure_logging
 from app.topology.loader import load_topology
 
 log = logging.getLogger("txroute.router")
@@ -48,7 +47,6 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 ROUTER_ID = "txroute-router"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
-_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-[0-9a-f]{16}-([0-9a-f]{2})$")
 _JSON = b"application/json"
 
 
@@ -81,14 +79,18 @@ class Router:
 
     async def _public(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
-        given = headers.get("x-request-id")
-        rid = given if given and _REQUEST_ID.match(given) else "req_" + secrets.token_hex(12)
+        rid = scope.get("state", {}).get("request_id")  # telemetry.Instrumented's
+        if rid is None:
+            given = headers.get("x-request-id")
+            rid = given if given and _REQUEST_ID.match(given) else "req_" + secrets.token_hex(12)
         try:
             answer = await self._handle(scope, receive, headers, rid)
         except Problem as problem:
+            telemetry.annotate(error_code=problem.code)
             await _send(send, problem.status, _problem_headers(problem), problem.body(rid), rid)
             return
         except Exception as exc:  # a bug: the request id and nothing else leaves the process
+            telemetry.annotate(error_code="internal_error")
             log.error("unhandled_error", extra={"request_id": rid, "error_type": type(exc).__name__})
             body = problem_body("internal_error", f"internal error; quote request id {rid}", rid)
             await _send(send, 500, [(b"content-type", PROBLEM_CONTENT_TYPE.encode())], body, rid)
@@ -100,6 +102,7 @@ class Router:
         method: str = scope["method"]
         path: str = scope["path"]
         route = match(method, path)
+        scope["path_template"] = _template(route, path)  # the metrics' and spans' route label
         principal = self._authenticate(headers.get("authorization"))
         if route.scope not in principal.scopes:
             raise Problem("forbidden", f"the token does not grant {route.scope}")
@@ -127,7 +130,8 @@ class Router:
             raise Problem("unauthorized", exc.reason, headers={"www-authenticate": "Bearer"}) from None
 
     def _upstream_headers(self, headers: dict[str, str], rid: str, token: str, has_body: bool) -> dict[str, str]:
-        out = {"authorization": "Bearer " + token, "x-request-id": rid, "traceparent": _next_traceparent(headers)}
+        # traceparent is set by the upstream client (telemetry.inject): this hop becomes the region's parent.
+        out = {"authorization": "Bearer " + token, "x-request-id": rid}
         if "tracestate" in headers:
             out["tracestate"] = headers["tracestate"][:512]
         if has_body:
@@ -158,6 +162,7 @@ class Router:
         answer = await self._drain_aware(await self._send(region, method, path_qs, headers, body))
         if answer.status != 421:
             return answer
+        telemetry.METRICS.misdirected.labels("router", self.region).inc()
         # The map is stale (slots moved): a refusal with 421 wrote nothing, so sending again is safe.
         await self.shardmap.refresh(seen_version=seen)
         return await self._send(self.shardmap.region_for_slot(slot), method, path_qs, headers, body)
@@ -239,12 +244,12 @@ async def _read_body(receive: Receive, headers: dict[str, str]) -> bytes | None:
             return b"".join(chunks)
 
 
-def _next_traceparent(headers: dict[str, str]) -> str:
-    """W3C trace context: the caller's trace continues with the router's hop as the new parent."""
-    m = _TRACEPARENT.match(headers.get("traceparent", ""))
-    if m and m.group(1) != "0" * 32:
-        return f"00-{m.group(1)}-{secrets.token_hex(8)}-{m.group(2)}"
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+def _template(route: Route, path: str) -> str:
+    if route.kind is Kind.READ_TRANSFER:
+        return "/v1/transfers/{transfer_id}"
+    if route.kind is Kind.READ_ACCOUNT:
+        return "/v1/accounts/{account_id}/entries" if path.endswith("/entries") else "/v1/accounts/{account_id}"
+    return path  # a POST route's path is its template
 
 
 # The fallback Litestar app: health, readiness, the OpenAPI document ---------------------------------
@@ -274,6 +279,13 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
                                         "draining": sorted(current.draining)})
 
 
+@get("/metrics", include_in_schema=False)
+async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Prometheus exposition (telemetry.METRICS)."""
+    body, content_type = telemetry.exposition()
+    return Response(body, media_type=content_type)
+
+
 def _document(bodies: dict[str, type[Any]]) -> bytes:
     """The regions' OpenAPI surface (the same controllers' declarations), plus bearer authentication."""
     from app.region.api import PUBLIC_ROUTES
@@ -293,7 +305,7 @@ def _document(bodies: dict[str, type[Any]]) -> bytes:
     return msgspec.json.encode(document)
 
 
-def create_app(settings: RouterSettings) -> Router:
+def create_app(settings: RouterSettings) -> telemetry.Instrumented:
     topology = load_topology(settings.regions_dir)
     topology.region(settings.region)  # fails fast on an unknown region
     missing = {r.name for r in topology.regions} - set(settings.region_urls)
@@ -345,7 +357,7 @@ def create_app(settings: RouterSettings) -> Router:
             await upstreams.close()
 
     fallback = Litestar(
-        route_handlers=[healthz, readyz, openapi_document],
+        route_handlers=[healthz, readyz, openapi_document, metrics],
         lifespan=[lifespan],
         exception_handlers=dict(EXCEPTION_HANDLERS),  # type: ignore[arg-type]
         openapi_config=None,
@@ -356,13 +368,15 @@ def create_app(settings: RouterSettings) -> Router:
             openapi_document=_document(REQUEST_BODIES),
         ),
         logging_config=None,
-        on_startup=[lambda: configure_logging(service="router", region=settings.region)],
+        on_startup=[lambda: telemetry.configure(service="router", region=settings.region)],
+        on_shutdown=[telemetry.shutdown],
         debug=False,
     )
-    return Router(
+    router = Router(
         region=settings.region, clients=clients, minter=minter, upstreams=upstreams, shardmap=shardmap,
         fallback=fallback,
     )
+    return telemetry.Instrumented(router, service="router", region=settings.region)
 
 
 def _state(**values: Any) -> Any:
@@ -371,6 +385,6 @@ def _state(**values: Any) -> Any:
     return State(values)
 
 
-def app_from_env() -> Router:
+def app_from_env() -> telemetry.Instrumented:
     """Entry point for the ASGI server: `granian --interface asgi --factory app.router.app:app_from_env`."""
     return create_app(RouterSettings.from_env())

@@ -164,6 +164,20 @@ class ShardStore:
         )
         return dict(row)
 
+    async def observe(self) -> dict[str, Any]:
+        """One round trip for the metrics: the saga backlog and its oldest message's age (DESIGN D6), and
+        the last audit `txroute audit` recorded here (audit_clean is None when none was)."""
+        row = await self._fetchrow(
+            "observe",
+            """select o.pending, o.oldest_s, a.clean as audit_clean,
+                      extract(epoch from a.finished_at)::float as audit_at
+               from (select count(*) as pending,
+                            coalesce(extract(epoch from clock_timestamp() - min(created_at)), 0)::float as oldest_s
+                     from outbox where delivered_at is null) o
+               left join lateral (select clean, finished_at from audit_runs order by id desc limit 1) a on true""",
+        )
+        return dict(row)
+
     async def _work(self) -> None:
         while True:
             batch = [await self._queue.get()]
