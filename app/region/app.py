@@ -24,7 +24,7 @@ from app.region.api import PUBLIC_ROUTES, REQUEST_BODIES, outcome_response
 from app.region.identity import require_internal
 from app.region.saga import Saga
 from app.region.service import RegionLedger
-from app.security.keys import load_private_key, load_public_key
+from app.security.keys import load_private_key, load_public_keys
 from app.security.tokens import InternalTokenMinter, InternalTokenVerifier
 from app.store.provision import provision_shard, shard_dsn
 from app.store.shard import Outcome, QueueFull, ShardStore, ShardUnavailable, open_pool
@@ -37,7 +37,7 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
     topology = load_topology(settings.regions_dir)
     region = topology.region(settings.region)  # fails fast on an unknown region
     internal_tokens = (
-        InternalTokenVerifier(load_public_key(settings.internal_public_key, what="TXROUTE_INTERNAL_PUBLIC_KEY"))
+        InternalTokenVerifier(load_public_keys(settings.internal_public_key, what="TXROUTE_INTERNAL_PUBLIC_KEY"))
         if settings.internal_public_key
         else None
     )

@@ -34,7 +34,7 @@ from app.config import RouterSettings
 from app.errors import PROBLEM_CONTENT_TYPE, Problem, problem_body
 from app.router.routes import Kind, Route, decode_write, match, read_slot
 from app.router.shardmap import ShardMap, ShardMapCache
-from app.security.keys import load_private_key, load_public_key
+from app.security.keys import load_private_key, load_public_keys
 from app.security.scopes import INTERNAL
 from app.security.tokens import ClientTokenVerifier, InternalTokenMinter, TokenRefused, bearer
 from app.topology.loader import load_topology
@@ -311,7 +311,7 @@ def create_app(settings: RouterSettings) -> telemetry.Instrumented:
     missing = {r.name for r in topology.regions} - set(settings.region_urls)
     assert not missing, f"TXROUTE_REGION_URLS has no URL for {sorted(missing)}"
     clients = ClientTokenVerifier(
-        {kid: load_public_key(pem, what=f"client key {kid!r}") for kid, pem in settings.client_public_keys.items()}
+        {kid: load_public_keys(pem, what=f"client key {kid!r}") for kid, pem in settings.client_public_keys.items()}
     )
     minter = InternalTokenMinter(load_private_key(settings.internal_private_key, what="TXROUTE_INTERNAL_PRIVATE_KEY"))
     upstreams = Upstreams(

@@ -18,6 +18,8 @@ PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 
 _PEM_MARK = "-----BEGIN "
+# Keys one setting may hold at once: the current one and the one being rotated out (and a spare).
+KEYS_PER_SETTING_MAX = 3
 
 
 class KeyConfigError(ValueError):
@@ -51,6 +53,16 @@ def load_public_key(value: str, *, what: str) -> PublicKey:
         raise KeyConfigError(f"{what}: unsupported key type {type(key).__name__}: use Ed25519 or EC P-256")
     algorithm_for(key)
     return key
+
+
+def load_public_keys(value: str, *, what: str) -> list[PublicKey]:
+    """One or several PEM public keys (text or a file), all accepted: while a key is rotated the setting
+    holds the new key and the old one (`txroute ops rotate-keys`), so tokens signed by either verify."""
+    text = pem_text(value, what=what).decode("ascii", errors="replace")
+    blocks = [_PEM_MARK + part for part in text.split(_PEM_MARK)[1:]]
+    if not 1 <= len(blocks) <= KEYS_PER_SETTING_MAX:
+        raise KeyConfigError(f"{what}: expected 1..{KEYS_PER_SETTING_MAX} PEM public keys, found {len(blocks)}")
+    return [load_public_key(block, what=f"{what} (key {i + 1})") for i, block in enumerate(blocks)]
 
 
 def load_private_key(value: str, *, what: str) -> PrivateKey:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import jwt
@@ -99,12 +99,31 @@ def _decode(token: str, key: PublicKey, **options: object) -> dict[str, object]:
         raise TokenRefused(f"the token is not valid ({type(exc).__name__})") from None
 
 
-class ClientTokenVerifier:
-    """Verifies client tokens against the configured issuer keys (`kid` -> public key)."""
+def _decode_any(token: str, keys: Sequence[PublicKey], **options: object) -> dict[str, object]:
+    """Claims of a token signed by any of `keys` (several while a key is rotated)."""
+    assert keys, "at least one key"
+    refusal = TokenRefused("the token's signature is not valid")
+    for key in keys:
+        try:
+            return _decode(token, key, **options)
+        except TokenRefused as exc:
+            if exc.reason != refusal.reason:
+                raise  # expired, wrong audience...: a verdict on the token, not on which key signed it
+            refusal = exc
+    raise refusal
 
-    def __init__(self, keys: Mapping[str, PublicKey]) -> None:
+
+def _key_list(keys: PublicKey | Sequence[PublicKey]) -> list[PublicKey]:
+    return list(keys) if isinstance(keys, Sequence) else [keys]
+
+
+class ClientTokenVerifier:
+    """Verifies client tokens against the configured issuer keys (`kid` -> public key, or keys while one is
+    rotated)."""
+
+    def __init__(self, keys: Mapping[str, PublicKey | Sequence[PublicKey]]) -> None:
         assert 1 <= len(keys) <= limits.CLIENT_KEYS_MAX, "between 1 and CLIENT_KEYS_MAX client keys"
-        self._keys = dict(keys)
+        self._keys = {kid: _key_list(k) for kid, k in keys.items()}
         self._cache = _VerifiedCache()
 
     def verify(self, token: str, *, now: float | None = None) -> Principal:
@@ -126,11 +145,11 @@ class ClientTokenVerifier:
             key = self._keys.get(kid) if isinstance(kid, str) else None
             if key is None:
                 raise TokenRefused("the token's kid names no configured key")
-            return _decode(token, key, **options)
+            return _decode_any(token, key, **options)
         refusal = TokenRefused("the token's signature is not valid")
-        for key in self._keys.values():
+        for keys in self._keys.values():
             try:
-                return _decode(token, key, **options)
+                return _decode_any(token, keys, **options)
             except TokenRefused as exc:
                 refusal = exc
         raise refusal
@@ -184,10 +203,10 @@ class InternalTokenMinter:
 
 
 class InternalTokenVerifier:
-    """The regional service's check of hop tokens."""
+    """The regional service's check of hop tokens (against one key, or several while one is rotated)."""
 
-    def __init__(self, key: PublicKey) -> None:
-        self._key = key
+    def __init__(self, key: PublicKey | Sequence[PublicKey]) -> None:
+        self._keys = _key_list(key)
         self._cache = _VerifiedCache()
 
     def verify(self, token: str, *, now: float | None = None) -> Principal:
@@ -195,9 +214,9 @@ class InternalTokenVerifier:
         cached = self._cache.get(token, now)
         if cached is not None:
             return cached
-        claims = _decode(
+        claims = _decode_any(
             token,
-            self._key,
+            self._keys,
             audience=INTERNAL_AUDIENCE,
             issuer=INTERNAL_ISSUER,
             leeway=limits.INTERNAL_TOKEN_LEEWAY_S,
