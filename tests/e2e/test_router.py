@@ -117,3 +117,24 @@ async def test_the_router_serves_the_regions_openapi_surface_plus_health(
     assert {"/healthz", "/readyz"} <= set(ours["paths"])
     assert (await http.get(router.url + "/healthz")).status_code == 200
     assert (await http.get(router.url + "/readyz")).json()["status"] == "ready"
+
+
+async def test_transfers_between_every_pair_of_regions_post_through_the_global_endpoint(
+    client_api: RouterApi, topology: Topology
+) -> None:
+    accounts = {}
+    for region in topology.regions:
+        opened = await client_api.open_account("EUR", region=region.name)
+        assert opened.status_code == 201, opened.text
+        accounts[region.name] = opened.json()["id"]
+        await client_api.funded(accounts[region.name], 1_000)
+    moves = [(a, b) for a in accounts for b in accounts if a != b]
+    for debit_region, credit_region in moves:
+        response = await client_api.transfer(accounts[debit_region], accounts[credit_region], 10)
+        assert response.status_code == 201, f"{debit_region}->{credit_region}: expected 201, got {response.text}"
+        assert response.json()["state"] == "posted", response.json()
+        shown = await client_api.get(f"/v1/transfers/{response.json()['id']}")
+        assert shown.status_code == 200 and shown.json()["state"] == "posted", shown.text
+    for region, account in accounts.items():
+        # Each region sent 10 to, and received 10 from, each of the others.
+        assert await client_api.balance(account) == 1_000, f"expected {region}'s balance unchanged net"
