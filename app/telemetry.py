@@ -340,6 +340,8 @@ def _incoming_context(traceparent: str | None) -> tuple[str | None, Context | No
 
 # The ASGI wrapper ---------------------------------------------------------------------------------------
 
+_access_log = logging.getLogger("txroute.access")
+
 
 class Instrumented:
     """Wraps a deployable's ASGI app: per HTTP request a request id and trace id (the caller's when
@@ -382,9 +384,13 @@ class Instrumented:
                 await self.app(scope, receive, send_status)
         finally:
             route = route_label(scope)
-            METRICS.requests.labels(route, str(status), self.region).observe(time.perf_counter() - started)
+            elapsed_s = time.perf_counter() - started
+            METRICS.requests.labels(route, str(status), self.region).observe(elapsed_s)
             if ctx.error_code is not None:
                 METRICS.problems.labels(route, ctx.error_code, self.region).inc()
+            if _access_log.isEnabledFor(logging.DEBUG):  # one line per request, at DEBUG only
+                _access_log.debug("request", extra={"route": route, "status": status, "code": ctx.error_code,
+                                                    "duration_ms": round(elapsed_s * 1000, 3)})
             _request.reset(token)
 
     async def _traced(self, scope: Scope, receive: Receive, send: Send, ctx: RequestContext,

@@ -99,7 +99,7 @@ def _value(value: Any) -> Any:
     return getattr(value, kind) if kind else None
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def collector() -> Iterator[Collector]:
     found = Collector()
 
@@ -160,7 +160,7 @@ class TracedWorld:
         return files
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def traced(
     collector: Collector, topology: Topology, pg_template: Cluster, keys: SessionKeys, work_dir: Path
 ) -> Iterator[TracedWorld]:
