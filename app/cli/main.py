@@ -83,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, default=10.0, help="duration of each measurement (default 10)")
     bench.add_argument("--accounts", type=int, default=100, help="accounts the transfers move between")
     bench.set_defaults(run=_bench)
+
+    from app.ops import cli as ops_cli  # `txroute ops ...`: the runbooks' commands (runbooks/)
+
+    ops_cli.add_parser(sub)
     return parser
 
 

@@ -220,6 +220,45 @@ def status(stack: Stack) -> list[dict[str, Any]]:
     return rows
 
 
+def restart_services(stack: Stack, names: list[str]) -> list[str]:
+    """Stop the named services (if they run) and start them again with the stack's current settings and key
+    files, all at once, then wait until each is ready; the record follows. Returns what was restarted.
+    `txroute ops restart` and `txroute ops rotate-keys` use it; the other services keep running."""
+    try:
+        record: dict[str, Any] = json.loads(stack.record_file.read_text())
+    except (OSError, ValueError):
+        raise StackError("the local stack is not running (no stack.json): start it with `txroute up`") from None
+    by_name = {s.name: s for s in stack.services}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise StackError(f"no service named {unknown}; known: {sorted(by_name)}")
+    pids = {e["name"]: int(e["pid"]) for e in record["services"]}
+    for name in names:
+        pid = pids.get(name)
+        if pid is not None and _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for name in names:
+        if name in pids:
+            _wait_gone(pids[name])
+    for name in names:
+        service = by_name[name]
+        if service.name != ROUTER_NAME:
+            service.env["TXROUTE_DATABASE_PASSWORD"] = stack.clusters[service.env["TXROUTE_REGION"]].password()
+        service.start()
+    for name in names:
+        by_name[name].wait_ready()
+    for name in names:
+        process = by_name[name].process
+        assert process is not None
+        entry = {"name": name, "pid": process.pid, "url": by_name[name].url, "log": str(by_name[name].log_file)}
+        record["services"] = [e for e in record["services"] if e["name"] != name] + [entry]
+    stack.record_file.write_text(json.dumps(record, indent=2))
+    return names
+
+
 def shard_dsns(stack: Stack) -> dict[str, str]:
     """Every shard's database DSN in the local stack (for `txroute audit`)."""
     return {
@@ -235,7 +274,30 @@ def _write_record(stack: Stack) -> None:
         for s in stack.services
         if s.process is not None
     ]
-    stack.record_file.write_text(json.dumps({"services": services}, indent=2))
+    c = stack.config
+    config = {  # so that commands run later (`txroute ops`) find the same ports without repeating the flags
+        "regions_dir": str(c.regions_dir) if c.regions_dir else None, "region_port_base": c.region_port_base,
+        "pg_port_base": c.pg_port_base, "router_port": c.router_port, "router_region": c.router_region,
+        "wan_latency_ms": c.wan_latency_ms,
+    }
+    stack.record_file.write_text(json.dumps({"services": services, "config": config}, indent=2))
+
+
+def recorded_config(state: Path) -> StackConfig | None:
+    """The configuration the stack in `state` was started with (None if it never recorded one)."""
+    try:
+        config = json.loads((state / "stack.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return StackConfig(
+        state=state,
+        regions_dir=Path(config["regions_dir"]) if config["regions_dir"] else None,
+        region_port_base=int(config["region_port_base"]),
+        pg_port_base=int(config["pg_port_base"]),
+        router_port=int(config["router_port"]),
+        router_region=config["router_region"],
+        wan_latency_ms=int(config["wan_latency_ms"]),
+    )
 
 
 def _alive(pid: int) -> bool:
