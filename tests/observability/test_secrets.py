@@ -42,7 +42,8 @@ async def _exercise(traced: TracedWorld, api: RouterApi) -> tuple[list[bytes], s
         await http.get(f"/v1/accounts/{account}", headers={"Authorization": "Bearer " + api.token + "x"}),
         await http.get(f"/v1/accounts/{account}", headers={"Authorization": api.token}),  # no scheme
         await http.post("/v1/deposits", content=b'{"account": "' + api.token.encode() + b'", "amount": 1}',
-                        headers=api.headers(key="key-" + secrets.token_hex(8), extra={"content-type": "application/json"})),
+                        headers=api.headers(key="key-" + secrets.token_hex(8),
+                                            extra={"content-type": "application/json"})),
         await http.post("/v1/deposits", content=b"{not json", headers=api.headers(key="k" * 200)),
         await http.get("/v1/accounts/" + api.token),  # the token where an id belongs, without credentials
         await http.get("/metrics"),
@@ -70,12 +71,13 @@ async def test_no_token_password_or_private_key_reaches_a_log_an_error_body_or_a
     bodies, trace_id, forged = await _exercise(traced, traced_api)
     traced.collector.wait_for(lambda spans: any(s.trace_id == trace_id and s.service == "txroute-router"
                                                 for s in spans), what="the last request's spans")
+    internal_pem = private_pem(traced.keys.internal_private)
     needles = {
         "client token": traced_api.token,
         "client token signature": traced_api.token.rsplit(".", 1)[1],
         "forged token signature": forged.rsplit(".", 1)[1],
-        "internal private key": private_pem(traced.keys.internal_private),
-        **{f"internal key line {i}": line for i, line in enumerate(_pem_lines(private_pem(traced.keys.internal_private)))},
+        "internal private key": internal_pem,
+        **{f"internal key line {i}": line for i, line in enumerate(_pem_lines(internal_pem))},
         **{f"{region} database password": c.password() for region, c in traced.clusters.items()},
         "PEM header": "PRIVATE KEY-----",
     }
