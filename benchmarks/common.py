@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 
 from app.local.postgres import Cluster, clusters_root, ensure_pg_user, find_pg_bin
-from app.local.processes import REGION_FACTORY, ServiceProcess, asgi_command, free_port
+from app.local.processes import ServiceProcess, free_port, region_process
 from app.local.stack import state_dir
 from app.topology.ids import parse_account_id
 from app.topology.loader import load_topology
@@ -63,19 +63,9 @@ def fresh_cluster(name: str) -> Cluster:
 
 
 def region_service(region: str, cluster: Cluster, log_file: Path, **env: str) -> ServiceProcess:
-    port = free_port()
-    return ServiceProcess(
-        name=f"bench-{region}",
-        argv=asgi_command(REGION_FACTORY, port),
-        env={
-            "TXROUTE_REGION": region,
-            "TXROUTE_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{cluster.port}",
-            "TXROUTE_DATABASE_PASSWORD": cluster.password(),
-            **region_env(),
-            **env,
-        },
-        port=port,
-        log_file=log_file,
+    return region_process(
+        region, cluster.port, free_port(), log_file,
+        TXROUTE_DATABASE_PASSWORD=cluster.password(), **region_env(), **env,
     )
 
 

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from app.local.postgres import Cluster, ensure_pg_user, find_pg_bin
-from app.local.processes import REGION_FACTORY, ServiceProcess, asgi_command, free_port
+from app.local.processes import ServiceProcess, free_port
+from app.local.processes import region_process as local_region_process
 from app.topology.loader import load_topology
 from app.topology.model import Topology
 from tests.keys import SessionKeys, region_env, session_keys
@@ -81,19 +82,9 @@ def server_url(cluster: Cluster) -> str:
 
 
 def region_process(region: str, cluster: Cluster, log_dir: Path, **env: str) -> ServiceProcess:
-    port = free_port()
-    return ServiceProcess(
-        name=f"region-{region}",
-        argv=asgi_command(REGION_FACTORY, port),
-        env={
-            "TXROUTE_REGION": region,
-            "TXROUTE_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{cluster.port}",
-            "TXROUTE_DATABASE_PASSWORD": cluster.password(),
-            **region_env(),
-            **env,
-        },
-        port=port,
-        log_file=log_dir / f"region-{region}.log",
+    return local_region_process(
+        region, cluster.port, free_port(), log_dir / f"region-{region}.log",
+        TXROUTE_DATABASE_PASSWORD=cluster.password(), **region_env(), **env,
     )
 
 

@@ -32,6 +32,7 @@ def asgi_command(factory: str, port: int, *, host: str = "127.0.0.1") -> list[st
 
 
 REGION_FACTORY = "app.region.app:app_from_env"
+
 ROUTER_FACTORY = "app.router.app:app_from_env"
 
 
@@ -98,3 +99,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def region_process(region: str, database_port: int, port: int, log_file: Path, **env: str) -> ServiceProcess:
+    """A regional service on loopback against the region's PostgreSQL on `database_port` (the stack, the
+    tests and the benchmarks all start it this way; each adds its keys and the database password)."""
+    return ServiceProcess(
+        name=f"region-{region}",
+        argv=asgi_command(REGION_FACTORY, port),
+        env={
+            "TXROUTE_REGION": region,
+            "TXROUTE_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{database_port}",
+            **env,
+        },
+        port=port,
+        log_file=log_file,
+    )

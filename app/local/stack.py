@@ -17,7 +17,7 @@ from typing import Any
 
 from app.config import REPO_ROOT
 from app.local.postgres import Cluster, clusters_root, ensure_pg_user, find_pg_bin
-from app.local.processes import REGION_FACTORY, ROUTER_FACTORY, ServiceProcess, asgi_command, http_ok
+from app.local.processes import ROUTER_FACTORY, ServiceProcess, asgi_command, http_ok, region_process
 from app.security.keys import DevKeys, ensure_dev_keys
 from app.topology.loader import load_topology
 from app.topology.model import Topology
@@ -79,23 +79,11 @@ def plan(config: StackConfig) -> Stack:
     for i, region in enumerate(topology.regions):
         cluster = Cluster(root / region.name, config.pg_port_base + i, run_as, bin_dir)
         clusters[region.name] = cluster
-        env = {
-            "TXROUTE_REGION": region.name,
-            "TXROUTE_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{cluster.port}",
-            "TXROUTE_INTERNAL_PUBLIC_KEY": str(keys.internal_public),
-        }
+        env = {"TXROUTE_INTERNAL_PUBLIC_KEY": str(keys.internal_public)}
         if config.regions_dir is not None:
             env["TXROUTE_REGIONS_DIR"] = str(config.regions_dir)
-        port = config.region_port_base + i
-        services.append(
-            ServiceProcess(
-                name=f"region-{region.name}",
-                argv=asgi_command(REGION_FACTORY, port),
-                env=env,
-                port=port,
-                log_file=config.state / "logs" / f"region-{region.name}.log",
-            )
-        )
+        log_file = config.state / "logs" / f"region-{region.name}.log"
+        services.append(region_process(region.name, cluster.port, config.region_port_base + i, log_file, **env))
     # Regions send saga messages to each other, signed with the internal key.
     urls = json.dumps({s.env["TXROUTE_REGION"]: s.url for s in services})
     for service in services:
