@@ -198,6 +198,57 @@ def route_label(scope: Mapping[str, Any]) -> str:
 _TYPED_PARAM = re.compile(r":[a-z]+}")
 
 
+# CloudWatch: the few metrics the alarms in infra/ watch, as embedded metric format lines in the log ------
+
+EMF_NAMESPACE = "txroute"  # infra/txroute_infra/layout.py names the same namespace and metrics
+_IDEMPOTENCY_CODES = frozenset({"idempotency_key_reused", "idempotency_key_in_flight"})
+
+
+def _sample_sum(metric: Any, sample: str, keep: Callable[[dict[str, str]], bool]) -> float:
+    return float(sum(s.value for family in metric.collect() for s in family.samples
+                     if s.name == sample and keep(s.labels)))
+
+
+class CloudWatchEmf:
+    """One JSON line per interval that CloudWatch Logs turns into metrics (dimension `Region`): the outbox's
+    oldest message age, the last audit's result and, over the interval, writes and idempotency conflicts."""
+
+    def __init__(self, region: str) -> None:
+        self.region = region
+        self._totals = self._read_totals()
+
+    @staticmethod
+    def _read_totals() -> tuple[float, float]:
+        conflicts = _sample_sum(METRICS.problems, "txroute_http_problems_total",
+                                lambda labels: labels["code"] in _IDEMPOTENCY_CODES)
+        writes = _sample_sum(METRICS.requests, "txroute_http_request_duration_seconds_count",
+                             lambda labels: labels["route"].startswith("POST /v1/"))
+        return conflicts, writes
+
+    def line(self, *, outbox_oldest_s: float | None, audit_clean: bool | None) -> str:
+        conflicts, writes = self._read_totals()
+        values: dict[str, float] = {"IdempotencyConflicts": conflicts - self._totals[0],
+                                    "Writes": writes - self._totals[1]}
+        self._totals = (conflicts, writes)
+        units = {"IdempotencyConflicts": "Count", "Writes": "Count"}
+        if outbox_oldest_s is not None:
+            values["OutboxOldestAgeSeconds"] = round(outbox_oldest_s, 3)
+            units["OutboxOldestAgeSeconds"] = "Seconds"
+        if audit_clean is not None:
+            values["LastAuditClean"] = 1 if audit_clean else 0
+            units["LastAuditClean"] = "None"
+        now = time.time()
+        doc = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "level": "info",
+            "event": "cloudwatch_metrics", **_context, "Region": self.region, **values,
+            "_aws": {"Timestamp": int(now * 1000), "CloudWatchMetrics": [{
+                "Namespace": EMF_NAMESPACE, "Dimensions": [["Region"]],
+                "Metrics": [{"Name": name, "Unit": unit} for name, unit in units.items()],
+            }]},
+        }
+        return msgspec.json.encode(doc).decode()
+
+
 # Traces -------------------------------------------------------------------------------------------------
 
 

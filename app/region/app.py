@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -48,6 +49,7 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
         peers: Upstreams | None = None
         relay: asyncio.Task[None] | None = None
         drain_watch: asyncio.Task[None] | None = None
+        emf: asyncio.Task[None] | None = None
         try:
             for shard in region.shards:
                 if settings.provision_on_start:
@@ -71,10 +73,11 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
             await application.state.ledger.refresh_drain()  # a drained region starts drained
             relay = asyncio.create_task(saga.relay_forever(), name="saga-relay")
             drain_watch = asyncio.create_task(_watch_drain(application.state.ledger), name="drain-watch")
+            emf = asyncio.create_task(_publish_cloudwatch_metrics(application.state.ledger), name="emf")
             log.info("region_started", extra={"region": region.name, "shards": len(stores)})
             yield
         finally:
-            for task in (relay, drain_watch):
+            for task in (relay, drain_watch, emf):
                 if task is not None:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
@@ -201,6 +204,26 @@ async def _observe_shard(region: str, store: ShardStore) -> None:
     if seen["audit_clean"] is not None:
         m.audit_clean.labels(region, store.name).set(1 if seen["audit_clean"] else 0)
         m.audit_time.labels(region, store.name).set(seen["audit_at"])
+
+
+async def _publish_cloudwatch_metrics(ledger: RegionLedger) -> None:
+    """Every EMF_INTERVAL_S, the metrics the region's CloudWatch alarms watch, as one log line."""
+    emf = telemetry.CloudWatchEmf(ledger.region)
+    while True:
+        await asyncio.sleep(limits.EMF_INTERVAL_S)
+        seen = []
+        for store in ledger.stores.values():
+            try:
+                async with asyncio.timeout(limits.METRICS_DB_TIMEOUT_S):
+                    seen.append(await store.observe())
+            except (TimeoutError, ShardUnavailable):
+                pass  # that shard's figures are missing from this interval; the alarms treat missing data
+            except Exception as exc:  # the publisher must outlive any one failure
+                log.error("cloudwatch_metrics_error", extra={"shard": store.name, "error_type": type(exc).__name__})
+        audits = [s["audit_clean"] for s in seen if s["audit_clean"] is not None]
+        oldest_s = max((s["oldest_s"] for s in seen), default=None)
+        print(emf.line(outbox_oldest_s=oldest_s, audit_clean=all(audits) if audits else None),
+              file=sys.stderr, flush=True)
 
 
 def app_from_env() -> telemetry.Instrumented:

@@ -42,15 +42,25 @@ RUNBOOK_LATENCY_OR_ERRORS = "runbooks/high-latency-or-errors.md"
 RUNBOOK_DATABASE_FAILOVER = "runbooks/database-failover.md"
 RUNBOOK_DATABASE_CAPACITY = "runbooks/database-capacity.md"
 RUNBOOK_SAGA_BACKLOG = "runbooks/saga-backlog.md"
+RUNBOOK_RECONCILIATION_MISMATCH = "runbooks/reconciliation-mismatch.md"
+RUNBOOK_IDEMPOTENCY_CONFLICTS = "runbooks/idempotency-conflict-spike.md"
 RUNBOOKS = (
     RUNBOOK_REGION_UNAVAILABLE, RUNBOOK_LATENCY_OR_ERRORS, RUNBOOK_DATABASE_FAILOVER,
-    RUNBOOK_DATABASE_CAPACITY, RUNBOOK_SAGA_BACKLOG,
+    RUNBOOK_DATABASE_CAPACITY, RUNBOOK_SAGA_BACKLOG, RUNBOOK_RECONCILIATION_MISMATCH,
+    RUNBOOK_IDEMPOTENCY_CONFLICTS,
 )
 
-# The custom metric the region service publishes (CloudWatch embedded metric format in its logs): the age
-# of the oldest undelivered outbox message, per region.
+# The custom metrics each region service publishes, per region (dimension `Region`), as CloudWatch embedded
+# metric format lines in its log (app/telemetry.py: emf_line, every EMF_INTERVAL_S): the age of the oldest
+# undelivered outbox message; 1 when the last recorded `txroute audit` was clean (0 when not); and, over the
+# interval, public writes and those answered 409/422 for a reused or in-flight Idempotency-Key.
 OUTBOX_METRIC_NAMESPACE = "txroute"
 OUTBOX_METRIC_NAME = "OutboxOldestAgeSeconds"
+AUDIT_CLEAN_METRIC_NAME = "LastAuditClean"
+IDEMPOTENCY_CONFLICTS_METRIC_NAME = "IdempotencyConflicts"
+WRITES_METRIC_NAME = "Writes"
+# Above this share of writes refused for their Idempotency-Key a client (or our retries) misbehaves.
+IDEMPOTENCY_CONFLICT_RATIO_MAX = 0.05
 
 # The two deployables share one image (one Python package); each runs its own ASGI factory.
 REGION_FACTORY = "app.region.app:app_from_env"

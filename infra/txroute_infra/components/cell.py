@@ -78,6 +78,35 @@ class RegionalCell(RegionalComponent):
             threshold=self.config.outbox_age_s_max,
             metric={"namespace": layout.OUTBOX_METRIC_NAMESPACE, "metric_name": layout.OUTBOX_METRIC_NAME,
                     "dimensions": {"Region": self.region}, "statistic": "Maximum"})
+        self._ledger_alarms()
+
+    def _ledger_alarms(self) -> None:
+        """Alarms on the region's own metrics (layout: embedded metric format in its log)."""
+        o, ns, dims = self.observability, layout.OUTBOX_METRIC_NAMESPACE, {"Region": self.region}
+        o.alarm(
+            "reconciliation-mismatch", runbook=layout.RUNBOOK_RECONCILIATION_MISMATCH,
+            comparison="LessThanThreshold", threshold=1, treat_missing_data="notBreaching",
+            summary=f"The last txroute audit recorded in {self.region}'s shards found violations: balances, "
+                    "transit or money conservation do not reconcile.",
+            metric={"namespace": ns, "metric_name": layout.AUDIT_CLEAN_METRIC_NAME, "dimensions": dims,
+                    "statistic": "Minimum"})
+
+        def metric(query_id: str, name: str) -> dict[str, object]:
+            return {"id": query_id, "return_data": False, "metric": {
+                "namespace": ns, "metric_name": name, "dimensions": dims, "stat": "Sum", "period": 60}}
+
+        ratio = layout.IDEMPOTENCY_CONFLICT_RATIO_MAX
+        o.alarm(
+            "idempotency-conflict-ratio", runbook=layout.RUNBOOK_IDEMPOTENCY_CONFLICTS,
+            comparison="GreaterThanThreshold", threshold=ratio, treat_missing_data="notBreaching",
+            summary=f"More than {ratio:.0%} of writes in {self.region} are refused (409/422) for a reused or "
+                    "in-flight Idempotency-Key.",
+            queries=[
+                metric("conflicts", layout.IDEMPOTENCY_CONFLICTS_METRIC_NAME),
+                metric("writes", layout.WRITES_METRIC_NAME),
+                {"id": "ratio", "label": "idempotency conflict ratio", "return_data": True,
+                 "expression": "IF(writes > 0, FILL(conflicts, 0) / writes, 0)"},
+            ])
 
     def _load_balancer_alarms(self, tier: str, lb_suffix: pulumi.Output[str],
                               tg_suffix: pulumi.Output[str]) -> None:
