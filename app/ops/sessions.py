@@ -2,9 +2,10 @@
 
 A session that keeps a transaction open while holding locks (an analyst's `psql`, a stuck migration, a
 runaway query) makes postings wait until `lock_timeout` and fail with 503 `shard_unavailable`: high latency
-and 5xx. `--terminate-blockers` ends only the sessions that block another one and whose transaction is
-older than `--older-than`; the blocked postings then go through, and a client's retry with the same
-Idempotency-Key is safe.
+and 5xx. `--terminate-blockers` ends only the sessions whose transaction is older than `--older-than` and
+that block another one now, or sit `idle in transaction` (holding their locks while doing nothing, which
+the services' own connections never do for long: `idle_in_transaction_session_timeout`). The blocked
+postings then go through, and a client's retry with the same Idempotency-Key is safe.
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ async def terminate_blockers(target: Target, *, older_than_s: float, yes: bool) 
     rows, unreadable = await sessions(target, older_than_s=older_than_s)
     for u in unreadable:
         print(f"WARNING shard not read: {u}")
-    blockers = [r for r in rows if r["blocking"]]
+    blockers = [r for r in rows if r["blocking"] or r["state"].startswith("idle in transaction")]
     if not blockers:
-        print(f"no session older than {older_than_s:g}s blocks another; nothing to do")
+        print(f"no session older than {older_than_s:g}s blocks another or idles in a transaction; nothing to do")
         return 0
     plan = [f"terminate {r['shard']} pid {r['pid']} ({r['application_name'] or 'no application name'}, "
             f"transaction open {r['xact_s']:.0f}s, blocking {r['blocked_count']}); its transaction rolls back"
