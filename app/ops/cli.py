@@ -3,7 +3,7 @@ its own module of `app/ops/`. A command that changes anything prints its plan an
 
 Target: the local stack whose state is in `--state-dir` / TXROUTE_STATE_DIR / `.state` (ports as `txroute up`
 recorded them), or a deployed stack given `--endpoint NAME=URL` (`router=...` or a region name), `--dsn
-SHARD=DSN` or `--dsn-file`, and `--internal-key`. DSNs and keys are never printed.
+SHARD=DSN` or `--dsn-file`. DSNs are never printed.
 """
 
 from __future__ import annotations
@@ -87,7 +87,6 @@ def _target_options(p: argparse.ArgumentParser, run: Any) -> None:
                    help="deployed stack: router=URL or <region>=URL (repeat)")
     p.add_argument("--dsn", action="append", default=[], metavar="SHARD=DSN", help="deployed stack (repeat)")
     p.add_argument("--dsn-file", type=Path, default=None, help="deployed stack: SHARD=DSN lines")
-    p.add_argument("--internal-key", type=Path, default=None, help="deployed stack: internal private key file")
     p.add_argument("--regions-dir", type=Path, default=None, help="the topology folder (regions/)")
     p.set_defaults(run=lambda args: _guarded(run, args))
 
@@ -121,7 +120,7 @@ def _seconds(text: str) -> float:
 def _target(args: argparse.Namespace) -> Target:
     if args.endpoint or args.dsn or args.dsn_file:
         return deployed_target(endpoints=args.endpoint, dsns=args.dsn, dsn_file=args.dsn_file,
-                               internal_key=args.internal_key, regions_dir=args.regions_dir)
+                               regions_dir=args.regions_dir)
     state = args.state_dir or local_stack.state_dir()
     config = local_stack.recorded_config(state) or local_stack.StackConfig(state=state)
     if args.regions_dir is not None:

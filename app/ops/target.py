@@ -2,8 +2,9 @@
 endpoints and credentials.
 
     local      shard DSNs from the stack's clusters, the router and region URLs it runs, its dev key files
-    deployed   --endpoint NAME=URL (router=..., or a region name), --dsn SHARD=DSN (or --dsn-file with one
-               SHARD=DSN a line), --internal-key PATH (the internal private key, for the internal API)
+    deployed   --endpoint NAME=URL (router=..., or a region name) and --dsn SHARD=DSN (or --dsn-file with
+               one SHARD=DSN a line). The drain flag, sagas and audits live in the shard databases, so the
+               commands need no API credentials; `rotate-keys` prints the Secrets Manager steps instead.
 
 A DSN carries a password; it is never printed: `redact` shows a DSN without it.
 """
@@ -39,7 +40,6 @@ class Target:
     shard_dsns: dict[str, str] = field(repr=False)
     router_urls: list[str]
     region_urls: dict[str, str]
-    internal_key: Path | None = field(default=None, repr=False)
     stack: local_stack.Stack | None = None
 
     @property
@@ -68,14 +68,12 @@ def local_target(stack: local_stack.Stack) -> Target:
         shard_dsns=local_stack.shard_dsns(stack),
         router_urls=[router.url],
         region_urls=regions,
-        internal_key=stack.keys.internal_private,
         stack=stack,
     )
 
 
 def deployed_target(
-    *, endpoints: list[str], dsns: list[str], dsn_file: Path | None, internal_key: Path | None,
-    regions_dir: Path | None,
+    *, endpoints: list[str], dsns: list[str], dsn_file: Path | None, regions_dir: Path | None
 ) -> Target:
     topology = load_topology(regions_dir)
     routers: list[str] = []
@@ -101,7 +99,7 @@ def deployed_target(
         shard_dsns[shard] = dsn
     if not shard_dsns:
         raise OpsError("a deployed stack needs its shard databases: --dsn SHARD=DSN (repeat) or --dsn-file")
-    return Target(topology, shard_dsns, routers, regions, internal_key, None)
+    return Target(topology, shard_dsns, routers, regions, None)
 
 
 def _pair(item: str, form: str) -> tuple[str, str]:

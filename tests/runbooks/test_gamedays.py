@@ -315,6 +315,10 @@ def test_deploy_behind_a_drain_refuses_writes_for_the_region_only_and_lets_sagas
         account = open_account(http, region, deposit=100)
         elsewhere = open_account(http, "us-east-1", deposit=100)
 
+        dry = gameday.run(drain.replace(" --yes", ""), stack.state)
+        assert dry.returncode == 0 and "dry run: nothing changed" in dry.stdout, str(dry)
+        assert http.post("/v1/deposits", json={"account": account, "amount": 1, "currency": "EUR"},
+                         headers={"idempotency-key": new_key()}).status_code == 201, "expected no drain without --yes"
         drained = gameday.run(drain, stack.state)
         assert drained.returncode == 0 and f"draining {region}" in drained.stdout, str(drained)
         refused = http.post("/v1/deposits", json={"account": account, "amount": 1, "currency": "EUR"},
@@ -343,6 +347,6 @@ def test_deploy_behind_a_drain_refuses_writes_for_the_region_only_and_lets_sagas
         served = http.post("/v1/deposits", json={"account": account, "amount": 1, "currency": "EUR"},
                            headers={"idempotency-key": new_key()})
         assert served.status_code == 201, f"expected writes again after undrain: {served.text}"
-        assert http.get(f"/v1/accounts/{account}").json()["balance"] == 151
+        assert http.get(f"/v1/accounts/{account}").json()["balance"] == 152
     checked = gameday.run(verify.commands({})[0], stack.state)
     assert checked.returncode == 0 and "OK: no violation" in checked.stdout, str(checked)
