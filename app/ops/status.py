@@ -98,8 +98,8 @@ def text(doc: dict[str, Any]) -> str:
         lines.append(f"  {name:<12} {state:<10} {'DRAINING ' if drained else ''}{service['url']}{pid}")
     for router in doc["routers"]:
         state = "ready" if router["ready"] else "NOT READY"
-        drained = f" draining={','.join(router['draining'])}" if router["draining"] else ""
-        lines.append(f"  router       {state:<10} {router['url']}{drained}")
+        learnt = f" draining={','.join(router['draining'])}" if router["draining"] else ""
+        lines.append(f"  router       {state:<10} {router['url']}{learnt}")
     lines.append("shards:")
     for name, shard in doc["shards"].items():
         if not shard["reachable"]:
