@@ -192,10 +192,17 @@ def route_label(scope: Mapping[str, Any]) -> str:
     if not template:
         return "unmatched"
     method = scope.get("method", "")
-    return f"{method if method in _METHODS else 'OTHER'} {_TYPED_PARAM.sub('}', template)}"
+    if method not in _METHODS:
+        method = "OTHER"
+    key = (method, template)
+    label = _route_labels.get(key)
+    if label is None:  # bounded: methods are a fixed set, templates are the app's routes
+        label = _route_labels[key] = f"{method} {_TYPED_PARAM.sub('}', template)}"
+    return label
 
 
 _TYPED_PARAM = re.compile(r":[a-z]+}")
+_route_labels: dict[tuple[str, str], str] = {}
 
 
 # CloudWatch: the few metrics the alarms in infra/ watch, as embedded metric format lines in the log ------
@@ -402,6 +409,9 @@ class Instrumented:
         self.app: ASGIApp = app  # Any: Litestar declares its own, narrower ASGI scope types
         self.service = service
         self.region = region
+        # Labelled histogram children by (route, status): label lookup costs more than the observation.
+        # Bounded: routes are the app's templates, statuses the few the app answers with.
+        self._durations: dict[tuple[str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -436,7 +446,10 @@ class Instrumented:
         finally:
             route = route_label(scope)
             elapsed_s = time.perf_counter() - started
-            METRICS.requests.labels(route, str(status), self.region).observe(elapsed_s)
+            duration = self._durations.get((route, status))
+            if duration is None:
+                duration = self._durations[(route, status)] = METRICS.requests.labels(route, str(status), self.region)
+            duration.observe(elapsed_s)
             if ctx.error_code is not None:
                 METRICS.problems.labels(route, ctx.error_code, self.region).inc()
             if _access_log.isEnabledFor(logging.DEBUG):  # one line per request, at DEBUG only
