@@ -179,6 +179,25 @@ def test_services_run_private_with_readyz_health_checks_and_their_regions_image(
             "secrets come from Secrets Manager, never plain environment"
 
 
+def test_region_services_can_reach_and_sign_for_every_region_for_sagas(program_run: Run) -> None:
+    import json
+
+    task_definitions = program_run.of_type("aws:ecs/taskDefinition:TaskDefinition")
+    regions = {program_run.region_of(td) for td in task_definitions}
+    services = 0
+    for td in task_definitions:
+        (container,) = json.loads(td.inputs["containerDefinitions"])
+        env = {e["name"]: e["value"] for e in container["environment"]}
+        secrets = {s["name"] for s in container["secrets"]}
+        assert "TXROUTE_REGION_URLS" in env, "both services call other regions (router: forwarding; region: sagas)"
+        if "TXROUTE_DATABASE_URL" in env:  # the regional service
+            services += 1
+            urls = json.loads(env["TXROUTE_REGION_URLS"])
+            assert set(urls) == regions, f"expected every region's internal URL, got {sorted(urls)}"
+            assert "TXROUTE_INTERNAL_PRIVATE_KEY" in secrets, "the saga relay signs its calls to other regions"
+    assert services == len(regions), "expected one regional service per region"
+
+
 def test_task_roles_read_only_their_own_secrets(program_run: Run) -> None:
     import json
 

@@ -65,6 +65,7 @@ class Compute(RegionalComponent):
         self._app_subnet_ids = list(app_subnet_ids)
         self._public_lb_sg = public_lb_sg
         self._router_sg = router_sg
+        self._region_sg = region_sg
         self._log_groups = log_groups
 
         self.repository = ecr.Repository(
@@ -83,8 +84,10 @@ class Compute(RegionalComponent):
                                    tags=self._tags, opts=self.child())
 
         # Secrets the services read; their values are put by an operator (infra/README.md), never by code.
-        self.region_secret = self._secret("region-secret", f"txroute/{environment}/region-service",
-                                          "internal_public_key: verifies the router's internal tokens")
+        self.region_secret = self._secret(
+            "region-secret", f"txroute/{environment}/region-service",
+            "internal_public_key (PEM): verifies internal tokens; internal_private_key (PEM): signs the "
+            "region's saga calls to other regions")
         self.router_secret = self._secret("router-secret", f"txroute/{environment}/router",
                                           "client_public_keys (JSON kid -> PEM), internal_private_key (PEM)")
 
@@ -99,18 +102,7 @@ class Compute(RegionalComponent):
             self.name("internal-api"), load_balancer_arn=self.internal_lb.arn, port=layout.INTERNAL_API_PORT,
             protocol="HTTP", default_actions=[{"type": "forward", "target_group_arn": self.region_tg.arn}],
             tags=self._tags, opts=self.child())
-        region_secrets = {
-            "TXROUTE_DATABASE_PASSWORD": pulumi.Output.concat(database_secret_arn, ":password::"),
-            "TXROUTE_INTERNAL_PUBLIC_KEY": pulumi.Output.concat(self.region_secret, ":internal_public_key::"),
-        }
-        self.region_service = self._service(
-            "region-service", layout.REGION_FACTORY, region.capacity.region_service_tasks, region_sg,
-            self.region_tg, self.internal_listener,
-            env={"TXROUTE_REGION": region.name,
-                 "TXROUTE_DATABASE_URL": pulumi.Output.concat(
-                     "postgresql://", database_username, "@", database_endpoint, ":",
-                     str(layout.POSTGRES_PORT))},
-            secrets=region_secrets, readable_secret_arns=[database_secret_arn, self.region_secret])
+        self._database = (database_secret_arn, database_username, database_endpoint)
         self.internal_url = pulumi.Output.concat(
             "http://", self.internal_lb.dns_name, ":", str(layout.INTERNAL_API_PORT))
 
@@ -120,6 +112,24 @@ class Compute(RegionalComponent):
 
     def add_router(self, *, region_urls: pulumi.Input[Mapping[str, str]],
                    validation_record_fqdns: Sequence[pulumi.Input[str]]) -> None:
+        """The services that need every region's internal URL: the regional service (its saga relay calls
+        the other regions) and the router."""
+        database_secret_arn, database_username, database_endpoint = self._database
+        self.region_service = self._service(
+            "region-service", layout.REGION_FACTORY, self.spec.capacity.region_service_tasks, self._region_sg,
+            self.region_tg, self.internal_listener,
+            env={"TXROUTE_REGION": self.spec.name,
+                 "TXROUTE_REGION_URLS": pulumi.Output.json_dumps(region_urls),
+                 "TXROUTE_DATABASE_URL": pulumi.Output.concat(
+                     "postgresql://", database_username, "@", database_endpoint, ":",
+                     str(layout.POSTGRES_PORT))},
+            secrets={
+                "TXROUTE_DATABASE_PASSWORD": pulumi.Output.concat(database_secret_arn, ":password::"),
+                "TXROUTE_INTERNAL_PUBLIC_KEY": pulumi.Output.concat(self.region_secret, ":internal_public_key::"),
+                "TXROUTE_INTERNAL_PRIVATE_KEY": pulumi.Output.concat(
+                    self.region_secret, ":internal_private_key::"),
+            },
+            readable_secret_arns=[database_secret_arn, self.region_secret])
         validation = acm.CertificateValidation(
             self.name("cert-validation"), certificate_arn=self.certificate.arn,
             validation_record_fqdns=list(validation_record_fqdns) or None, opts=self.child())
