@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from typing import Any
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -15,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from app.security.keys import private_pem
 from app.security.tokens import mint_client_token
 from tests.e2e.conftest import RouterApi
+from tests.helpers import poll_until
 from tests.keys import CLIENT_KID
 from tests.observability.conftest import TracedWorld, open_in
 
@@ -103,7 +105,16 @@ async def test_log_lines_are_json_with_time_level_event_and_per_request_ids_trac
     assert response.status_code == 201
     rid = response.headers["x-request-id"]
     logs = [traced.world.folder / "logs" / "region-eu-west-1.log", traced.world.folder / "logs" / "router-traced.log"]
-    lines = [json.loads(line) for path in logs for line in path.read_text().splitlines() if line.startswith("{")]
+
+    def read() -> list[dict[str, Any]]:
+        return [json.loads(line) for path in logs for line in path.read_text().splitlines() if line.startswith("{")]
+
+    async def both_logged() -> bool:  # a request's line is written as it ends, just after its answer
+        services = {doc["service"] for doc in read() if doc.get("request_id") == rid and doc["event"] == "request"}
+        return services == {"region", "router"}
+
+    await poll_until(both_logged, what="the request's line in the router's and the region's log")
+    lines = read()
     assert lines and all({"time", "level", "event", "service", "region"} <= set(doc) for doc in lines)
     mine = [doc for doc in lines if doc.get("request_id") == rid]
     region_line = next(doc for doc in mine if doc["service"] == "region" and doc["event"] == "request")
