@@ -94,3 +94,6 @@ def alarm_description(summary: str, runbook: str) -> str:
     """Every alarm's description ends with its runbook, in one format the tests and the policy pack read."""
     assert runbook in RUNBOOKS, runbook
     return f"{summary} Runbook: {runbook}"
+
+# Paths the public load balancer answers 404 itself: metrics and internal routes never leave the VPC.
+PRIVATE_PATHS = ("/metrics", "/metrics/*", "/internal/*")

@@ -198,6 +198,18 @@ def test_region_services_can_reach_and_sign_for_every_region_for_sagas(program_r
     assert services == len(regions), "expected one regional service per region"
 
 
+def test_public_load_balancers_never_forward_metrics_or_internal_routes(program_run: Run) -> None:
+    rules = program_run.of_type("aws:lb/listenerRule:ListenerRule")
+    listeners = program_run.of_type("aws:lb/listener:Listener")
+    public_listeners = [r for r in listeners if r.inputs.get("protocol") == "HTTPS"]
+    assert rules and len(rules) == len(public_listeners), "expected one private-paths rule per public listener"
+    for rule in rules:
+        (condition,) = rule.inputs["conditions"]
+        assert set(condition["pathPattern"]["values"]) >= {"/metrics", "/internal/*"}, condition
+        (action,) = rule.inputs["actions"]
+        assert action["type"] == "fixed-response" and action["fixedResponse"]["statusCode"] == "404", action
+
+
 def test_task_roles_read_only_their_own_secrets(program_run: Run) -> None:
     import json
 

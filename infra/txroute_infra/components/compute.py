@@ -145,6 +145,15 @@ class Compute(RegionalComponent):
             protocol="HTTPS", ssl_policy=layout.TLS_POLICY, certificate_arn=validation.certificate_arn,
             default_actions=[{"type": "forward", "target_group_arn": self.router_tg.arn}],
             tags=self._tags, opts=self.child())
+        # Metrics and internal routes are for the VPC (Prometheus scrapes tasks directly), never the internet.
+        lb.ListenerRule(
+            self.name("public-private-paths"), listener_arn=self.public_listener.arn, priority=1,
+            conditions=[{"path_pattern": {"values": list(layout.PRIVATE_PATHS)}}],
+            actions=[{"type": "fixed-response", "fixed_response": {
+                "content_type": "application/problem+json", "status_code": "404",
+                "message_body": '{"type":"https://docs.txroute.dev/problems/not_found","title":"No such route",'
+                                '"status":404,"detail":"No such route","code":"not_found"}'}}],
+            tags=self._tags, opts=self.child())
         self.router_service = self._service(
             "router", layout.ROUTER_FACTORY, self.spec.capacity.router_tasks, self._router_sg,
             self.router_tg, self.public_listener,
