@@ -6,4 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/bootstrap.sh
 .venv/bin/ruff check app tests infra benchmarks ci
+.venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

@@ -96,7 +96,7 @@ def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respon
     )
 
 
-EXCEPTION_HANDLERS: dict[type[Exception], Any] = {
+EXCEPTION_HANDLERS: dict[int | type[Exception], Any] = {
     Problem: handle_problem,
     HTTPException: handle_http_exception,
     Exception: handle_unexpected,

@@ -29,7 +29,7 @@ RegionName = Annotated[str, msgspec.Meta(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$", 
 
 
 class OpenAccountRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    currency: Currency  # type: ignore[valid-type]
+    currency: Currency
     region: RegionName | None = None
     overdraft_limit: OverdraftMinor = 0
 
@@ -39,7 +39,7 @@ class FundsRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     account: AccountId
     amount: AmountMinor
-    currency: Currency  # type: ignore[valid-type]
+    currency: Currency
     reference: Reference | None = None
 
 
@@ -47,7 +47,7 @@ class TransferRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     debit_account: AccountId
     credit_account: AccountId
     amount: AmountMinor
-    currency: Currency  # type: ignore[valid-type]
+    currency: Currency
     reference: Reference | None = None
 
 
@@ -106,7 +106,7 @@ class SagaMessage(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     credit_account: AccountId
     credit_slot: Annotated[int, msgspec.Meta(ge=0, le=4095)]
     amount: AmountMinor
-    currency: Currency  # type: ignore[valid-type]
+    currency: Currency
     reference: Reference | None = None
     source_shard: str
     destination_shard: str

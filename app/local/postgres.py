@@ -45,7 +45,7 @@ def find_pg_bin() -> Path:
     if best is not None:
         return best[1]
     try:
-        import pgserver  # type: ignore[import-not-found]  # optional extra: embedded-pg
+        import pgserver  # optional extra: embedded-pg (installed by ci/bootstrap.sh when needed)
     except ImportError:
         raise PostgresError(
             "no PostgreSQL server binaries (>= 14) found: run `bash ci/bootstrap.sh`, which installs the "

@@ -165,10 +165,10 @@ def _check_sagas(shards: list[_Shard], report: AuditReport) -> None:
                 ))
     for destination in shards:
         for transfer_id, received in destination.inbox.items():
-            source = by_name.get(received["source_shard"])
-            if source is not None and not any(t["id"] == transfer_id for t in source.sagas_out):
+            origin = by_name.get(received["source_shard"])
+            if origin is not None and not any(t["id"] == transfer_id for t in origin.sagas_out):
                 report.violations.append(Violation(
-                    "credit_has_debit", f"{destination.name} applied {transfer_id} which {source.name} never debited"
+                    "credit_has_debit", f"{destination.name} applied {transfer_id} which {origin.name} never debited"
                 ))
     transit: dict[tuple[str, str, str], int] = defaultdict(int)
     for shard in shards:

@@ -359,7 +359,7 @@ def create_app(settings: RouterSettings) -> telemetry.Instrumented:
     fallback = Litestar(
         route_handlers=[healthz, readyz, openapi_document, metrics],
         lifespan=[lifespan],
-        exception_handlers=dict(EXCEPTION_HANDLERS),  # type: ignore[arg-type]
+        exception_handlers=dict(EXCEPTION_HANDLERS),
         openapi_config=None,
         state=_state(
             upstreams=upstreams,
