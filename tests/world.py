@@ -11,6 +11,7 @@ import httpx
 
 from app.local.postgres import Cluster
 from app.local.processes import ServiceProcess
+from app.local.stack import cluster_shard_dsns
 from app.ops.audit import AuditReport, audit
 from app.topology.model import Topology
 from tests.conftest import TEST_PG_SETTINGS, copy_cluster, link_regions, region_process
@@ -72,11 +73,7 @@ class World:
         self.clusters[region].start(settings=TEST_PG_SETTINGS)
 
     def shard_dsns(self) -> dict[str, str]:
-        return {
-            shard.name: self.clusters[region.name].dsn(shard.database)
-            for region in self.topology.regions
-            for shard in region.shards
-        }
+        return cluster_shard_dsns(self.topology, self.clusters)
 
     async def audit(self) -> AuditReport:
         return await audit(self.shard_dsns())

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from app import limits
+from app.cli.durations import duration_s
 from app.local import stack as local_stack
 from app.local.postgres import PostgresError
 from app.topology.loader import TopologyError
@@ -101,16 +102,7 @@ def _stack_options(p: argparse.ArgumentParser) -> None:
 
 def _duration_ms(text: str) -> int:
     """'40ms', '0.04s' or '40' (milliseconds)."""
-    value = text.strip().lower()
-    try:
-        if value.endswith("ms"):
-            ms = float(value[:-2])
-        elif value.endswith("s"):
-            ms = float(value[:-1]) * 1000
-        else:
-            ms = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 40ms") from None
+    ms = duration_s(text, bare_unit="ms") * 1000
     if not 0 <= ms <= limits.WAN_LATENCY_MS_MAX:
         raise argparse.ArgumentTypeError(f"the WAN latency must be in 0..{limits.WAN_LATENCY_MS_MAX} ms")
     return int(ms)

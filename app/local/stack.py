@@ -249,11 +249,12 @@ def restart_services(stack: Stack, names: list[str]) -> list[str]:
 
 def shard_dsns(stack: Stack) -> dict[str, str]:
     """Every shard's database DSN in the local stack (for `txroute audit`)."""
-    return {
-        shard.name: stack.clusters[region.name].dsn(shard.database)
-        for region in stack.topology.regions
-        for shard in region.shards
-    }
+    return cluster_shard_dsns(stack.topology, stack.clusters)
+
+
+def cluster_shard_dsns(topology: Topology, clusters: dict[str, Cluster]) -> dict[str, str]:
+    """Every shard's database DSN, given each region's cluster (the stack's, or a test's own)."""
+    return {shard.name: clusters[shard.region].dsn(shard.database) for shard in topology.shards}
 
 
 def _write_record(stack: Stack) -> None:

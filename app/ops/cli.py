@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 
+from app.cli.durations import duration_s
 from app.local import stack as local_stack
 from app.ops.target import OpsError, Target, deployed_target, local_target
 
@@ -100,18 +101,7 @@ def _guarded(run: Any, args: argparse.Namespace) -> int:
 
 
 def _seconds(text: str) -> float:
-    value = text.strip().lower()
-    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
-    for suffix in ("ms", "s", "m", "h"):
-        if value.endswith(suffix):
-            number, factor = value[: -len(suffix)], scale[suffix]
-            break
-    else:
-        number, factor = value, 1
-    try:
-        seconds = float(number) * factor
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 60s or 5m") from None
+    seconds = duration_s(text, bare_unit="s")
     if not 0 <= seconds <= 30 * 24 * 3600:
         raise argparse.ArgumentTypeError("a duration in 0s..30d")
     return seconds

@@ -130,6 +130,7 @@ async def test_with_simulated_wan_latency_a_cross_region_transfer_still_posts(ma
 
 
 async def test_concurrent_opposite_cross_region_transfers_conserve_money(region_services, pg_clusters, topology):
+    from app.local.stack import cluster_shard_dsns
     from app.ops.audit import audit
 
     client = new_client_id("both-ways")
@@ -153,7 +154,6 @@ async def test_concurrent_opposite_cross_region_transfers_conserve_money(region_
         assert await east.balance(b) == 10_000 + 40 * 7 - 40 * 5
     finally:
         await _close(west, east)
-    dsns = {s.name: pg_clusters[s.region].dsn(s.database) for s in topology.shards}
-    report = await audit(dsns)
+    report = await audit(cluster_shard_dsns(topology, pg_clusters))
     assert report.clean, report.text()
 
