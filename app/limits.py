@@ -94,3 +94,8 @@ WAN_LATENCY_MS_MAX = 2_000
 METRICS_DB_TIMEOUT_S = 1.0  # a scrape's outbox and audit read, per shard; a slow shard leaves its gauges stale
 SPAN_ATTRIBUTE_CHARS_MAX = 128  # no span attribute value is longer (they carry names and codes, nothing else)
 EMF_INTERVAL_S = 60.0  # how often a region writes its CloudWatch metrics (embedded metric format) to its log
+
+# Placement of new accounts (app/topology/placement.py): probes of a key's slot sequence before rendezvous
+# over the region's owned slots decides. A region owning a third of the slots misses all 64 with
+# probability (2/3)^64, about 5e-12; one owning 1/64 of them falls back for about 36% of its keys.
+PLACEMENT_PROBES_MAX = 64

@@ -6,7 +6,6 @@ does not own, builds the posting and hands it to the shard's store. Outcomes are
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +26,7 @@ from app.region.saga import Saga
 from app.store.shard import Outcome, ShardStore
 from app.topology.ids import InvalidId, ParsedId, new_account_id, new_transfer_id, parse_account_id
 from app.topology.model import Shard, Topology
+from app.topology.placement import owned_slots, placement_slot
 
 
 @dataclass
@@ -41,6 +41,7 @@ class RegionLedger:
 
     def __post_init__(self) -> None:
         self.shards = self.topology.region(self.region).shards
+        self._owned = owned_slots(self.topology, self.region)
         assert {s.name for s in self.shards} == set(self.stores), "one store per shard of the region"
 
     # Draining ---------------------------------------------------------------------------------------
@@ -80,12 +81,11 @@ class RegionLedger:
         return self.stores[shard.name]
 
     def _placement(self, client: str, key: str) -> tuple[Shard, int]:
-        """Where an account opened with this key lives: a pure function of (client, key), so a retried
-        request lands on the shard that holds its idempotency record and replays instead of opening twice."""
-        digest = int.from_bytes(hashlib.sha256(f"{client}\x1f{key}".encode()).digest()[:8], "big")
-        shard = self.shards[digest % len(self.shards)]
-        slots = [s for r in shard.slots for s in range(r.lo, r.hi + 1)]
-        return shard, slots[(digest >> 16) % len(slots)]
+        """Where an account opened with this key lives: a pure function of (client, key) and the slots this
+        region owns (app.topology.placement), so a retried request lands on the shard that holds its
+        idempotency record and replays instead of opening twice, also after shards are added."""
+        slot = placement_slot(client, key, self._owned)
+        return self.topology.shard_for_slot(slot), slot
 
     # Commands ---------------------------------------------------------------------------------------
 

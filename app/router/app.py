@@ -38,6 +38,7 @@ from app.security.keys import load_private_key, load_public_keys
 from app.security.scopes import INTERNAL
 from app.security.tokens import ClientTokenVerifier, InternalTokenMinter, TokenRefused, bearer
 from app.topology.loader import load_topology
+from app.topology.placement import default_region
 
 log = logging.getLogger("txroute.router")
 
@@ -62,8 +63,10 @@ class Router:
         upstreams: Upstreams,
         shardmap: ShardMapCache,
         fallback: Litestar,
+        regions: tuple[str, ...],
     ) -> None:
         self.region = region
+        self.regions = regions  # every region of regions/, for the default region of a new account
         self.clients = clients
         self.minter = minter
         self.upstreams = upstreams
@@ -116,6 +119,10 @@ class Router:
                 return None  # the client went away
             write = decode_write(route, body, headers.get("content-type", ""), headers.get("idempotency-key"))
             slot, named_region = write.slot, write.region
+            if slot is None and named_region is None:
+                # The same region for (client, key) on every router, so a retry through another region's
+                # router replays instead of opening a second account (app.topology.placement).
+                named_region = default_region(principal.client, headers["idempotency-key"], self.regions)
         query = scope.get("query_string", b"")
         if len(query) > limits.QUERY_STRING_BYTES_MAX:
             raise Problem("invalid_request", f"the query string may hold at most {limits.QUERY_STRING_BYTES_MAX} bytes")
@@ -149,8 +156,9 @@ class Router:
         headers: dict[str, str],
         body: bytes | None,
     ) -> Answer:
-        if slot is None:  # an account is opened in the region its body names, else in this router's region
-            region = named_region or self.region
+        if slot is None:  # an account is opened in the region its body names, else in its default region
+            assert named_region is not None
+            region = named_region
             if not self.upstreams.knows(region):
                 raise Problem("invalid_request", f"no region named {region!r}")
             self._refuse_if_draining(region)
@@ -374,7 +382,7 @@ def create_app(settings: RouterSettings) -> telemetry.Instrumented:
     )
     router = Router(
         region=settings.region, clients=clients, minter=minter, upstreams=upstreams, shardmap=shardmap,
-        fallback=fallback,
+        fallback=fallback, regions=tuple(r.name for r in topology.regions),
     )
     return telemetry.Instrumented(router, service="router", region=settings.region)
 

@@ -137,8 +137,9 @@ async def test_another_tenants_accounts_read_as_404_and_cannot_be_moved(
     intruder_id = new_client_id("intruder")
     intruder = RouterApi(router_http, intruder_id, keys.client_token(intruder_id))
     own = None
+    home = topology.shard(shard_of(topology, debit)).region
     for _ in range(40):  # the intruder's own account in the victim's shard, so only ownership can refuse
-        candidate = await intruder.new_account()
+        candidate = (await intruder.open_account("EUR", region=home)).json()["id"]
         if shard_of(topology, candidate) == shard_of(topology, debit):
             own = candidate
             break

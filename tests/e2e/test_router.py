@@ -10,6 +10,7 @@ import httpx
 from app.local.processes import ServiceProcess
 from app.topology.ids import parse_account_id
 from app.topology.model import Topology
+from app.topology.placement import default_region
 from tests.e2e.conftest import ROUTER_REGION, RouterApi, StartRouter
 from tests.helpers import new_key
 from tests.keys import SessionKeys
@@ -37,15 +38,39 @@ async def test_each_regions_accounts_are_opened_and_served_in_that_region(
             headers={"authorization": "Bearer " + keys.internal_token(client_api.client_id)},
         )
         assert direct.status_code == 200 and direct.json()["balance"] == 500, direct.text
-    default = await client_api.open_account("EUR")
-    assert default.status_code == 201 and default.json()["region"] == ROUTER_REGION, default.text
+    key = new_key()
+    default = await client_api.open_account("EUR", key=key)
+    expected = default_region(client_api.client_id, key, [r.name for r in topology.regions])
+    assert default.status_code == 201 and default.json()["region"] == expected, (
+        f"expected an account opened without a region in {expected}, its (client, key)'s default: {default.text}"
+    )
+
+
+async def test_an_account_open_retried_through_another_regions_router_replays_the_same_account(
+    client_api: RouterApi, topology: Topology, start_router: StartRouter,
+) -> None:
+    other_region = next(r.name for r in topology.regions if r.name != ROUTER_REGION)
+    other = start_router("router-other-region", region=other_region)
+    async with httpx.AsyncClient(base_url=other.url, timeout=30) as http:
+        other_api = RouterApi(http, client_api.client_id, client_api.token)
+        for _ in range(6):  # several keys, so some default to neither router's region
+            key = new_key()
+            first = await client_api.open_account("EUR", key=key)
+            again = await other_api.open_account("EUR", key=key)
+            assert first.status_code == 201, f"expected 201 opening through {ROUTER_REGION}'s router: {first.text}"
+            assert again.status_code == 201 and again.headers.get("idempotent-replayed") == "true", (
+                f"expected the retry through {other_region}'s router to replay, got {again.status_code} "
+                f"{again.headers.get('idempotent-replayed')}: {again.text}"
+            )
+            assert again.json()["id"] == first.json()["id"], "expected the same account, not a second one"
+            assert await other_api.balance(first.json()["id"]) == 0
 
 
 async def test_transfer_through_the_router_moves_money_once(client_api: RouterApi, topology: Topology) -> None:
-    debit = await client_api.new_account()
+    debit = (await client_api.open_account("EUR", region=ROUTER_REGION)).json()["id"]
     credit = None
     for _ in range(40):  # placement hashes the key: open until one shares the debit account's shard
-        candidate = await client_api.new_account()
+        candidate = (await client_api.open_account("EUR", region=ROUTER_REGION)).json()["id"]
         if topology.shard_for_slot(parse_account_id(candidate).slot) == topology.shard_for_slot(
             parse_account_id(debit).slot
         ):
@@ -84,7 +109,7 @@ async def test_a_stale_router_is_corrected_by_421_and_writes_exactly_once(
 ) -> None:
     account = None
     for _ in range(40):
-        candidate = await client_api.new_account()
+        candidate = (await client_api.open_account("EUR", region="eu-west-1")).json()["id"]
         if topology.shard_for_slot(parse_account_id(candidate).slot).name == "euw1-a":
             account = candidate
             break

@@ -1,0 +1,61 @@
+"""Where a new account lives: a pure function of (client, Idempotency-Key) and the topology (DESIGN D1, D5).
+
+A retried `POST /v1/accounts` must reach the shard that holds its idempotency record, or it opens a second
+account. So both choices below depend only on the request's (client, key) and on data every router and
+region reads alike (`regions/`), never on which router or region process happened to take the request.
+
+- The region, when the body names none: rendezvous (highest random weight) hashing over the region names.
+  Every router computes the same answer, so a retry through another region's router lands in the same
+  region. Adding a region moves only the keys that the new region wins (about 1/N of them), and a body that
+  names its region (which a client with a jurisdiction should do) is never affected.
+- The slot inside the region: a per-key probe sequence over all 4096 slots; the first probe that the region
+  owns wins. The choice is a function of the slot set the region owns, not of how its shards divide it, so
+  adding or splitting shards inside a region changes no placement at all (the slot's new shard inherits its
+  idempotency records, DESIGN D13). Slots leaving the region change nothing for keys whose slot stays;
+  slots arriving change a key's slot only when an arriving slot comes earlier in that key's sequence (a key
+  whose first probe the region owns never changes). Each probe is uniform over the 4096 slots, so accounts
+  spread evenly over the owned slots. Past `PLACEMENT_PROBES_MAX` probes (a region owning very few slots),
+  rendezvous over the owned slots decides, which keeps the same properties at the cost of one hash per slot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+
+from app import limits
+from app.topology.model import SLOT_COUNT, Topology
+
+_SEPARATOR = "\x1f"
+
+
+def _weight(*parts: str) -> int:
+    return int.from_bytes(hashlib.blake2b(_SEPARATOR.join(parts).encode(), digest_size=8).digest(), "big")
+
+
+def default_region(client: str, key: str, regions: Iterable[str]) -> str:
+    """The region of an account opened without `region`: the same for (client, key) on every router."""
+    names = sorted(regions)
+    assert names, "a topology has at least one region"
+    return max(names, key=lambda name: (_weight("region", client, key, name), name))
+
+
+def placement_slot(client: str, key: str, owned: Sequence[bool]) -> int:
+    """The slot of an account opened with (client, key) in a region owning the slots where `owned` is true."""
+    assert len(owned) == SLOT_COUNT, len(owned)
+    for probe in range(limits.PLACEMENT_PROBES_MAX):
+        slot = _weight("slot", client, key, str(probe)) % SLOT_COUNT
+        if owned[slot]:
+            return slot
+    candidates = [slot for slot in range(SLOT_COUNT) if owned[slot]]
+    assert candidates, "the region owns at least one slot"
+    return max(candidates, key=lambda slot: _weight("slot-fallback", client, key, str(slot)))
+
+
+def owned_slots(topology: Topology, region: str) -> tuple[bool, ...]:
+    """Which of the 4096 slots `region` owns, as `placement_slot` takes them."""
+    owned = [False] * SLOT_COUNT
+    for shard in topology.region(region).shards:
+        for r in shard.slots:
+            owned[r.lo : r.hi + 1] = [True] * r.size
+    return tuple(owned)
