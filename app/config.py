@@ -7,6 +7,7 @@ Manager by ECS) and are never logged: `__repr__` hides them.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,9 @@ class RegionSettings:
     internal_private_key: str | None = field(default=None, repr=False)
     # Simulated WAN round-trip time added to every call to another region (local stack only; 0 = off).
     wan_latency_ms: int = 0
+    # One client's postings queued or in commit on one shard; beyond it that client gets 429 rate_limited
+    # while the others keep posting (app/store/shard.py).
+    tenant_queue_postings_max: int = limits.TENANT_QUEUE_POSTINGS_MAX
     faults: FaultSettings = field(default_factory=lambda: FaultSettings())
 
     def server_dsn(self) -> str:
@@ -59,6 +63,9 @@ class RegionSettings:
         pool = int(e.get("TXROUTE_DB_POOL_SIZE_MAX", limits.DB_POOL_SIZE_MAX))
         if not 1 <= pool <= 64:
             raise SettingsError("TXROUTE_DB_POOL_SIZE_MAX must be in 1..64")
+        tenant_queue = _integer(e, "TXROUTE_TENANT_QUEUE_POSTINGS_MAX", limits.TENANT_QUEUE_POSTINGS_MAX)
+        if not 1 <= tenant_queue <= limits.POSTING_QUEUE_DEPTH_MAX:
+            raise SettingsError(f"TXROUTE_TENANT_QUEUE_POSTINGS_MAX must be in 1..{limits.POSTING_QUEUE_DEPTH_MAX}")
         return cls(
             region=_required(e, "TXROUTE_REGION"),
             database_url=_required(e, "TXROUTE_DATABASE_URL"),
@@ -70,6 +77,7 @@ class RegionSettings:
             region_urls=_json_object(e, "TXROUTE_REGION_URLS") if e.get("TXROUTE_REGION_URLS") else {},
             internal_private_key=e.get("TXROUTE_INTERNAL_PRIVATE_KEY") or None,
             wan_latency_ms=_wan_latency_ms(e),
+            tenant_queue_postings_max=tenant_queue,
             faults=FaultSettings.from_env(e),
         )
 
@@ -133,12 +141,17 @@ class RouterSettings:
     # How often the router re-reads every region's claims and drain flag (`txroute ops drain`), and once at
     # start. 0 turns both off: the map then changes only on a 421 or a region's own 503 region_draining.
     shardmap_refresh_period_s: float = limits.SHARDMAP_REFRESH_PERIOD_S
+    # Per-client token bucket (app/router/ratelimit.py), per router process: sustained requests per second
+    # and the burst above it that a client may send at once. Over it: 429 rate_limited with Retry-After.
+    client_rate_per_s: float = limits.CLIENT_RATE_PER_S_DEFAULT
+    client_burst: int = limits.CLIENT_BURST_DEFAULT
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> RouterSettings:
         """TXROUTE_REGION, TXROUTE_REGION_URLS (JSON object region -> URL), TXROUTE_CLIENT_PUBLIC_KEYS (JSON
         object kid -> PEM or path), TXROUTE_INTERNAL_PRIVATE_KEY (PEM or path), optional TXROUTE_REGIONS_DIR
-        and TXROUTE_UPSTREAM_{CONNECTIONS_MAX,CONNECT_TIMEOUT_S,READ_TIMEOUT_S}."""
+        and TXROUTE_UPSTREAM_{CONNECTIONS_MAX,CONNECT_TIMEOUT_S,READ_TIMEOUT_S}, TXROUTE_CLIENT_RATE_PER_S and
+        TXROUTE_CLIENT_BURST."""
         e = os.environ if env is None else env
         connections = int(e.get("TXROUTE_UPSTREAM_CONNECTIONS_MAX", limits.UPSTREAM_CONNECTIONS_MAX))
         connect_s = float(e.get("TXROUTE_UPSTREAM_CONNECT_TIMEOUT_S", limits.UPSTREAM_CONNECT_TIMEOUT_S))
@@ -150,6 +163,12 @@ class RouterSettings:
         refresh_s = float(e.get("TXROUTE_SHARDMAP_REFRESH_PERIOD_S", limits.SHARDMAP_REFRESH_PERIOD_S))
         if not 0 <= refresh_s <= 60:
             raise SettingsError("TXROUTE_SHARDMAP_REFRESH_PERIOD_S must be in [0, 60] (0 = off)")
+        rate_per_s = _number(e, "TXROUTE_CLIENT_RATE_PER_S", limits.CLIENT_RATE_PER_S_DEFAULT)
+        if not 0 < rate_per_s <= limits.CLIENT_RATE_PER_S_MAX:
+            raise SettingsError(f"TXROUTE_CLIENT_RATE_PER_S must be in (0, {limits.CLIENT_RATE_PER_S_MAX:g}]")
+        burst = _integer(e, "TXROUTE_CLIENT_BURST", limits.CLIENT_BURST_DEFAULT)
+        if not 1 <= burst <= limits.CLIENT_BURST_MAX:
+            raise SettingsError(f"TXROUTE_CLIENT_BURST must be in 1..{limits.CLIENT_BURST_MAX}")
         return cls(
             region=_required(e, "TXROUTE_REGION"),
             region_urls=_json_object(e, "TXROUTE_REGION_URLS"),
@@ -161,7 +180,26 @@ class RouterSettings:
             upstream_read_timeout_s=read_s,
             wan_latency_ms=_wan_latency_ms(e),
             shardmap_refresh_period_s=refresh_s,
+            client_rate_per_s=rate_per_s,
+            client_burst=burst,
         )
+
+
+def _number(env: os._Environ[str] | dict[str, str], name: str, default: float) -> float:
+    try:
+        value = float(env.get(name) or default)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number") from None
+    if not math.isfinite(value):
+        raise SettingsError(f"{name} must be a finite number")
+    return value
+
+
+def _integer(env: os._Environ[str] | dict[str, str], name: str, default: int) -> int:
+    try:
+        return int(env.get(name) or default)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer") from None
 
 
 def _json_object(env: os._Environ[str] | dict[str, str], name: str) -> dict[str, str]:

@@ -48,6 +48,7 @@ CODES: Mapping[str, tuple[int, str]] = {
     "balance_limit_exceeded": (422, "The balance would exceed its limit"),
     "same_account": (422, "Debit and credit accounts are the same"),
     "cross_shard_not_supported": (422, "Transfers between shards are not supported yet"),
+    "rate_limited": (429, "Too many requests from this client; retry after the time given"),
     "internal_error": (500, "Internal error"),
     "shard_unavailable": (503, "The account's database is unavailable"),
     "region_unavailable": (503, "The account's home region is unavailable"),

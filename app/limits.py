@@ -33,6 +33,11 @@ POSTING_BATCH_SIZE_MAX = 64
 # what lets batches form under load; the rest of the pool serves reads.
 POSTING_WORKERS = 4
 POSTING_QUEUE_DEPTH_MAX = 4_096
+# One client's postings queued or being committed on one shard (per regional process): beyond it that client
+# is answered 429 `rate_limited` (limit `shard_queue`) and every other client still finds room in the queue.
+# Settable per deployment (TXROUTE_TENANT_QUEUE_POSTINGS_MAX) up to the whole queue.
+TENANT_QUEUE_POSTINGS_MAX = POSTING_QUEUE_DEPTH_MAX // 8
+TENANT_QUEUE_RETRY_AFTER_S = 1
 # Serialization failures and deadlocks are retried by the server, never surfaced to a client.
 POSTING_RETRIES_MAX = 5
 POSTING_RETRY_BACKOFF_MS = 5
@@ -55,6 +60,20 @@ INTERNAL_TOKEN_LIFETIME_S = 60
 # The router reuses a minted token for one (client, scopes) until this much of its life is left.
 INTERNAL_TOKEN_REFRESH_BEFORE_S = 30
 INTERNAL_TOKEN_LEEWAY_S = 5
+
+# Per-client rate limits at the router (app/router/ratelimit.py), per router process: a token bucket per
+# verified client id. The defaults are far above what a well-behaved client sends; deployments set their own
+# (TXROUTE_CLIENT_RATE_PER_S, TXROUTE_CLIENT_BURST) within the caps.
+CLIENT_RATE_PER_S_DEFAULT = 1_000.0
+CLIENT_BURST_DEFAULT = 2_000
+CLIENT_RATE_PER_S_MAX = 1_000_000.0
+CLIENT_BURST_MAX = 1_000_000
+# Buckets tracked per router process (about 200 bytes each); the least recently used goes first.
+RATE_LIMIT_CLIENTS_MAX = 100_000
+# A throttled client is logged (by id) at most this often per process, not once per refusal.
+RATE_LIMIT_LOG_INTERVAL_S = 10.0
+# A region remembers when it last logged this many throttled clients (then forgets them all at once).
+RATE_LIMIT_LOGGED_CLIENTS_MAX = 1_024
 
 # Router -> region forwarding: one pooled client per region.
 UPSTREAM_CONNECTIONS_MAX = 256  # per region, per router process

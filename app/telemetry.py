@@ -156,6 +156,10 @@ class Metrics:
         self.misdirected = c("txroute_misdirected_total",
                              "421 Misdirected Request: answered by a region (side=region) or received and retried "
                              "by a router after a shard map refresh (side=router)", ["side", "region"], registry=r)
+        self.rate_limited = c("txroute_rate_limited_total",
+                              "Requests refused 429 rate_limited, by limit: client_rate (a router's per-client "
+                              "token bucket) or shard_queue (a client's share of a shard's posting queue)",
+                              ["reason", "region"], registry=r)
         self.saga_backlog = g("txroute_saga_backlog", "Saga messages in a shard's outbox not yet delivered",
                               ["region", "shard"], registry=r)
         self.saga_oldest_s = g("txroute_saga_oldest_pending_age_seconds",
@@ -218,26 +222,28 @@ def _sample_sum(metric: Any, sample: str, keep: Callable[[dict[str, str]], bool]
 
 class CloudWatchEmf:
     """One JSON line per interval that CloudWatch Logs turns into metrics (dimension `Region`): the outbox's
-    oldest message age, the last audit's result and, over the interval, writes and idempotency conflicts."""
+    oldest message age, the last audit's result and, over the interval, writes, idempotency conflicts and
+    postings refused 429 for a client's share of a shard's queue."""
 
     def __init__(self, region: str) -> None:
         self.region = region
         self._totals = self._read_totals()
 
     @staticmethod
-    def _read_totals() -> tuple[float, float]:
+    def _read_totals() -> tuple[float, float, float]:
         conflicts = _sample_sum(METRICS.problems, "txroute_http_problems_total",
                                 lambda labels: labels["code"] in _IDEMPOTENCY_CODES)
         writes = _sample_sum(METRICS.requests, "txroute_http_request_duration_seconds_count",
                              lambda labels: labels["route"].startswith("POST /v1/"))
-        return conflicts, writes
+        limited = _sample_sum(METRICS.rate_limited, "txroute_rate_limited_total", lambda labels: True)
+        return conflicts, writes, limited
 
     def line(self, *, outbox_oldest_s: float | None, audit_clean: bool | None) -> str:
-        conflicts, writes = self._read_totals()
-        values: dict[str, float] = {"IdempotencyConflicts": conflicts - self._totals[0],
-                                    "Writes": writes - self._totals[1]}
-        self._totals = (conflicts, writes)
-        units = {"IdempotencyConflicts": "Count", "Writes": "Count"}
+        totals = self._read_totals()
+        conflicts, writes, limited = (now - before for now, before in zip(totals, self._totals, strict=True))
+        values: dict[str, float] = {"IdempotencyConflicts": conflicts, "Writes": writes, "RateLimited": limited}
+        self._totals = totals
+        units = {"IdempotencyConflicts": "Count", "Writes": "Count", "RateLimited": "Count"}
         if outbox_oldest_s is not None:
             values["OutboxOldestAgeSeconds"] = round(outbox_oldest_s, 3)
             units["OutboxOldestAgeSeconds"] = "Seconds"

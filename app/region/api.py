@@ -42,7 +42,7 @@ _PROBLEM = ResponseSpec(
 # An entry id in a cursor: ASCII digits only (str.isdigit also accepts '²', which int() refuses) and at most
 # 18 of them, so it always fits the bigint it is compared with.
 _CURSOR_ENTRY_ID = re.compile(r"^e([0-9]{1,18})$")
-_ERRORS = {status: _PROBLEM for status in (400, 401, 404, 409, 413, 415, 421, 422, 503)}
+_ERRORS = {status: _PROBLEM for status in (400, 401, 404, 409, 413, 415, 421, 422, 429, 503)}
 
 
 def ledger(request: Request[Any, Any, Any]) -> RegionLedger:

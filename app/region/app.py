@@ -28,7 +28,7 @@ from app.region.service import RegionLedger
 from app.security.keys import load_private_key, load_public_keys
 from app.security.tokens import InternalTokenMinter, InternalTokenVerifier
 from app.store.provision import provision_shard, shard_dsn
-from app.store.shard import Outcome, QueueFull, ShardStore, ShardUnavailable, open_pool
+from app.store.shard import Outcome, QueueFull, ShardStore, ShardUnavailable, TenantQueueFull, open_pool
 from app.topology.loader import load_topology
 
 log = logging.getLogger("txroute.region")
@@ -56,7 +56,9 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
                     await provision_shard(settings.server_dsn(), shard)
                 pool = await open_pool(shard_dsn(settings.server_dsn(), shard), size_max=settings.db_pool_size_max)
                 workers = min(limits.POSTING_WORKERS, settings.db_pool_size_max)
-                stores[shard.name] = ShardStore(shard.name, pool, workers=workers)
+                stores[shard.name] = ShardStore(
+                    shard.name, pool, workers=workers, client_postings_max=settings.tenant_queue_postings_max
+                )
             peers = Upstreams(
                 {r: url for r, url in settings.region_urls.items() if r != region.name},
                 read_timeout_s=limits.SAGA_DELIVERY_TIMEOUT_S,
@@ -93,6 +95,7 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
             **EXCEPTION_HANDLERS,
             ShardUnavailable: _shard_unavailable,
             QueueFull: _overloaded,
+            TenantQueueFull: _tenant_queue_full,
         },
         openapi_config=OPENAPI_CONFIG,
         request_max_body_size=limits.REQUEST_BODY_BYTES_MAX,
@@ -124,6 +127,20 @@ def _shard_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Respo
 
 def _overloaded(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     return problem_response(request, Problem("overloaded", "too many requests queued", headers={"retry-after": "1"}))
+
+
+def _tenant_queue_full(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """One client's share of a shard's posting queue is full (DESIGN D8): 429 for it, room for the others."""
+    assert isinstance(exc, TenantQueueFull)
+    telemetry.METRICS.rate_limited.labels("shard_queue", request.app.state.region).inc()
+    retry_after = str(limits.TENANT_QUEUE_RETRY_AFTER_S)
+    return problem_response(request, Problem(
+        "rate_limited",
+        f"this client already has {exc.limit} postings waiting on shard {exc.shard}; retry after {retry_after} s "
+        "with the same Idempotency-Key",
+        extra={"limit": "shard_queue", "shard": exc.shard},
+        headers={"retry-after": retry_after},
+    ))
 
 
 async def _watch_drain(ledger: RegionLedger) -> None:

@@ -6,10 +6,11 @@ request and Litestar's routing, request objects and responses cost about a quart
 here (NOTES: Forwarding). Everything else (`/healthz`, `/readyz`, `/openapi.json`, unknown paths and the
 lifespan) goes to a small Litestar app, with the same problem+json handlers as the regions.
 
-A request's path through `Router`: match the route (404/405) -> verify the client token (401) -> check
-the route's scope (403) -> decode the body as strictly as the region will (400) -> slot -> region from the
-shard map -> forward with an internal token -> on 421 refresh the map and forward once more; a region that
-cannot be reached answers 503 `region_unavailable` with Retry-After.
+A request's path through `Router`: match the route (404/405) -> verify the client token (401) -> take
+a token from the client's bucket (429, app/router/ratelimit.py) -> check the route's scope (403) -> decode
+the body as strictly as the region will (400) -> slot -> region from the shard map -> forward with an
+internal token -> on 421 refresh the map and forward once more; a region that cannot be reached answers 503
+`region_unavailable` with Retry-After.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from app.api.openapi import OPENAPI_CONFIG, build_document, openapi_document
 from app.api.upstreams import Answer, NoAnswer, NotConnected, UpstreamError, Upstreams
 from app.config import RouterSettings
 from app.errors import PROBLEM_CONTENT_TYPE, Problem, problem_body
+from app.router.ratelimit import ClientRateLimiter
 from app.router.routes import Kind, Route, decode_write, match, read_slot
 from app.router.shardmap import ShardMap, ShardMapCache
 from app.security.keys import load_private_key, load_public_keys
@@ -62,6 +64,7 @@ class Router:
         minter: InternalTokenMinter,
         upstreams: Upstreams,
         shardmap: ShardMapCache,
+        limiter: ClientRateLimiter,
         fallback: Litestar,
         regions: tuple[str, ...],
     ) -> None:
@@ -71,6 +74,7 @@ class Router:
         self.minter = minter
         self.upstreams = upstreams
         self.shardmap = shardmap
+        self.limiter = limiter
         self.fallback = fallback
         self._retry_after = str(limits.REGION_UNAVAILABLE_RETRY_AFTER_S)
 
@@ -107,6 +111,7 @@ class Router:
         route = match(method, path)
         scope["path_template"] = _template(route, path)  # the metrics' and spans' route label
         principal = self._authenticate(headers.get("authorization"))
+        self.limiter.check(principal.client)  # before the body is read or anything is forwarded
         if route.scope not in principal.scopes:
             raise Problem("forbidden", f"the token does not grant {route.scope}")
         body: bytes | None = None
@@ -380,9 +385,12 @@ def create_app(settings: RouterSettings) -> telemetry.Instrumented:
         on_shutdown=[telemetry.shutdown],
         debug=False,
     )
+    limiter = ClientRateLimiter(
+        rate_per_s=settings.client_rate_per_s, burst=settings.client_burst, region=settings.region
+    )
     router = Router(
         region=settings.region, clients=clients, minter=minter, upstreams=upstreams, shardmap=shardmap,
-        fallback=fallback, regions=tuple(r.name for r in topology.regions),
+        limiter=limiter, fallback=fallback, regions=tuple(r.name for r in topology.regions),
     )
     return telemetry.Instrumented(router, service="router", region=settings.region)
 

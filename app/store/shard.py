@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,17 @@ class ShardUnavailable(Exception):
 
 class QueueFull(Exception):
     """More postings are queued for this shard than `POSTING_QUEUE_DEPTH_MAX`."""
+
+
+class TenantQueueFull(Exception):
+    """This client already has its share of the shard's queue (`TENANT_QUEUE_POSTINGS_MAX`) waiting or in
+    commit; the other clients still have room. Nothing was queued: a retry with the same key is safe."""
+
+    def __init__(self, shard: str, client: str, limit: int) -> None:
+        self.shard = shard
+        self.client = client
+        self.limit = limit
+        super().__init__(f"shard {shard}: client has {limit} postings queued")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,9 +113,21 @@ _Queued = tuple[dict[str, Any], "asyncio.Future[Outcome]", SpanContext | None]
 class ShardStore:
     """The ledger of one shard, as this regional process sees it."""
 
-    def __init__(self, name: str, pool: asyncpg.Pool, *, workers: int = limits.POSTING_WORKERS) -> None:
+    def __init__(
+        self,
+        name: str,
+        pool: asyncpg.Pool,
+        *,
+        workers: int = limits.POSTING_WORKERS,
+        client_postings_max: int = limits.TENANT_QUEUE_POSTINGS_MAX,
+    ) -> None:
         self.name = name
         self.pool = pool
+        # Each client's postings queued or in commit here, so one client cannot fill the queue for all
+        # (DESIGN D8). Only clients with postings in the queue have an entry: bounded by the queue's depth.
+        self.client_postings_max = client_postings_max
+        self._queued_by_client: dict[str, int] = {}
+        self._throttle_logged_s: dict[str, float] = {}
         self._queue: asyncio.Queue[_Queued] = asyncio.Queue(
             maxsize=limits.POSTING_QUEUE_DEPTH_MAX
         )
@@ -118,14 +142,42 @@ class ShardStore:
     # Writes -----------------------------------------------------------------------------------------
 
     async def post(self, posting: Posting) -> Outcome:
-        """Queue a posting for the next group commit and wait for its own outcome."""
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        """Queue a posting for the next group commit and wait for its own outcome. A client with
+        `client_postings_max` postings already queued or in commit here is refused (TenantQueueFull)."""
+        client = posting.client
         telemetry.annotate(shard=self.name)
+        queued = self._queued_by_client.get(client, 0)
+        if queued >= self.client_postings_max:
+            self._log_throttled(client)
+            raise TenantQueueFull(self.name, client, self.client_postings_max)
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         try:
             self._queue.put_nowait((posting.as_json(), future, telemetry.current_span_context()))
         except asyncio.QueueFull:
             raise QueueFull(self.name) from None
-        return await future
+        self._queued_by_client[client] = queued + 1
+        # Released when the posting's outcome is known, not when its request goes away: shielded, the
+        # future lives on if the request is cancelled, so the count follows what really occupies the queue.
+        future.add_done_callback(lambda _: self._release(client))
+        return await asyncio.shield(future)
+
+    def _release(self, client: str) -> None:
+        left = self._queued_by_client[client] - 1
+        if left:
+            self._queued_by_client[client] = left
+        else:
+            del self._queued_by_client[client]
+
+    def _log_throttled(self, client: str) -> None:
+        """Name the throttled client in the log at most every RATE_LIMIT_LOG_INTERVAL_S (not per refusal)."""
+        now = time.monotonic()
+        last_s = self._throttle_logged_s.get(client)
+        if last_s is not None and now - last_s < limits.RATE_LIMIT_LOG_INTERVAL_S:
+            return
+        if len(self._throttle_logged_s) >= limits.RATE_LIMIT_LOGGED_CLIENTS_MAX:
+            self._throttle_logged_s.clear()  # bounded; at worst a client is logged again sooner
+        self._throttle_logged_s[client] = now
+        log.warning("client_throttled", extra={"shard": self.name, "client": client, "limit": "shard_queue"})
 
     async def open_account(self, request: dict[str, Any]) -> Outcome:
         doc = await self._call("open_account", "select txr_open_account($1::jsonb)", request)

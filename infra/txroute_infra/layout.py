@@ -44,21 +44,26 @@ RUNBOOK_DATABASE_CAPACITY = "runbooks/database-capacity.md"
 RUNBOOK_SAGA_BACKLOG = "runbooks/saga-backlog.md"
 RUNBOOK_RECONCILIATION_MISMATCH = "runbooks/reconciliation-mismatch.md"
 RUNBOOK_IDEMPOTENCY_CONFLICTS = "runbooks/idempotency-conflict-spike.md"
+RUNBOOK_TENANT_THROTTLED = "runbooks/tenant-throttled.md"
 RUNBOOKS = (
     RUNBOOK_REGION_UNAVAILABLE, RUNBOOK_LATENCY_OR_ERRORS, RUNBOOK_DATABASE_FAILOVER,
     RUNBOOK_DATABASE_CAPACITY, RUNBOOK_SAGA_BACKLOG, RUNBOOK_RECONCILIATION_MISMATCH,
-    RUNBOOK_IDEMPOTENCY_CONFLICTS,
+    RUNBOOK_IDEMPOTENCY_CONFLICTS, RUNBOOK_TENANT_THROTTLED,
 )
 
 # The custom metrics each region service publishes, per region (dimension `Region`), as CloudWatch embedded
 # metric format lines in its log (app/telemetry.py: emf_line, every EMF_INTERVAL_S): the age of the oldest
 # undelivered outbox message; 1 when the last recorded `txroute audit` was clean (0 when not); and, over the
-# interval, public writes and those answered 409/422 for a reused or in-flight Idempotency-Key.
+# interval, public writes and those answered 409/422 for a reused or in-flight Idempotency-Key, and postings
+# refused 429 rate_limited because one client had its share of a shard's posting queue.
 OUTBOX_METRIC_NAMESPACE = "txroute"
 OUTBOX_METRIC_NAME = "OutboxOldestAgeSeconds"
 AUDIT_CLEAN_METRIC_NAME = "LastAuditClean"
 IDEMPOTENCY_CONFLICTS_METRIC_NAME = "IdempotencyConflicts"
 WRITES_METRIC_NAME = "Writes"
+RATE_LIMITED_METRIC_NAME = "RateLimited"
+# Postings per minute a region may refuse for a client's queue share before someone looks (runbook).
+RATE_LIMITED_PER_MIN_MAX = 60
 # Above this share of writes refused for their Idempotency-Key a client (or our retries) misbehaves.
 IDEMPOTENCY_CONFLICT_RATIO_MAX = 0.05
 

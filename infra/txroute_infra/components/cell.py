@@ -107,6 +107,14 @@ class RegionalCell(RegionalComponent):
                 {"id": "ratio", "label": "idempotency conflict ratio", "return_data": True,
                  "expression": "IF(writes > 0, FILL(conflicts, 0) / writes, 0)"},
             ])
+        limited = layout.RATE_LIMITED_PER_MIN_MAX
+        o.alarm(
+            "tenant-throttled", runbook=layout.RUNBOOK_TENANT_THROTTLED,
+            comparison="GreaterThanThreshold", threshold=limited, treat_missing_data="notBreaching",
+            summary=f"More than {limited} postings a minute in {self.region} are refused 429 rate_limited: a client "
+                    "keeps filling its share of a shard's posting queue.",
+            metric={"namespace": ns, "metric_name": layout.RATE_LIMITED_METRIC_NAME, "dimensions": dims,
+                    "statistic": "Sum"})
 
     def _load_balancer_alarms(self, tier: str, lb_suffix: pulumi.Output[str],
                               tg_suffix: pulumi.Output[str]) -> None:
