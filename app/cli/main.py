@@ -74,9 +74,10 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks that print figures beside a baseline")
     bench.add_argument(
-        "name", choices=["ledger", "router", "saga"],
+        "name", choices=["ledger", "router", "saga", "ratelimit"],
         help="ledger: transfers/s and latency vs pgbench tpcb-like; router: transfers via the router vs direct; "
-        "saga: cross-region vs same-shard latency under a simulated RTT, and the relay's drain rate",
+        "saga: cross-region vs same-shard latency under a simulated RTT, and the relay's drain rate; "
+        "ratelimit: the router's per-client rate-limit check, ns per request",
     )
     bench.add_argument("--rtt", type=_duration_ms, default=40, help="saga: simulated RTT between regions (40ms)")
     bench.add_argument("--backlog", type=int, default=2_000, help="saga: messages in the relay backlog (2000)")
@@ -215,6 +216,10 @@ def _bench(args: argparse.Namespace) -> int:
 
         return saga.run(clients=args.clients, seconds=args.seconds, accounts=min(args.accounts, 1_000),
                         rtt_ms=args.rtt, backlog=args.backlog)
+    if args.name == "ratelimit":
+        from benchmarks import ratelimit
+
+        return ratelimit.run()
     if args.name == "router":
         from benchmarks import router
 
