@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app import limits
+from app.security.tls import TlsConfigError, require_https
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +42,15 @@ class RegionSettings:
     # calls to them. Without them, transfers to shards of other regions wait in the outbox.
     region_urls: dict[str, str] = field(default_factory=dict)
     internal_private_key: str | None = field(default=None, repr=False)
+    # Internal TLS (app/security/tls.py): the CA bundle that verifies the other regions' certificates
+    # (TXROUTE_INTERNAL_CA_FILE; the local stack's `.state/tls/ca.pem`); None: the system trust store, as in
+    # deployed stacks whose internal load balancers serve public ACM certificates. The service's own
+    # certificate and key are the server's options (granian --ssl-certificate/--ssl-keyfile, or
+    # GRANIAN_SSL_CERTIFICATE/GRANIAN_SSL_KEYFILE), not the app's: app/local/processes.asgi_command sets them.
+    internal_ca_file: str | None = None
+    # TXROUTE_INTERNAL_PLAINTEXT=1 lets region URLs be http:// (the router benchmark's TLS-off comparison
+    # only; never set in a deployment, infra tests check). Without it an http:// URL stops the start.
+    internal_plaintext: bool = False
     # Simulated WAN round-trip time added to every call to another region (local stack only; 0 = off).
     wan_latency_ms: int = 0
     # One client's postings queued or in commit on one shard; beyond it that client gets 429 rate_limited
@@ -66,6 +76,8 @@ class RegionSettings:
         tenant_queue = _integer(e, "TXROUTE_TENANT_QUEUE_POSTINGS_MAX", limits.TENANT_QUEUE_POSTINGS_MAX)
         if not 1 <= tenant_queue <= limits.POSTING_QUEUE_DEPTH_MAX:
             raise SettingsError(f"TXROUTE_TENANT_QUEUE_POSTINGS_MAX must be in 1..{limits.POSTING_QUEUE_DEPTH_MAX}")
+        region_urls = _json_object(e, "TXROUTE_REGION_URLS") if e.get("TXROUTE_REGION_URLS") else {}
+        plaintext = _internal_tls(e, region_urls)
         return cls(
             region=_required(e, "TXROUTE_REGION"),
             database_url=_required(e, "TXROUTE_DATABASE_URL"),
@@ -74,8 +86,10 @@ class RegionSettings:
             db_pool_size_max=pool,
             provision_on_start=e.get("TXROUTE_PROVISION_ON_START", "1") != "0",
             internal_public_key=_required(e, "TXROUTE_INTERNAL_PUBLIC_KEY"),
-            region_urls=_json_object(e, "TXROUTE_REGION_URLS") if e.get("TXROUTE_REGION_URLS") else {},
+            region_urls=region_urls,
             internal_private_key=e.get("TXROUTE_INTERNAL_PRIVATE_KEY") or None,
+            internal_ca_file=e.get("TXROUTE_INTERNAL_CA_FILE") or None,
+            internal_plaintext=plaintext,
             wan_latency_ms=_wan_latency_ms(e),
             tenant_queue_postings_max=tenant_queue,
             faults=FaultSettings.from_env(e),
@@ -115,6 +129,19 @@ class FaultSettings:
         )
 
 
+def _internal_tls(e: os._Environ[str] | dict[str, str], region_urls: dict[str, str]) -> bool:
+    """Whether TXROUTE_INTERNAL_PLAINTEXT is set; every region URL is https:// unless it is."""
+    plaintext = e.get("TXROUTE_INTERNAL_PLAINTEXT", "0") == "1"
+    try:
+        require_https(region_urls, what="TXROUTE_REGION_URLS", plaintext_allowed=plaintext)
+    except TlsConfigError as exc:
+        raise SettingsError(str(exc)) from None
+    ca_file = e.get("TXROUTE_INTERNAL_CA_FILE")
+    if ca_file and not Path(ca_file).is_file():
+        raise SettingsError(f"TXROUTE_INTERNAL_CA_FILE: no such file {ca_file}")
+    return plaintext
+
+
 def _wan_latency_ms(e: os._Environ[str] | dict[str, str]) -> int:
     value = int(e.get("TXROUTE_WAN_LATENCY_MS", "0"))
     if not 0 <= value <= limits.WAN_LATENCY_MS_MAX:
@@ -126,7 +153,8 @@ def _wan_latency_ms(e: os._Environ[str] | dict[str, str]) -> int:
 class RouterSettings:
     # The region this router runs in: `POST /v1/accounts` without a region opens the account here.
     region: str
-    # Base URL of each region's service (the router's upstreams), e.g. {"eu-west-1": "http://10.20.1.5:8000"}.
+    # Base URL of each region's service (the router's upstreams), https:// always, e.g.
+    # {"eu-west-1": "https://eu-west-1.internal.api.txroute.example"}.
     region_urls: dict[str, str]
     # Client issuers' public keys, by key id (`kid`): PEM text or a file path each.
     client_public_keys: dict[str, str] = field(repr=False)
@@ -136,6 +164,10 @@ class RouterSettings:
     upstream_connections_max: int = limits.UPSTREAM_CONNECTIONS_MAX
     upstream_connect_timeout_s: float = limits.UPSTREAM_CONNECT_TIMEOUT_S
     upstream_read_timeout_s: float = limits.UPSTREAM_READ_TIMEOUT_S
+    # Internal TLS, as RegionSettings: the CA bundle that verifies the regions (None: system trust store),
+    # and the benchmark-only knob that allows http:// region URLs.
+    internal_ca_file: str | None = None
+    internal_plaintext: bool = False
     # Simulated WAN round-trip time added to every call to another region (local stack only; 0 = off).
     wan_latency_ms: int = 0
     # How often the router re-reads every region's claims and drain flag (`txroute ops drain`), and once at
@@ -149,9 +181,9 @@ class RouterSettings:
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> RouterSettings:
         """TXROUTE_REGION, TXROUTE_REGION_URLS (JSON object region -> URL), TXROUTE_CLIENT_PUBLIC_KEYS (JSON
-        object kid -> PEM or path), TXROUTE_INTERNAL_PRIVATE_KEY (PEM or path), optional TXROUTE_REGIONS_DIR
-        and TXROUTE_UPSTREAM_{CONNECTIONS_MAX,CONNECT_TIMEOUT_S,READ_TIMEOUT_S}, TXROUTE_CLIENT_RATE_PER_S and
-        TXROUTE_CLIENT_BURST."""
+        object kid -> PEM or path), TXROUTE_INTERNAL_PRIVATE_KEY (PEM or path), optional TXROUTE_REGIONS_DIR,
+        TXROUTE_INTERNAL_CA_FILE and TXROUTE_UPSTREAM_{CONNECTIONS_MAX,CONNECT_TIMEOUT_S,READ_TIMEOUT_S},
+        TXROUTE_CLIENT_RATE_PER_S and TXROUTE_CLIENT_BURST."""
         e = os.environ if env is None else env
         connections = int(e.get("TXROUTE_UPSTREAM_CONNECTIONS_MAX", limits.UPSTREAM_CONNECTIONS_MAX))
         connect_s = float(e.get("TXROUTE_UPSTREAM_CONNECT_TIMEOUT_S", limits.UPSTREAM_CONNECT_TIMEOUT_S))
@@ -169,15 +201,19 @@ class RouterSettings:
         burst = _integer(e, "TXROUTE_CLIENT_BURST", limits.CLIENT_BURST_DEFAULT)
         if not 1 <= burst <= limits.CLIENT_BURST_MAX:
             raise SettingsError(f"TXROUTE_CLIENT_BURST must be in 1..{limits.CLIENT_BURST_MAX}")
+        region_urls = _json_object(e, "TXROUTE_REGION_URLS")
+        plaintext = _internal_tls(e, region_urls)
         return cls(
             region=_required(e, "TXROUTE_REGION"),
-            region_urls=_json_object(e, "TXROUTE_REGION_URLS"),
+            region_urls=region_urls,
             client_public_keys=_json_object(e, "TXROUTE_CLIENT_PUBLIC_KEYS"),
             internal_private_key=_required(e, "TXROUTE_INTERNAL_PRIVATE_KEY"),
             regions_dir=Path(e["TXROUTE_REGIONS_DIR"]) if e.get("TXROUTE_REGIONS_DIR") else None,
             upstream_connections_max=connections,
             upstream_connect_timeout_s=connect_s,
             upstream_read_timeout_s=read_s,
+            internal_ca_file=e.get("TXROUTE_INTERNAL_CA_FILE") or None,
+            internal_plaintext=plaintext,
             wan_latency_ms=_wan_latency_ms(e),
             shardmap_refresh_period_s=refresh_s,
             client_rate_per_s=rate_per_s,

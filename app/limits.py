@@ -118,3 +118,9 @@ EMF_INTERVAL_S = 60.0  # how often a region writes its CloudWatch metrics (embed
 # over the region's owned slots decides. A region owning a third of the slots misses all 64 with
 # probability (2/3)^64, about 5e-12; one owning 1/64 of them falls back for about 36% of its keys.
 PLACEMENT_PROBES_MAX = 64
+
+# Internal TLS (router -> region, region -> region). The local stack's own CA (app/local/tls.py) and the
+# certificate its services serve; both are made again when missing or within the renewal window.
+LOCAL_CA_VALIDITY_DAYS = 365
+LOCAL_SERVER_CERT_VALIDITY_DAYS = 90
+LOCAL_CERT_RENEW_BEFORE_DAYS = 7  # a certificate this close to its end is replaced at the next `txroute up`

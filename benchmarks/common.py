@@ -1,10 +1,15 @@
 """What every benchmark shares: a fresh durable cluster, a regional service process, the transfer workload
-(C concurrent clients, each a loop of one request at a time) and the figures it prints."""
+(C concurrent clients, each a loop of one request at a time) and the figures it prints.
+
+Regional services serve HTTPS as everywhere else (app/local/tls.py), with a CA of the benchmarks' own under
+the state folder (`bench-tls/`), so a running local stack's certificates are never touched."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import shutil
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -16,6 +21,8 @@ import aiohttp
 from app.local.postgres import Cluster, clusters_root, ensure_pg_user, find_pg_bin
 from app.local.processes import ServiceProcess, free_port, region_process
 from app.local.stack import state_dir
+from app.local.tls import LocalTls, ensure_local_tls
+from app.security.tls import client_context
 from app.topology.ids import parse_account_id
 from app.topology.loader import load_topology
 from benchmarks.client import auth_headers, region_env
@@ -62,10 +69,30 @@ def fresh_cluster(name: str) -> Cluster:
     return cluster
 
 
+@functools.cache
+def bench_tls() -> LocalTls:
+    return ensure_local_tls(state_dir() / "bench-tls")
+
+
+@functools.cache
+def client_tls() -> ssl.SSLContext:
+    """What the load generator verifies regional services with (plain-HTTP URLs ignore it)."""
+    return client_context(bench_tls().ca_file)
+
+
 def region_service(region: str, cluster: Cluster, log_file: Path, **env: str) -> ServiceProcess:
+    """A regional service serving HTTPS (the router benchmark's plaintext comparison uses `plain_region_service`)."""
     return region_process(
-        region, cluster.port, free_port(), log_file,
+        region, cluster.port, free_port(), log_file, tls=bench_tls(),
         TXROUTE_DATABASE_PASSWORD=cluster.password(), **region_env(), **env,
+    )
+
+
+def plain_region_service(region: str, cluster: Cluster, log_file: Path) -> ServiceProcess:
+    """The same service over plain HTTP: only to measure what internal TLS costs (`bench router --internal-tls`)."""
+    return region_process(
+        region, cluster.port, free_port(), log_file, tls=None,
+        TXROUTE_DATABASE_PASSWORD=cluster.password(), **region_env(),
     )
 
 
@@ -82,7 +109,8 @@ async def open_accounts(
     topology = load_topology()
     ids: list[str] = []
     headers = auth_headers(client_id)
-    async with aiohttp.ClientSession(url, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as http:
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    async with aiohttp.ClientSession(url, timeout=timeout, connector=aiohttp.TCPConnector(ssl=client_tls())) as http:
         for _ in range(count * 8):
             async with http.post("/v1/accounts", json={"currency": "EUR"},
                                  headers={**headers, "idempotency-key": uuid.uuid4().hex}) as r:
@@ -122,7 +150,7 @@ async def transfer_workload(
     accepted = frozenset(ok)
     latencies: list[float] = []
     counters = {"ok": 0, "errors": 0}
-    connector = aiohttp.TCPConnector(limit=clients + 4)
+    connector = aiohttp.TCPConnector(limit=clients + 4, ssl=client_tls())
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     async with aiohttp.ClientSession(url, timeout=timeout, connector=connector) as http:
         deadline = time.monotonic() + seconds

@@ -3,7 +3,13 @@ is sent straight to a regional service (with the internal token the router would
 router (with a client token), in one run, and both are printed with the router's cost as a throughput ratio
 and as added milliseconds at p50 and p99.
 
-Everything is started here: a fresh durable cluster, one regional service and one router (granian, one
+The router reaches the region over TLS, verified with a CA (app/security/tls.py), as everywhere. With
+`--internal-tls both`, a second region process (same database, plain HTTP) and a second router (allowed
+plaintext by TXROUTE_INTERNAL_PLAINTEXT, the benchmark-only knob) are started too, and the same workloads
+run through both in the same run: the difference of the routed p50s is what internal TLS adds per request
+(`--internal-tls off` measures the plaintext pair alone).
+
+Everything is started here: a fresh durable cluster, the regional service(s) and router(s) (granian, one
 worker each), and the load from this process (aiohttp, C concurrent clients, one request at a time each).
 All share this machine's cores, so the router's CPU is taken from the region's and the load's: on separate
 hosts its cost would be the added latency only.
@@ -15,6 +21,8 @@ import argparse
 import asyncio
 import json
 import uuid
+from collections.abc import Sequence
+from pathlib import Path
 
 from app.local.processes import ROUTER_FACTORY, ServiceProcess, asgi_command, free_port
 from app.topology.loader import load_topology
@@ -22,71 +30,110 @@ from benchmarks.client import auth_headers, client_headers, router_env
 from benchmarks.common import (
     WARM_UP_S,
     Figures,
+    bench_tls,
     fresh_cluster,
     open_accounts,
     pairs_within,
+    plain_region_service,
     region_service,
     transfer_workload,
 )
 
 REGION = "eu-west-1"
+MODES = ("on", "off", "both")
 
 
-def run(*, clients: int, seconds: float, accounts: int) -> int:
-    print(f"txroute bench router: {clients} clients, {seconds:.0f} s each, {accounts} accounts, one shard")
-    direct, routed = measure(clients=clients, seconds=seconds, accounts=accounts)
-    print(direct.line())
-    print(routed.line())
-    ratio = routed.per_second / direct.per_second if direct.per_second else float("nan")
-    print(
-        f"router cost: {ratio:.2f} x direct throughput ({(1 - ratio) * 100:.0f}% less); "
-        f"+{routed.percentile(0.50) - direct.percentile(0.50):.2f} ms at p50, "
-        f"+{routed.percentile(0.99) - direct.percentile(0.99):.2f} ms at p99"
-    )
-    return 0 if direct.errors == 0 and routed.errors == 0 else 1
+def run(*, clients: int, seconds: float, accounts: int, internal_tls: str = "on") -> int:
+    assert internal_tls in MODES
+    modes = ("on", "off") if internal_tls == "both" else (internal_tls,)
+    print(f"txroute bench router: {clients} clients, {seconds:.0f} s each, {accounts} accounts, one shard, "
+          f"internal TLS {' and '.join(modes)}")
+    measured = measure_modes(modes, clients=clients, seconds=seconds, accounts=accounts)
+    for mode, (direct, routed) in measured.items():
+        print(direct.line())
+        print(routed.line())
+        ratio = routed.per_second / direct.per_second if direct.per_second else float("nan")
+        print(
+            f"router cost (internal TLS {mode}): {ratio:.2f} x direct throughput ({(1 - ratio) * 100:.0f}% less); "
+            f"+{routed.percentile(0.50) - direct.percentile(0.50):.2f} ms at p50, "
+            f"+{routed.percentile(0.99) - direct.percentile(0.99):.2f} ms at p99"
+        )
+    if len(measured) == 2:
+        (_, on), (_, off) = measured["on"], measured["off"]
+        print(
+            f"internal TLS at the router: +{on.percentile(0.50) - off.percentile(0.50):.2f} ms at p50, "
+            f"+{on.percentile(0.99) - off.percentile(0.99):.2f} ms at p99, "
+            f"{on.per_second / off.per_second if off.per_second else float('nan'):.2f} x throughput (on vs off)"
+        )
+    return 0 if all(d.errors == 0 and r.errors == 0 for d, r in measured.values()) else 1
 
 
 def measure(*, clients: int, seconds: float, accounts: int) -> tuple[Figures, Figures]:
-    """(straight to the region, through the router) for the same workload, in one run."""
+    """(straight to the region, through the router) for the same workload, in one run, internal TLS on."""
+    return measure_modes(("on",), clients=clients, seconds=seconds, accounts=accounts)["on"]
+
+
+def measure_modes(
+    modes: Sequence[str], *, clients: int, seconds: float, accounts: int
+) -> dict[str, tuple[Figures, Figures]]:
+    """Per internal-TLS mode ("on", "off"): (straight to the region, through the router), one run."""
     assert 1 <= clients <= 256 and 1 <= seconds <= 600 and 2 <= accounts <= 10_000
+    assert modes and set(modes) <= {"on", "off"}
     cluster = fresh_cluster("bench-router")
-    region = region_service(REGION, cluster, cluster.folder / "region.log")
-    # Every region of the topology points at the one service: the workload only touches REGION's shards.
-    urls = {r.name: region.url for r in load_topology().regions}
-    router_port = free_port()
-    router = ServiceProcess(
-        name="bench-router",
-        argv=asgi_command(ROUTER_FACTORY, router_port),
-        env={"TXROUTE_REGION": REGION, "TXROUTE_REGION_URLS": json.dumps(urls), **router_env()},
-        port=router_port,
-        log_file=cluster.folder / "router.log",
-    )
+    pairs: dict[str, tuple[ServiceProcess, ServiceProcess]] = {}
+    for mode in modes:
+        log_file = cluster.folder / f"region-tls-{mode}.log"
+        region = (region_service if mode == "on" else plain_region_service)(REGION, cluster, log_file)
+        pairs[mode] = (region, _router(region, cluster.folder / f"router-tls-{mode}.log"))
+    started = [p for pair in pairs.values() for p in pair]
     try:
-        region.start()
-        router.start()
-        region.wait_ready()
-        router.wait_ready()
-        return asyncio.run(_both(region.url, router.url, clients=clients, seconds=seconds, accounts=accounts))
+        for process in started:
+            process.start()
+        for process in started:
+            process.wait_ready()
+        urls = {mode: (region.url, router.url) for mode, (region, router) in pairs.items()}
+        return asyncio.run(_all(urls, clients=clients, seconds=seconds, accounts=accounts))
     finally:
-        router.stop()
-        region.stop()
+        for process in reversed(started):
+            process.stop()
         cluster.stop()
 
 
-async def _both(
-    region_url: str, router_url: str, *, clients: int, seconds: float, accounts: int
-) -> tuple[Figures, Figures]:
+def _router(region: ServiceProcess, log_file: Path) -> ServiceProcess:
+    # Every region of the topology points at the one service: the workload only touches REGION's shards.
+    urls = {r.name: region.url for r in load_topology().regions}
+    tls_env = ({"TXROUTE_INTERNAL_CA_FILE": str(bench_tls().ca_file)} if region.tls
+               else {"TXROUTE_INTERNAL_PLAINTEXT": "1"})
+    port = free_port()
+    return ServiceProcess(
+        name=f"bench-router-tls-{'on' if region.tls else 'off'}",
+        argv=asgi_command(ROUTER_FACTORY, port),
+        env={"TXROUTE_REGION": REGION, "TXROUTE_REGION_URLS": json.dumps(urls), **tls_env, **router_env()},
+        port=port,
+        log_file=log_file,
+    )
+
+
+async def _all(
+    urls: dict[str, tuple[str, str]], *, clients: int, seconds: float, accounts: int
+) -> dict[str, tuple[Figures, Figures]]:
     client_id = "bench-" + uuid.uuid4().hex[:8]
-    pick = pairs_within(await open_accounts(region_url, client_id, accounts))
+    first_region = next(iter(urls.values()))[0]
+    pick = pairs_within(await open_accounts(first_region, client_id, accounts))
     direct_headers, routed_headers = auth_headers(client_id), client_headers(client_id)
     # A warm-up for each path (connections, caches), then the measured runs.
-    await transfer_workload("warm-up", region_url, direct_headers, pick, clients=clients, seconds=WARM_UP_S)
-    await transfer_workload("warm-up", router_url, routed_headers, pick, clients=clients, seconds=WARM_UP_S)
-    direct = await transfer_workload("direct to the region", region_url, direct_headers, pick,
-                                     clients=clients, seconds=seconds)
-    routed = await transfer_workload("through the router", router_url, routed_headers, pick,
-                                     clients=clients, seconds=seconds)
-    return direct, routed
+    for region_url, router_url in urls.values():
+        await transfer_workload("warm-up", region_url, direct_headers, pick, clients=clients, seconds=WARM_UP_S)
+        await transfer_workload("warm-up", router_url, routed_headers, pick, clients=clients, seconds=WARM_UP_S)
+    figures = {}
+    for mode, (region_url, router_url) in urls.items():
+        suffix = f" (TLS {mode})" if len(urls) > 1 else ""
+        direct = await transfer_workload("direct to the region" + suffix, region_url, direct_headers, pick,
+                                         clients=clients, seconds=seconds)
+        routed = await transfer_workload("through the router" + suffix, router_url, routed_headers, pick,
+                                         clients=clients, seconds=seconds)
+        figures[mode] = (direct, routed)
+    return figures
 
 
 def main() -> int:
@@ -94,8 +141,9 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--accounts", type=int, default=100)
+    parser.add_argument("--internal-tls", choices=MODES, default="on")
     args = parser.parse_args()
-    return run(clients=args.clients, seconds=args.seconds, accounts=args.accounts)
+    return run(clients=args.clients, seconds=args.seconds, accounts=args.accounts, internal_tls=args.internal_tls)
 
 
 if __name__ == "__main__":

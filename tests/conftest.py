@@ -23,6 +23,7 @@ from app.local.processes import region_process as local_region_process
 from app.topology.loader import load_topology
 from app.topology.model import Topology
 from tests.keys import SessionKeys, region_env, session_keys
+from tests.tls import session_tls
 
 # fsync off: the machine does not crash during a test, only processes do. synchronous_commit stays on, so an
 # acknowledged commit is in the WAL when PostgreSQL itself is killed (the fault tests stop it "immediate").
@@ -83,7 +84,7 @@ def server_url(cluster: Cluster) -> str:
 
 def region_process(region: str, cluster: Cluster, log_dir: Path, **env: str) -> ServiceProcess:
     return local_region_process(
-        region, cluster.port, free_port(), log_dir / f"region-{region}.log",
+        region, cluster.port, free_port(), log_dir / f"region-{region}.log", tls=session_tls(),
         TXROUTE_DATABASE_PASSWORD=cluster.password(), **region_env(), **env,
     )
 

@@ -52,7 +52,8 @@ class World:
         return ApiClient(http, client_id)
 
     def http(self, region: str) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.services[region].url, timeout=30.0)
+        service = self.services[region]
+        return httpx.AsyncClient(base_url=service.url, timeout=30.0, verify=service.verify)
 
     def restart(self, region: str, **env: str) -> None:
         """Start a killed region's service again on the same port, with `env` changed (others keep theirs)."""

@@ -2,10 +2,15 @@
 and read timeouts). aiohttp, not httpx: under concurrency httpx was 7x slower as a proxy's client here
 (NOTES: Forwarding).
 
+Every region is reached over TLS (app/security/tls.py): the session verifies the region's certificate with
+the context it is given (the internal CA, or the system trust store), and a region whose certificate does not
+verify is never sent a byte of the request (NotConnected).
+
 Failures, by class, at this boundary:
 
-    NotConnected     the connection was never established (refused, connect timeout, no free pooled
-                     connection in time): the request was not sent, so any request may be retried
+    NotConnected     the connection was never established (refused, connect timeout, TLS handshake or
+                     certificate verification failed, no free pooled connection in time): the request was
+                     not sent, so any request may be retried
     NoAnswer         the request may have been sent but no complete answer came (reset, read timeout):
                      its effect is unknown, so a POST is not retried here; the client retries with its
                      Idempotency-Key
@@ -13,6 +18,7 @@ Failures, by class, at this boundary:
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -58,6 +64,7 @@ class Upstreams:
         self,
         urls: Mapping[str, str],
         *,
+        tls: ssl.SSLContext,
         connections_max: int = limits.UPSTREAM_CONNECTIONS_MAX,
         connect_timeout_s: float = limits.UPSTREAM_CONNECT_TIMEOUT_S,
         read_timeout_s: float = limits.UPSTREAM_READ_TIMEOUT_S,
@@ -69,6 +76,7 @@ class Upstreams:
         self._local_region = local_region
         self._wan_latency_ms = wan_latency_ms
         self._connections_max = connections_max
+        self._tls = tls
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s, sock_read=read_timeout_s
         )
@@ -81,6 +89,7 @@ class Upstreams:
                 limit_per_host=self._connections_max,
                 keepalive_timeout=limits.UPSTREAM_KEEPALIVE_S,
                 ttl_dns_cache=60,
+                ssl=self._tls,
             )
             self._sessions[region] = aiohttp.ClientSession(
                 base_url=url,

@@ -84,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
     bench.add_argument("--seconds", type=float, default=10.0, help="duration of each measurement (default 10)")
     bench.add_argument("--accounts", type=int, default=100, help="accounts the transfers move between")
+    bench.add_argument(
+        "--internal-tls", choices=["on", "off", "both"], default="on",
+        help="router: the router -> region hop over TLS (on, as deployed), plaintext (off), or both in one "
+        "run with TLS's added p50 and p99 (both)",
+    )
     bench.set_defaults(run=_bench)
 
     from app.ops import cli as ops_cli  # `txroute ops ...`: the runbooks' commands (runbooks/)
@@ -223,7 +228,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.name == "router":
         from benchmarks import router
 
-        return router.run(clients=args.clients, seconds=args.seconds, accounts=args.accounts)
+        return router.run(clients=args.clients, seconds=args.seconds, accounts=args.accounts,
+                          internal_tls=args.internal_tls)
     from benchmarks import ledger
 
     return ledger.run(clients=args.clients, seconds=args.seconds, accounts=args.accounts)

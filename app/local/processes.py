@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -17,16 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app import limits
+from app.local.tls import LocalTls
+from app.security.tls import client_context
 
 
-def asgi_command(factory: str, port: int, *, host: str = "127.0.0.1") -> list[str]:
-    """One granian worker running `factory` (a module:function building the Litestar app)."""
+def asgi_command(factory: str, port: int, *, host: str = "127.0.0.1", tls: LocalTls | None = None) -> list[str]:
+    """One granian worker running `factory` (a module:function building the Litestar app); with `tls`, it
+    serves HTTPS only (TLS 1.3, granian's default minimum), with the local CA's server certificate."""
     return [
         sys.executable, "-m", "granian",
         "--interface", "asgi", "--factory",
         "--host", host, "--port", str(port),
         "--workers", "1", "--loop", "uvloop",
         "--no-access-log", "--log-level", "warning",
+        *(["--ssl-certificate", str(tls.cert_file), "--ssl-keyfile", str(tls.key_file)] if tls else []),
         factory,
     ]
 
@@ -43,11 +48,23 @@ class ServiceProcess:
     env: dict[str, str]
     port: int
     log_file: Path
+    # Set when the process serves HTTPS (its argv came from `asgi_command(..., tls=...)`): its URL is https
+    # and whoever calls it verifies it with the CA in `tls.ca_file`.
+    tls: LocalTls | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What an HTTP client calling this process verifies it with (httpx's `verify`, aiohttp's `ssl`)."""
+        return client_context(self.tls.ca_file) if self.tls else True
+
+    def answers(self, path: str = "/readyz", *, timeout_s: float = 2.0) -> bool:
+        """The process answers 200 on `path` (over verified TLS when it serves HTTPS)."""
+        return http_ok(self.url + path, timeout_s=timeout_s, ca_file=self.tls.ca_file if self.tls else None)
 
     def start(self) -> None:
         assert self.process is None or self.process.poll() is not None, f"{self.name} already running"
@@ -67,7 +84,7 @@ class ServiceProcess:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log_file}")
-            if http_ok(self.url + path):
+            if self.answers(path):
                 return
             time.sleep(0.1)
         raise TimeoutError(f"{self.name} not ready on {self.url}{path} after {timeout_s}s; see {self.log_file}")
@@ -87,9 +104,11 @@ class ServiceProcess:
         self.kill(signal.SIGTERM)
 
 
-def http_ok(url: str, *, timeout_s: float = 2.0) -> bool:
+def http_ok(url: str, *, timeout_s: float = 2.0, ca_file: Path | None = None) -> bool:
+    """`url` answers 200; an https URL is verified against `ca_file` (the system trust store when None)."""
+    context = client_context(ca_file) if url.startswith("https://") else None
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - loopback http
+        with urllib.request.urlopen(url, timeout=timeout_s, context=context) as response:  # noqa: S310 - http(s) only
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError, ValueError):
         return False
@@ -101,17 +120,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def region_process(region: str, database_port: int, port: int, log_file: Path, **env: str) -> ServiceProcess:
+def region_process(
+    region: str, database_port: int, port: int, log_file: Path, *, tls: LocalTls | None, **env: str
+) -> ServiceProcess:
     """A regional service on loopback against the region's PostgreSQL on `database_port` (the stack, the
-    tests and the benchmarks all start it this way; each adds its keys and the database password)."""
+    tests and the benchmarks all start it this way; each adds its keys and the database password).
+
+    With `tls` (always, except the router benchmark's plaintext comparison) it serves HTTPS with the local
+    CA's certificate and verifies the other regions it calls with that CA."""
+    tls_env = {"TXROUTE_INTERNAL_CA_FILE": str(tls.ca_file)} if tls else {"TXROUTE_INTERNAL_PLAINTEXT": "1"}
     return ServiceProcess(
         name=f"region-{region}",
-        argv=asgi_command(REGION_FACTORY, port),
+        argv=asgi_command(REGION_FACTORY, port, tls=tls),
         env={
             "TXROUTE_REGION": region,
             "TXROUTE_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{database_port}",
+            **tls_env,
             **env,
         },
         port=port,
         log_file=log_file,
+        tls=tls,
     )

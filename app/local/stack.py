@@ -17,7 +17,8 @@ from typing import Any
 
 from app.config import REPO_ROOT
 from app.local.postgres import Cluster, clusters_root, ensure_pg_user, find_pg_bin
-from app.local.processes import ROUTER_FACTORY, ServiceProcess, asgi_command, http_ok, region_process
+from app.local.processes import ROUTER_FACTORY, ServiceProcess, asgi_command, region_process
+from app.local.tls import LocalTls, ensure_local_tls
 from app.security.keys import DevKeys, ensure_dev_keys
 from app.topology.loader import load_topology
 from app.topology.model import Topology
@@ -66,6 +67,11 @@ class Stack:
         """Dev signing keys (made by `up`): the dev client issuer's and the internal hop tokens'."""
         return DevKeys(self.config.state / "keys")
 
+    @property
+    def tls(self) -> LocalTls:
+        """The stack's own CA and the certificate its regions serve (made by `up`, app/local/tls.py)."""
+        return LocalTls(self.config.state / "tls")
+
 
 def plan(config: StackConfig) -> Stack:
     """What the stack is made of; pure apart from finding the PostgreSQL binaries and user."""
@@ -76,6 +82,7 @@ def plan(config: StackConfig) -> Stack:
     clusters: dict[str, Cluster] = {}
     services: list[ServiceProcess] = []
     keys = DevKeys(config.state / "keys")
+    tls = LocalTls(config.state / "tls")
     for i, region in enumerate(topology.regions):
         cluster = Cluster(root / region.name, config.pg_port_base + i, run_as, bin_dir)
         clusters[region.name] = cluster
@@ -83,7 +90,9 @@ def plan(config: StackConfig) -> Stack:
         if config.regions_dir is not None:
             env["TXROUTE_REGIONS_DIR"] = str(config.regions_dir)
         log_file = config.state / "logs" / f"region-{region.name}.log"
-        services.append(region_process(region.name, cluster.port, config.region_port_base + i, log_file, **env))
+        services.append(
+            region_process(region.name, cluster.port, config.region_port_base + i, log_file, tls=tls, **env)
+        )
     # Regions send saga messages to each other, signed with the internal key.
     urls = json.dumps({s.env["TXROUTE_REGION"]: s.url for s in services})
     for service in services:
@@ -92,12 +101,16 @@ def plan(config: StackConfig) -> Stack:
             TXROUTE_INTERNAL_PRIVATE_KEY=str(keys.internal_private),
             TXROUTE_WAN_LATENCY_MS=str(config.wan_latency_ms),
         )
-    services.append(_router(config, topology, services, keys))
+    services.append(_router(config, topology, services, keys, tls))
     return Stack(config, topology, clusters, services)
 
 
-def _router(config: StackConfig, topology: Topology, regions: list[ServiceProcess], keys: DevKeys) -> ServiceProcess:
-    """The local router in front of every region; clients authenticate with `txroute token`."""
+def _router(
+    config: StackConfig, topology: Topology, regions: list[ServiceProcess], keys: DevKeys, tls: LocalTls
+) -> ServiceProcess:
+    """The local router in front of every region; clients authenticate with `txroute token`. Its public
+    listener is plain HTTP on loopback (in AWS the public load balancer ends the clients' TLS); its calls to
+    the regions are HTTPS, verified with the stack's CA."""
     region = config.router_region or topology.regions[0].name
     topology.region(region)  # an unknown region fails here, not in the router's log
     env = {
@@ -105,6 +118,7 @@ def _router(config: StackConfig, topology: Topology, regions: list[ServiceProces
         "TXROUTE_REGION_URLS": json.dumps({s.env["TXROUTE_REGION"]: s.url for s in regions}),
         "TXROUTE_CLIENT_PUBLIC_KEYS": json.dumps({DEV_CLIENT_KID: str(keys.client_public)}),
         "TXROUTE_INTERNAL_PRIVATE_KEY": str(keys.internal_private),
+        "TXROUTE_INTERNAL_CA_FILE": str(tls.ca_file),
         "TXROUTE_WAN_LATENCY_MS": str(config.wan_latency_ms),
     }
     if config.regions_dir is not None:
@@ -134,6 +148,7 @@ def up(stack: Stack) -> None:
         raise StackError(f"the local stack is already running (see `txroute status`; {stack.record_file})")
     stack.config.state.mkdir(parents=True, exist_ok=True)
     ensure_dev_keys(stack.keys.folder)
+    ensure_local_tls(stack.tls.folder)  # a missing or expiring CA or certificate is made again here
     for cluster in stack.clusters.values():
         cluster.init()
         cluster.start()
@@ -194,7 +209,7 @@ def status(stack: Stack) -> list[dict[str, Any]]:
             "name": service.name,
             "url": service.url,
             "pid": pid if pid and _alive(pid) else None,
-            "ready": http_ok(service.url + "/readyz"),
+            "ready": service.answers("/readyz"),
         }
         if region is not None:
             cluster = stack.clusters[region]

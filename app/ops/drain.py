@@ -62,7 +62,7 @@ async def set_drain(target: Target, region: str, *, drain: bool, reason: str, ye
 async def _wait_routers(target: Target, region: str, drain: bool) -> bool:
     pending = list(target.router_urls)
     deadline = time.monotonic() + ROUTERS_LEARN_TIMEOUT_S
-    async with httpx.AsyncClient(timeout=2.0) as http:
+    async with httpx.AsyncClient(timeout=2.0, verify=target.tls()) as http:
         while pending and time.monotonic() < deadline:
             for url in list(pending):
                 try:

@@ -64,7 +64,7 @@ async def _readyz(http: httpx.AsyncClient, url: str) -> dict[str, Any]:
 
 async def gather(target: Target) -> dict[str, Any]:
     shards = await each_shard(target, _shard)
-    async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S) as http:
+    async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S, verify=target.tls()) as http:
         regions = await asyncio.gather(*(_readyz(http, u) for u in target.region_urls.values()))
         routers = await asyncio.gather(*(_readyz(http, u) for u in target.router_urls))
     pids: dict[str, Any] = {}

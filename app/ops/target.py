@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import asyncpg
 
 from app import limits
 from app.local import stack as local_stack
+from app.security.tls import client_context
 from app.topology.loader import load_topology
 from app.topology.model import Topology
 
@@ -41,6 +43,9 @@ class Target:
     router_urls: list[str]
     region_urls: dict[str, str]
     stack: local_stack.Stack | None = None
+    # The CA that verifies the regions' (internal) certificates: the local stack's own; None for a deployed
+    # stack, whose internal load balancers serve public ACM certificates (the system trust store).
+    ca_file: Path | None = None
 
     @property
     def local(self) -> bool:
@@ -51,6 +56,10 @@ class Target:
 
     def shards_of(self, region: str) -> list[str]:
         return [s.name for s in self.topology.region(region).shards if s.name in self.shard_dsns]
+
+    def tls(self) -> ssl.SSLContext:
+        """What an ops command verifies the regions (and routers) it calls with."""
+        return client_context(self.ca_file)
 
     def state_dir(self) -> Path | None:
         return self.stack.config.state if self.stack is not None else None
@@ -69,6 +78,7 @@ def local_target(stack: local_stack.Stack) -> Target:
         router_urls=[router.url],
         region_urls=regions,
         stack=stack,
+        ca_file=stack.tls.ca_file,
     )
 
 

@@ -26,6 +26,7 @@ from app.region.identity import require_internal
 from app.region.saga import Saga
 from app.region.service import RegionLedger
 from app.security.keys import load_private_key, load_public_keys
+from app.security.tls import client_context
 from app.security.tokens import InternalTokenMinter, InternalTokenVerifier
 from app.store.provision import provision_shard, shard_dsn
 from app.store.shard import Outcome, QueueFull, ShardStore, ShardUnavailable, TenantQueueFull, open_pool
@@ -42,6 +43,7 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
         if settings.internal_public_key
         else None
     )
+    peer_tls = client_context(settings.internal_ca_file)  # an unreadable CA bundle fails here, at start
 
     @contextlib.asynccontextmanager
     async def lifespan(application: Litestar) -> AsyncIterator[None]:
@@ -61,6 +63,7 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
                 )
             peers = Upstreams(
                 {r: url for r, url in settings.region_urls.items() if r != region.name},
+                tls=peer_tls,
                 read_timeout_s=limits.SAGA_DELIVERY_TIMEOUT_S,
                 local_region=region.name,
                 wan_latency_ms=settings.wan_latency_ms,

@@ -38,6 +38,7 @@ from app.router.routes import Kind, Route, decode_write, match, read_slot
 from app.router.shardmap import ShardMap, ShardMapCache
 from app.security.keys import load_private_key, load_public_keys
 from app.security.scopes import INTERNAL
+from app.security.tls import client_context
 from app.security.tokens import ClientTokenVerifier, InternalTokenMinter, TokenRefused, bearer
 from app.topology.loader import load_topology
 from app.topology.placement import default_region
@@ -329,6 +330,7 @@ def create_app(settings: RouterSettings) -> telemetry.Instrumented:
     minter = InternalTokenMinter(load_private_key(settings.internal_private_key, what="TXROUTE_INTERNAL_PRIVATE_KEY"))
     upstreams = Upstreams(
         settings.region_urls,
+        tls=client_context(settings.internal_ca_file),
         connections_max=settings.upstream_connections_max,
         connect_timeout_s=settings.upstream_connect_timeout_s,
         read_timeout_s=settings.upstream_read_timeout_s,

@@ -146,6 +146,23 @@ def world_ingress_only_on_public_lb(args: Any, report_violation: Report) -> None
                                  "certificate", r.urn)
 
 
+def listeners_are_https(args: Any, report_violation: Report) -> None:
+    """Every load balancer listener, internal ones included, speaks HTTPS with a certificate and a TLS
+    policy: router -> region and region -> region calls cross the peering mesh and are encrypted too."""
+    if args.resource_type != LISTENER:
+        return
+    p: Mapping[str, Any] = args.props
+    problems = []
+    if p.get("protocol") != "HTTPS" and _known(p.get("protocol")):
+        problems.append(f"protocol must be HTTPS, got {p.get('protocol')}")
+    if not p.get("certificateArn") and _known(p.get("certificateArn", "")):
+        problems.append("certificateArn must name a certificate")
+    if not p.get("sslPolicy") and _known(p.get("sslPolicy", "")):
+        problems.append("sslPolicy must be set")
+    for problem in problems:
+        report_violation(f"listener: {problem}")
+
+
 # --- observability, keys ------------------------------------------------------------------------------------
 
 def alarm_names_runbook(args: Any, report_violation: Report) -> None:
@@ -194,6 +211,8 @@ RESOURCE_RULES: dict[str, tuple[str, Callable[[Any, Report], None]]] = {
                          database_is_safe),
     "database-requires-tls": ("PostgreSQL parameter groups force TLS", database_requires_tls),
     "no-world-ingress-except-https": ("Only TCP 443 may be open to the world", no_world_ingress_except_https),
+    "listeners-are-https": ("Every load balancer listener, internal too, is HTTPS with a certificate",
+                            listeners_are_https),
     "alarm-names-runbook": ("Alarms name an existing runbook and notify", alarm_names_runbook),
     "logs-have-retention": ("Log groups expire and are encrypted", logs_have_retention),
     "kms-keys-rotate": ("KMS keys rotate", keys_rotate),

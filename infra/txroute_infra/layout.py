@@ -16,7 +16,8 @@ AZ_COUNT = 3
 HTTPS_PORT = 443
 # The port every container listens on (granian), the regional API's internal listener and PostgreSQL.
 CONTAINER_PORT = 8000
-INTERNAL_API_PORT = 8080
+# The internal load balancers listen HTTPS on 443 (routers and saga relays verify their certificate).
+INTERNAL_API_PORT = HTTPS_PORT
 POSTGRES_PORT = 5432
 
 # Health checks everywhere use the same endpoint: it answers 200 only when every shard is reachable.
@@ -99,6 +100,18 @@ def alarm_description(summary: str, runbook: str) -> str:
     """Every alarm's description ends with its runbook, in one format the tests and the policy pack read."""
     assert runbook in RUNBOOKS, runbook
     return f"{summary} Runbook: {runbook}"
+
+def internal_api_name(region: str, api_domain: str) -> str:
+    """The DNS name of a region's internal API (its internal load balancer): `<region>.internal.<apiDomain>`,
+    covered by the wildcard certificate `internal_certificate_domain(api_domain)`."""
+    return f"{region}.{internal_certificate_domain(api_domain).removeprefix('*.')}"
+
+
+def internal_certificate_domain(api_domain: str) -> str:
+    """One public ACM certificate name for every region's internal API: one DNS validation record serves
+    every region (ACM gives the same record for the same name in every region of an account)."""
+    return f"*.internal.{api_domain}"
+
 
 # Paths the public load balancer answers 404 itself: metrics and internal routes never leave the VPC.
 PRIVATE_PATHS = ("/metrics", "/metrics/*", "/internal/*")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pulumi
 
 from txroute_infra.components.cell import RegionalCell, region_provider
-from txroute_infra.components.global_entry import CertificateDns, GlobalEntry, global_provider
+from txroute_infra.components.global_entry import CertificateDns, GlobalEntry, InternalDns, global_provider
 from txroute_infra.components.interconnect import PeeringMesh
 from txroute_infra.config import InfraConfig
 from txroute_infra.topology import Topology
@@ -34,6 +34,10 @@ def deploy(topology: Topology, config: InfraConfig) -> Deployment:
     if config.hosted_zone_id:
         validation_fqdns = CertificateDns(first.compute.certificate, hosted_zone_id=config.hosted_zone_id,
                                           provider=shared).fqdns
+        # Internal TLS: the internal APIs' names and their (wildcard) certificate's validation record.
+        CertificateDns(first.compute.internal_certificate, hosted_zone_id=config.hosted_zone_id,
+                       provider=shared, key="internal-cert")
+        InternalDns(list(cells.values()), hosted_zone_id=config.hosted_zone_id, provider=shared)
     region_urls = pulumi.Output.all(**{name: cell.compute.internal_url for name, cell in cells.items()})
     for cell in cells.values():
         cell.add_router(region_urls=region_urls, validation_record_fqdns=validation_fqdns)
@@ -48,4 +52,9 @@ def deploy(topology: Topology, config: InfraConfig) -> Deployment:
     if not config.hosted_zone_id:
         # DNS lives elsewhere: these are the records to create there for the certificates to be issued.
         pulumi.export("certificate_validation_records", first.compute.certificate.domain_validation_options)
+        pulumi.export("internal_certificate_validation_records",
+                      first.compute.internal_certificate.domain_validation_options)
+        # CNAMEs to create: each region's internal API name -> its internal load balancer.
+        pulumi.export("internal_api_records", {
+            n: {"name": c.compute.internal_name, "cname": c.compute.internal_lb.dns_name} for n, c in cells.items()})
     return Deployment(cells=cells, mesh=mesh, entry=entry)

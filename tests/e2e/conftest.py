@@ -16,6 +16,7 @@ import pytest
 from app.local.processes import ROUTER_FACTORY, ServiceProcess, asgi_command, free_port
 from tests.helpers import HTTP_TIMEOUT_S, ApiClient, new_client_id
 from tests.keys import CLIENT_KID, SessionKeys
+from tests.tls import session_tls, verify
 
 ROUTER_REGION = "eu-west-1"
 StartRouter = Callable[..., ServiceProcess]
@@ -37,6 +38,7 @@ def router_process(
         "TXROUTE_REGION_URLS": json.dumps(region_urls),
         "TXROUTE_CLIENT_PUBLIC_KEYS": json.dumps({CLIENT_KID: keys.client_public_pem}),
         "TXROUTE_INTERNAL_PRIVATE_KEY": keys.internal_private_pem,
+        "TXROUTE_INTERNAL_CA_FILE": str(session_tls().ca_file),  # the regions serve HTTPS (tests/tls.py)
     }
     if regions_dir is not None:
         env["TXROUTE_REGIONS_DIR"] = str(regions_dir)
@@ -82,8 +84,9 @@ def start_router(region_urls: dict[str, str], keys: SessionKeys, work_dir: Path)
 
 @pytest.fixture
 async def http() -> AsyncIterator[httpx.AsyncClient]:
-    """A plain HTTP client; each request names its full URL (router or region)."""
-    async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S) as client:
+    """A client for full URLs: the router's (plain HTTP on loopback) or a region's (HTTPS, verified with the
+    session's CA)."""
+    async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S, verify=verify()) as client:
         yield client
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 
 from app.local.processes import free_port
+from app.security.tls import client_context
 
 CLI_TIMEOUT_S = 180
 
@@ -42,6 +43,13 @@ def test_up_status_down_up_again_keeps_data_and_a_second_up_is_refused(tmp_path:
         rows = json.loads(status.stdout)
         assert all(row["ready"] for row in rows), f"expected every part ready: {rows}"
         assert {row.get("region") for row in rows} >= {"eu-north-1", "eu-west-1", "us-east-1"}
+        # Internal TLS: the stack's own CA in .state/tls, regions on https verified with it (`curl --cacert`).
+        tls = state / "tls"
+        assert {p.name: p.stat().st_mode & 0o777 for p in tls.glob("*.key")} == {"ca.key": 0o600, "server.key": 0o600}
+        regions = [row for row in rows if row.get("region")]
+        assert all(row["url"].startswith("https://127.0.0.1:") for row in regions), regions
+        health = httpx.get(regions[0]["url"] + "/healthz", verify=client_context(tls / "ca.pem"), timeout=10)
+        assert health.status_code == 200, health.text
 
         again = _txroute(env, "up", "--detach", *ports)
         assert again.returncode != 0 and "already running" in again.stderr, again.stderr

@@ -119,6 +119,19 @@ def test_a_plain_http_listener_on_a_public_load_balancer_is_reported() -> None:
         "listener http of a public load balancer must be HTTPS with a certificate"]
 
 
+def test_every_listener_internal_ones_included_must_be_https_with_a_certificate_and_a_tls_policy() -> None:
+    https = {"protocol": "HTTPS", "port": 443, "certificateArn": "arn:cert", "sslPolicy": "ELBSecurityPolicy-TLS13"}
+    assert violations(p.listeners_are_https, p.LISTENER, https) == []
+    internal_http = {"protocol": "HTTP", "port": 8080}
+    found = violations(p.listeners_are_https, p.LISTENER, internal_http)
+    assert found == ["listener: protocol must be HTTPS, got HTTP", "listener: certificateArn must name a certificate",
+                     "listener: sslPolicy must be set"], found
+    assert violations(p.listeners_are_https, p.LISTENER, {**https, "certificateArn": ""}) == [
+        "listener: certificateArn must name a certificate"]
+    # Unknown in a preview: not reported.
+    assert violations(p.listeners_are_https, p.LISTENER, {**https, "certificateArn": None}) == []
+
+
 def test_alarms_must_name_an_existing_runbook_and_notify() -> None:
     good = {"alarmDescription": "Too slow. Runbook: runbooks/high-latency-or-errors.md", "alarmActions": ["arn"]}
     assert violations(p.alarm_names_runbook, p.METRIC_ALARM, good) == []
@@ -146,4 +159,4 @@ def test_aws_resources_must_use_an_explicit_provider() -> None:
 def test_the_pack_entry_point_registers_every_rule() -> None:
     source = (p.REPO_ROOT / "infra" / "policy" / "__main__.py").read_text()
     assert "RESOURCE_RULES.items()" in source and "STACK_RULES.items()" in source
-    assert len(p.RESOURCE_RULES) == 7 and len(p.STACK_RULES) == 1
+    assert len(p.RESOURCE_RULES) == 8 and len(p.STACK_RULES) == 1

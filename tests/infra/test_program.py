@@ -24,7 +24,7 @@ PER_REGION = {  # type -> how many each region gets (one cluster hosts every sha
     "aws:lb/loadBalancer:LoadBalancer": 2,
     "aws:sns/topic:Topic": 1,
     "aws:cloudwatch/metricAlarm:MetricAlarm": 14,
-    "aws:acm/certificate:Certificate": 1,
+    "aws:acm/certificate:Certificate": 2,  # the public API's, and the internal APIs' (*.internal.<apiDomain>)
 }
 
 
@@ -147,6 +147,62 @@ def test_public_load_balancers_speak_https_only_with_a_certificate(program_run: 
             "ELBSecurityPolicy-TLS13")
 
 
+def test_internal_load_balancers_listen_https_on_443_with_the_internal_certificate(program_run: Run) -> None:
+    internal = {f"arn:aws:mock:{lb.name}": program_run.region_of(lb)
+                for lb in program_run.of_type("aws:lb/loadBalancer:LoadBalancer") if lb.inputs["internal"] is True}
+    listeners = [li for li in program_run.of_type("aws:lb/listener:Listener")
+                 if li.inputs["loadBalancerArn"] in internal]
+    assert sorted(internal[li.inputs["loadBalancerArn"]] for li in listeners) == _regions(program_run)
+    certificates = {c.name: c for c in program_run.of_type("aws:acm/certificate:Certificate")}
+    for li in listeners:
+        assert (li.inputs["protocol"], li.inputs["port"]) == ("HTTPS", 443)
+        assert li.inputs["sslPolicy"].startswith("ELBSecurityPolicy-TLS13")
+        # The validated certificate of that region's internal API names.
+        cert_name = li.inputs["certificateArn"].removeprefix("arn:aws:mock:")
+        cert = certificates[cert_name]
+        assert cert.inputs["domainName"] == "*.internal.api.txroute.example", cert.inputs
+        assert cert.inputs["validationMethod"] == "DNS" and program_run.region_of(cert) == program_run.region_of(li)
+
+
+def test_routers_and_relays_call_every_region_at_its_https_internal_name_with_the_system_trust_store(
+    program_run: Run,
+) -> None:
+    import json
+
+    regions = _regions(program_run)
+    for td in program_run.of_type("aws:ecs/taskDefinition:TaskDefinition"):
+        (container,) = json.loads(td.inputs["containerDefinitions"])
+        env = {e["name"]: e["value"] for e in container["environment"]}
+        assert json.loads(env["TXROUTE_REGION_URLS"]) == {
+            r: f"https://{r}.internal.api.txroute.example" for r in regions}
+        # Public ACM certificates: the image's trust store verifies them; no plaintext knob, ever.
+        assert "TXROUTE_INTERNAL_PLAINTEXT" not in env and "TXROUTE_INTERNAL_CA_FILE" not in env
+
+
+def test_internal_traffic_is_allowed_on_443_only_between_app_subnets(program_run: Run) -> None:
+    groups = {g.name: g for g in program_run.of_type("aws:ec2/securityGroup:SecurityGroup")}
+    for name, group in groups.items():
+        if name.endswith("-internal-lb-sg"):
+            assert [(r["fromPort"], r["toPort"]) for r in group.inputs["ingress"]] == [(443, 443)], name
+            assert not any(_world(r) for r in group.inputs["ingress"]), name
+        if name.endswith("-router-sg") or name.endswith("-region-sg"):
+            mesh = [r for r in group.inputs["egress"] if "regional APIs" in r["description"]]
+            assert [(r["fromPort"], r["toPort"]) for r in mesh] == [(443, 443)], name
+            assert not any(_world(r) for r in mesh), name
+
+
+def test_with_a_hosted_zone_each_internal_name_aliases_its_internal_load_balancer(program_run: Run) -> None:
+    records = {r.inputs["name"]: r for r in program_run.of_type("aws:route53/record:Record")}
+    internal = {program_run.region_of(lb): lb.name for lb in program_run.of_type(
+        "aws:lb/loadBalancer:LoadBalancer") if lb.inputs["internal"] is True}
+    for region in _regions(program_run):
+        record = records[f"{region}.internal.api.txroute.example"]
+        (alias,) = record.inputs["aliases"]
+        assert internal[region] in alias["name"], (region, alias)
+    assert len(program_run.of_type("aws:acm/certificateValidation:CertificateValidation")) == 2 * len(
+        _regions(program_run))
+
+
 def test_subnets_come_from_the_region_cidr_across_three_zones(program_run: Run) -> None:
     from txroute_infra.topology import load_topology
 
@@ -201,8 +257,11 @@ def test_region_services_can_reach_and_sign_for_every_region_for_sagas(program_r
 def test_public_load_balancers_never_forward_metrics_or_internal_routes(program_run: Run) -> None:
     rules = program_run.of_type("aws:lb/listenerRule:ListenerRule")
     listeners = program_run.of_type("aws:lb/listener:Listener")
-    public_listeners = [r for r in listeners if r.inputs.get("protocol") == "HTTPS"]
+    public = {f"arn:aws:mock:{lb.name}" for lb in program_run.of_type("aws:lb/loadBalancer:LoadBalancer")
+              if lb.inputs["internal"] is False}
+    public_listeners = {f"arn:aws:mock:{li.name}" for li in listeners if li.inputs["loadBalancerArn"] in public}
     assert rules and len(rules) == len(public_listeners), "expected one private-paths rule per public listener"
+    assert {rule.inputs["listenerArn"] for rule in rules} == public_listeners
     for rule in rules:
         (condition,) = rule.inputs["conditions"]
         assert set(condition["pathPattern"]["values"]) >= {"/metrics", "/internal/*"}, condition

@@ -26,7 +26,8 @@ def home_region() -> str:
 async def http(region_services: dict[str, ServiceProcess]) -> AsyncIterator[httpx.AsyncClient]:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(
-        base_url=region_services[HOME_REGION].url, timeout=HTTP_TIMEOUT_S, limits=limits
+        base_url=region_services[HOME_REGION].url, timeout=HTTP_TIMEOUT_S, limits=limits,
+        verify=region_services[HOME_REGION].verify,
     ) as client:
         yield client
 

@@ -9,12 +9,13 @@ from app.ops.audit import audit, record
 from tests.e2e.conftest import RouterApi
 from tests.helpers import ApiClient, new_key
 from tests.observability.conftest import TracedWorld, open_in
+from tests.tls import verify
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 async def scrape(url: str) -> Samples:
-    async with httpx.AsyncClient(timeout=10) as http:
+    async with httpx.AsyncClient(timeout=10, verify=verify()) as http:  # the regions' CA (the router is http)
         response = await http.get(url + "/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     return {
@@ -43,7 +44,8 @@ async def test_router_and_regions_expose_requests_outcomes_replays_421s_saga_poo
     assert (await traced_api.transfer(source, destination, 100)).status_code == 201
     forged = await traced_api.http.get(f"/v1/accounts/{source}", headers={"Authorization": "Bearer nope"})
     assert forged.status_code == 401
-    async with httpx.AsyncClient(base_url=eu, timeout=10) as http:  # a region asked for another's account
+    # A region asked for another's account.
+    async with httpx.AsyncClient(base_url=eu, timeout=10, verify=verify()) as http:
         assert (await ApiClient(http, traced_api.client_id).account(destination)).status_code == 421
     report = await audit(traced.world.shard_dsns())
     assert report.clean, report.text()

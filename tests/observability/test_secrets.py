@@ -19,6 +19,7 @@ from tests.e2e.conftest import RouterApi
 from tests.helpers import poll_until
 from tests.keys import CLIENT_KID
 from tests.observability.conftest import TracedWorld, open_in
+from tests.tls import verify
 
 _JWT = re.compile(rb"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}")
 
@@ -50,7 +51,7 @@ async def _exercise(traced: TracedWorld, api: RouterApi) -> tuple[list[bytes], s
         await http.get("/v1/accounts/" + api.token),  # the token where an id belongs, without credentials
         await http.get("/metrics"),
     ]
-    async with httpx.AsyncClient(base_url=traced.services["eu-west-1"].url, timeout=10) as region:
+    async with httpx.AsyncClient(base_url=traced.services["eu-west-1"].url, timeout=10, verify=verify()) as region:
         responses.append(await region.get(f"/v1/accounts/{account}", headers={"Authorization": "Bearer " + forged}))
         responses.append(await region.get(f"/v1/accounts/{account}",
                                           headers={"Authorization": "Bearer " + api.token}))  # a client token

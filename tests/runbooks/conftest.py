@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,8 @@ import httpx
 import pytest
 
 from app.local import stack as local_stack
-from app.local.processes import free_port, http_ok
+from app.local.processes import free_port
+from app.security.tls import client_context
 from tests.runbooks import gameday
 
 UP_TIMEOUT_S = 180
@@ -50,8 +52,8 @@ class GameDayStack:
         """SIGKILL a service's whole process group, as a crash would."""
         pid = self.pid(service)
         os.killpg(pid, signal.SIGKILL)
-        url = next(s.url for s in self.plan().services if s.name == service)
-        assert poll(lambda: not http_ok(url + "/healthz", timeout_s=0.5)), f"expected {service} to be gone"
+        process = next(s for s in self.plan().services if s.name == service)
+        assert poll(lambda: not process.answers("/healthz", timeout_s=0.5)), f"expected {service} to be gone"
 
     def stop_postgres(self, region: str) -> None:
         self.plan().clusters[region].stop(mode="immediate")
@@ -68,6 +70,9 @@ class GameDayStack:
         return httpx.Client(base_url=self.router_url, timeout=HTTP_TIMEOUT_S,
                             headers={"authorization": f"Bearer {token or self.token(client)}"})
 
+    def metric(self, url: str, name: str, **labels: str) -> float:
+        return metric(url, name, verify=client_context(self.plan().tls.ca_file), **labels)
+
     def repair(self) -> list[str]:
         """Whatever a failed game day left broken, started again (the next game day must start healthy)."""
         repaired = []
@@ -77,7 +82,7 @@ class GameDayStack:
                 cluster.start()
                 repaired.append(f"postgres-{region}")
         for service in plan.services:
-            if not http_ok(service.url + "/readyz"):
+            if not service.answers("/readyz"):
                 local_stack.restart_services(plan, [service.name])
                 repaired.append(service.name)
         for region in httpx.get(self.router_url + "/readyz", timeout=5.0).json().get("draining", []):
@@ -116,9 +121,10 @@ def transfer(http: httpx.Client, debit: str, credit: str, amount: int, *, key: s
                                             "currency": "EUR"}, headers={"idempotency-key": key or new_key()})
 
 
-def metric(url: str, name: str, **labels: str) -> float:
-    """The sum of a Prometheus metric's samples at `url`/metrics that carry `labels` (0 when none)."""
-    text = httpx.get(url + "/metrics", timeout=5.0).text
+def metric(url: str, name: str, *, verify: ssl.SSLContext | bool = True, **labels: str) -> float:
+    """The sum of a Prometheus metric's samples at `url`/metrics that carry `labels` (0 when none); a region's
+    URL is https, verified with the stack's CA (`GameDayStack.metric`)."""
+    text = httpx.get(url + "/metrics", timeout=5.0, verify=verify).text
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):

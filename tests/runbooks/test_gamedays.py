@@ -15,11 +15,12 @@ import httpx
 
 from app.security.keys import load_private_key
 from app.security.scopes import PUBLIC_SCOPES
+from app.security.tls import client_context
 from app.security.tokens import InternalTokenMinter
 from app.topology.ids import parse_account_id
 from app.topology.loader import load_topology
 from tests.runbooks import gameday
-from tests.runbooks.conftest import GameDayStack, metric, new_key, open_account, poll, transfer
+from tests.runbooks.conftest import GameDayStack, new_key, open_account, poll, transfer
 
 INCIDENT_RUNBOOKS = [
     "region-unavailable.md", "saga-backlog.md", "database-failover.md", "high-latency-or-errors.md",
@@ -77,7 +78,7 @@ def test_region_unavailable_the_runbook_restarts_the_region_and_delivers_what_wa
         assert refused.headers.get("retry-after"), "expected Retry-After on region_unavailable"
         waiting = transfer(http, payer, payee, 300)
         assert waiting.status_code == 202, f"expected the transfer to wait for its destination: {waiting.text}"
-        assert metric(stack.router_url, "txroute_http_problems_total", code="region_unavailable") > 0, \
+        assert stack.metric(stack.router_url, "txroute_http_problems_total", code="region_unavailable") > 0, \
             "expected the router's region_unavailable count (TxrouteRegionUnavailable) to rise"
 
         results = gameday.run_blocks("region-unavailable.md", stack.state, {"region": region})
@@ -102,7 +103,7 @@ def test_saga_backlog_the_runbook_names_the_stuck_transfers_and_they_post(stack:
         assert all(w.status_code == 202 for w in waiting), [w.text for w in waiting]
         ids = [w.json()["id"] for w in waiting]
         source_url = region_url(stack, "eu-north-1")
-        assert metric(source_url, "txroute_saga_backlog") >= 3, \
+        assert stack.metric(source_url, "txroute_saga_backlog") >= 3, \
             "expected the source region's backlog gauge (TxrouteSagaBacklogOld) to count the waiting messages"
 
         confirm, mitigate, verify = [b for b in gameday.blocks("saga-backlog.md") if b.language == "sh"]
@@ -120,7 +121,7 @@ def test_saga_backlog_the_runbook_names_the_stuck_transfers_and_they_post(stack:
         assert poll(lambda: all(state_of(http, i) == "posted" for i in ids)), \
             f"expected every stuck transfer posted: {[state_of(http, i) for i in ids]}"
         assert http.get(f"/v1/accounts/{payee}").json()["balance"] == 300
-        assert poll(lambda: metric(source_url, "txroute_saga_backlog") == 0), "expected the backlog to drain"
+        assert poll(lambda: stack.metric(source_url, "txroute_saga_backlog") == 0), "expected the backlog to drain"
 
 
 def test_database_failover_the_runbook_brings_the_shards_back(stack: GameDayStack) -> None:
@@ -132,7 +133,7 @@ def test_database_failover_the_runbook_brings_the_shards_back(stack: GameDayStac
         body = {"account": account, "amount": 7, "currency": "EUR"}
         refused = http.post("/v1/deposits", json=body, headers={"idempotency-key": key})
         assert refused.status_code == 503 and refused.json()["code"] == "shard_unavailable", refused.text
-        assert metric(region_url(stack, region), "txroute_http_problems_total", code="shard_unavailable") > 0, \
+        assert stack.metric(region_url(stack, region), "txroute_http_problems_total", code="shard_unavailable") > 0, \
             "expected the region's shard_unavailable count (TxrouteShardUnavailable) to rise"
 
         results = gameday.run_blocks("database-failover.md", stack.state, {"region": region})
@@ -192,7 +193,7 @@ def test_high_latency_or_errors_the_runbook_finds_and_ends_the_blocking_session(
             body = {"account": account, "amount": 3, "currency": "EUR"}
             slow = http.post("/v1/deposits", json=body, headers={"idempotency-key": new_key()})
             assert slow.status_code == 503 and slow.json()["code"] == "shard_unavailable", slow.text
-            assert metric(region_url(stack, region), "txroute_http_problems_total", code="shard_unavailable") > 0
+            assert stack.metric(region_url(stack, region), "txroute_http_problems_total", code="shard_unavailable") > 0
             # The runbook looks for transactions open longer than 5 s.
             assert poll(lambda: time.monotonic() - taken > 5.5, timeout_s=10)
 
@@ -226,7 +227,7 @@ def test_reconciliation_mismatch_the_runbook_names_the_account_and_the_reviewed_
     assert account in looked[0].stdout and "balance_equals_entries" in looked[0].stdout, str(looked[0])
     assert looked[1].returncode == 0 and "violation(s)" in looked[1].stdout, \
         f"expected status to show the last audit's violations:\n{looked[1]}"
-    assert metric(region_url(stack, "us-east-1"), "txroute_last_audit_clean", shard=shard) == 0, \
+    assert stack.metric(region_url(stack, "us-east-1"), "txroute_last_audit_clean", shard=shard) == 0, \
         "expected txroute_last_audit_clean 0 (TxrouteReconciliationMismatch)"
 
     # The ledger owner's reviewed repair, as the runbook gives it, in the account's shard.
@@ -234,7 +235,7 @@ def test_reconciliation_mismatch_the_runbook_names_the_account_and_the_reviewed_
     assert sql(dsn, repair.sql({"account": account})) == "UPDATE 1"
     checked = [gameday.run(c, stack.state) for c in verify.commands({})]
     assert checked[0].returncode == 0 and "OK: no violation" in checked[0].stdout, str(checked[0])
-    assert metric(region_url(stack, "us-east-1"), "txroute_last_audit_clean", shard=shard) == 1
+    assert stack.metric(region_url(stack, "us-east-1"), "txroute_last_audit_clean", shard=shard) == 1
 
 
 def test_idempotency_conflict_spike_the_runbook_shows_what_the_keys_were_first_used_for(
@@ -251,7 +252,7 @@ def test_idempotency_conflict_spike_the_runbook_shows_what_the_keys_were_first_u
             reused = http.post("/v1/deposits", json={"account": account, "amount": amount, "currency": "EUR"},
                                headers={"idempotency-key": key})
             assert reused.status_code == 422 and reused.json()["code"] == "idempotency_key_reused", reused.text
-        assert metric(region_url(stack, "eu-north-1"), "txroute_http_problems_total",
+        assert stack.metric(region_url(stack, "eu-north-1"), "txroute_http_problems_total",
                       code="idempotency_key_reused") >= 5
 
         results = gameday.run_blocks("idempotency-conflict-spike.md", stack.state, {"client": client})
@@ -337,7 +338,8 @@ def test_deploy_behind_a_drain_refuses_writes_for_the_region_only_and_lets_sagas
             "gd-deploy", frozenset(PUBLIC_SCOPES))
         direct = httpx.post(region_url(stack, region) + "/v1/deposits",
                             json={"account": account, "amount": 1, "currency": "EUR"},
-                            headers={"authorization": f"Bearer {token}", "idempotency-key": new_key()})
+                            headers={"authorization": f"Bearer {token}", "idempotency-key": new_key()},
+                            verify=client_context(stack.plan().tls.ca_file))  # the stack's own CA
         assert direct.status_code == 503 and direct.json()["code"] == "region_draining", direct.text
 
         for command in (restart, undrain, status):

@@ -10,14 +10,15 @@ import httpx
 
 from app.topology.ids import new_account_id
 from tests.helpers import ApiClient, new_client_id, poll_until, shard_of
+from tests.tls import verify
 
 EUR = "EUR"
 
 
 async def _pair(services: Any, debit_region: str, credit_region: str, client: str) -> tuple[ApiClient, ApiClient]:
     return (
-        ApiClient(httpx.AsyncClient(base_url=services[debit_region].url, timeout=30), client),
-        ApiClient(httpx.AsyncClient(base_url=services[credit_region].url, timeout=30), client),
+        ApiClient(httpx.AsyncClient(base_url=services[debit_region].url, timeout=30, verify=verify()), client),
+        ApiClient(httpx.AsyncClient(base_url=services[credit_region].url, timeout=30, verify=verify()), client),
     )
 
 
@@ -44,7 +45,8 @@ async def test_transfer_across_regions_posts_on_the_fast_path_with_its_history(r
 
 
 async def test_transfer_between_two_shards_of_one_region_runs_the_same_saga(region_services, topology):
-    api = ApiClient(httpx.AsyncClient(base_url=region_services["eu-north-1"].url, timeout=30), new_client_id("saga"))
+    api = ApiClient(httpx.AsyncClient(base_url=region_services["eu-north-1"].url, timeout=30, verify=verify()),
+                    new_client_id("saga"))
     try:
         by_shard: dict[str, str] = {}
         while len(by_shard) < 2:

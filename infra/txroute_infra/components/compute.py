@@ -1,7 +1,13 @@
 """A region's compute: its ECR repository, an ECS cluster, and two Fargate services built from the same
-image: the regional service (behind an internal load balancer, reached by routers and saga relays of every
-region over the peering mesh) and the router (behind a public, HTTPS-only load balancer that Global
+image: the regional service (behind an internal, HTTPS-only load balancer, reached by routers and saga relays
+of every region over the peering mesh) and the router (behind a public, HTTPS-only load balancer that Global
 Accelerator sends clients to).
+
+Internal TLS: the internal load balancer serves a public ACM certificate for `*.internal.<apiDomain>`
+(free, DNS-validated) under the name `<region>.internal.<apiDomain>`; routers and relays call
+`https://<region>.internal.<apiDomain>` and verify it with the system trust store (no
+TXROUTE_INTERNAL_CA_FILE). The load balancer forwards to its tasks in plain HTTP inside the region's app
+subnets (the tasks' group admits only the load balancer's); infra/README.md says why.
 
 Each service has its own execution role (pull the image, write its logs, inject its own secrets) and its own
 task role (read its own secrets, nothing else). Health checks everywhere use `/readyz`.
@@ -98,13 +104,21 @@ class Compute(RegionalComponent):
             enable_deletion_protection=True, idle_timeout=layout.ALB_IDLE_TIMEOUT_S, tags=self._tags,
             opts=self.child())
         self.region_tg = self._target_group("reg-tg", "HTTP")
+        # Issued once its DNS validation record exists (made by the program with a hosted zone, else by hand).
+        self.internal_certificate = acm.Certificate(
+            self.name("internal-cert"), domain_name=layout.internal_certificate_domain(api_domain),
+            validation_method="DNS", key_algorithm="EC_prime256v1", tags=self._tags, opts=self.child())
+        internal_validation = acm.CertificateValidation(
+            self.name("internal-cert-validation"), certificate_arn=self.internal_certificate.arn,
+            opts=self.child())
         self.internal_listener = lb.Listener(
             self.name("internal-api"), load_balancer_arn=self.internal_lb.arn, port=layout.INTERNAL_API_PORT,
-            protocol="HTTP", default_actions=[{"type": "forward", "target_group_arn": self.region_tg.arn}],
+            protocol="HTTPS", ssl_policy=layout.TLS_POLICY, certificate_arn=internal_validation.certificate_arn,
+            default_actions=[{"type": "forward", "target_group_arn": self.region_tg.arn}],
             tags=self._tags, opts=self.child())
         self._database = (database_secret_arn, database_username, database_endpoint)
-        self.internal_url = pulumi.Output.concat(
-            "http://", self.internal_lb.dns_name, ":", str(layout.INTERNAL_API_PORT))
+        self.internal_name = layout.internal_api_name(region.name, api_domain)
+        self.internal_url = pulumi.Output.from_input(f"https://{self.internal_name}")
 
         # The router's certificate; validated once DNS is ready (`add_router`).
         self.certificate = acm.Certificate(self.name("cert"), domain_name=api_domain, validation_method="DNS",

@@ -1,7 +1,8 @@
 """Global entry: one AWS Global Accelerator (two anycast IPs) with a TCP 443 listener and one endpoint
 group per region pointing at that region's public router load balancer, health-checked on `/readyz`; and,
 when the stack has a Route 53 zone, the API name as an alias of the accelerator plus the certificate
-validation records.
+validation records, and each region's internal API name (`InternalDns`) as an alias of its internal load
+balancer.
 
 Global Accelerator's API exists only in us-west-2, and Route 53 is global: both use the `global` provider.
 """
@@ -42,16 +43,38 @@ class CertificateDns(pulumi.ComponentResource):
     first region's certificate."""
 
     def __init__(self, certificate: pulumi_aws.acm.Certificate, *, hosted_zone_id: str,
-                 provider: pulumi_aws.Provider, opts: pulumi.ResourceOptions | None = None) -> None:
-        super().__init__("txroute:global:CertificateDns", "global-cert-dns", None, opts)
+                 provider: pulumi_aws.Provider, key: str = "cert",
+                 opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("txroute:global:CertificateDns", f"global-{key}-dns", None, opts)
         option = certificate.domain_validation_options.apply(lambda o: o[0])
         self.record = route53.Record(
-            "global-cert-validation", zone_id=hosted_zone_id, name=option.resource_record_name,
+            f"global-{key}-validation", zone_id=hosted_zone_id, name=option.resource_record_name,
             type=option.resource_record_type, records=[option.resource_record_value],
             ttl=VALIDATION_RECORD_TTL_S, allow_overwrite=True,
             opts=pulumi.ResourceOptions(parent=self, provider=provider))
         self.fqdns: list[pulumi.Input[str]] = [self.record.fqdn]
         self.register_outputs({"fqdn": self.record.fqdn})
+
+
+class InternalDns(pulumi.ComponentResource):
+    """`<region>.internal.<apiDomain>` -> that region's internal load balancer, in the stack's public zone.
+    The name resolves to private addresses, reachable only inside the VPCs and over the peering mesh; it is
+    public so that ACM can issue a free certificate for it, which routers and relays verify (infra/README.md).
+    Its certificate's validation record is made by `CertificateDns(..., key="internal-cert")`."""
+
+    def __init__(self, cells: Sequence[RegionalCell], *, hosted_zone_id: str, provider: pulumi_aws.Provider,
+                 opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("txroute:global:InternalDns", "global-internal-dns", None, opts)
+        child = pulumi.ResourceOptions(parent=self, provider=provider)
+        self.records = {
+            cell.region: route53.Record(
+                f"global-{cell.region}-internal-api", zone_id=hosted_zone_id, name=cell.compute.internal_name,
+                type="A", aliases=[{"name": cell.compute.internal_lb.dns_name,
+                                    "zone_id": cell.compute.internal_lb.zone_id, "evaluate_target_health": True}],
+                opts=child)
+            for cell in cells
+        }
+        self.register_outputs({"names": {region: r.fqdn for region, r in self.records.items()}})
 
 
 class GlobalEntry(pulumi.ComponentResource):

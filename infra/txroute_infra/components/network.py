@@ -104,20 +104,21 @@ class Network(RegionalComponent):
         self.router_sg = group(
             "router", "Router tasks: from the public load balancer only",
             [tcp(layout.CONTAINER_PORT, "from the public load balancer", groups=[self.public_lb_sg.id])],
-            [tcp(layout.INTERNAL_API_PORT, "to regional APIs in every region", cidrs=mesh_app_cidrs),
+            [tcp(layout.INTERNAL_API_PORT, "HTTPS to regional APIs in every region", cidrs=mesh_app_cidrs),
              tcp(layout.HTTPS_PORT, "to AWS APIs (ECR, Secrets Manager, CloudWatch) through NAT",
                  cidrs=[WORLD])],
         )
         self.internal_lb_sg = group(
             "internal-lb", "Regional API load balancer: from routers and saga relays of every region",
-            [tcp(layout.INTERNAL_API_PORT, "from app subnets of this and peer regions", cidrs=mesh_app_cidrs)],
+            [tcp(layout.INTERNAL_API_PORT, "HTTPS from app subnets of this and peer regions",
+                 cidrs=mesh_app_cidrs)],
             [tcp(layout.CONTAINER_PORT, "to region service tasks", cidrs=app_cidrs)],
         )
         self.region_sg = group(
             "region", "Region service tasks: from the internal load balancer only",
             [tcp(layout.CONTAINER_PORT, "from the internal load balancer", groups=[self.internal_lb_sg.id])],
             [tcp(layout.POSTGRES_PORT, "to the region's database", cidrs=list(plan.data)),
-             tcp(layout.INTERNAL_API_PORT, "saga relay to regional APIs of peer regions",
+             tcp(layout.INTERNAL_API_PORT, "saga relay (HTTPS) to regional APIs of peer regions",
                  cidrs=mesh_app_cidrs),
              tcp(layout.HTTPS_PORT, "to AWS APIs (ECR, Secrets Manager, CloudWatch) through NAT",
                  cidrs=[WORLD])],
