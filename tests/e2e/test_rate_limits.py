@@ -111,7 +111,9 @@ async def test_a_tenant_flooding_a_shards_queue_does_not_fail_the_other_tenants_
     world = make_world({REGION: {"TXROUTE_TENANT_QUEUE_POSTINGS_MAX": str(TENANT_SHARE)}})
     region: ServiceProcess = world.services[REGION]
     limits = httpx.Limits(max_connections=FLOOD_POSTINGS + 20, max_keepalive_connections=FLOOD_POSTINGS + 20)
-    async with httpx.AsyncClient(base_url=region.url, timeout=HTTP_TIMEOUT_S, limits=limits) as http:
+    async with httpx.AsyncClient(
+        base_url=region.url, timeout=HTTP_TIMEOUT_S, limits=limits, verify=region.verify
+    ) as http:
         flooder = ApiClient(http, new_client_id("flood"))
         flood_account = await flooder.new_account()
         shard = shard_of(topology, flood_account)

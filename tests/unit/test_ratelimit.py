@@ -90,7 +90,7 @@ def test_the_table_is_bounded_and_forgets_the_least_recently_used_client() -> No
 
 
 def test_rate_and_burst_come_from_the_environment_with_defaults_no_normal_client_meets() -> None:
-    base = {"TXROUTE_REGION": "eu-west-1", "TXROUTE_REGION_URLS": '{"eu-west-1": "http://x"}',
+    base = {"TXROUTE_REGION": "eu-west-1", "TXROUTE_REGION_URLS": '{"eu-west-1": "https://x"}',
             "TXROUTE_CLIENT_PUBLIC_KEYS": '{"k": "pem"}', "TXROUTE_INTERNAL_PRIVATE_KEY": "pem"}
     defaults = RouterSettings.from_env(base)
     assert defaults.client_rate_per_s >= 100 and defaults.client_burst >= 100
