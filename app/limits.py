@@ -46,6 +46,9 @@ POSTING_RETRY_BACKOFF_MS = 5
 PROCESS_READY_TIMEOUT_S = 60.0
 PROCESS_STOP_TIMEOUT_S = 15.0
 PG_READY_TIMEOUT_S = 30.0
+# `txroute up --ports auto` (app/local/ports.py): ports one call may reserve, and candidates it may try.
+PORTS_AUTO_COUNT_MAX = 64
+PORTS_AUTO_CANDIDATES_MAX = 2_000
 
 # Client tokens (DESIGN D8), checked by the router.
 CLIENT_TOKEN_LEEWAY_S = 5  # clock skew tolerated on `exp`

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import aiohttp
 
+from app.local.ports import free_port
 from app.local.postgres import Cluster, clusters_root, ensure_pg_user, find_pg_bin
-from app.local.processes import ServiceProcess, free_port, region_process
+from app.local.processes import ServiceProcess, region_process
 from app.local.stack import state_dir
 from app.local.tls import LocalTls, ensure_local_tls
 from app.security.tls import client_context

@@ -24,7 +24,8 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from app.local.processes import ROUTER_FACTORY, ServiceProcess, asgi_command, free_port
+from app.local.ports import free_port
+from app.local.processes import ROUTER_FACTORY, ServiceProcess, asgi_command
 from app.topology.loader import load_topology
 from benchmarks.client import auth_headers, client_headers, router_env
 from benchmarks.common import (

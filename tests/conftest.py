@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
+from app.local.ports import free_port
 from app.local.postgres import Cluster, ensure_pg_user, find_pg_bin
-from app.local.processes import ServiceProcess, free_port
+from app.local.processes import ServiceProcess
 from app.local.processes import region_process as local_region_process
 from app.topology.loader import load_topology
 from app.topology.model import Topology

@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
         "--wan-latency", type=_duration_ms, default=0, metavar="RTT",
         help="SIMULATE a WAN round trip between regions, e.g. 40ms (off by default)",
     )
+    up.add_argument(
+        "--ports", choices=("fixed", "auto"), default="fixed",
+        help="auto: choose a free port for every part (recorded in stack.json, shown by `status`)",
+    )
     _stack_options(up)
     up.set_defaults(run=_up)
 
@@ -100,9 +104,13 @@ def _parser() -> argparse.ArgumentParser:
 def _stack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, default=None, help="where clusters, keys and logs live (.state/)")
     p.add_argument("--regions-dir", type=Path, default=None, help="the topology folder (regions/)")
-    p.add_argument("--region-port-base", type=int, default=local_stack.REGION_PORT_BASE_DEFAULT)
-    p.add_argument("--pg-port-base", type=int, default=local_stack.PG_PORT_BASE_DEFAULT)
-    p.add_argument("--router-port", type=int, default=local_stack.ROUTER_PORT_DEFAULT)
+    # Unset: `up` uses the defaults; the other commands use the ports the running (or last) stack recorded.
+    p.add_argument("--region-port-base", type=int, default=None,
+                   help=f"first region's port, then +1 per region (default {local_stack.REGION_PORT_BASE_DEFAULT})")
+    p.add_argument("--pg-port-base", type=int, default=None,
+                   help=f"first region's PostgreSQL port, then +1 (default {local_stack.PG_PORT_BASE_DEFAULT})")
+    p.add_argument("--router-port", type=int, default=None,
+                   help=f"the router's port (default {local_stack.ROUTER_PORT_DEFAULT})")
     p.add_argument("--router-region", default=None, help="the region the local router runs in (default: the first)")
 
 
@@ -114,24 +122,47 @@ def _duration_ms(text: str) -> int:
     return int(ms)
 
 
-def _stack(args: argparse.Namespace) -> local_stack.Stack:
-    config = local_stack.StackConfig(
+def _config(args: argparse.Namespace, *, recorded: bool) -> local_stack.StackConfig:
+    """The stack the command means: with `recorded`, and no port flag given, the one stack.json records."""
+    state = args.state_dir or local_stack.state_dir()
+    flags = (args.region_port_base, args.pg_port_base, args.router_port)
+    if recorded and all(flag is None for flag in flags):
+        found = local_stack.recorded_config(state)
+        if found is not None:
+            return found
+
+    def given(flag: int | None, default: int) -> int:
+        return default if flag is None else flag
+
+    return local_stack.StackConfig(
+        state=state,
         regions_dir=args.regions_dir,
-        region_port_base=args.region_port_base,
-        pg_port_base=args.pg_port_base,
-        router_port=args.router_port,
+        region_port_base=given(args.region_port_base, local_stack.REGION_PORT_BASE_DEFAULT),
+        pg_port_base=given(args.pg_port_base, local_stack.PG_PORT_BASE_DEFAULT),
+        router_port=given(args.router_port, local_stack.ROUTER_PORT_DEFAULT),
         router_region=args.router_region,
         wan_latency_ms=getattr(args, "wan_latency", 0),
     )
-    if args.state_dir is not None:
-        config.state = args.state_dir
-    return local_stack.plan(config)
+
+
+def _stack(args: argparse.Namespace) -> local_stack.Stack:
+    return local_stack.plan(_config(args, recorded=True))
 
 
 def _up(args: argparse.Namespace) -> int:
-    stack = _stack(args)
-    print(f"starting {len(stack.topology.regions)} regions (state in {stack.config.state}) ...", flush=True)
-    local_stack.up(stack)
+    config = _config(args, recorded=False)
+    reservation = None
+    if args.ports == "auto":
+        if any(flag is not None for flag in (args.region_port_base, args.pg_port_base, args.router_port)):
+            raise local_stack.StackError("--ports auto chooses every port: drop the --*-port* flags")
+        reservation = local_stack.reserve_auto_ports(config)
+    try:
+        stack = local_stack.plan(config)
+        print(f"starting {len(stack.topology.regions)} regions (state in {stack.config.state}) ...", flush=True)
+        local_stack.up(stack)
+    finally:
+        if reservation is not None:
+            reservation.release()  # every part listens on its port now (or the stack was stopped)
     _print_status(stack)
     if args.detach:
         print("running in the background; stop it with `txroute down`")

@@ -2,7 +2,8 @@
 service, all on loopback, with their state in `.state/` (git-ignored) so data survives `down`/`up`.
 
 `txroute up|down|status` (app/cli) drive this module. What runs is recorded in `.state/stack.json`, so a
-second `up` sees the first, and `down` or `status` from another shell find the processes.
+second `up` sees the first, and `down`, `status`, `audit` or `txroute ops` from another shell find the
+processes and every port (fixed by flags, or chosen by `up --ports auto`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import REPO_ROOT
+from app.local import ports
 from app.local.postgres import Cluster, clusters_root, ensure_pg_user, find_pg_bin
 from app.local.processes import ROUTER_FACTORY, ServiceProcess, asgi_command, region_process
 from app.local.tls import LocalTls, ensure_local_tls
@@ -49,6 +51,9 @@ class StackConfig:
     router_region: str | None = None
     # SIMULATED WAN round trip between regions (router to a remote region, region to region); 0 = off.
     wan_latency_ms: int = 0
+    # Ports chosen per part ("router", "region-<r>", "postgres-<r>"), over the bases above: set by
+    # `reserve_auto_ports` (`txroute up --ports auto`) and read back from stack.json.
+    ports: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -84,15 +89,15 @@ def plan(config: StackConfig) -> Stack:
     keys = DevKeys(config.state / "keys")
     tls = LocalTls(config.state / "tls")
     for i, region in enumerate(topology.regions):
-        cluster = Cluster(root / region.name, config.pg_port_base + i, run_as, bin_dir)
+        pg_port = config.ports.get(f"postgres-{region.name}", config.pg_port_base + i)
+        cluster = Cluster(root / region.name, pg_port, run_as, bin_dir)
         clusters[region.name] = cluster
         env = {"TXROUTE_INTERNAL_PUBLIC_KEY": str(keys.internal_public)}
         if config.regions_dir is not None:
             env["TXROUTE_REGIONS_DIR"] = str(config.regions_dir)
         log_file = config.state / "logs" / f"region-{region.name}.log"
-        services.append(
-            region_process(region.name, cluster.port, config.region_port_base + i, log_file, tls=tls, **env)
-        )
+        port = config.ports.get(f"region-{region.name}", config.region_port_base + i)
+        services.append(region_process(region.name, cluster.port, port, log_file, tls=tls, **env))
     # Regions send saga messages to each other, signed with the internal key.
     urls = json.dumps({s.env["TXROUTE_REGION"]: s.url for s in services})
     for service in services:
@@ -123,13 +128,29 @@ def _router(
     }
     if config.regions_dir is not None:
         env["TXROUTE_REGIONS_DIR"] = str(config.regions_dir)
+    port = config.ports.get(ROUTER_NAME, config.router_port)
     return ServiceProcess(
         name=ROUTER_NAME,
-        argv=asgi_command(ROUTER_FACTORY, config.router_port),
+        argv=asgi_command(ROUTER_FACTORY, port),
         env=env,
-        port=config.router_port,
+        port=port,
         log_file=config.state / "logs" / "router.log",
     )
+
+
+def reserve_auto_ports(config: StackConfig) -> ports.Reservation:
+    """Choose a free port for every part of the stack (`txroute up --ports auto`) and set `config.ports`.
+
+    The ports are reserved against other choosers (app/local/ports.py) until the caller releases the
+    reservation, which it does once `up` has returned: by then every part listens on its port."""
+    topology = load_topology(config.regions_dir)
+    names = [ROUTER_NAME] + [f"{kind}-{r.name}" for r in topology.regions for kind in ("region", "postgres")]
+    try:
+        reservation = ports.reserve(len(names))
+    except ports.NoFreePort as exc:
+        raise StackError(str(exc)) from None
+    config.ports = dict(zip(names, reservation.ports, strict=True))
+    return reservation
 
 
 def running_record(stack: Stack) -> dict[str, Any] | None:
@@ -189,7 +210,8 @@ def down(stack: Stack, *, purge: bool = False) -> list[str]:
         if cluster.is_running():
             cluster.stop()
             stopped.append(f"postgres-{name}")
-    stack.record_file.unlink(missing_ok=True)
+    if stack.record_file.exists():  # nothing runs; the ports stay recorded for `status` and the next `ops`
+        _write_record(stack, running=False)
     if purge:
         for cluster in stack.clusters.values():
             shutil.rmtree(cluster.folder, ignore_errors=True)
@@ -231,6 +253,8 @@ def restart_services(stack: Stack, names: list[str]) -> list[str]:
         record: dict[str, Any] = json.loads(stack.record_file.read_text())
     except (OSError, ValueError):
         raise StackError("the local stack is not running (no stack.json): start it with `txroute up`") from None
+    if not record.get("services"):
+        raise StackError("the local stack is stopped (`txroute down`): start it with `txroute up`")
     by_name = {s.name: s for s in stack.services}
     unknown = [n for n in names if n not in by_name]
     if unknown:
@@ -272,17 +296,20 @@ def cluster_shard_dsns(topology: Topology, clusters: dict[str, Cluster]) -> dict
     return {shard.name: clusters[shard.region].dsn(shard.database) for shard in topology.shards}
 
 
-def _write_record(stack: Stack) -> None:
+def _write_record(stack: Stack, *, running: bool = True) -> None:
     services = [
         {"name": s.name, "pid": s.process.pid, "url": s.url, "log": str(s.log_file)}
         for s in stack.services
-        if s.process is not None
+        if s.process is not None and running
     ]
     c = stack.config
-    config = {  # so that commands run later (`txroute ops`) find the same ports without repeating the flags
+    # Every port in use, by part: what `status`, `down`, `audit` and `txroute ops` use later, whatever flags
+    # (or `--ports auto`) `up` was given.
+    used = {s.name: s.port for s in stack.services} | {f"postgres-{r}": k.port for r, k in stack.clusters.items()}
+    config = {
         "regions_dir": str(c.regions_dir) if c.regions_dir else None, "region_port_base": c.region_port_base,
         "pg_port_base": c.pg_port_base, "router_port": c.router_port, "router_region": c.router_region,
-        "wan_latency_ms": c.wan_latency_ms,
+        "wan_latency_ms": c.wan_latency_ms, "ports": used,
     }
     stack.record_file.write_text(json.dumps({"services": services, "config": config}, indent=2))
 
@@ -301,6 +328,7 @@ def recorded_config(state: Path) -> StackConfig | None:
         router_port=int(config["router_port"]),
         router_region=config["router_region"],
         wan_latency_ms=int(config["wan_latency_ms"]),
+        ports={str(name): int(port) for name, port in config.get("ports", {}).items()},
     )
 
 

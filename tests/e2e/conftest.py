@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.local.processes import ROUTER_FACTORY, ServiceProcess, asgi_command, free_port
+from app.local.ports import free_port
+from app.local.processes import ROUTER_FACTORY, ServiceProcess, asgi_command
 from tests.helpers import HTTP_TIMEOUT_S, ApiClient, new_client_id
 from tests.keys import CLIENT_KID, SessionKeys
 from tests.tls import session_tls, verify

@@ -1,4 +1,4 @@
-"""One local stack for every game day, started as a user starts it (`txroute up --detach` on free ports with
+"""One local stack for every game day, started as a user starts it (`txroute up --detach --ports auto` with
 its own TXROUTE_STATE_DIR), and the faults the game days inject into it. Each game day leaves it healthy;
 `stack` repairs what a failed one left behind before the next."""
 
@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from app.local import stack as local_stack
-from app.local.processes import free_port
+from app.local.processes import http_ok
 from app.security.tls import client_context
 from tests.runbooks import gameday
 
@@ -138,17 +138,17 @@ def gameday_stack() -> Iterator[GameDayStack]:
     folder = Path(tempfile.mkdtemp(prefix="txroute-gameday-"))
     folder.chmod(0o755)  # the PostgreSQL user must traverse it
     state = folder / "state"
-    base = 42_000 + (os.getpid() % 1_000) * 10
-    router_port = free_port()
-    ports = ["--region-port-base", str(base), "--pg-port-base", str(base + 5), "--router-port", str(router_port)]
     env = {**os.environ, "TXROUTE_STATE_DIR": str(state)}
-    up = subprocess.run([sys.executable, "-m", "app.cli.main", "up", "--detach", *ports], env=env,
+    # `up` chooses every port itself and records them; every later command (and `plan`) reads them back.
+    up = subprocess.run([sys.executable, "-m", "app.cli.main", "up", "--detach", "--ports", "auto"], env=env,
                         capture_output=True, text=True, timeout=UP_TIMEOUT_S)
     try:
         assert up.returncode == 0, f"expected `txroute up --detach` to start the stack:\n{up.stdout}{up.stderr}"
-        yield GameDayStack(state, f"http://127.0.0.1:{router_port}")
+        config = local_stack.recorded_config(state)
+        assert config is not None, "expected `txroute up` to record its configuration in stack.json"
+        yield GameDayStack(state, f"http://127.0.0.1:{config.ports[local_stack.ROUTER_NAME]}")
     finally:
-        subprocess.run([sys.executable, "-m", "app.cli.main", "down", "--purge", *ports], env=env,
+        subprocess.run([sys.executable, "-m", "app.cli.main", "down", "--purge"], env=env,
                        capture_output=True, text=True, timeout=UP_TIMEOUT_S)
         subprocess.run(["rm", "-rf", str(folder)], check=False)
 
