@@ -7,7 +7,7 @@ Request bodies are decoded strictly with msgspec (`app.api.decoding`): an amount
 from __future__ import annotations
 
 import enum
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -86,6 +86,30 @@ class Entry(msgspec.Struct, kw_only=True):
 class EntriesPage(msgspec.Struct, kw_only=True):
     items: list[Entry]
     next_cursor: str | None
+
+
+class Health(msgspec.Struct, kw_only=True):
+    """`GET /healthz`: the process is alive (it checks nothing else)."""
+
+    status: Literal["ok"]
+
+
+class RegionReadiness(msgspec.Struct, kw_only=True):
+    """A region's `GET /readyz` (200 ready, 503 not): every shard of the region reachable and migrated."""
+
+    status: Literal["ready", "not_ready"]
+    shards: dict[str, bool] = msgspec.field(default_factory=dict)
+
+
+class RouterReadiness(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The router's `GET /readyz`: 200 once its upstream clients are open (a region that is down does not
+    make it unready: it still answers for the others), else 503 with the status alone."""
+
+    status: Literal["ready", "not_ready"]
+    # Each region's reachability (its /healthz), the shard map's version and the drained regions.
+    regions: dict[str, bool] | None = None
+    shardmap_version: int | None = None
+    draining: list[str] | None = None
 
 
 class ProblemDetails(msgspec.Struct, kw_only=True):

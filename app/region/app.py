@@ -12,12 +12,13 @@ from typing import Any
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post
+from litestar.openapi.datastructures import ResponseSpec
 
 from app import limits, telemetry
 from app.api.decoding import decode_body
 from app.api.http import EXCEPTION_HANDLERS, json_response, problem_response
 from app.api.openapi import OPENAPI_CONFIG, openapi_document
-from app.api.schemas import SagaMessage
+from app.api.schemas import Health, RegionReadiness, SagaMessage
 from app.api.upstreams import Upstreams
 from app.config import RegionSettings
 from app.errors import Problem
@@ -158,17 +159,26 @@ async def _watch_drain(ledger: RegionLedger) -> None:
         await asyncio.sleep(limits.REGION_DRAIN_POLL_S)
 
 
-@get("/healthz", include_in_schema=True, summary="The process is alive")
+# The bodies are the same msgspec structs the OpenAPI document describes, so an answer cannot drift from it.
+@get("/healthz", summary="The process is alive", responses={200: ResponseSpec(Health, description="alive")})
 async def healthz(request: Request[Any, Any, Any]) -> Response[bytes]:
-    return json_response(request, 200, {"status": "ok"})
+    return json_response(request, 200, Health(status="ok"))
 
 
-@get("/readyz", summary="Every shard of the region is reachable and migrated")
+@get(
+    "/readyz",
+    summary="Every shard of the region is reachable and migrated",
+    responses={
+        200: ResponseSpec(RegionReadiness, description="ready: every shard reachable and migrated"),
+        503: ResponseSpec(RegionReadiness, description="not ready: which shards are not"),
+    },
+)
 async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
     ledger = request.app.state.get("ledger")
     shards = {name: await store.ready() for name, store in ledger.stores.items()} if ledger else {}
     ok = bool(shards) and all(shards.values())
-    return json_response(request, 200 if ok else 503, {"status": "ready" if ok else "not_ready", "shards": shards})
+    return json_response(request, 200 if ok else 503, RegionReadiness(status="ready" if ok else "not_ready",
+                                                                      shards=shards))
 
 
 @get("/internal/shardmap", summary="This region's shards and the slots each claims (DESIGN D2)")

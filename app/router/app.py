@@ -3,8 +3,9 @@ per region and closes them.
 
 The public API (`/v1/...`) is served by a bare ASGI handler, `Router`, because the router's cost is per
 request and Litestar's routing, request objects and responses cost about a quarter of a proxy's throughput
-here (NOTES: Forwarding). Everything else (`/healthz`, `/readyz`, `/openapi.json`, unknown paths and the
-lifespan) goes to a small Litestar app, with the same problem+json handlers as the regions.
+here (NOTES: Forwarding). Everything else (`/healthz`, `/readyz`, `/openapi.json`, the API reference at
+`/docs`, unknown paths and the lifespan) goes to a small Litestar app, with the same problem+json handlers as
+the regions.
 
 A request's path through `Router`: match the route (404/405) -> verify the client token (401) -> take
 a token from the client's bucket (429, app/router/ratelimit.py) -> check the route's scope (403) -> decode
@@ -26,13 +27,16 @@ from typing import Any
 import aiohttp
 import msgspec
 from litestar import Litestar, Request, Response, get
+from litestar.openapi.datastructures import ResponseSpec
 
 from app import limits, telemetry
 from app.api.http import EXCEPTION_HANDLERS, json_response
 from app.api.openapi import OPENAPI_CONFIG, build_document, openapi_document
+from app.api.schemas import Health, RouterReadiness
 from app.api.upstreams import Answer, NoAnswer, NotConnected, UpstreamError, Upstreams
 from app.config import RouterSettings
 from app.errors import PROBLEM_CONTENT_TYPE, Problem, problem_body
+from app.router.docs import docs_asset, docs_page
 from app.router.ratelimit import ClientRateLimiter
 from app.router.routes import Kind, Route, decode_write, match, read_slot
 from app.router.shardmap import ShardMap, ShardMapCache
@@ -269,16 +273,24 @@ def _template(route: Route, path: str) -> str:
 # The fallback Litestar app: health, readiness, the OpenAPI document ---------------------------------
 
 
-@get("/healthz", summary="The process is alive")
+# The bodies are the same msgspec structs the OpenAPI document describes, so an answer cannot drift from it.
+@get("/healthz", summary="The process is alive", responses={200: ResponseSpec(Health, description="alive")})
 async def healthz(request: Request[Any, Any, Any]) -> Response[bytes]:
-    return json_response(request, 200, {"status": "ok"})
+    return json_response(request, 200, Health(status="ok"))
 
 
-@get("/readyz", summary="The router's upstream clients are open; each region's reachability")
+@get(
+    "/readyz",
+    summary="The router's upstream clients are open; each region's reachability",
+    responses={
+        200: ResponseSpec(RouterReadiness, description="ready (also while a region is down: see `regions`)"),
+        503: ResponseSpec(RouterReadiness, description="not ready yet"),
+    },
+)
 async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
     upstreams: Upstreams = request.app.state.upstreams
     if not upstreams.is_open:
-        return json_response(request, 503, {"status": "not_ready"})
+        return json_response(request, 503, RouterReadiness(status="not_ready"))
     timeout = aiohttp.ClientTimeout(total=limits.READYZ_PROBE_TIMEOUT_S)
     regions = {}
     for region in upstreams.urls:
@@ -289,8 +301,9 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
             regions[region] = False
     # Ready even when a region is down: this router still answers for the others, and 503 fast for it.
     current = request.app.state.shardmap.current
-    return json_response(request, 200, {"status": "ready", "regions": regions, "shardmap_version": current.version,
-                                        "draining": sorted(current.draining)})
+    return json_response(request, 200, RouterReadiness(status="ready", regions=regions,
+                                                       shardmap_version=current.version,
+                                                       draining=sorted(current.draining)))
 
 
 @get("/metrics", include_in_schema=False)
@@ -372,7 +385,7 @@ def create_app(settings: RouterSettings) -> telemetry.Instrumented:
             await upstreams.close()
 
     fallback = Litestar(
-        route_handlers=[healthz, readyz, openapi_document, metrics],
+        route_handlers=[healthz, readyz, openapi_document, docs_page, docs_asset, metrics],
         lifespan=[lifespan],
         exception_handlers=dict(EXCEPTION_HANDLERS),
         openapi_config=None,
