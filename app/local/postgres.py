@@ -16,6 +16,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ def find_pg_bin() -> Path:
     """The folder holding `initdb`, `pg_ctl`, `postgres` and `pgbench`."""
     override = os.environ.get("TXROUTE_PG_BIN")
     if override:
-        return _checked_bin(Path(override))
+        return _runnable(_checked_bin(Path(override)))
     candidates = glob.glob("/usr/lib/postgresql/*/bin") + glob.glob("/usr/pgsql-*/bin")
     best: tuple[int, Path] | None = None
     for text in candidates:
@@ -51,7 +52,57 @@ def find_pg_bin() -> Path:
             "no PostgreSQL server binaries (>= 14) found: run `bash ci/bootstrap.sh`, which installs the "
             "embedded-pg extra, or set TXROUTE_PG_BIN"
         ) from None
-    return _checked_bin(Path(pgserver.__file__).parent / "pginstall" / "bin")
+    return _runnable(_checked_bin(Path(pgserver.__file__).parent / "pginstall" / "bin"))
+
+
+def _runnable(folder: Path) -> Path:
+    """`folder`, or a copy of its installation that the server user can run.
+
+    When we are root the server runs as PG_USER_DEFAULT, which must traverse every parent of the binaries.
+    The `pgserver` wheel's binaries live in the virtualenv, and a checkout under a private home folder (/root
+    is mode 0700) hides them from that user. Rather than loosen the user's folders (what pgserver's own
+    manager does), the installation is copied once to a folder of its own under /var/tmp, keyed by its path
+    and version, in the same layout: the binaries find lib/ and share/ relative to themselves, and the
+    wheel's shared libraries (libpq) in `<package>.libs` beside the package (their RPATH).
+    """
+    run_as = PG_USER_DEFAULT if os.geteuid() == 0 else None
+    if first_untraversable_parent(folder / "postgres", run_as) is None:
+        return folder
+    install = folder.resolve().parent  # .../site-packages/pgserver/pginstall
+    package = install.parent
+    version = subprocess.run([str(folder / "postgres"), "--version"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+    digest = hashlib.sha256(f"{install}\0{version}".encode()).hexdigest()[:12]
+    target = Path("/var/tmp") / f"txroute-pgbin-{digest}"  # noqa: S108 - ownership checked below
+    copied = target / package.name / install.name / "bin" / "postgres"
+    if not copied.is_file():
+        staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        try:
+            tree = staging / "install"
+            shutil.copytree(install, tree / package.name / install.name, symlinks=True)
+            libs = package.parent / f"{package.name}.libs"
+            if libs.is_dir():
+                shutil.copytree(libs, tree / libs.name, symlinks=True)
+            _readable_by_all(tree)
+            try:
+                (staging / "install").rename(target)  # atomic: a concurrent copy that lost leaves no trace
+            except OSError:
+                if not copied.is_file():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    if target.is_symlink() or target.stat().st_uid != os.geteuid():
+        raise PostgresError(f"{target} exists and is not ours: remove it or set TXROUTE_PG_BIN")
+    return target / package.name / install.name / "bin"
+
+
+def _readable_by_all(root: Path) -> None:
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        runnable = path.is_dir() or mode & 0o100
+        path.chmod(mode | 0o044 | (0o011 if runnable else 0))
 
 
 def _checked_bin(folder: Path) -> Path:
