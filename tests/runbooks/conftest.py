@@ -22,7 +22,6 @@ import httpx
 import pytest
 
 from app.local import stack as local_stack
-from app.local.processes import http_ok
 from app.security.tls import client_context
 from tests.runbooks import gameday
 
