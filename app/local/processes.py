@@ -105,8 +105,9 @@ class ServiceProcess:
 
 def http_ok(url: str, *, timeout_s: float = 2.0, ca_file: Path | None = None) -> bool:
     """`url` answers 200; an https URL is verified against `ca_file` (the system trust store when None)."""
-    context = client_context(ca_file) if url.startswith("https://") else None
     try:
+        # A stack that never started has no CA yet (TlsConfigError, a ValueError): nothing answers.
+        context = client_context(ca_file) if url.startswith("https://") else None
         with urllib.request.urlopen(url, timeout=timeout_s, context=context) as response:  # noqa: S310 - http(s) only
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError, ValueError):
