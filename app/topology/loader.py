@@ -20,6 +20,16 @@ _REGION_NAME = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
 _SHARD_NAME = re.compile(r"^[a-z0-9]+-[a-z0-9]+$")
 _RANGE = re.compile(r"^([0-9]{1,4})-([0-9]{1,4})$")
 _REGION_KEYS = {"name", "vpc_cidr", "capacity", "shards"}
+# The DB instance classes RDS offers for Multi-AZ DB clusters (non-Aurora), the only deployment infra/ makes:
+# Amazon RDS User Guide, "Instance class availability for Multi-AZ DB clusters". Not every class exists in
+# every region: infra/README.md says how to check one before adding it.
+MULTI_AZ_DB_CLUSTER_CLASS_FAMILIES = frozenset(
+    {"m5d", "m6gd", "m6id", "m6idn", "r5d", "r6gd", "r6id", "r6idn", "x2iedn", "c6gd"})
+_DB_INSTANCE_CLASS = re.compile(r"^db\.([a-z0-9]+)\.(medium|large|[0-9]*xlarge|metal)$")
+# infra/ gives every cluster gp3 storage with explicit IOPS (CreateDBCluster requires IOPS for a Multi-AZ DB
+# cluster), and RDS for PostgreSQL accepts explicit gp3 IOPS only from 400 GiB (Amazon RDS User Guide,
+# "Amazon RDS DB instance storage", gp3 storage performance).
+DB_ALLOCATED_STORAGE_GB_MIN = 400
 _SHARD_KEYS = {"name", "slots"}
 
 
@@ -74,12 +84,28 @@ def _capacity(path: Path, raw: Any) -> Capacity:
     for key in fields:
         value = raw.get(key)
         if key == "db_instance_class":
-            values[key] = _str(path, f"capacity.{key}", value)
+            values[key] = _db_instance_class(path, _str(path, f"capacity.{key}", value))
         else:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise TopologyError(f"{path}: capacity.{key}: must be a positive integer, got {value!r}")
             values[key] = value
+    if values["db_allocated_storage_gb"] < DB_ALLOCATED_STORAGE_GB_MIN:
+        raise TopologyError(
+            f"{path}: capacity.db_allocated_storage_gb: {values['db_allocated_storage_gb']} is below "
+            f"{DB_ALLOCATED_STORAGE_GB_MIN}: RDS for PostgreSQL takes explicit gp3 IOPS (required for a Multi-AZ "
+            "DB cluster) only from 400 GiB"
+        )
     return Capacity(**values)
+
+
+def _db_instance_class(path: Path, value: str) -> str:
+    m = _DB_INSTANCE_CLASS.match(value)
+    if m is None or m.group(1) not in MULTI_AZ_DB_CLUSTER_CLASS_FAMILIES:
+        raise TopologyError(
+            f"{path}: capacity.db_instance_class: {value!r} is not offered for RDS Multi-AZ DB clusters "
+            f"(families: {', '.join('db.' + f for f in sorted(MULTI_AZ_DB_CLUSTER_CLASS_FAMILIES))})"
+        )
+    return value
 
 
 def _shard(path: Path, index: int, region: str, raw: Any) -> Shard:

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Deploys one stack from infra/ (run by the pipeline's deploy jobs, or by hand with the same env):
 #   STACK=staging IMAGE_TAG=<git sha> bash ../ci/github/deploy.sh   (from infra/)
-# 1. creates or updates only the ECR repositories (a new region's repository must exist before its image);
-# 2. builds the image once and pushes it to every region's repository (regions come from regions/);
+# 1. creates the ECR repositories a new region lacks (a targeted `up`: the repository, its KMS key and the
+#    components above both, from txroute_infra/bootstrap.py);
+# 2. builds the image once, for the tasks' CPU architecture, and pushes it to every region's repository
+#    that does not hold this tag yet (tags are immutable: a re-run job must not push them again);
 # 3. sets txroute:imageTag and runs `pulumi up` with the policy pack.
 set -euo pipefail
 : "${STACK:?STACK is required}" "${IMAGE_TAG:?IMAGE_TAG is required}"
 export PATH="$PWD/../.venv/bin:$PATH"
+# The task definitions run on ARM64 (Graviton; components/compute.py): build for that platform (buildx, with
+# QEMU on x86 runners). tests/infra/test_pipeline.py keeps the two in step.
+PLATFORM=linux/arm64
+REPOSITORY="txroute-${STACK}"
 
 pulumi stack select "$STACK"
 mapfile -t repos < <(pulumi stack export 2>/dev/null | python -c '
@@ -19,26 +25,44 @@ for r in state.get("deployment", {}).get("resources") or []:
 regions=$(python -c 'import sys; sys.path.insert(0, ".."); from app.topology.loader import load_topology; print(" ".join(r.name for r in load_topology().regions))')
 # Regions whose repository is not yet in the state get it first (their services need the image).
 if [ "${#repos[@]}" -lt "$(wc -w <<<"$regions")" ]; then
+  mapfile -t urns < <(python -m txroute_infra.bootstrap "$STACK")
   targets=()
-  base="urn:pulumi:${STACK}::txroute::"
-  for region in $regions; do
-    # The repository and what it needs: the region's provider and KMS key (URNs follow the components'
-    # names and types in txroute_infra; tests/infra/test_pipeline.py keeps these in step).
-    targets+=(--target "${base}pulumi:providers:aws::${region}-aws"
-              --target "${base}txroute:cell:RegionalCell\$txroute:cell:RegionKey\$aws:kms/key:Key::${region}-key"
-              --target "${base}txroute:cell:RegionalCell\$txroute:cell:Compute\$aws:ecr/repository:Repository::${region}-ecr")
-  done
+  for urn in "${urns[@]}"; do targets+=(--target "$urn"); done
   pulumi up --yes --skip-preview --policy-pack policy "${targets[@]}"
 fi
 
-account=$(aws sts get-caller-identity --query Account --output text)
-docker build -f ../ci/Dockerfile -t "txroute:${IMAGE_TAG}" ..
+# 0: the tag is in the region's repository; 1: it is not; any other failure stops the deploy.
+image_present() {
+  local err
+  if err=$(aws ecr describe-images --region "$1" --repository-name "$REPOSITORY" \
+             --image-ids "imageTag=${IMAGE_TAG}" 2>&1 >/dev/null); then
+    return 0
+  fi
+  if grep -q ImageNotFoundException <<<"$err"; then
+    return 1
+  fi
+  echo "$err" >&2
+  exit 1
+}
+
+missing=()
 for region in $regions; do
-  registry="${account}.dkr.ecr.${region}.amazonaws.com"
-  aws ecr get-login-password --region "$region" | docker login --username AWS --password-stdin "$registry"
-  docker tag "txroute:${IMAGE_TAG}" "${registry}/txroute-${STACK}:${IMAGE_TAG}"
-  docker push "${registry}/txroute-${STACK}:${IMAGE_TAG}"
+  if image_present "$region"; then
+    echo "${region}: ${REPOSITORY}:${IMAGE_TAG} is already there (immutable tag): not pushed again"
+  else
+    missing+=("$region")
+  fi
 done
+if [ "${#missing[@]}" -gt 0 ]; then
+  account=$(aws sts get-caller-identity --query Account --output text)
+  docker buildx build --platform "$PLATFORM" --load -f ../ci/Dockerfile -t "txroute:${IMAGE_TAG}" ..
+  for region in "${missing[@]}"; do
+    registry="${account}.dkr.ecr.${region}.amazonaws.com"
+    aws ecr get-login-password --region "$region" | docker login --username AWS --password-stdin "$registry"
+    docker tag "txroute:${IMAGE_TAG}" "${registry}/${REPOSITORY}:${IMAGE_TAG}"
+    docker push "${registry}/${REPOSITORY}:${IMAGE_TAG}"
+  done
+fi
 
 pulumi config set txroute:imageTag "$IMAGE_TAG"
 pulumi up --yes --policy-pack policy

@@ -20,15 +20,25 @@ CONTAINER_PORT = 8000
 INTERNAL_API_PORT = HTTPS_PORT
 POSTGRES_PORT = 5432
 
-# Health checks everywhere use the same endpoint: it answers 200 only when every shard is reachable.
-HEALTH_PATH = "/readyz"
+# What the load balancers and ECS probe: liveness (`/healthz`: the process answers), never readiness
+# (`/readyz`: every shard reachable). ECS replaces a task that fails either probe, so probing readiness would
+# turn a database failover into the loss of every region task at once. Readiness stays for operators
+# (`txroute ops status`); a region whose database is failing over answers 503 with Retry-After (DESIGN D7).
+HEALTH_PATH = "/healthz"
+READINESS_PATH = "/readyz"
 HEALTH_INTERVAL_S = 10
 HEALTH_TIMEOUT_S = 5
 HEALTHY_THRESHOLD = 2
-UNHEALTHY_THRESHOLD = 3
-# Global Accelerator allows only 10 or 30 seconds between health checks, and 1..10 failures.
-GA_HEALTH_INTERVAL_S = 10
-GA_THRESHOLD_COUNT = 3
+UNHEALTHY_THRESHOLD = 5
+# A Multi-AZ DB cluster fails over in typically under 35 s (Amazon RDS User Guide, "Failover process for
+# Multi-AZ DB clusters"). Every probe that can take a task out of service tolerates failures for longer than
+# that (interval x unhealthy threshold = 50 s), so even a task stalled by the failover is not replaced for it.
+# The policy pack holds both rules (infra/policy: health-checks-are-liveness).
+DB_FAILOVER_S = 35
+assert HEALTH_INTERVAL_S * UNHEALTHY_THRESHOLD > DB_FAILOVER_S
+# Global Accelerator ignores its own health-check settings for load balancer endpoints and follows the
+# load balancer's target health instead ("Health check options" in the Global Accelerator Developer Guide),
+# so endpoint groups set none; the target groups above are the one place health is defined.
 # Time ECS gives a new task before load balancer health checks count (migrations run at start).
 HEALTH_GRACE_PERIOD_S = 60
 # How long a draining target keeps in-flight requests (a transfer's fast path waits at most a few seconds).
@@ -113,5 +123,9 @@ def internal_certificate_domain(api_domain: str) -> str:
     return f"*.internal.{api_domain}"
 
 
+# The only content types an ELB fixed-response action accepts (Elastic Load Balancing API Reference,
+# "FixedResponseActionConfig": ContentType).
+FIXED_RESPONSE_CONTENT_TYPES = frozenset(
+    {"text/plain", "text/css", "text/html", "application/javascript", "application/json"})
 # Paths the public load balancer answers 404 itself: metrics and internal routes never leave the VPC.
 PRIVATE_PATHS = ("/metrics", "/metrics/*", "/internal/*")

@@ -29,18 +29,19 @@ def deploy(topology: Topology, config: InfraConfig) -> Deployment:
         cells[region.name] = RegionalCell(region, peers=peers, config=config,
                                           provider=region_provider(region.name, config.environment))
     shared = global_provider(config.environment)
-    validation_fqdns: list[pulumi.Input[str]] = []
+    # The validation record is created in the stack's zone, so each certificate validation waits only for a
+    # record this same update publishes (never for a manual step past the pipeline's timeout).
     first = cells[topology.regions[0].name]
-    if config.hosted_zone_id:
-        validation_fqdns = CertificateDns(first.compute.certificate, hosted_zone_id=config.hosted_zone_id,
-                                          provider=shared).fqdns
-        # Internal TLS: the internal APIs' names and their (wildcard) certificate's validation record.
-        CertificateDns(first.compute.internal_certificate, hosted_zone_id=config.hosted_zone_id,
-                       provider=shared, key="internal-cert")
-        InternalDns(list(cells.values()), hosted_zone_id=config.hosted_zone_id, provider=shared)
+    dns = CertificateDns(first.compute.certificate, hosted_zone_id=config.hosted_zone_id, provider=shared)
+    # Internal TLS: the internal APIs' names and their (wildcard) certificate's validation record.
+    internal_dns = CertificateDns(first.compute.internal_certificate, hosted_zone_id=config.hosted_zone_id,
+                                  provider=shared, key="internal-cert")
+    InternalDns(list(cells.values()), hosted_zone_id=config.hosted_zone_id, provider=shared)
     region_urls = pulumi.Output.all(**{name: cell.compute.internal_url for name, cell in cells.items()})
     for cell in cells.values():
-        cell.add_router(region_urls=region_urls, validation_record_fqdns=validation_fqdns)
+        cell.add_router(region_urls=region_urls,
+                        validation_record_fqdns=[dns.fqdn_for(cell.compute.certificate)],
+                        internal_validation_record_fqdns=[internal_dns.fqdn_for(cell.compute.internal_certificate)])
     mesh = PeeringMesh(list(cells.values()), environment=config.environment)
     entry = GlobalEntry(list(cells.values()), environment=config.environment, api_domain=config.api_domain,
                         hosted_zone_id=config.hosted_zone_id, provider=shared)
@@ -49,12 +50,4 @@ def deploy(topology: Topology, config: InfraConfig) -> Deployment:
     pulumi.export("accelerator_ips", entry.accelerator.ip_sets)
     pulumi.export("ecr_repositories", {n: c.compute.repository.repository_url for n, c in cells.items()})
     pulumi.export("alarm_topics", {n: c.observability.topic.arn for n, c in cells.items()})
-    if not config.hosted_zone_id:
-        # DNS lives elsewhere: these are the records to create there for the certificates to be issued.
-        pulumi.export("certificate_validation_records", first.compute.certificate.domain_validation_options)
-        pulumi.export("internal_certificate_validation_records",
-                      first.compute.internal_certificate.domain_validation_options)
-        # CNAMEs to create: each region's internal API name -> its internal load balancer.
-        pulumi.export("internal_api_records", {
-            n: {"name": c.compute.internal_name, "cname": c.compute.internal_lb.dns_name} for n, c in cells.items()})
     return Deployment(cells=cells, mesh=mesh, entry=entry)

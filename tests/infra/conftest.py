@@ -35,8 +35,8 @@ name = "ap-southeast-2"
 vpc_cidr = "10.40.0.0/16"
 
 [capacity]
-db_instance_class = "db.r6g.large"
-db_allocated_storage_gb = 100
+db_instance_class = "db.r6gd.large"
+db_allocated_storage_gb = 400
 db_max_connections = 400
 region_service_tasks = 2
 router_tasks = 2
@@ -64,7 +64,14 @@ class Run:
 
     resources: list[Recorded] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
+    call_args: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     urns: list[str] = field(default_factory=list)
+    # Per URN, as the engine would see them: parent URN, every URN it depends on (explicitly or through a
+    # property), the URNs each input property depends on, and its ignore_changes.
+    parents: dict[str, str] = field(default_factory=dict)
+    dependencies: dict[str, set[str]] = field(default_factory=dict)
+    property_dependencies: dict[str, dict[str, set[str]]] = field(default_factory=dict)
+    ignore_changes: dict[str, list[str]] = field(default_factory=dict)
 
     def of_type(self, type_: str) -> list[Recorded]:
         return [r for r in self.resources if r.type == type_]
@@ -78,6 +85,11 @@ class Run:
         """Provider id -> the region it was configured with."""
         return {f"{r.name}_id": r.inputs["region"] for r in self.resources if r.type == "pulumi:providers:aws"}
 
+    def urn_of(self, resource: Recorded) -> str:
+        (urn,) = [u for u in self.urns if u.endswith(f"::{resource.name}")
+                  and u.split("::")[2].split("$")[-1] == resource.type]
+        return urn
+
     def region_of(self, resource: Recorded) -> str | None:
         """The region of the provider a resource was created with (None: no explicit provider)."""
         provider_id = resource.provider.rsplit("::", 1)[-1] if resource.provider else ""
@@ -90,7 +102,9 @@ def _outputs(args: Any) -> dict[str, Any]:
     arn = f"arn:aws:mock:{name}"
     out: dict[str, Any] = {"arn": arn, "id": f"{name}_id"}
     if t == "aws:rds/cluster:Cluster":
-        out |= {"endpoint": f"{name}.cluster.mock", "masterUserSecrets": [
+        identifier = args.inputs.get("clusterIdentifier", name)
+        out |= {"endpoint": f"{name}.cluster.mock",
+                "clusterMembers": [f"{identifier}-instance-{i}" for i in (3, 1, 2)], "masterUserSecrets": [
             {"secretArn": f"arn:aws:secretsmanager:mock:secret:rds!{name}", "secretStatus": "active",
              "kmsKeyId": "k"}]}
     elif t == "aws:lb/loadBalancer:LoadBalancer":
@@ -128,6 +142,7 @@ def run_program(regions_dir: Path | None, **config_overrides: Any) -> Run:
 
         def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]]]:
             run.calls.append(args.token)
+            run.call_args.append((args.token, dict(args.args)))
             if args.token == "aws:index/getAvailabilityZones:getAvailabilityZones":
                 return {"names": ["za", "zb", "zc", "zd"], "zoneIds": ["z1", "z2", "z3", "z4"]}, []
             if args.token == "aws:index/getCallerIdentity:getCallerIdentity":
@@ -143,6 +158,15 @@ def run_program(regions_dir: Path | None, **config_overrides: Any) -> Run:
             if parent and "::pulumi:pulumi:Stack::" not in parent:
                 type_ = parent.split("::")[2] + "$" + type_
             return "urn:pulumi:" + "::".join([pulumi.get_stack(), pulumi.get_project(), type_, name])
+
+        def RegisterResource(self, request: Any) -> Any:
+            urn = self.make_urn(request.parent, request.type, request.name)
+            run.parents[urn] = request.parent
+            by_property = {key: set(deps.urns) for key, deps in request.propertyDependencies.items()}
+            run.property_dependencies[urn] = by_property
+            run.dependencies[urn] = set(request.dependencies).union(*by_property.values())
+            run.ignore_changes[urn] = list(request.ignoreChanges)
+            return super().RegisterResource(request)
 
     mocks = Mocks()
     monitor = EngineUrns(mocks)

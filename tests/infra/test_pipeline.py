@@ -3,7 +3,6 @@ deploys only from main behind approval environments, the test command, the bench
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -93,12 +92,104 @@ def test_installed_copy_matches_when_present() -> None:
         assert installed.read_text() == WORKFLOW.read_text(), "run bash ci/github/install.sh"
 
 
-def test_deploy_script_targets_urns_the_program_really_makes(program_run: Run) -> None:
-    script = (REPO / "ci" / "github" / "deploy.sh").read_text()
-    templates = re.findall(r'--target "\$\{base\}([^"]+)"', script)
-    assert len(templates) == 3
-    region = "eu-west-1"
-    made = {urn.split("::", 2)[2] for urn in program_run.urns}
-    for template in templates:
-        urn = template.replace("${region}", region).replace("\\$", "$")
-        assert urn in made, f"{urn} is not a resource the program makes"
+def test_bootstrap_targets_are_urns_the_program_makes_with_their_parents_and_dependencies(
+        program_run: Run) -> None:
+    """A targeted create fails ("untargeted create") when its parent or a dependency is neither in the state
+    nor targeted: on a fresh stack every one must be in the list (providers and the root stack are implicit)."""
+    from txroute_infra.bootstrap import bootstrap_targets
+
+    regions = sorted({r.inputs["region"] for r in program_run.of_type("pulumi:providers:aws")} - {"us-west-2"})
+    targets = bootstrap_targets("test", regions)
+    made = set(program_run.urns)
+    assert set(targets) <= made, f"not made by the program: {set(targets) - made}"
+    root = "urn:pulumi:test::txroute::pulumi:pulumi:Stack::txroute-test"
+    implicit = {u for u in made if "::pulumi:providers:" in u} | {"", root}
+    for urn in targets:
+        if "::pulumi:providers:" in urn:
+            continue
+        parent = program_run.parents[urn]
+        assert parent in set(targets) | implicit, f"{urn}: parent {parent} is not targeted"
+        missing = program_run.dependencies[urn] - set(targets) - implicit
+        assert not missing, f"{urn}: depends on untargeted {missing}"
+    for region in regions:
+        repo = f"urn:pulumi:test::txroute::txroute:cell:RegionalCell$txroute:cell:Compute" \
+               f"$aws:ecr/repository:Repository::{region}-ecr"
+        assert repo in targets, f"{region}: its repository must be created by the bootstrap"
+    assert not [u for u in targets if "ecs/service" in u or "taskDefinition" in u], "services wait for images"
+
+
+def test_bootstrap_project_is_the_pulumi_project() -> None:
+    from txroute_infra.bootstrap import PROJECT
+
+    assert yaml.safe_load((REPO / "infra" / "Pulumi.yaml").read_text())["name"] == PROJECT
+
+
+STUBS = {
+    # Each stub appends its command line to $STUB_LOG, then answers like the real tool would.
+    "pulumi": """
+case "$1 $2" in
+  "stack export") echo '{"deployment": {"resources": []}}' ;;
+esac
+""",
+    "aws": """
+case "$1 $2" in
+  "sts get-caller-identity") echo 123456789012 ;;
+  "ecr get-login-password") echo secret ;;
+  "ecr describe-images")
+    case "$*" in
+      *"--region eu-west-1 "*) echo '{"imageDetails": [{}]}' ;;
+      *) echo "An error occurred (ImageNotFoundException) when calling the DescribeImages operation" >&2
+         exit 254 ;;
+    esac ;;
+esac
+""",
+    "docker": """
+[ "$1" = login ] && cat >/dev/null
+exit 0
+""",
+}
+
+
+def _run_deploy(tmp_path: Path) -> list[str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in STUBS.items():
+        stub = bin_dir / name
+        stub.write_text(f'#!/usr/bin/env bash\necho "{name} $*" >> "$STUB_LOG"\n{body}')
+        stub.chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "STUB_LOG": str(log), "STACK": "staging", "IMAGE_TAG": "abc123",
+           "HOME": str(tmp_path)}
+    result = subprocess.run(["bash", str(REPO / "ci" / "github" / "deploy.sh")], cwd=REPO / "infra", env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return log.read_text().splitlines()
+
+
+def test_deploy_script_bootstraps_builds_for_the_tasks_architecture_and_skips_present_tags(
+        tmp_path: Path, program_run: Run) -> None:
+    from txroute_infra.bootstrap import bootstrap_targets
+    from txroute_infra.topology import load_topology
+
+    calls = _run_deploy(tmp_path)
+    regions = [r.name for r in load_topology().regions]
+    (bootstrap,) = [c for c in calls if c.startswith("pulumi up") and "--target" in c]
+    assert [t.strip() for t in bootstrap.split("--target ")[1:]] == bootstrap_targets("staging", regions), bootstrap
+
+    (build,) = [c for c in calls if c.startswith("docker buildx build")]
+    architectures = {td.inputs["runtimePlatform"]["cpuArchitecture"]
+                     for td in program_run.of_type("aws:ecs/taskDefinition:TaskDefinition")}
+    assert architectures == {"ARM64"}
+    assert "--platform linux/arm64" in build, build
+
+    pushed = [c for c in calls if c.startswith("docker push")]
+    assert not any(".eu-west-1." in c for c in pushed), "eu-west-1 already holds the tag: pushing fails"
+    assert sorted(c.split(".")[3] for c in pushed) == sorted(r for r in regions if r != "eu-west-1"), pushed
+    assert calls[-2:] == ["pulumi config set txroute:imageTag abc123", "pulumi up --yes --policy-pack policy"]
+
+
+def test_deploy_jobs_can_build_arm64_images(workflow: dict[str, Any]) -> None:
+    for name in ("deploy-staging", "deploy-prod"):
+        uses = [str(step.get("uses", "")) for step in workflow["jobs"][name]["steps"]]
+        assert any(u.startswith("docker/setup-qemu-action@") for u in uses), name
+        assert any(u.startswith("docker/setup-buildx-action@") for u in uses), name

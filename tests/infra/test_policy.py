@@ -9,7 +9,7 @@ import pytest
 import txroute_policies as p
 
 SAFE_CLUSTER = {
-    "engine": "postgres", "dbClusterInstanceClass": "db.r6g.large", "storageEncrypted": True,
+    "engine": "postgres", "dbClusterInstanceClass": "db.r6gd.large", "storageEncrypted": True,
     "kmsKeyId": "arn:aws:kms:eu-west-1:1:key/k", "publiclyAccessible": False, "deletionProtection": True,
     "skipFinalSnapshot": False, "backupRetentionPeriod": 14, "manageMasterUserPassword": True,
     "performanceInsightsEnabled": True,
@@ -159,4 +159,181 @@ def test_aws_resources_must_use_an_explicit_provider() -> None:
 def test_the_pack_entry_point_registers_every_rule() -> None:
     source = (p.REPO_ROOT / "infra" / "policy" / "__main__.py").read_text()
     assert "RESOURCE_RULES.items()" in source and "STACK_RULES.items()" in source
-    assert len(p.RESOURCE_RULES) == 8 and len(p.STACK_RULES) == 1
+    assert len(p.RESOURCE_RULES) == 14 and len(p.STACK_RULES) == 4
+
+
+# --- what AWS would refuse or ignore (issue: the first real `pulumi up`) --------------------------------------
+
+def test_the_pack_restates_the_program_and_loader_facts_exactly() -> None:
+    from txroute_infra import layout
+
+    from app.topology import loader
+
+    assert p.FIXED_RESPONSE_CONTENT_TYPES == layout.FIXED_RESPONSE_CONTENT_TYPES
+    assert p.MULTI_AZ_DB_CLUSTER_CLASS_FAMILIES == loader.MULTI_AZ_DB_CLUSTER_CLASS_FAMILIES
+    assert p.GP3_EXPLICIT_IOPS_STORAGE_GB_MIN == loader.DB_ALLOCATED_STORAGE_GB_MIN
+    assert (p.DB_FAILOVER_S, p.READINESS_PATH) == (layout.DB_FAILOVER_S, layout.READINESS_PATH)
+
+
+def _fixed(content_type: str) -> list[dict[str, Any]]:
+    return [{"type": "fixed-response", "fixedResponse": {"contentType": content_type, "statusCode": "404"}}]
+
+
+@pytest.mark.parametrize("content_type", ["application/problem+json", "application/xml", "text/json"])
+def test_fixed_responses_with_a_content_type_elb_refuses_are_reported(content_type: str) -> None:
+    found = violations(p.fixed_responses_use_allowed_content_types, p.LISTENER_RULE, {"actions": _fixed(content_type)})
+    assert len(found) == 1 and content_type in found[0], found
+    listener = violations(p.fixed_responses_use_allowed_content_types, p.LISTENER,
+                          {"defaultActions": _fixed(content_type)})
+    assert len(listener) == 1, listener
+
+
+def test_fixed_responses_in_json_or_text_pass() -> None:
+    for content_type in ("application/json", "text/plain"):
+        assert violations(p.fixed_responses_use_allowed_content_types, p.LISTENER_RULE,
+                          {"actions": _fixed(content_type)}) == []
+
+
+ORDERABLE = {**SAFE_CLUSTER, "storageType": "gp3", "allocatedStorage": 400, "iops": 12_000}
+
+
+def test_an_orderable_multi_az_db_cluster_passes() -> None:
+    assert violations(p.multi_az_db_cluster_is_orderable, p.RDS_CLUSTER, ORDERABLE) == []
+    io1 = {**ORDERABLE, "storageType": "io1", "allocatedStorage": 100, "iops": 3000}
+    assert violations(p.multi_az_db_cluster_is_orderable, p.RDS_CLUSTER, io1) == []
+    aurora = {**ORDERABLE, "engine": "aurora-postgresql", "dbClusterInstanceClass": "db.r6g.large"}
+    assert violations(p.multi_az_db_cluster_is_orderable, p.RDS_CLUSTER, aurora) == []
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"dbClusterInstanceClass": "db.r6g.large"}, "not offered for Multi-AZ DB clusters"),
+    ({"dbClusterInstanceClass": "db.t4g.medium"}, "not offered for Multi-AZ DB clusters"),
+    ({"iops": None}, "iops is required"),
+    ({"allocatedStorage": 100, "iops": 3000}, "allocatedStorage >= 400"),
+    ({"storageType": "gp2"}, "io1, io2 or gp3"),
+    ({"iops": 64_000, "storageType": "io1", "allocatedStorage": 400}, "times allocatedStorage"),
+])
+def test_a_multi_az_db_cluster_rds_would_refuse_is_reported(change: dict[str, Any], expected: str) -> None:
+    found = violations(p.multi_az_db_cluster_is_orderable, p.RDS_CLUSTER, {**ORDERABLE, **change})
+    assert len(found) == 1 and expected in found[0], found
+
+
+def test_a_pinned_engine_version_with_minor_upgrades_must_ignore_drift() -> None:
+    props = {**SAFE_CLUSTER, "engineVersion": "16.4", "autoMinorVersionUpgrade": True}
+    ignoring = SimpleNamespace(ignore_changes=["engineVersion"])
+    assert violations(p.engine_version_drift_is_ignored, p.RDS_CLUSTER, props, opts=ignoring) == []
+    found = violations(p.engine_version_drift_is_ignored, p.RDS_CLUSTER, props,
+                       opts=SimpleNamespace(ignore_changes=[]))
+    assert len(found) == 1 and "ignore_changes" in found[0], found
+    manual = {**props, "autoMinorVersionUpgrade": False}
+    assert violations(p.engine_version_drift_is_ignored, p.RDS_CLUSTER, manual,
+                      opts=SimpleNamespace(ignore_changes=[])) == []
+
+
+def _params(**values: str) -> dict[str, Any]:
+    tls = [{"name": "rds.force_ssl", "value": "1"}]
+    return {"family": "postgres16", "parameters": tls + [{"name": k, "value": v} for k, v in values.items()]}
+
+
+@pytest.mark.parametrize("logging", [
+    {"log_min_duration_statement": "500"}, {"log_min_duration_statement": "0"}, {"log_statement": "all"},
+    {"log_min_duration_sample": "100"}, {"log_duration": "on"},
+])
+def test_statement_logging_without_hiding_bind_values_is_reported(logging: dict[str, str]) -> None:
+    group = p.PARAMETER_GROUPS[0]
+    found = violations(p.database_logs_no_bind_values, group, _params(**logging))
+    assert len(found) == 1 and "log_parameter_max_length = 0" in found[0], found
+    hidden = _params(**logging, log_parameter_max_length="0")
+    assert violations(p.database_logs_no_bind_values, group, hidden) == []
+
+
+def test_no_statement_logging_passes_and_bind_values_on_error_are_reported() -> None:
+    group = p.PARAMETER_GROUPS[0]
+    assert violations(p.database_logs_no_bind_values, group, _params(log_min_duration_statement="-1")) == []
+    assert violations(p.database_logs_no_bind_values, group, _params(log_statement="ddl")) == []
+    assert violations(p.database_logs_no_bind_values, group, _params(log_parameter_max_length_on_error="64"))
+
+
+def test_rds_alarms_on_the_cluster_dimension_are_reported() -> None:
+    base = {"alarmDescription": "x Runbook: runbooks/database-capacity.md", "alarmActions": ["arn"]}
+    single = {**base, "namespace": "AWS/RDS", "metricName": "CPUUtilization",
+              "dimensions": {"DBClusterIdentifier": "txroute-prod-eu-west-1"}}
+    assert violations(p.rds_alarms_watch_member_instances, p.METRIC_ALARM, single)
+    math = {**base, "metricQueries": [
+        {"id": "m0", "metric": {"namespace": "AWS/RDS", "dimensions": {"DBClusterIdentifier": "c"}}},
+        {"id": "r", "expression": "MAX([m0])", "returnData": True}]}
+    assert violations(p.rds_alarms_watch_member_instances, p.METRIC_ALARM, math)
+    members = {**base, "metricQueries": [
+        {"id": f"m{i}", "metric": {"namespace": "AWS/RDS", "dimensions": {"DBInstanceIdentifier": f"c-{i}"}}}
+        for i in range(3)]}
+    assert violations(p.rds_alarms_watch_member_instances, p.METRIC_ALARM, members) == []
+    alb = {**base, "namespace": "AWS/ApplicationELB", "dimensions": {"LoadBalancer": "app/x/1"}}
+    assert violations(p.rds_alarms_watch_member_instances, p.METRIC_ALARM, alb) == []
+
+
+@pytest.mark.parametrize(("health_check", "expected"), [
+    ({"path": "/readyz", "interval": 10, "unhealthyThreshold": 5}, "/readyz"),
+    ({"path": "/healthz", "interval": 10, "unhealthyThreshold": 3}, "35 s"),
+    ({"path": "/healthz", "interval": 5, "unhealthyThreshold": 7}, "35 s"),
+])
+def test_target_groups_probing_readiness_or_giving_up_within_a_failover_are_reported(
+        health_check: dict[str, Any], expected: str) -> None:
+    found = violations(p.health_checks_are_liveness, p.TARGET_GROUP, {"healthCheck": health_check})
+    assert len(found) == 1 and expected in found[0], found
+    live = {"path": "/healthz", "interval": 10, "unhealthyThreshold": 5}
+    assert violations(p.health_checks_are_liveness, p.TARGET_GROUP, {"healthCheck": live}) == []
+
+
+def test_container_health_checks_probing_readiness_or_giving_up_within_a_failover_are_reported() -> None:
+    import json
+
+    def task(path: str, interval: int, retries: int) -> dict[str, Any]:
+        command = ["CMD", "python", "-c", f"urlopen('http://127.0.0.1:8000{path}')"]
+        return {"containerDefinitions": json.dumps([{"name": "svc", "healthCheck": {
+            "command": command, "interval": interval, "retries": retries}}])}
+
+    assert violations(p.health_checks_are_liveness, p.TASK_DEFINITION, task("/healthz", 10, 5)) == []
+    assert "/readyz" in violations(p.health_checks_are_liveness, p.TASK_DEFINITION, task("/readyz", 10, 5))[0]
+    assert "35 s" in violations(p.health_checks_are_liveness, p.TASK_DEFINITION, task("/healthz", 10, 3))[0]
+
+
+def _endpoint_group(lb: SimpleNamespace, **props: Any) -> SimpleNamespace:
+    return _res(p.ENDPOINT_GROUP, "eg", props, endpointConfigurations=[lb])
+
+
+def _stack_with(rule: Any, *resources: SimpleNamespace) -> list[str]:
+    found: list[str] = []
+    rule(SimpleNamespace(resources=list(resources)), lambda m, *_: found.append(m))
+    return found
+
+
+def test_health_check_settings_on_an_alb_endpoint_group_are_reported() -> None:
+    lb = _res(p.LOAD_BALANCER, "public", {"internal": False})
+    rule = p.endpoint_groups_leave_health_to_load_balancers
+    assert _stack_with(rule, lb, _endpoint_group(lb, healthCheckProtocol="TCP", thresholdCount=3)) == []
+    assert _stack_with(rule, lb, _endpoint_group(lb, healthCheckPath="/readyz", healthCheckProtocol="HTTPS"))
+    assert _stack_with(rule, lb, _endpoint_group(lb, healthCheckProtocol="HTTP"))
+
+
+def test_a_vpc_without_an_s3_gateway_endpoint_is_reported() -> None:
+    vpc = _res(p.VPC, "eu-west-1-vpc", {})
+    rule = p.every_vpc_has_an_s3_gateway_endpoint
+    assert _stack_with(rule, vpc) == ["VPC eu-west-1-vpc has no S3 gateway endpoint"]
+    s3 = _res(p.VPC_ENDPOINT, "s3", {"serviceName": "com.amazonaws.eu-west-1.s3", "vpcEndpointType": "Gateway"},
+              vpcId=[vpc])
+    assert _stack_with(rule, vpc, s3) == []
+    logs = _res(p.VPC_ENDPOINT, "logs", {"serviceName": "com.amazonaws.eu-west-1.logs",
+                                         "vpcEndpointType": "Interface"}, vpcId=[vpc])
+    assert _stack_with(rule, vpc, logs)
+
+
+def test_a_certificate_validation_without_records_from_the_stack_is_reported() -> None:
+    rule = p.certificates_validate_through_dns_records
+    record = _res(p.ROUTE53_RECORD, "validation", {"name": "_x.api.example.com"})
+    waiting = _res(p.CERTIFICATE_VALIDATION, "v", {"certificateArn": "arn"})
+    assert len(_stack_with(rule, waiting)) == 1
+    external = _res(p.CERTIFICATE_VALIDATION, "v", {"validationRecordFqdns": ["_x.api.example.com"]})
+    assert len(_stack_with(rule, external)) == 1, "a name typed in by hand is not a record the stack creates"
+    ours = _res(p.CERTIFICATE_VALIDATION, "v", {"validationRecordFqdns": ["_x.api.example.com"]},
+                validationRecordFqdns=[record])
+    assert _stack_with(rule, record, ours) == []

@@ -25,6 +25,7 @@ PER_REGION = {  # type -> how many each region gets (one cluster hosts every sha
     "aws:sns/topic:Topic": 1,
     "aws:cloudwatch/metricAlarm:MetricAlarm": 14,
     "aws:acm/certificate:Certificate": 2,  # the public API's, and the internal APIs' (*.internal.<apiDomain>)
+    "aws:ec2/vpcEndpoint:VpcEndpoint": 1,  # the S3 gateway endpoint (interface endpoints are opt-in)
 }
 
 
@@ -67,13 +68,14 @@ def test_a_fourth_region_file_adds_a_cell_an_endpoint_group_and_peerings(program
     assert len(program_run_4.of_type("aws:globalaccelerator/accelerator:Accelerator")) == 1
 
 
-def test_endpoint_groups_health_check_readyz_and_point_at_their_regions_router(program_run: Run) -> None:
+def test_endpoint_groups_leave_health_to_their_regions_router_load_balancer(program_run: Run) -> None:
     public_lbs = {program_run.region_of(r): f"arn:aws:mock:{r.name}"
                   for r in program_run.of_type("aws:lb/loadBalancer:LoadBalancer") if r.inputs["internal"] is False}
     for group in program_run.of_type("aws:globalaccelerator/endpointGroup:EndpointGroup"):
         i = group.inputs
-        assert (i["healthCheckPath"], i["healthCheckProtocol"], i["healthCheckPort"]) == ("/readyz", "HTTPS", 443)
-        assert i["healthCheckIntervalSeconds"] in (10, 30) and 1 <= i["thresholdCount"] <= 10
+        ignored = {"healthCheckPath", "healthCheckProtocol", "healthCheckPort", "healthCheckIntervalSeconds",
+                   "thresholdCount"}
+        assert not ignored & set(i), f"Global Accelerator ignores these for ALB endpoints: {ignored & set(i)}"
         assert [e["endpointId"] for e in i["endpointConfigurations"]] == [public_lbs[i["endpointGroupRegion"]]]
 
 
@@ -216,20 +218,24 @@ def test_subnets_come_from_the_region_cidr_across_three_zones(program_run: Run) 
         assert not any(s.inputs["mapPublicIpOnLaunch"] for s in subnets)
 
 
-def test_services_run_private_with_readyz_health_checks_and_their_regions_image(program_run: Run) -> None:
+def test_services_run_private_with_liveness_health_checks_and_their_regions_image(program_run: Run) -> None:
     import json
 
+    failover_s = 35  # a Multi-AZ DB cluster failover, typically under 35 s
     for svc in program_run.of_type("aws:ecs/service:Service"):
         net = svc.inputs["networkConfiguration"]
         assert net["assignPublicIp"] is False and svc.inputs["deploymentCircuitBreaker"]["rollback"] is True
     for tg in program_run.of_type("aws:lb/targetGroup:TargetGroup"):
         hc = tg.inputs["healthCheck"]
-        assert hc["path"] == "/readyz" and hc["interval"] == 10 and hc["timeout"] == 5
+        assert hc["path"] == "/healthz" and hc["interval"] == 10 and hc["timeout"] == 5
+        assert hc["interval"] * hc["unhealthyThreshold"] > failover_s, "a failover must not empty the target group"
     for td in program_run.of_type("aws:ecs/taskDefinition:TaskDefinition"):
         region = program_run.region_of(td)
         (container,) = json.loads(td.inputs["containerDefinitions"])
         assert container["image"] == "123456789012.dkr.ecr.mock/txroute-test:abc123"
-        assert "/readyz" in " ".join(container["healthCheck"]["command"])
+        check = container["healthCheck"]
+        assert "/healthz" in " ".join(check["command"]) and "/readyz" not in " ".join(check["command"])
+        assert check["interval"] * check["retries"] > failover_s, "a failover must not make ECS replace tasks"
         assert container["logConfiguration"]["options"]["awslogs-region"] == region
         assert not any("PASSWORD" in e["name"] or "KEY" in e["name"] for e in container["environment"]), \
             "secrets come from Secrets Manager, never plain environment"
@@ -315,9 +321,40 @@ def test_no_output_or_input_carries_a_password(program_run: Run) -> None:
         assert "masterPassword" not in r.inputs and "password" not in {k.lower() for k in r.inputs}, r.name
 
 
-def test_without_a_hosted_zone_no_dns_records_are_made(run_with: Any) -> None:
-    run = run_with(None, hosted_zone_id="", alarm_email="", nat_gateway_per_az=False)
-    assert run.of_type("aws:route53/record:Record") == []
+def test_a_stack_without_a_hosted_zone_is_refused_before_anything_is_created() -> None:
+    from txroute_infra.config import ConfigError, InfraConfig
+
+    with pytest.raises(ConfigError, match="txroute:hostedZoneId"):
+        InfraConfig(environment="test", api_domain="api.txroute.example", image_tag="abc", hosted_zone_id="")
+
+
+def test_every_certificate_validation_waits_only_for_the_record_this_stack_creates(program_run: Run) -> None:
+    records = {r.name: r for r in program_run.of_type("aws:route53/record:Record")}
+    validations = program_run.of_type("aws:acm/certificateValidation:CertificateValidation")
+    assert len(validations) == 2 * len(_regions(program_run)), "the public and the internal certificate"
+    for v in validations:
+        record = records["global-internal-cert-validation" if v.name.endswith("-internal-cert-validation")
+                         else "global-cert-validation"]
+        assert v.inputs["validationRecordFqdns"] == [record.inputs["name"]], v.name
+        deps = program_run.property_dependencies[program_run.urn_of(v)]["validationRecordFqdns"]
+        assert program_run.urn_of(record) in deps, f"{v.name}: the validation must wait for the record's creation"
+
+
+def test_a_certificate_asking_for_another_validation_record_fails_the_update() -> None:
+    import pulumi
+    from txroute_infra.components.global_entry import CertificateDns
+
+    dns = object.__new__(CertificateDns)
+    dns.record = type("R", (), {"fqdn": pulumi.Output.from_input("_a.api.txroute.example")})()
+    dns._name = pulumi.Output.from_input("_a.api.txroute.example.")
+    other = type("C", (), {"domain_validation_options": pulumi.Output.from_input(
+        [type("O", (), {"resource_record_name": "_b.api.txroute.example."})()])})()
+    with pytest.raises(ValueError, match="not the shared"):
+        pulumi.runtime.sync_await._sync_await(dns.fqdn_for(other).future())  # type: ignore[arg-type]
+
+
+def test_without_an_alarm_email_or_nat_per_az_there_is_no_subscription_and_one_nat(run_with: Any) -> None:
+    run = run_with(None, alarm_email="", nat_gateway_per_az=False)
     assert run.of_type("aws:sns/topicSubscription:TopicSubscription") == []
     assert Counter(run.region_of(n) for n in run.of_type("aws:ec2/natGateway:NatGateway")) == dict.fromkeys(
         _regions(run), 1)
@@ -332,7 +369,8 @@ def test_program_resources_satisfy_every_resource_policy(program_run_4: Run) -> 
     names = {f"{r.name}_id": r.name for r in program_run_4.of_type("pulumi:providers:aws")}
     for r in program_run_4.resources:
         provider = SimpleNamespace(name=names.get(r.provider.rsplit("::", 1)[-1], "")) if r.provider else None
-        args = SimpleNamespace(resource_type=r.type, props=r.inputs, name=r.name, provider=provider)
+        opts = SimpleNamespace(ignore_changes=program_run_4.ignore_changes.get(program_run_4.urn_of(r), []))
+        args = SimpleNamespace(resource_type=r.type, props=r.inputs, name=r.name, provider=provider, opts=opts)
         for rule, (_, validate) in policies.RESOURCE_RULES.items():
             if not r.custom or r.type.startswith("pulumi:"):
                 continue
@@ -342,3 +380,92 @@ def test_program_resources_satisfy_every_resource_policy(program_run_4: Run) -> 
 
 def _resource(run: Run, name: str) -> Recorded:
     return run.named(name)
+
+
+def test_program_resources_satisfy_every_stack_policy(program_run_4: Run) -> None:
+    from types import SimpleNamespace
+
+    import txroute_policies as policies
+
+    run = program_run_4
+    by_urn = {run.urn_of(r): SimpleNamespace(resource_type=r.type, name=r.name, urn=run.urn_of(r), props=r.inputs)
+              for r in run.resources if r.custom}
+    for urn, resource in by_urn.items():
+        resource.property_dependencies = {
+            key: [by_urn[d] for d in deps if d in by_urn] for key, deps in run.property_dependencies[urn].items()}
+    violations: list[str] = []
+    for rule, (_, validate) in policies.STACK_RULES.items():
+        validate(SimpleNamespace(resources=list(by_urn.values())),
+                 lambda message, *_, rule=rule: violations.append(f"{rule}: {message}"))
+    assert violations == []
+
+
+def test_subnets_use_only_the_regions_own_availability_zones(program_run: Run) -> None:
+    lookups = [args for token, args in program_run.call_args if token.endswith("getAvailabilityZones")]
+    assert len(lookups) == len(_regions(program_run))
+    for args in lookups:
+        assert {"name": "opt-in-status", "values": ["opt-in-not-required"]} in args["filters"], \
+            "Local Zones and Wavelength Zones the account opted into must not get subnets"
+
+
+def test_databases_are_orderable_multi_az_db_clusters_that_tolerate_minor_upgrades(program_run: Run) -> None:
+    from app.topology.loader import MULTI_AZ_DB_CLUSTER_CLASS_FAMILIES
+
+    for db in program_run.of_type("aws:rds/cluster:Cluster"):
+        i = db.inputs
+        assert i["dbClusterInstanceClass"].split(".")[1] in MULTI_AZ_DB_CLUSTER_CLASS_FAMILIES
+        assert i["storageType"] == "gp3" and i["allocatedStorage"] >= 400 and i["iops"] == 12_000, i
+        assert i["autoMinorVersionUpgrade"] is True
+        assert "engineVersion" in program_run.ignore_changes[program_run.urn_of(db)], \
+            "after an automatic minor upgrade the pinned version must not ask RDS for a downgrade"
+    for group in program_run.of_type("aws:rds/clusterParameterGroup:ClusterParameterGroup"):
+        names = {p["name"] for p in group.inputs["parameters"]}
+        assert not names & {"log_min_duration_statement", "log_statement", "log_min_duration_sample"}, \
+            "statement logging would carry bind values (account data) into CloudWatch"
+
+
+def test_database_alarms_are_metric_math_over_the_member_instances(program_run: Run) -> None:
+    clusters = {program_run.region_of(c): c.inputs["clusterIdentifier"]
+                for c in program_run.of_type("aws:rds/cluster:Cluster")}
+    db_alarms = [a for a in program_run.of_type("aws:cloudwatch/metricAlarm:MetricAlarm") if "-db-" in a.name]
+    assert len(db_alarms) == 4 * len(clusters)
+    for alarm in db_alarms:
+        queries = alarm.inputs["metricQueries"]
+        members = sorted(q["metric"]["dimensions"]["DBInstanceIdentifier"] for q in queries if "metric" in q)
+        identifier = clusters[program_run.region_of(alarm)]
+        assert members == [f"{identifier}-instance-{i}" for i in (1, 2, 3)], members
+        (result,) = [q for q in queries if q["returnData"]]
+        assert re.fullmatch(r"(MAX|MIN)\(\[m0, m1, m2\]\)", result["expression"]), result
+        assert alarm.inputs["treatMissingData"] in ("notBreaching", "breaching"), "missing data is decided"
+    lag = [a for a in db_alarms if a.name.endswith("db-replica-lag")]
+    assert all(a.inputs["treatMissingData"] == "breaching" for a in lag), "a silent cluster pages"
+
+
+def test_each_region_reaches_s3_through_a_gateway_endpoint_on_its_private_routes(program_run: Run) -> None:
+    for endpoint in program_run.of_type("aws:ec2/vpcEndpoint:VpcEndpoint"):
+        region = program_run.region_of(endpoint)
+        assert endpoint.inputs["serviceName"] == f"com.amazonaws.{region}.s3"
+        assert endpoint.inputs["vpcEndpointType"] == "Gateway"
+        assert sorted(endpoint.inputs["routeTableIds"]) == [f"{region}-private-rt-{i}_id" for i in range(3)]
+
+
+def test_interface_endpoints_are_added_when_configured_and_open_only_to_app_subnets(run_with: Any) -> None:
+    run = run_with(None, interface_endpoints=("ecr", "logs", "secretsmanager"))
+    for region in _regions(run):
+        interface = [e for e in run.of_type("aws:ec2/vpcEndpoint:VpcEndpoint")
+                     if run.region_of(e) == region and e.inputs["vpcEndpointType"] == "Interface"]
+        assert sorted(e.inputs["serviceName"].removeprefix(f"com.amazonaws.{region}.") for e in interface) == [
+            "ecr.api", "ecr.dkr", "logs", "secretsmanager"]
+        assert all(e.inputs["privateDnsEnabled"] is True for e in interface)
+        (sg,) = [g for g in run.of_type("aws:ec2/securityGroup:SecurityGroup") if g.name == f"{region}-endpoints-sg"]
+        (rule,) = sg.inputs["ingress"]
+        assert (rule["fromPort"], rule["toPort"]) == (443, 443) and all(
+            c.startswith("10.") for c in rule["cidrBlocks"]) and sg.inputs.get("egress", []) == []
+
+
+def test_the_public_404_is_a_fixed_response_elb_accepts(program_run: Run) -> None:
+    from txroute_infra import layout
+
+    for rule in program_run.of_type("aws:lb/listenerRule:ListenerRule"):
+        (action,) = rule.inputs["actions"]
+        assert action["fixedResponse"]["contentType"] in layout.FIXED_RESPONSE_CONTENT_TYPES

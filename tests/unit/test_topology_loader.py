@@ -13,8 +13,8 @@ from app.topology.model import SLOT_COUNT
 
 CAPACITY = """
 [capacity]
-db_instance_class = "db.r6g.large"
-db_allocated_storage_gb = 100
+db_instance_class = "db.r6gd.large"
+db_allocated_storage_gb = 400
 db_max_connections = 400
 region_service_tasks = 2
 router_tasks = 2
@@ -153,3 +153,28 @@ def test_non_positive_capacity_is_refused_naming_the_field(tmp_path: Path) -> No
     files["eu-west-1.toml"] = files["eu-west-1.toml"].replace("router_tasks = 2", "router_tasks = 0")
     message = load_error(write_regions(tmp_path, files))
     assert "eu-west-1.toml" in message and "capacity.router_tasks" in message, message
+
+
+@pytest.mark.parametrize("instance_class", ["db.r6g.large", "db.r5.xlarge", "db.t4g.medium", "r6gd.large", "db.r6gd"])
+def test_classes_rds_does_not_offer_for_multi_az_db_clusters_are_refused(tmp_path: Path, instance_class: str) -> None:
+    files = two_regions()
+    files["eu-west-1.toml"] = files["eu-west-1.toml"].replace('"db.r6gd.large"', f'"{instance_class}"')
+    message = load_error(write_regions(tmp_path, files))
+    assert "eu-west-1.toml" in message and "capacity.db_instance_class" in message, message
+    assert "Multi-AZ DB clusters" in message, message
+
+
+@pytest.mark.parametrize("instance_class", ["db.m6gd.large", "db.r6gd.2xlarge", "db.c6gd.medium", "db.x2iedn.xlarge"])
+def test_multi_az_db_cluster_classes_are_accepted(tmp_path: Path, instance_class: str) -> None:
+    files = two_regions()
+    files["eu-west-1.toml"] = files["eu-west-1.toml"].replace('"db.r6gd.large"', f'"{instance_class}"')
+    region = load_topology(write_regions(tmp_path, files)).region("eu-west-1")
+    assert region.capacity.db_instance_class == instance_class
+
+
+def test_storage_below_the_gp3_explicit_iops_minimum_is_refused(tmp_path: Path) -> None:
+    files = two_regions()
+    files["eu-west-1.toml"] = files["eu-west-1.toml"].replace(
+        "db_allocated_storage_gb = 400", "db_allocated_storage_gb = 399")
+    message = load_error(write_regions(tmp_path, files))
+    assert "eu-west-1.toml" in message and "capacity.db_allocated_storage_gb" in message and "400" in message

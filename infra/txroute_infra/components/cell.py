@@ -14,7 +14,7 @@ from txroute_infra.components.compute import Compute
 from txroute_infra.components.database import MASTER_USERNAME, Database
 from txroute_infra.components.keys import RegionKey
 from txroute_infra.components.network import Network
-from txroute_infra.components.observability import Observability
+from txroute_infra.components.observability import PERIOD_S, Observability
 from txroute_infra.config import InfraConfig
 from txroute_infra.topology import Region
 
@@ -39,7 +39,7 @@ class RegionalCell(RegionalComponent):
         self.key = RegionKey(region.name, environment=env, provider=provider, opts=sub)
         self.network = Network(region.name, region.vpc_cidr, peer_cidrs=[p.vpc_cidr for p in peers],
                                nat_per_az=config.nat_gateway_per_az, environment=env, provider=provider,
-                               opts=sub)
+                               interface_endpoints=config.interface_endpoints, opts=sub)
         self.observability = Observability(region.name, environment=env, kms_key_arn=self.key.arn,
                                            log_retention_days=config.log_retention_days,
                                            alarm_email=config.alarm_email, provider=provider, opts=sub)
@@ -60,8 +60,12 @@ class RegionalCell(RegionalComponent):
         self._database_alarms()
 
     def add_router(self, *, region_urls: pulumi.Input[Mapping[str, str]],
-                   validation_record_fqdns: Sequence[pulumi.Input[str]]) -> None:
-        self.compute.add_router(region_urls=region_urls, validation_record_fqdns=validation_record_fqdns)
+                   validation_record_fqdns: Sequence[pulumi.Input[str]],
+                   internal_validation_record_fqdns: Sequence[pulumi.Input[str]]) -> None:
+        assert validation_record_fqdns and internal_validation_record_fqdns, \
+            "a certificate validation without its DNS records waits forever"
+        self.compute.add_router(region_urls=region_urls, validation_record_fqdns=validation_record_fqdns,
+                                internal_validation_record_fqdns=internal_validation_record_fqdns)
         c = self.compute
         self._load_balancer_alarms("router", c.public_lb.arn_suffix, c.router_tg.arn_suffix)
         self.register_outputs({"router_lb": c.public_lb.arn, "internal_url": c.internal_url})
@@ -153,27 +157,53 @@ class RegionalCell(RegionalComponent):
                     "statistic": "Minimum"})
 
     def _database_alarms(self) -> None:
-        cfg, o, cap = self.config, self.observability, self.spec.capacity
-        # Multi-AZ DB clusters publish these per cluster; Maximum covers the worst member.
-        dims = {"DBClusterIdentifier": self.database.cluster_identifier}
+        """Alarms over the cluster's member DB instances: a Multi-AZ DB cluster (unlike Aurora) publishes
+        no `DBClusterIdentifier` metrics, so each alarm is metric math over the writer and both readers.
 
-        def rds(metric_name: str, stat: str) -> dict[str, object]:
-            return {"namespace": "AWS/RDS", "metric_name": metric_name, "dimensions": dims, "statistic": stat}
+        Missing data is decided per alarm: for the capacity alarms a member without datapoints (being replaced,
+        or the whole cluster silent) is not a capacity problem (`notBreaching`); the replica-lag alarm treats
+        silence as breaching, so a cluster that stops reporting at all pages the failover runbook."""
+        cfg, o, cap = self.config, self.observability, self.spec.capacity
+        members = self.database.member_identifiers
+
+        def over_members(metric_name: str, stat: str, combine: str) -> pulumi.Output[list[dict[str, object]]]:
+            return members.apply(lambda ids: member_queries(ids, metric_name, stat, combine))
 
         free_bytes_min = cap.db_allocated_storage_gb * GIB * cfg.db_free_storage_percent_min // 100
         connections_max = cap.db_max_connections * cfg.db_connections_percent_max // 100
         o.alarm("db-cpu", runbook=layout.RUNBOOK_DATABASE_CAPACITY, comparison="GreaterThanThreshold",
-                summary=f"Database CPU in {self.region} is above {cfg.db_cpu_percent_max}%.",
-                threshold=cfg.db_cpu_percent_max, metric=rds("CPUUtilization", "Maximum"))
+                summary=f"Database CPU in {self.region} is above {cfg.db_cpu_percent_max}% on a member instance.",
+                threshold=cfg.db_cpu_percent_max, treat_missing_data="notBreaching",
+                queries=over_members("CPUUtilization", "Maximum", "MAX"))
         o.alarm("db-free-storage", runbook=layout.RUNBOOK_DATABASE_CAPACITY, comparison="LessThanThreshold",
                 summary=f"Database free storage in {self.region} is below {cfg.db_free_storage_percent_min}% "
-                        f"of {cap.db_allocated_storage_gb} GiB.",
-                threshold=free_bytes_min, metric=rds("FreeStorageSpace", "Minimum"))
+                        f"of {cap.db_allocated_storage_gb} GiB on a member instance.",
+                threshold=free_bytes_min, treat_missing_data="notBreaching",
+                queries=over_members("FreeStorageSpace", "Minimum", "MIN"))
         o.alarm("db-connections", runbook=layout.RUNBOOK_DATABASE_CAPACITY, comparison="GreaterThanThreshold",
                 summary=f"Database connections in {self.region} are above {connections_max} "
                         f"({cfg.db_connections_percent_max}% of max_connections {cap.db_max_connections}).",
-                threshold=connections_max, metric=rds("DatabaseConnections", "Maximum"))
+                threshold=connections_max, treat_missing_data="notBreaching",
+                queries=over_members("DatabaseConnections", "Maximum", "MAX"))
         o.alarm("db-replica-lag", runbook=layout.RUNBOOK_DATABASE_FAILOVER, comparison="GreaterThanThreshold",
                 summary=f"A database standby in {self.region} lags the writer by more than "
-                        f"{cfg.db_replica_lag_s_max} s: a failover now would be slow.",
-                threshold=cfg.db_replica_lag_s_max, metric=rds("ReplicaLag", "Maximum"))
+                        f"{cfg.db_replica_lag_s_max} s (or no member reports lag at all): a failover now would "
+                        "be slow or impossible.",
+                threshold=cfg.db_replica_lag_s_max, treat_missing_data="breaching",
+                queries=over_members("ReplicaLag", "Maximum", "MAX"))
+
+
+def member_queries(instance_ids: Sequence[str], metric_name: str, stat: str,
+                   combine: str) -> list[dict[str, object]]:
+    """Metric math over one AWS/RDS metric of each member instance: `combine` (MAX or MIN) of all of them."""
+    assert instance_ids, "a Multi-AZ DB cluster has a writer and two readers"
+    assert combine in ("MAX", "MIN"), combine
+    queries: list[dict[str, object]] = [
+        {"id": f"m{i}", "return_data": False, "metric": {
+            "namespace": "AWS/RDS", "metric_name": metric_name, "dimensions": {"DBInstanceIdentifier": instance},
+            "stat": stat, "period": PERIOD_S}}
+        for i, instance in enumerate(instance_ids)]
+    ids = ", ".join(str(q["id"]) for q in queries)
+    queries.append({"id": "members", "label": f"{combine} {metric_name} over member instances",
+                    "return_data": True, "expression": f"{combine}([{ids}])"})
+    return queries

@@ -10,7 +10,8 @@ TXROUTE_INTERNAL_CA_FILE). The load balancer forwards to its tasks in plain HTTP
 subnets (the tasks' group admits only the load balancer's); infra/README.md says why.
 
 Each service has its own execution role (pull the image, write its logs, inject its own secrets) and its own
-task role (read its own secrets, nothing else). Health checks everywhere use `/readyz`.
+task role (read its own secrets, nothing else). Health checks everywhere probe liveness (`layout.HEALTH_PATH`),
+never readiness: see `layout` for why.
 """
 
 from __future__ import annotations
@@ -104,18 +105,11 @@ class Compute(RegionalComponent):
             enable_deletion_protection=True, idle_timeout=layout.ALB_IDLE_TIMEOUT_S, tags=self._tags,
             opts=self.child())
         self.region_tg = self._target_group("reg-tg", "HTTP")
-        # Issued once its DNS validation record exists (made by the program with a hosted zone, else by hand).
+        # Issued once its DNS validation record exists (the program creates it in the stack's zone); the
+        # validation and the HTTPS listener wait for that record (`add_router`).
         self.internal_certificate = acm.Certificate(
             self.name("internal-cert"), domain_name=layout.internal_certificate_domain(api_domain),
             validation_method="DNS", key_algorithm="EC_prime256v1", tags=self._tags, opts=self.child())
-        internal_validation = acm.CertificateValidation(
-            self.name("internal-cert-validation"), certificate_arn=self.internal_certificate.arn,
-            opts=self.child())
-        self.internal_listener = lb.Listener(
-            self.name("internal-api"), load_balancer_arn=self.internal_lb.arn, port=layout.INTERNAL_API_PORT,
-            protocol="HTTPS", ssl_policy=layout.TLS_POLICY, certificate_arn=internal_validation.certificate_arn,
-            default_actions=[{"type": "forward", "target_group_arn": self.region_tg.arn}],
-            tags=self._tags, opts=self.child())
         self._database = (database_secret_arn, database_username, database_endpoint)
         self.internal_name = layout.internal_api_name(region.name, api_domain)
         self.internal_url = pulumi.Output.from_input(f"https://{self.internal_name}")
@@ -125,9 +119,19 @@ class Compute(RegionalComponent):
                                            key_algorithm="EC_prime256v1", tags=self._tags, opts=self.child())
 
     def add_router(self, *, region_urls: pulumi.Input[Mapping[str, str]],
-                   validation_record_fqdns: Sequence[pulumi.Input[str]]) -> None:
+                   validation_record_fqdns: Sequence[pulumi.Input[str]],
+                   internal_validation_record_fqdns: Sequence[pulumi.Input[str]]) -> None:
         """The services that need every region's internal URL: the regional service (its saga relay calls
-        the other regions) and the router."""
+        the other regions) and the router; and the listeners whose certificates wait for DNS records the
+        program creates after this component."""
+        internal_validation = acm.CertificateValidation(
+            self.name("internal-cert-validation"), certificate_arn=self.internal_certificate.arn,
+            validation_record_fqdns=list(internal_validation_record_fqdns), opts=self.child())
+        self.internal_listener = lb.Listener(
+            self.name("internal-api"), load_balancer_arn=self.internal_lb.arn, port=layout.INTERNAL_API_PORT,
+            protocol="HTTPS", ssl_policy=layout.TLS_POLICY, certificate_arn=internal_validation.certificate_arn,
+            default_actions=[{"type": "forward", "target_group_arn": self.region_tg.arn}],
+            tags=self._tags, opts=self.child())
         database_secret_arn, database_username, database_endpoint = self._database
         self.region_service = self._service(
             "region-service", layout.REGION_FACTORY, self.spec.capacity.region_service_tasks, self._region_sg,
@@ -146,7 +150,7 @@ class Compute(RegionalComponent):
             readable_secret_arns=[database_secret_arn, self.region_secret])
         validation = acm.CertificateValidation(
             self.name("cert-validation"), certificate_arn=self.certificate.arn,
-            validation_record_fqdns=list(validation_record_fqdns) or None, opts=self.child())
+            validation_record_fqdns=list(validation_record_fqdns), opts=self.child())
         self.public_lb = lb.LoadBalancer(
             self.name("public"), internal=False, load_balancer_type="application",
             subnets=self._public_subnet_ids, security_groups=[self._public_lb_sg],
@@ -160,11 +164,13 @@ class Compute(RegionalComponent):
             default_actions=[{"type": "forward", "target_group_arn": self.router_tg.arn}],
             tags=self._tags, opts=self.child())
         # Metrics and internal routes are for the VPC (Prometheus scrapes tasks directly), never the internet.
+        # The body is problem+json, but ELB fixed responses accept only a few content types
+        # (`layout.FIXED_RESPONSE_CONTENT_TYPES`), so it is labelled application/json.
         lb.ListenerRule(
             self.name("public-private-paths"), listener_arn=self.public_listener.arn, priority=1,
             conditions=[{"path_pattern": {"values": list(layout.PRIVATE_PATHS)}}],
             actions=[{"type": "fixed-response", "fixed_response": {
-                "content_type": "application/problem+json", "status_code": "404",
+                "content_type": "application/json", "status_code": "404",
                 "message_body": '{"type":"https://docs.txroute.dev/problems/not_found","title":"No such route",'
                                 '"status":404,"detail":"No such route","code":"not_found"}'}}],
             tags=self._tags, opts=self.child())

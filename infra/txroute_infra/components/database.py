@@ -36,9 +36,17 @@ MASTER_USERNAME = "txroute"
 PERFORMANCE_INSIGHTS_RETENTION_DAYS = 7
 BACKUP_WINDOW_UTC = "02:00-03:00"
 MAINTENANCE_WINDOW_UTC = "sun:03:30-sun:04:30"
+# CreateDBCluster requires IOPS with the storage type of a Multi-AZ DB cluster, and RDS for PostgreSQL takes
+# explicit gp3 IOPS only from 400 GiB (the topology loader refuses less). 12,000 IOPS is what gp3 includes at
+# 400 GiB and above, so asking for it explicitly costs nothing extra (io1 would bill every IOPS).
 STORAGE_TYPE = "gp3"
-# Statements slower than this are logged with their plan-free text (no parameters: no account data in logs).
-LOG_MIN_DURATION_STATEMENT_MS = 500
+STORAGE_IOPS = 12_000
+# No statement logging (`log_min_duration_statement` stays at its default, -1): PostgreSQL logs a slow
+# statement with its bind values (`log_parameter_max_length` defaults to -1, unlimited), which would put
+# account ids and amounts into CloudWatch for the log retention. Whether RDS lets a parameter group set
+# `log_parameter_max_length` could not be confirmed from its documentation (infra/README.md), so nothing that
+# logs statements is turned on; slow statements are found in Performance Insights, which records statement
+# text with placeholders only. The policy pack refuses statement logging without `log_parameter_max_length=0`.
 
 
 class Database(RegionalComponent):
@@ -56,8 +64,6 @@ class Database(RegionalComponent):
                 {"name": "ssl_min_protocol_version", "value": "TLSv1.2", "apply_method": "immediate"},
                 {"name": "max_connections", "value": str(region.capacity.db_max_connections),
                  "apply_method": "pending-reboot"},
-                {"name": "log_min_duration_statement", "value": str(LOG_MIN_DURATION_STATEMENT_MS),
-                 "apply_method": "immediate"},
             ],
             tags=t, opts=self.child())
         subnets = rds.SubnetGroup(self.name("db-subnets"), subnet_ids=list(subnet_ids),
@@ -74,6 +80,7 @@ class Database(RegionalComponent):
             db_cluster_instance_class=region.capacity.db_instance_class,
             allocated_storage=region.capacity.db_allocated_storage_gb,
             storage_type=STORAGE_TYPE,
+            iops=STORAGE_IOPS,
             storage_encrypted=True,
             kms_key_id=kms_key_arn,
             master_username=MASTER_USERNAME,
@@ -94,13 +101,21 @@ class Database(RegionalComponent):
             performance_insights_kms_key_id=kms_key_arn,
             performance_insights_retention_period=PERFORMANCE_INSIGHTS_RETENTION_DAYS,
             enabled_cloudwatch_logs_exports=["postgresql"],
+            # RDS applies minor upgrades in the maintenance window; `engine_version` then names an older
+            # version than the cluster runs and the next `up` would try a downgrade, which RDS refuses. The
+            # pinned version is what a new cluster starts with; after that RDS owns the minor version, and
+            # a major upgrade is a deliberate procedure (infra/README.md), not a config edit.
             auto_minor_version_upgrade=True,
             apply_immediately=False,
             port=layout.POSTGRES_PORT,
             tags=t,
-            opts=self.child(depends_on=[self.log_group]),
+            opts=self.child(depends_on=[self.log_group], ignore_changes=["engineVersion"]),
         )
         self.endpoint = self.cluster.endpoint
+        # The writer and both readers by DB instance identifier (DescribeDBClusters' DBClusterMembers): a
+        # Multi-AZ DB cluster publishes its CloudWatch metrics per instance, never per cluster.
+        self.member_identifiers: pulumi.Output[list[str]] = self.cluster.cluster_members.apply(
+            lambda members: sorted(members or []))
         # The secret RDS creates and rotates; only the region service's roles may read it.
         self.master_secret_arn: pulumi.Output[str] = self.cluster.master_user_secrets.apply(
             lambda s: str(s[0].secret_arn))

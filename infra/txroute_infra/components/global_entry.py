@@ -1,8 +1,8 @@
 """Global entry: one AWS Global Accelerator (two anycast IPs) with a TCP 443 listener and one endpoint
-group per region pointing at that region's public router load balancer, health-checked on `/readyz`; and,
-when the stack has a Route 53 zone, the API name as an alias of the accelerator plus the certificate
-validation records, and each region's internal API name (`InternalDns`) as an alias of its internal load
-balancer.
+group per region pointing at that region's public router load balancer (Global Accelerator follows that
+load balancer's own target health: `layout.HEALTH_PATH` on the router's target group); and, in the stack's
+Route 53 zone (required), the API name as an alias of the accelerator plus the certificate validation
+records, and each region's internal API name (`InternalDns`) as an alias of its internal load balancer.
 
 Global Accelerator's API exists only in us-west-2, and Route 53 is global: both use the `global` provider.
 """
@@ -38,9 +38,10 @@ def global_provider(environment: str) -> pulumi_aws.Provider:
 
 
 class CertificateDns(pulumi.ComponentResource):
-    """The DNS records that prove we own the API name. ACM issues the same validation record for a domain
-    in every region of an account, so one record validates every region's certificate; it is taken from the
-    first region's certificate."""
+    """The DNS record that proves we own the API name. ACM gives every certificate for one domain in one
+    account the same validation CNAME (a second region's record collides with the first's: see
+    infra/README.md), so one record, taken from the first region's certificate, validates every region's.
+    `fqdn_for` refuses, at `up` time and before anything waits on DNS, a certificate whose record differs."""
 
     def __init__(self, certificate: pulumi_aws.acm.Certificate, *, hosted_zone_id: str,
                  provider: pulumi_aws.Provider, key: str = "cert",
@@ -52,8 +53,21 @@ class CertificateDns(pulumi.ComponentResource):
             type=option.resource_record_type, records=[option.resource_record_value],
             ttl=VALIDATION_RECORD_TTL_S, allow_overwrite=True,
             opts=pulumi.ResourceOptions(parent=self, provider=provider))
-        self.fqdns: list[pulumi.Input[str]] = [self.record.fqdn]
+        self._name = option.resource_record_name
         self.register_outputs({"fqdn": self.record.fqdn})
+
+    def fqdn_for(self, certificate: pulumi_aws.acm.Certificate) -> pulumi.Output[str]:
+        """The validation record's FQDN for `certificate`, after checking it asks for the same record."""
+        theirs = certificate.domain_validation_options.apply(lambda o: o[0].resource_record_name)
+
+        def same(args: list[str]) -> str:
+            fqdn, ours, wanted = args
+            if ours.rstrip(".") != wanted.rstrip("."):
+                raise ValueError(f"ACM asks for validation record {wanted!r}, not the shared {ours!r}: give "
+                                 "each region its own record (infra/README.md, DNS)")
+            return fqdn
+
+        return pulumi.Output.all(self.record.fqdn, self._name, theirs).apply(same)
 
 
 class InternalDns(pulumi.ComponentResource):
@@ -97,15 +111,11 @@ class GlobalEntry(pulumi.ComponentResource):
                 endpoint_group_region=cell.region,
                 endpoint_configurations=[{"endpoint_id": cell.compute.public_lb.arn, "weight": ENDPOINT_WEIGHT,
                                           "client_ip_preservation_enabled": True}],
-                health_check_protocol="HTTPS", health_check_port=layout.HTTPS_PORT,
-                health_check_path=layout.HEALTH_PATH,
-                health_check_interval_seconds=layout.GA_HEALTH_INTERVAL_S,
-                threshold_count=layout.GA_THRESHOLD_COUNT, traffic_dial_percentage=TRAFFIC_DIAL_PERCENT,
-                opts=child)
+                # No health_check_* or threshold_count: ignored for load balancer endpoints (layout).
+                traffic_dial_percentage=TRAFFIC_DIAL_PERCENT, opts=child)
             for cell in cells
         }
-        if hosted_zone_id:
-            route53.Record("global-api-alias", zone_id=hosted_zone_id, name=api_domain, type="A",
-                           aliases=[{"name": self.accelerator.dns_name, "zone_id": GLOBAL_ACCELERATOR_ZONE_ID,
-                                     "evaluate_target_health": True}], opts=child)
+        route53.Record("global-api-alias", zone_id=hosted_zone_id, name=api_domain, type="A",
+                       aliases=[{"name": self.accelerator.dns_name, "zone_id": GLOBAL_ACCELERATOR_ZONE_ID,
+                                 "evaluate_target_health": True}], opts=child)
         self.register_outputs({"dns_name": self.accelerator.dns_name})

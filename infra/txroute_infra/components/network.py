@@ -20,17 +20,26 @@ from txroute_infra import layout
 from txroute_infra.components.base import RegionalComponent, tags
 
 WORLD = "0.0.0.0/0"
+# `get_availability_zones` also returns Local Zones and Wavelength Zones the account opted into; the subnet
+# plan wants the region's own AZs only (EC2 API Reference, DescribeAvailabilityZones: opt-in-status filter).
+REGION_AZ_FILTER = {"name": "opt-in-status", "values": ["opt-in-not-required"]}
+# Interface endpoints by config name (`txroute:interfaceEndpoints`): the AWS services each one covers. ECR
+# needs both its API and its registry (Docker) endpoint; image layers themselves come from S3, which the
+# free gateway endpoint carries in every region. Whether each pays for itself is in infra/README.md.
+INTERFACE_ENDPOINT_SERVICES = {"ecr": ("ecr.api", "ecr.dkr"), "logs": ("logs",),
+                               "secretsmanager": ("secretsmanager",)}
 
 
 class Network(RegionalComponent):
     def __init__(self, region: str, vpc_cidr: str, *, peer_cidrs: Sequence[str], nat_per_az: bool,
                  environment: str, provider: pulumi.ProviderResource,
-                 opts: pulumi.ResourceOptions | None = None) -> None:
+                 interface_endpoints: Sequence[str] = (), opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("txroute:cell:Network", region, provider, opts)
         plan = layout.subnet_plan(vpc_cidr)
         self.plan = plan
         t = tags(environment, region)
-        azs = get_availability_zones_output(state="available", opts=self.invoke_opts())
+        azs = get_availability_zones_output(state="available", filters=[REGION_AZ_FILTER],
+                                            opts=self.invoke_opts())
         self.vpc = ec2.Vpc(self.name("vpc"), cidr_block=vpc_cidr, enable_dns_support=True,
                            enable_dns_hostnames=True, tags={**t, "Name": f"txroute-{environment}"},
                            opts=self.child())
@@ -75,6 +84,12 @@ class Network(RegionalComponent):
                 ec2.RouteTableAssociation(self.name(f"{tier}-{i}"), subnet_id=tier_subnets[i].id,
                                           route_table_id=rt.id, opts=self.child())
             self.private_route_tables.append(rt)
+        # S3 through a gateway endpoint (no hourly or per-GB charge) instead of NAT: ECR image layers are
+        # served from S3, so every task start's image pull stays off the NAT gateways.
+        self.s3_endpoint = ec2.VpcEndpoint(
+            self.name("s3"), vpc_id=self.vpc.id, service_name=f"com.amazonaws.{region}.s3",
+            vpc_endpoint_type="Gateway", route_table_ids=[rt.id for rt in self.private_route_tables],
+            tags={**t, "Name": f"txroute-{environment}-s3"}, opts=self.child())
 
         app_cidrs = list(plan.app)
         mesh_app_cidrs = app_cidrs + [c for peer in peer_cidrs for c in layout.subnet_plan(peer).app]
@@ -128,4 +143,25 @@ class Network(RegionalComponent):
             [tcp(layout.POSTGRES_PORT, "from region service tasks", groups=[self.region_sg.id])],
             [],
         )
+        self.interface_endpoints = self._interface_endpoints(region, environment, interface_endpoints, t)
         self.register_outputs({"vpc_id": self.vpc.id})
+
+    def _interface_endpoints(self, region: str, environment: str, names: Sequence[str],
+                             t: dict[str, str]) -> list[ec2.VpcEndpoint]:
+        """Private DNS endpoints in the app subnets for the services named in `txroute:interfaceEndpoints`;
+        tasks reach them on 443 from the app subnets, nothing else does."""
+        if not names:
+            return []
+        sg = ec2.SecurityGroup(
+            self.name("endpoints-sg"), vpc_id=self.vpc.id, description="Interface endpoints: HTTPS from app subnets",
+            ingress=[{"protocol": "tcp", "from_port": layout.HTTPS_PORT, "to_port": layout.HTTPS_PORT,
+                      "cidr_blocks": list(self.plan.app), "description": "from tasks in the app subnets"}],
+            egress=[], revoke_rules_on_delete=True, tags={**t, "tier": "endpoints"}, opts=self.child())
+        return [
+            ec2.VpcEndpoint(
+                self.name(f"{service.replace('.', '-')}-endpoint"), vpc_id=self.vpc.id,
+                service_name=f"com.amazonaws.{region}.{service}", vpc_endpoint_type="Interface",
+                private_dns_enabled=True, subnet_ids=[s.id for s in self.app_subnets], security_group_ids=[sg.id],
+                tags={**t, "Name": f"txroute-{environment}-{service}"}, opts=self.child())
+            for name in names for service in INTERFACE_ENDPOINT_SERVICES[name]
+        ]

@@ -44,7 +44,7 @@ class Observability(RegionalComponent):
 
     def alarm(self, key: str, *, summary: str, runbook: str, comparison: str, threshold: float,
               metric: Mapping[str, Any] | None = None,
-              queries: Sequence[Mapping[str, Any]] | None = None,
+              queries: pulumi.Input[Sequence[Mapping[str, Any]]] | None = None,
               treat_missing_data: str = "missing") -> cloudwatch.MetricAlarm:
         """One alarm: either a single `metric` (namespace, metric_name, dimensions, statistic or
         extended_statistic) or metric math `queries`."""
@@ -60,7 +60,7 @@ class Observability(RegionalComponent):
             treat_missing_data=treat_missing_data,
             alarm_actions=[self.topic.arn],
             ok_actions=[self.topic.arn],
-            **({"period": PERIOD_S, **metric} if metric is not None else {"metric_queries": list(queries or [])}),
+            **({"period": PERIOD_S, **metric} if metric is not None else {"metric_queries": queries}),
             tags={**self._tags, "runbook": runbook},
             opts=self.child(),
         )
