@@ -42,6 +42,12 @@ class Figures:
     seconds: float
     latencies_ms: list[float]
 
+    @classmethod
+    def merged(cls, name: str, parts: list[Figures]) -> Figures:
+        """One figure from several runs of the same workload (interleaved rounds)."""
+        return cls(name, sum(p.ops for p in parts), sum(p.errors for p in parts), sum(p.seconds for p in parts),
+                   [ms for p in parts for ms in p.latencies_ms])
+
     @property
     def per_second(self) -> float:
         return self.ops / self.seconds if self.seconds else float("nan")

@@ -3,7 +3,8 @@ is sent straight to a regional service (with the internal token the router would
 router (with a client token), in one run, and both are printed with the router's cost as a throughput ratio
 and as added milliseconds at p50 and p99.
 
-The router reaches the region over TLS, verified with a CA (app/security/tls.py), as everywhere. With
+The router reaches the region over TLS, verified with a CA (app/security/tls.py), as everywhere. Each
+measurement runs as ROUNDS interleaved rounds of all the paths, so outside load falls on each alike. With
 `--internal-tls both`, a second region process (same database, plain HTTP) and a second router (allowed
 plaintext by TXROUTE_INTERNAL_PLAINTEXT, the benchmark-only knob) are started too, and the same workloads
 run through both in the same run: the difference of the routed p50s is what internal TLS adds per request
@@ -41,6 +42,7 @@ from benchmarks.common import (
 )
 
 REGION = "eu-west-1"
+ROUNDS = 5  # each measurement is split into this many interleaved rounds
 MODES = ("on", "off", "both")
 
 
@@ -86,12 +88,19 @@ def measure_modes(
         log_file = cluster.folder / f"region-tls-{mode}.log"
         region = (region_service if mode == "on" else plain_region_service)(REGION, cluster, log_file)
         pairs[mode] = (region, _router(region, cluster.folder / f"router-tls-{mode}.log"))
-    started = [p for pair in pairs.values() for p in pair]
+    started: list[ServiceProcess] = []
     try:
-        for process in started:
-            process.start()
-        for process in started:
-            process.wait_ready()
+        # Regions one after the other: the first provisions the shard databases, the second finds them (two
+        # provisioning at once race on CREATE DATABASE). Then the routers.
+        for region, _ in pairs.values():
+            started.append(region)
+            region.start()
+            region.wait_ready()
+        for _, router in pairs.values():
+            started.append(router)
+            router.start()
+        for _, router in pairs.values():
+            router.wait_ready()
         urls = {mode: (region.url, router.url) for mode, (region, router) in pairs.items()}
         return asyncio.run(_all(urls, clients=clients, seconds=seconds, accounts=accounts))
     finally:
@@ -126,14 +135,22 @@ async def _all(
     for region_url, router_url in urls.values():
         await transfer_workload("warm-up", region_url, direct_headers, pick, clients=clients, seconds=WARM_UP_S)
         await transfer_workload("warm-up", router_url, routed_headers, pick, clients=clients, seconds=WARM_UP_S)
+    # Interleaved rounds (direct, routed, per mode, then again): load from elsewhere on the machine falls on
+    # every path alike instead of on whichever ran during a busy stretch.
+    rounds: dict[str, tuple[list[Figures], list[Figures]]] = {mode: ([], []) for mode in urls}
+    for _ in range(ROUNDS):
+        for mode, (region_url, router_url) in urls.items():
+            direct, routed = rounds[mode]
+            # A fresh internal token per round: the whole run outlasts one token's life.
+            direct.append(await transfer_workload("", region_url, auth_headers(client_id), pick, clients=clients,
+                                                  seconds=seconds / ROUNDS))
+            routed.append(await transfer_workload("", router_url, routed_headers, pick, clients=clients,
+                                                  seconds=seconds / ROUNDS))
     figures = {}
-    for mode, (region_url, router_url) in urls.items():
+    for mode, (direct, routed) in rounds.items():
         suffix = f" (TLS {mode})" if len(urls) > 1 else ""
-        direct = await transfer_workload("direct to the region" + suffix, region_url, direct_headers, pick,
-                                         clients=clients, seconds=seconds)
-        routed = await transfer_workload("through the router" + suffix, router_url, routed_headers, pick,
-                                         clients=clients, seconds=seconds)
-        figures[mode] = (direct, routed)
+        figures[mode] = (Figures.merged("direct to the region" + suffix, direct),
+                         Figures.merged("through the router" + suffix, routed))
     return figures
 
 

@@ -40,7 +40,8 @@ class History:
 async def test_bank_workload_with_a_region_killed_conserves_money_and_acknowledged_transfers(make_world):
     world = make_world()
     client = new_client_id("bank")
-    https = {r: world.http(r) for r in REGIONS}
+    https = {r: httpx.AsyncClient(base_url=world.services[r].url, timeout=10, verify=world.services[r].verify)
+             for r in REGIONS}
     apis = {r: ApiClient(https[r], client) for r in REGIONS}
     try:
         home: dict[str, str] = {}
