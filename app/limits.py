@@ -115,7 +115,7 @@ WAN_LATENCY_MS_MAX = 2_000
 # Observability (app/telemetry.py)
 METRICS_DB_TIMEOUT_S = 1.0  # a scrape's outbox and audit read, per shard; a slow shard leaves its gauges stale
 SPAN_ATTRIBUTE_CHARS_MAX = 128  # no span attribute value is longer (they carry names and codes, nothing else)
-EMF_INTERVAL_S = 60.0  # how often a region writes its CloudWatch metrics (embedded metric format) to its log
+EMF_INTERVAL_S = 60.0  # how often a region or router writes its CloudWatch metrics (embedded metric format)
 
 # Placement of new accounts (app/topology/placement.py): probes of a key's slot sequence before rendezvous
 # over the region's owned slots decides. A region owning a third of the slots misses all 64 with

@@ -22,6 +22,7 @@ attributes and the problem counter.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -221,13 +222,21 @@ def _sample_sum(metric: Any, sample: str, keep: Callable[[dict[str, str]], bool]
 
 
 class CloudWatchEmf:
-    """One JSON line per interval that CloudWatch Logs turns into metrics (dimension `Region`): the outbox's
-    oldest message age, the last audit's result and, over the interval, writes, idempotency conflicts and
-    postings refused 429 for a client's share of a shard's queue."""
+    """One JSON line per interval that CloudWatch Logs turns into metrics (dimension `Region`). A region's
+    (`line`): the outbox's oldest message age, the last audit's result and, over the interval, writes,
+    idempotency conflicts and postings refused 429 for a client's share of a shard's queue. A router's
+    (`router_line`): only the requests it refused 429 for a client's rate, so the two add up in `RateLimited`
+    and nothing else is counted twice."""
 
     def __init__(self, region: str) -> None:
         self.region = region
         self._totals = self._read_totals()
+
+    def router_line(self) -> str:
+        totals = self._read_totals()
+        limited = totals[2] - self._totals[2]
+        self._totals = totals
+        return self._document({"RateLimited": limited}, {"RateLimited": "Count"})
 
     @staticmethod
     def _read_totals() -> tuple[float, float, float]:
@@ -250,6 +259,9 @@ class CloudWatchEmf:
         if audit_clean is not None:
             values["LastAuditClean"] = 1 if audit_clean else 0
             units["LastAuditClean"] = "None"
+        return self._document(values, units)
+
+    def _document(self, values: dict[str, float], units: dict[str, str]) -> str:
         now = time.time()
         doc = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "level": "info",
@@ -260,6 +272,14 @@ class CloudWatchEmf:
             }]},
         }
         return msgspec.json.encode(doc).decode()
+
+
+async def publish_router_cloudwatch_metrics(region: str) -> None:
+    """Every EMF_INTERVAL_S, the router's one line for the CloudWatch alarms (`CloudWatchEmf.router_line`)."""
+    emf = CloudWatchEmf(region)
+    while True:
+        await asyncio.sleep(limits.EMF_INTERVAL_S)
+        print(emf.router_line(), file=sys.stderr, flush=True)
 
 
 # Traces -------------------------------------------------------------------------------------------------

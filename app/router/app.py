@@ -376,12 +376,14 @@ def create_app(settings: RouterSettings) -> telemetry.Instrumented:
             refresher = asyncio.create_task(
                 shardmap.refresh_forever(settings.shardmap_refresh_period_s), name="shardmap-refresh"
             )
+        emf = asyncio.create_task(telemetry.publish_router_cloudwatch_metrics(settings.region), name="emf")
         try:
             yield
         finally:
-            if refresher is not None:
-                refresher.cancel()
-                await asyncio.gather(refresher, return_exceptions=True)
+            for task in (refresher, emf):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             await upstreams.close()
 
     fallback = Litestar(

@@ -65,15 +65,16 @@ RUNBOOKS = (
 # The custom metrics each region service publishes, per region (dimension `Region`), as CloudWatch embedded
 # metric format lines in its log (app/telemetry.py: emf_line, every EMF_INTERVAL_S): the age of the oldest
 # undelivered outbox message; 1 when the last recorded `txroute audit` was clean (0 when not); and, over the
-# interval, public writes and those answered 409/422 for a reused or in-flight Idempotency-Key, and postings
-# refused 429 rate_limited because one client had its share of a shard's posting queue.
+# interval, public writes and those answered 409/422 for a reused or in-flight Idempotency-Key, and requests
+# refused 429 rate_limited: by a region for a client's share of a shard's posting queue, and by the region's
+# routers (which publish only this one) for a client's rate.
 OUTBOX_METRIC_NAMESPACE = "txroute"
 OUTBOX_METRIC_NAME = "OutboxOldestAgeSeconds"
 AUDIT_CLEAN_METRIC_NAME = "LastAuditClean"
 IDEMPOTENCY_CONFLICTS_METRIC_NAME = "IdempotencyConflicts"
 WRITES_METRIC_NAME = "Writes"
 RATE_LIMITED_METRIC_NAME = "RateLimited"
-# Postings per minute a region may refuse for a client's queue share before someone looks (runbook).
+# Requests per minute a region's routers and services may refuse 429 before someone looks (runbook).
 RATE_LIMITED_PER_MIN_MAX = 60
 # Above this share of writes refused for their Idempotency-Key a client (or our retries) misbehaves.
 IDEMPOTENCY_CONFLICT_RATIO_MAX = 0.05

@@ -91,3 +91,16 @@ def test_an_exception_is_recorded_by_type_only(memory: InMemorySpanExporter) -> 
     (span,) = memory.get_finished_spans()
     assert span.attributes["error.type"] == "ValueError" and not span.events
     assert "eyJ" not in span.to_json()
+
+
+def test_a_routers_cloudwatch_line_carries_only_its_rate_limited_refusals_over_the_interval() -> None:
+    import json
+
+    emf = telemetry.CloudWatchEmf("eu-west-1")
+    counter = telemetry.METRICS.rate_limited.labels("client_rate", "eu-west-1")
+    counter.inc(3)
+    line = json.loads(emf.router_line())
+    (directive,) = line["_aws"]["CloudWatchMetrics"]
+    assert [m["Name"] for m in directive["Metrics"]] == ["RateLimited"], "expected nothing a region also counts"
+    assert line["RateLimited"] == 3 and line["Region"] == "eu-west-1"
+    assert json.loads(emf.router_line())["RateLimited"] == 0, "expected the next interval to start from zero"

@@ -100,3 +100,17 @@ def test_rate_and_burst_come_from_the_environment_with_defaults_no_normal_client
                         ("TXROUTE_CLIENT_BURST", "0"), ("TXROUTE_CLIENT_BURST", "1.5")):
         with pytest.raises(SettingsError, match=name):
             RouterSettings.from_env({**base, name: value})
+
+
+def test_a_regions_per_client_queue_share_comes_from_the_environment_within_the_queue() -> None:
+    from app import limits
+    from app.config import RegionSettings
+
+    base = {"TXROUTE_REGION": "eu-west-1", "TXROUTE_DATABASE_URL": "postgresql://u@h:5432",
+            "TXROUTE_INTERNAL_PUBLIC_KEY": "pem"}
+    assert RegionSettings.from_env(base).tenant_queue_postings_max == limits.TENANT_QUEUE_POSTINGS_MAX
+    assert 1 <= limits.TENANT_QUEUE_POSTINGS_MAX < limits.POSTING_QUEUE_DEPTH_MAX, "expected a share, not the queue"
+    assert RegionSettings.from_env({**base, "TXROUTE_TENANT_QUEUE_POSTINGS_MAX": "3"}).tenant_queue_postings_max == 3
+    for value in ("0", str(limits.POSTING_QUEUE_DEPTH_MAX + 1), "many"):
+        with pytest.raises(SettingsError, match="TXROUTE_TENANT_QUEUE_POSTINGS_MAX"):
+            RegionSettings.from_env({**base, "TXROUTE_TENANT_QUEUE_POSTINGS_MAX": value})

@@ -115,8 +115,8 @@ class RegionalCell(RegionalComponent):
         o.alarm(
             "tenant-throttled", runbook=layout.RUNBOOK_TENANT_THROTTLED,
             comparison="GreaterThanThreshold", threshold=limited, treat_missing_data="notBreaching",
-            summary=f"More than {limited} postings a minute in {self.region} are refused 429 rate_limited: a client "
-                    "keeps filling its share of a shard's posting queue.",
+            summary=f"More than {limited} requests a minute in {self.region} are refused 429 rate_limited: a client "
+                    "is over its rate at the routers or its share of a shard's posting queue.",
             metric={"namespace": ns, "metric_name": layout.RATE_LIMITED_METRIC_NAME, "dimensions": dims,
                     "statistic": "Sum"})
 
