@@ -127,3 +127,11 @@ PLACEMENT_PROBES_MAX = 64
 LOCAL_CA_VALIDITY_DAYS = 365
 LOCAL_SERVER_CERT_VALIDITY_DAYS = 90
 LOCAL_CERT_RENEW_BEFORE_DAYS = 7  # a certificate this close to its end is replaced at the next `txroute up`
+
+# `txroute audit` (app/ops/audit.py). It judges only saga steps older than its watermark, the earliest
+# shard clock at its reads minus this margin. The margin must exceed the longest ledger transaction (one
+# statement, DB_STATEMENT_TIMEOUT_MS) and the clock skew between shard databases (NTP-synchronised hosts
+# stay within milliseconds; the local stack shares one clock), or a saga can be judged half-seen.
+AUDIT_WATERMARK_MARGIN_S = 10.0
+AUDIT_QUERY_TIMEOUT_S = 900.0  # one shard's reads; a full run over millions of entries takes seconds to minutes
+AUDIT_VIOLATIONS_PER_CHECK_MAX = 100  # per shard and check: the report names these, the count says the rest

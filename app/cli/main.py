@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="reconcile every shard; exits 1 on any violation")
     audit.add_argument("--json", action="store_true", help="machine-readable output")
+    audit.add_argument("--full", action="store_true",
+                       help="recompute every shard's whole history (default: from each shard's checkpoint)")
     audit.add_argument(
         "--dsn", action="append", default=[], metavar="SHARD=DSN",
         help="audit these shard databases instead of the local stack's (repeat per shard)",
@@ -237,7 +239,7 @@ def _audit(args: argparse.Namespace) -> int:
         dsns = dict(item.split("=", 1) for item in args.dsn)
     else:
         dsns = local_stack.shard_dsns(_stack(args))
-    report = asyncio.run(audit(dsns))
+    report = asyncio.run(audit(dsns, full=args.full))
     print(json.dumps(as_json(report), indent=2) if args.json else report.text())
     # The result is kept in each shard for the regions' metrics (txroute_last_audit_clean) and its alert.
     unwritten = asyncio.run(record(report, dsns))

@@ -49,6 +49,7 @@ def add_parser(sub: Any) -> None:
 
     p = commands.add_parser("audit", help="txroute audit, recorded in every shard; exits 1 on any violation")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--full", action="store_true", help="recompute whole histories (default: from checkpoints)")
     _target_options(p, _audit)
 
     for verb, helptext in (("drain", "stop new writes for a region's accounts (503 region_draining); --yes"),
@@ -161,7 +162,7 @@ def _audit(args: argparse.Namespace) -> int:
 
     dsns = _target(args).shard_dsns
     try:
-        report = asyncio.run(audit(dsns))
+        report = asyncio.run(audit(dsns, full=args.full))
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
         raise OpsError(f"a shard could not be read ({type(exc).__name__}); `txroute ops status` shows which, "
                        "and the audit needs every shard") from None
