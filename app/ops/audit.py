@@ -355,6 +355,14 @@ async def _check_transfers(shard: _Shard, report: AuditReport, ids: set[str] | N
             limit $3""",  # noqa: S608 (built from module constants only)
         ids is None, sorted(ids or ()), limits.AUDIT_VIOLATIONS_PER_CHECK_MAX,
     )
+    orphans = await shard.conn.fetch(
+        """select distinct e.transfer_id from entries e left join transfers t on t.id = e.transfer_id
+           where t.id is null and ($1 or e.transfer_id = any($2::text[])) limit $3""",
+        ids is None, sorted(ids or ()), limits.AUDIT_VIOLATIONS_PER_CHECK_MAX,
+    )
+    for r in orphans:
+        report.add("entries_match_transfer", f"{shard.name}: entries name transfer {r['transfer_id']}, which "
+                   "does not exist", shard.name)
     for r in rows:
         if r["total"] != 0:
             report.add("transfer_zero_sum", f"{shard.name}: transfer {r['id']} entries sum to {r['total']}", shard.name)

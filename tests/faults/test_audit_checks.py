@@ -1,0 +1,358 @@
+"""`txroute audit` catches each kind of corruption, one test per check (app/ops/audit.py).
+
+Each test makes real money movements through real region processes, proves the audit clean (which also
+leaves a checkpoint, so the next run is incremental), seeds one corruption by writing as the database owner
+with triggers off (`session_replication_role = replica`, as a bad migration or a manual fix would), polls the
+audit until it names the corruption, checks a full run names it too, then repairs it and sees the audit
+clean again. One world (clusters and services of its own) serves the module: every test leaves it clean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from app.local.postgres import Cluster
+from app.ops.audit import FULL, INCREMENTAL, AuditReport, audit
+from app.topology.ids import new_account_id, new_transfer_id, parse_account_id
+from app.topology.model import Topology
+from tests.helpers import ApiClient, account_in_shard, new_client_id, poll_until, shard_of
+from tests.world import World
+
+# One shared clock and light load here, so a short margin is sound (limits.AUDIT_WATERMARK_MARGIN_S is for
+# deployed regions); it lets a saga age past the watermark in about a second.
+MARGIN_S = 1.0
+CAUGHT_WITHIN_S = 30.0
+WEST, EAST = "eu-west-1", "us-east-1"
+
+
+@pytest.fixture(scope="module")
+def world(work_dir: Path, topology: Topology, pg_template: Cluster) -> Iterator[World]:
+    built = World.build(work_dir / "audit-checks-world", topology, pg_template, {})
+    try:
+        yield built
+    finally:
+        built.close()
+
+
+async def run_audit(world: World, *, full: bool = False) -> AuditReport:
+    return await audit(world.shard_dsns(), full=full, margin_s=MARGIN_S)
+
+
+async def assert_clean(world: World, *, full: bool = False) -> AuditReport:
+    report = await run_audit(world, full=full)
+    assert report.clean, f"expected a clean audit, got:\n{report.text()}"
+    return report
+
+
+async def owner_sql(world: World, shard: str, statement: str, *args: object) -> str:
+    """Run `statement` in `shard` as the database owner, with triggers (append-only, transitions) off."""
+    conn = await asyncpg.connect(world.shard_dsns()[shard])
+    try:
+        await conn.execute("set session_replication_role = replica")
+        return str(await conn.execute(statement, *args))
+    finally:
+        await conn.close()
+
+
+async def caught(world: World, check: str, needle: str) -> AuditReport:
+    """Poll the default (incremental) audit until it reports `check` naming `needle`; a full run must too."""
+    found: list[AuditReport] = []
+
+    async def names_it() -> bool:
+        report = await run_audit(world)
+        found.append(report)
+        return any(v.check == check and needle in v.detail for v in report.violations)
+
+    await poll_until(names_it, timeout_s=CAUGHT_WITHIN_S, what=f"the audit to report {check} naming {needle}")
+    full = await run_audit(world, full=True)
+    assert any(v.check == check and needle in v.detail for v in full.violations), (
+        f"expected a full audit to report {check} naming {needle} too, got:\n{full.text()}"
+    )
+    return found[-1]
+
+
+async def with_apis(world: World, body: Callable[[ApiClient, ApiClient], Awaitable[None]]) -> None:
+    client = new_client_id("audit")
+    async with world.http(WEST) as west_http, world.http(EAST) as east_http:
+        await body(ApiClient(west_http, client), ApiClient(east_http, client))
+
+
+async def posted_saga(west: ApiClient, east: ApiClient, amount: int = 30) -> tuple[str, str, str]:
+    """(transfer id, debit account, credit account) of a transfer posted from eu-west-1 to us-east-1."""
+    a, b = await west.new_account(), await east.new_account()
+    await west.funded(a, 1_000)
+    response = await west.transfer(a, b, amount)
+    assert response.status_code == 201 and response.json()["state"] == "posted", response.text
+    return response.json()["id"], a, b
+
+
+async def test_balance_equals_entries_catches_a_balance_written_outside_the_journal(world, topology):
+    async def body(west: ApiClient, east: ApiClient) -> None:
+        account = await west.new_account()
+        await west.funded(account, 100)
+        before = await assert_clean(world)
+        shard = shard_of(topology, account)
+        await owner_sql(world, shard, "update accounts set balance = balance + 7 where id = $1", account)
+        report = await caught(world, "balance_equals_entries", account)
+        assert report.modes[shard] == INCREMENTAL and before.modes[shard] in (FULL, INCREMENTAL)
+        await owner_sql(world, shard, "update accounts set balance = balance - 7 where id = $1", account)
+        await assert_clean(world, full=True)
+
+    await with_apis(world, body)
+
+
+async def test_balance_after_chain_catches_an_entry_whose_balance_after_does_not_follow(world, topology):
+    async def body(west: ApiClient, east: ApiClient) -> None:
+        account = await west.new_account()
+        await west.funded(account, 100)
+        await west.funded(account, 50)
+        await assert_clean(world)
+        shard = shard_of(topology, account)
+        newest = "(select max(id) from entries where account_id = $1)"
+        await owner_sql(world, shard, f"update entries set balance_after = balance_after + 1 where id = {newest}",
+                        account)
+        await caught(world, "balance_after_chain", account)
+        await owner_sql(world, shard, f"update entries set balance_after = balance_after - 1 where id = {newest}",
+                        account)
+        await assert_clean(world, full=True)
+
+    await with_apis(world, body)
+
+
+async def test_transfer_zero_sum_catches_an_entry_added_to_one_side(world, topology):
+    async def body(west: ApiClient, east: ApiClient) -> None:
+        account = await west.new_account()
+        deposit = await west.deposit(account, 100)
+        transfer = deposit.json()["id"]
+        await assert_clean(world)
+        shard = shard_of(topology, account)
+        await owner_sql(world, shard, "insert into entries (transfer_id, account_id, amount, balance_after) "
+                        "values ($1, $2, 5, 105)", transfer, account)
+        await owner_sql(world, shard, "update accounts set balance = balance + 5 where id = $1", account)
+        await caught(world, "transfer_zero_sum", transfer)
+        await owner_sql(world, shard, "delete from entries where transfer_id = $1 and amount = 5", transfer)
+        await owner_sql(world, shard, "update accounts set balance = balance - 5 where id = $1", account)
+        await assert_clean(world, full=True)
+
+    await with_apis(world, body)
+
+
+async def test_entries_match_transfer_catches_a_transfer_whose_amount_was_changed(world, topology):
+    async def body(west: ApiClient, east: ApiClient) -> None:
+        account = await west.new_account()
+        transfer = (await west.deposit(account, 100)).json()["id"]
+        await assert_clean(world)
+        shard = shard_of(topology, account)
+        await owner_sql(world, shard, "update transfers set amount = amount + 1 where id = $1", transfer)
+        report = await caught(world, "entries_match_transfer", transfer)
+        assert not any(v.check == "transfer_zero_sum" for v in report.violations), "its entries still sum to 0"
+        await owner_sql(world, shard, "update transfers set amount = amount - 1 where id = $1", transfer)
+        await assert_clean(world, full=True)
+
+    await with_apis(world, body)
+
+
+async def test_idempotency_matches_catches_a_stored_response_that_disagrees_with_the_transfer(world, topology):
+    async def body(west: ApiClient, east: ApiClient) -> None:
+        transfer, debit, _ = await posted_saga(west, east)
+        await assert_clean(world)
+        shard = shard_of(topology, debit)
+        stored = "client = $1 and body ->> 'id' = $2"
+        await owner_sql(world, shard, "update idempotency set body = jsonb_set(body, '{state}', '\"returned\"') "
+                        f"where {stored}", west.client_id, transfer)
+        await caught(world, "idempotency_matches", transfer)
+        await owner_sql(world, shard, "update idempotency set body = jsonb_set(body, '{state}', '\"posted\"') "
+                        f"where {stored}", west.client_id, transfer)
+        await assert_clean(world, full=True)
+
+    await with_apis(world, body)
+
+
+async def test_a_malformed_transit_account_name_is_a_violation_not_a_crash(world, topology):
+    shard = topology.region(WEST).shards[0].name
+    names = ["trn_nonsense", f"trn_{shard}_{shard}_EUR", f"trn_{shard}_use1-a_EURO", "trn_a_b_c_d_e"]
+    await assert_clean(world)
+    for name in names:
+        await owner_sql(world, shard, "insert into accounts (id, slot, kind, owner_client, currency) "
+                        "values ($1, $2, 'transit', 'txroute', 'EUR')", name, topology.shard(shard).slots[0].lo)
+    for name in names:
+        await caught(world, "transit_account_name", repr(name[:80]))
+    await owner_sql(world, shard, "delete from accounts where id = any($1::text[])", names)
+    await assert_clean(world, full=True)
+
+
+async def test_posted_has_credit_catches_a_posted_saga_the_credit_side_never_applied(world, topology):
+    async def body(west: ApiClient, east: ApiClient) -> None:
+        transfer, _, credit = await posted_saga(west, east)
+        await assert_clean(world)
+        destination = shard_of(topology, credit)
+        saved = await _inbox_row(world, destination, transfer)
+        await owner_sql(world, destination, "delete from inbox where transfer_id = $1", transfer)
+        await caught(world, "posted_has_credit", transfer)
+        await _restore_inbox_row(world, destination, saved)
+        await assert_clean(world)
+
+    await with_apis(world, body)
+
+
+async def test_returned_not_credited_catches_a_returned_saga_the_credit_side_applied(world, topology):
+    async def body(west: ApiClient, east: ApiClient) -> None:
+        a = await west.new_account()
+        await west.funded(a, 100)
+        usd = await east.new_account("USD")
+        response = await west.transfer(a, usd, 40)  # refused by the credit side: currency_mismatch
+        assert response.json()["state"] == "returned", response.text
+        transfer = response.json()["id"]
+        await assert_clean(world)
+        destination = shard_of(topology, usd)
+        await owner_sql(world, destination, "update inbox set outcome = 'applied' where transfer_id = $1", transfer)
+        await caught(world, "returned_not_credited", transfer)
+        await owner_sql(world, destination, "update inbox set outcome = 'refused' where transfer_id = $1", transfer)
+        await assert_clean(world, full=True)
+
+    await with_apis(world, body)
+
+
+async def test_credit_has_debit_catches_a_credit_whose_source_never_debited(world, topology):
+    async def body(west: ApiClient, east: ApiClient) -> None:
+        credit = await east.new_account()
+        source = topology.region(WEST).shards[0].name
+        forged = new_transfer_id(topology.shard(source).slots[0].lo)
+        await assert_clean(world)
+        destination = shard_of(topology, credit)
+        transit = f"trn_{destination}_{source}_EUR"
+        # A whole credit-side application, consistent in its own shard, of a message nobody sent.
+        forge = [
+            ("insert into accounts (id, slot, kind, owner_client, currency) values ($1, $2, 'transit', 'txroute', "
+             "'EUR') on conflict (id) do nothing", transit, parse_account_id(credit).slot),
+            ("insert into transfers (id, client, kind, debit_account, credit_account, amount, currency, state, "
+             "debit_shard, credit_shard) values ($1, $2, 'transfer', $3, $4, 10, 'EUR', 'posted', $5, $6)",
+             forged, east.client_id, new_account_id(topology.shard(source).slots[0].lo), credit, source, destination),
+            ("insert into entries (transfer_id, account_id, amount, balance_after) select $1, $2, -10, balance - 10 "
+             "from accounts where id = $2", forged, transit),
+            ("insert into entries (transfer_id, account_id, amount, balance_after) select $1, $2, 10, balance + 10 "
+             "from accounts where id = $2", forged, credit),
+            ("update accounts set balance = balance + (case when id = $1 then -10 else 10 end) "
+             "where id in ($1, $2)", transit, credit),
+            ("insert into inbox (transfer_id, source_shard, outcome, credit_account, amount, currency) "
+             "values ($1, $2, 'applied', $3, 10, 'EUR')", forged, source, credit),
+        ]
+        for statement, *args in forge:
+            await owner_sql(world, destination, statement, *args)
+        await caught(world, "credit_has_debit", forged)
+        for statement, *args in [
+            ("delete from inbox where transfer_id = $1", forged),
+            ("delete from entries where transfer_id = $1", forged),
+            ("delete from transfers where id = $1", forged),
+            ("update accounts set balance = balance - (case when id = $1 then -10 else 10 end) "
+             "where id in ($1, $2)", transit, credit),
+        ]:
+            await owner_sql(world, destination, statement, *args)
+        await assert_clean(world, full=True)
+
+    await with_apis(world, body)
+
+
+async def test_transit_matches_in_flight_catches_transit_money_no_message_carries(world, topology):
+    async def body(west: ApiClient, east: ApiClient) -> None:
+        transfer, debit, credit = await posted_saga(west, east)
+        await assert_clean(world)
+        source, destination = shard_of(topology, debit), shard_of(topology, credit)
+        # The credit side's transit entry vanishes with its account's balance: that shard still balances
+        # (it sums to zero once its transit account follows), but the pair's transit no longer nets to 0.
+        entry = await _fetch(world, destination, "select e.id, e.account_id, e.amount from entries e join accounts a "
+                             "on a.id = e.account_id and a.kind = 'transit' where e.transfer_id = $1", transfer)
+        await owner_sql(world, destination, "update entries set amount = amount - 1, balance_after = balance_after - 1"
+                        " where id = $1", entry["id"])
+        await owner_sql(world, destination, "update entries set amount = amount + 1, balance_after = balance_after + 1"
+                        " where transfer_id = $1 and id <> $2", transfer, entry["id"])
+        await owner_sql(world, destination, "update accounts set balance = balance - 1 where id = $1",
+                        entry["account_id"])
+        await owner_sql(world, destination, "update accounts set balance = balance + 1 where id = $1", credit)
+        await caught(world, "transit_matches_in_flight", transfer)
+        await owner_sql(world, destination, "update entries set amount = amount + 1, balance_after = balance_after + 1"
+                        " where id = $1", entry["id"])
+        await owner_sql(world, destination, "update entries set amount = amount - 1, balance_after = balance_after - 1"
+                        " where transfer_id = $1 and id <> $2", transfer, entry["id"])
+        await owner_sql(world, destination, "update accounts set balance = balance + 1 where id = $1",
+                        entry["account_id"])
+        await owner_sql(world, destination, "update accounts set balance = balance - 1 where id = $1", credit)
+        await assert_clean(world, full=True)
+        assert source != destination, "expected a saga between two shards"
+
+    await with_apis(world, body)
+
+
+async def test_money_conserved_catches_a_deposit_without_money_and_only_a_full_run_sees_old_history(
+    world, topology
+):
+    """Under the checkpoint, entries are trusted as append-only: an incremental run re-reads only each
+    account's last checkpointed entry. A full run recomputes everything and finds what was changed there."""
+    shard = topology.region("eu-north-1").shards[1].name
+
+    async def body(west: ApiClient, east: ApiClient) -> None:
+        async with world.http("eu-north-1") as http:
+            north = ApiClient(http, west.client_id)
+            account = await account_in_shard(north, topology, shard)
+            await north.funded(account, 100)
+            await north.funded(account, 50)
+            first = await _fetch(world, shard, "select min(id) as id from entries where account_id = $1", account)
+
+            async def checkpointed() -> bool:
+                report = await run_audit(world)
+                assert report.clean, report.text()
+                horizon = await _fetch(world, shard, "select entries_horizon_id as id from audit_checkpoints")
+                return horizon is not None and horizon["id"] > first["id"] + 1
+
+            await poll_until(checkpointed, timeout_s=CAUGHT_WITHIN_S, what="the checkpoint to cover the entries")
+            await owner_sql(world, shard, "update entries set amount = amount + 3, balance_after = balance_after + 3 "
+                            "where id = $1", first["id"])
+            incremental = await run_audit(world)
+            assert not any(account in v.detail for v in incremental.violations), (
+                f"expected an incremental run to trust the checkpointed history, got:\n{incremental.text()}"
+            )
+            full = await run_audit(world, full=True)
+            assert any(v.check == "balance_equals_entries" and account in v.detail for v in full.violations), (
+                full.text()
+            )
+            await owner_sql(world, shard, "update entries set amount = amount - 3, balance_after = balance_after - 3 "
+                            "where id = $1", first["id"])
+            await assert_clean(world, full=True)
+            # A deposit recorded without its money: deposits minus withdrawals no longer match the balances.
+            settlement = f"set_{shard}_EUR"
+            forged = new_transfer_id(parse_account_id(account).slot)
+            await owner_sql(world, shard, "insert into transfers (id, client, kind, debit_account, credit_account, "
+                            "amount, currency, state) values ($1, $2, 'deposit', $3, $4, 40, 'EUR', 'posted')",
+                            forged, north.client_id, settlement, account)
+            full = await run_audit(world, full=True)
+            checks = {v.check for v in full.violations if shard in v.detail}
+            assert {"money_conserved", "entries_match_transfer"} <= checks, full.text()
+            await owner_sql(world, shard, "delete from transfers where id = $1", forged)
+            await assert_clean(world, full=True)
+
+    await with_apis(world, body)
+
+
+async def _fetch(world: World, shard: str, query: str, *args: object) -> asyncpg.Record | None:
+    conn = await asyncpg.connect(world.shard_dsns()[shard])
+    try:
+        return await conn.fetchrow(query, *args)
+    finally:
+        await conn.close()
+
+
+async def _inbox_row(world: World, shard: str, transfer: str) -> asyncpg.Record:
+    row = await _fetch(world, shard, "select * from inbox where transfer_id = $1", transfer)
+    assert row is not None, f"expected {transfer} in {shard}'s inbox"
+    return row
+
+
+async def _restore_inbox_row(world: World, shard: str, row: asyncpg.Record) -> None:
+    columns = list(row.keys())
+    placeholders = ", ".join(f"${i + 1}" for i in range(len(columns)))
+    await owner_sql(world, shard, f"insert into inbox ({', '.join(columns)}) values ({placeholders})",
+                    *row.values())
