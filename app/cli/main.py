@@ -80,11 +80,15 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks that print figures beside a baseline")
     bench.add_argument(
-        "name", choices=["ledger", "router", "saga", "ratelimit"],
+        "name", choices=["ledger", "router", "saga", "ratelimit", "audit"],
         help="ledger: transfers/s and latency vs pgbench tpcb-like; router: transfers via the router vs direct; "
         "saga: cross-region vs same-shard latency under a simulated RTT, and the relay's drain rate; "
-        "ratelimit: the router's per-client rate-limit check, ns per request",
+        "ratelimit: the router's per-client rate-limit check, ns per request; "
+        "audit: txroute audit's run time on one shard of --entries entries, full and incremental",
     )
+    bench.add_argument("--entries", type=int, default=1_000_000, help="audit: entries seeded in the shard (1M)")
+    bench.add_argument("--delta", type=int, default=10_000, help="audit: entries added before the incremental run")
+    bench.add_argument("--json", action="store_true", help="audit: the last line is one JSON object of figures")
     bench.add_argument("--rtt", type=_duration_ms, default=40, help="saga: simulated RTT between regions (40ms)")
     bench.add_argument("--backlog", type=int, default=2_000, help="saga: messages in the relay backlog (2000)")
     bench.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
@@ -249,6 +253,10 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.name == "audit":
+        from benchmarks import audit as audit_bench
+
+        return audit_bench.run(entries=args.entries, delta=args.delta, as_json=args.json)
     if args.name == "saga":
         from benchmarks import saga
 
