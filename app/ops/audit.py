@@ -12,8 +12,9 @@ Per shard (exact, in one REPEATABLE READ snapshot of that shard):
 
 Across shards, per saga (DESIGN D6): posted_has_credit, returned_not_credited, credit_has_debit, and
 transit_matches_in_flight: a saga's transit entries on both shards add up to its amount while it is in
-flight (not terminal and not applied by the credit side), else to zero. Summed over sagas, this and
-balance_equals_entries give the pairwise invariant of D6 (transit balances = messages in flight).
+flight (neither applied by the credit side nor returned, whatever its state is called), else to zero.
+Summed over sagas, this and balance_equals_entries give the pairwise invariant of D6 (transit balances =
+messages in flight).
 
 Live traffic: every shard is read in parallel, each in its own snapshot, so a saga may have moved between
 two reads. The audit therefore judges a saga only as of a watermark W = (the earliest shard clock at its
@@ -550,7 +551,9 @@ def _judge_saga(
     if row["state"] == "returned" and applied:
         report.add("returned_not_credited", f"transfer {tid} was returned at {source.name} but "
                    f"{row['credit_shard']} applied it too: money created")
-    in_flight = row["state"] in source.nonterminal and not applied
+    # In flight until the credit side applied it or the source took the money back: by what happened, not by
+    # the name of a state, so a state added later (a dead-letter one) still counts as in flight.
+    in_flight = not applied and row["state"] != "returned"
     expected = row["amount"] if in_flight else 0
     held = source.transit.get(tid, 0) + by_name[row["credit_shard"]].transit.get(tid, 0)
     if held != expected:
