@@ -14,6 +14,15 @@ export PATH="$PWD/../.venv/bin:$PATH"
 PLATFORM=linux/arm64
 REPOSITORY="txroute-${STACK}"
 
+# The bootstrap `up` below is targeted: engines before 3.256.0 resolve the outputs of the resources it skips
+# as empty values, and the program's first apply on one crashes (pulumi/pulumi#24108).
+PULUMI_VERSION_MIN=3.256.0
+pulumi_version=$(pulumi version | sed 's/^v//')
+if [ "$(printf '%s\n%s\n' "$PULUMI_VERSION_MIN" "$pulumi_version" | sort -V | head -n1)" != "$PULUMI_VERSION_MIN" ]; then
+  echo "pulumi ${pulumi_version} is older than ${PULUMI_VERSION_MIN}: install a newer CLI" >&2
+  exit 1
+fi
+
 pulumi stack select "$STACK"
 mapfile -t repos < <(pulumi stack export 2>/dev/null | python -c '
 import json, sys

@@ -3,6 +3,7 @@ deploys only from main behind approval environments, the test command, the bench
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -131,6 +132,7 @@ def test_bootstrap_project_is_the_pulumi_project() -> None:
 STUBS = {
     # Each stub appends its command line to $STUB_LOG, then answers like the real tool would.
     "pulumi": """
+[ "$1" = version ] && echo "v${STUB_PULUMI_VERSION:-3.272.0}"
 case "$1 $2" in
   "stack export") echo '{"deployment": {"resources": []}}' ;;
 esac
@@ -154,7 +156,8 @@ exit 0
 }
 
 
-def _run_deploy(tmp_path: Path) -> list[str]:
+def _run_deploy(tmp_path: Path, *, pulumi_version: str = "3.272.0",
+                ok: bool = True) -> list[str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, body in STUBS.items():
@@ -163,10 +166,10 @@ def _run_deploy(tmp_path: Path) -> list[str]:
         stub.chmod(0o755)
     log = tmp_path / "calls.log"
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "STUB_LOG": str(log), "STACK": "staging", "IMAGE_TAG": "abc123",
-           "HOME": str(tmp_path)}
+           "HOME": str(tmp_path), "STUB_PULUMI_VERSION": pulumi_version}
     result = subprocess.run(["bash", str(REPO / "ci" / "github" / "deploy.sh")], cwd=REPO / "infra", env=env,
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert (result.returncode == 0) is ok, result.stdout + result.stderr
     return log.read_text().splitlines()
 
 
@@ -197,3 +200,24 @@ def test_deploy_jobs_can_build_arm64_images(workflow: dict[str, Any]) -> None:
         uses = [str(step.get("uses", "")) for step in workflow["jobs"][name]["steps"]]
         assert any(u.startswith("docker/setup-qemu-action@") for u in uses), name
         assert any(u.startswith("docker/setup-buildx-action@") for u in uses), name
+
+
+PULUMI_VERSION_MIN = (3, 256, 0)  # pulumi/pulumi#24108: skipped creates' outputs resolve as unknown
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.lstrip("v").split("."))
+
+
+def test_an_engine_that_crashes_targeted_updates_is_refused_before_anything_changes(tmp_path: Path) -> None:
+    calls = _run_deploy(tmp_path, pulumi_version="3.200.0", ok=False)
+    assert calls == ["pulumi version"], f"expected nothing after the version check, got {calls}"
+
+
+def test_the_pipeline_and_the_sdk_use_an_engine_that_resolves_skipped_creates(workflow: dict[str, Any]) -> None:
+    assert _version(workflow["env"]["PULUMI_VERSION"]) >= PULUMI_VERSION_MIN
+    pyproject = (REPO / "pyproject.toml").read_text()
+    (floor,) = re.findall(r'"pulumi>=([0-9.]+),', pyproject)
+    assert _version(floor) >= PULUMI_VERSION_MIN[:2]
+    script = (REPO / "ci" / "github" / "deploy.sh").read_text()
+    assert f"PULUMI_VERSION_MIN={'.'.join(map(str, PULUMI_VERSION_MIN))}" in script
