@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import shutil
 import ssl
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,10 @@ class Figures:
                    [ms for p in parts for ms in p.latencies_ms])
 
     @property
+    def calls(self) -> int:
+        return self.ops + self.errors
+
+    @property
     def per_second(self) -> float:
         return self.ops / self.seconds if self.seconds else float("nan")
 
@@ -63,6 +68,21 @@ class Figures:
             f"{self.name:<30} {self.per_second:>9.0f}/s  p50 {self.percentile(0.50):>7.2f} ms  "
             f"p99 {self.percentile(0.99):>7.2f} ms  ops {self.ops}  errors {self.errors}"
         )
+
+
+def cpu_s(process: ServiceProcess) -> float:
+    """CPU seconds (user + system) used so far by a service's process group (granian's main process and its
+    worker): unlike latency, CPU per request hardly moves when other work shares the machine."""
+    assert process.process is not None
+    group, total_ticks = process.process.pid, 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended meanwhile
+        if int(fields[2]) == group:  # fields after the name: state ppid pgrp ... utime(11) stime(12)
+            total_ticks += int(fields[11]) + int(fields[12])
+    return total_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def fresh_cluster(name: str) -> Cluster:
@@ -154,6 +174,37 @@ async def transfer_workload(
     ok: Iterable[int] = (201,),
 ) -> Figures:
     """C clients, each sending one transfer of 1 minor unit at a time for `seconds`."""
+    async def transfer(http: aiohttp.ClientSession, i: int) -> int:
+        a, b = pick(i)
+        return await post(http, "/v1/transfers", headers,
+                          {"debit_account": a, "credit_account": b, "amount": 1, "currency": "EUR"})
+
+    return await _closed_loop(name, url, transfer, clients=clients, seconds=seconds, ok=ok)
+
+
+async def read_workload(
+    name: str, url: str, headers: dict[str, str], ids: list[str], *, clients: int, seconds: float
+) -> Figures:
+    """C clients, each reading one account at a time for `seconds`: no commit, so the figures are the HTTP
+    path's (forwarding, TLS) more than the database's."""
+    async def read(http: aiohttp.ClientSession, i: int) -> int:
+        async with http.get(f"/v1/accounts/{ids[i % len(ids)]}", headers=headers) as r:
+            await r.read()
+            return r.status
+
+    return await _closed_loop(name, url, read, clients=clients, seconds=seconds, ok=(200,))
+
+
+async def _closed_loop(
+    name: str,
+    url: str,
+    request: Callable[[aiohttp.ClientSession, int], Awaitable[int]],
+    *,
+    clients: int,
+    seconds: float,
+    ok: Iterable[int],
+) -> Figures:
+    """C clients, each a loop of one `request(http, i)` at a time for `seconds`; latencies of every one."""
     accepted = frozenset(ok)
     latencies: list[float] = []
     counters = {"ok": 0, "errors": 0}
@@ -165,11 +216,9 @@ async def transfer_workload(
         async def worker(n: int) -> None:
             i = n
             while time.monotonic() < deadline:
-                a, b = pick(i)
-                i += clients
                 started = time.perf_counter()
-                status = await post(http, "/v1/transfers", headers,
-                                    {"debit_account": a, "credit_account": b, "amount": 1, "currency": "EUR"})
+                status = await request(http, i)
+                i += clients
                 latencies.append((time.perf_counter() - started) * 1000)
                 counters["ok" if status in accepted else "errors"] += 1
 

@@ -7,7 +7,8 @@ The router reaches the region over TLS, verified with a CA (app/security/tls.py)
 measurement runs as ROUNDS interleaved rounds of all the paths, so outside load falls on each alike. With
 `--internal-tls both`, a second region process (same database, plain HTTP) and a second router (allowed
 plaintext by TXROUTE_INTERNAL_PLAINTEXT, the benchmark-only knob) are started too, and the same workloads
-run through both in the same run: the difference of the routed p50s is what internal TLS adds per request
+run through both in the same run, plus account reads through each router (no commit, so the database's
+noise does not hide the hop's cost): the difference of the routed p50s is what internal TLS adds per request
 (`--internal-tls off` measures the plaintext pair alone).
 
 Everything is started here: a fresh durable cluster, the regional service(s) and router(s) (granian, one
@@ -23,6 +24,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from app.local.ports import free_port
@@ -33,10 +35,12 @@ from benchmarks.common import (
     WARM_UP_S,
     Figures,
     bench_tls,
+    cpu_s,
     fresh_cluster,
     open_accounts,
     pairs_within,
     plain_region_service,
+    read_workload,
     region_service,
     transfer_workload,
 )
@@ -52,7 +56,8 @@ def run(*, clients: int, seconds: float, accounts: int, internal_tls: str = "on"
     print(f"txroute bench router: {clients} clients, {seconds:.0f} s each, {accounts} accounts, one shard, "
           f"internal TLS {' and '.join(modes)}")
     measured = measure_modes(modes, clients=clients, seconds=seconds, accounts=accounts)
-    for mode, (direct, routed) in measured.items():
+    for mode, paths in measured.items():
+        direct, routed = paths.direct, paths.routed
         print(direct.line())
         print(routed.line())
         ratio = routed.per_second / direct.per_second if direct.per_second else float("nan")
@@ -62,24 +67,49 @@ def run(*, clients: int, seconds: float, accounts: int, internal_tls: str = "on"
             f"+{routed.percentile(0.99) - direct.percentile(0.99):.2f} ms at p99"
         )
     if len(measured) == 2:
-        (_, on), (_, off) = measured["on"], measured["off"]
+        on, off = measured["on"], measured["off"]
+        for what, with_tls, without in (("transfers", on.routed, off.routed), ("reads", on.reads, off.reads)):
+            assert with_tls is not None and without is not None
+            if what == "reads":
+                print(with_tls.line())
+                print(without.line())
+            print(
+                f"internal TLS at the router, {what}: +{with_tls.percentile(0.50) - without.percentile(0.50):.2f} ms "
+                f"at p50, +{with_tls.percentile(0.99) - without.percentile(0.99):.2f} ms at p99, "
+                f"{with_tls.per_second / without.per_second if without.per_second else float('nan'):.2f} x "
+                "throughput (on vs off)"
+            )
         print(
-            f"internal TLS at the router: +{on.percentile(0.50) - off.percentile(0.50):.2f} ms at p50, "
-            f"+{on.percentile(0.99) - off.percentile(0.99):.2f} ms at p99, "
-            f"{on.per_second / off.per_second if off.per_second else float('nan'):.2f} x throughput (on vs off)"
+            f"CPU per request, TLS on vs off: router {on.router_cpu_ms:.3f} vs {off.router_cpu_ms:.3f} ms per "
+            f"forwarded call; region {on.region_cpu_ms:.3f} vs {off.region_cpu_ms:.3f} ms per call"
         )
-    return 0 if all(d.errors == 0 and r.errors == 0 for d, r in measured.values()) else 1
+    return 0 if all(f.errors == 0 for paths in measured.values() for f in paths.all()) else 1
+
+
+@dataclass
+class Paths:
+    """One internal-TLS mode's figures: transfers straight to the region and through the router, and (when
+    both modes run) account reads through the router, which commit nothing, so TLS is a larger share."""
+
+    direct: Figures
+    routed: Figures
+    reads: Figures | None = None
+    # CPU per request over the measured rounds (ms): the router's per forwarded call, the region's per call.
+    router_cpu_ms: float = float("nan")
+    region_cpu_ms: float = float("nan")
+
+    def all(self) -> list[Figures]:
+        return [self.direct, self.routed, *([self.reads] if self.reads else [])]
 
 
 def measure(*, clients: int, seconds: float, accounts: int) -> tuple[Figures, Figures]:
     """(straight to the region, through the router) for the same workload, in one run, internal TLS on."""
-    return measure_modes(("on",), clients=clients, seconds=seconds, accounts=accounts)["on"]
+    paths = measure_modes(("on",), clients=clients, seconds=seconds, accounts=accounts)["on"]
+    return paths.direct, paths.routed
 
 
-def measure_modes(
-    modes: Sequence[str], *, clients: int, seconds: float, accounts: int
-) -> dict[str, tuple[Figures, Figures]]:
-    """Per internal-TLS mode ("on", "off"): (straight to the region, through the router), one run."""
+def measure_modes(modes: Sequence[str], *, clients: int, seconds: float, accounts: int) -> dict[str, Paths]:
+    """Per internal-TLS mode ("on", "off"): its paths' figures, all from one run."""
     assert 1 <= clients <= 256 and 1 <= seconds <= 600 and 2 <= accounts <= 10_000
     assert modes and set(modes) <= {"on", "off"}
     cluster = fresh_cluster("bench-router")
@@ -101,8 +131,7 @@ def measure_modes(
             router.start()
         for _, router in pairs.values():
             router.wait_ready()
-        urls = {mode: (region.url, router.url) for mode, (region, router) in pairs.items()}
-        return asyncio.run(_all(urls, clients=clients, seconds=seconds, accounts=accounts))
+        return asyncio.run(_all(pairs, clients=clients, seconds=seconds, accounts=accounts))
     finally:
         for process in reversed(started):
             process.stop()
@@ -125,32 +154,48 @@ def _router(region: ServiceProcess, log_file: Path) -> ServiceProcess:
 
 
 async def _all(
-    urls: dict[str, tuple[str, str]], *, clients: int, seconds: float, accounts: int
-) -> dict[str, tuple[Figures, Figures]]:
+    processes: dict[str, tuple[ServiceProcess, ServiceProcess]], *, clients: int, seconds: float, accounts: int
+) -> dict[str, Paths]:
+    urls = {mode: (region.url, router.url) for mode, (region, router) in processes.items()}
     client_id = "bench-" + uuid.uuid4().hex[:8]
     first_region = next(iter(urls.values()))[0]
-    pick = pairs_within(await open_accounts(first_region, client_id, accounts))
+    ids = await open_accounts(first_region, client_id, accounts)
+    pick = pairs_within(ids)
     direct_headers, routed_headers = auth_headers(client_id), client_headers(client_id)
     # A warm-up for each path (connections, caches), then the measured runs.
     for region_url, router_url in urls.values():
         await transfer_workload("warm-up", region_url, direct_headers, pick, clients=clients, seconds=WARM_UP_S)
         await transfer_workload("warm-up", router_url, routed_headers, pick, clients=clients, seconds=WARM_UP_S)
-    # Interleaved rounds (direct, routed, per mode, then again): load from elsewhere on the machine falls on
+    # Interleaved rounds (every path of every mode, then again): load from elsewhere on the machine falls on
     # every path alike instead of on whichever ran during a busy stretch.
-    rounds: dict[str, tuple[list[Figures], list[Figures]]] = {mode: ([], []) for mode in urls}
+    compare = len(urls) > 1
+    step_s = seconds / ROUNDS
+    rounds: dict[str, tuple[list[Figures], list[Figures], list[Figures]]] = {m: ([], [], []) for m in urls}
+    cpu_before = {m: (cpu_s(region), cpu_s(router)) for m, (region, router) in processes.items()}
     for _ in range(ROUNDS):
         for mode, (region_url, router_url) in urls.items():
-            direct, routed = rounds[mode]
+            direct, routed, reads = rounds[mode]
             # A fresh internal token per round: the whole run outlasts one token's life.
             direct.append(await transfer_workload("", region_url, auth_headers(client_id), pick, clients=clients,
-                                                  seconds=seconds / ROUNDS))
+                                                  seconds=step_s))
             routed.append(await transfer_workload("", router_url, routed_headers, pick, clients=clients,
-                                                  seconds=seconds / ROUNDS))
+                                                  seconds=step_s))
+            if compare:
+                reads.append(await read_workload("", router_url, routed_headers, ids, clients=clients,
+                                                 seconds=step_s))
     figures = {}
-    for mode, (direct, routed) in rounds.items():
-        suffix = f" (TLS {mode})" if len(urls) > 1 else ""
-        figures[mode] = (Figures.merged("direct to the region" + suffix, direct),
-                         Figures.merged("through the router" + suffix, routed))
+    for mode, (direct, routed, reads) in rounds.items():
+        suffix = f" (TLS {mode})" if compare else ""
+        paths = Paths(Figures.merged("direct to the region" + suffix, direct),
+                      Figures.merged("through the router" + suffix, routed),
+                      Figures.merged("reads via the router" + suffix, reads) if compare else None)
+        region, router = processes[mode]
+        # The router serves only the routed calls; the region serves every call of its mode.
+        forwarded = paths.routed.calls + (paths.reads.calls if paths.reads else 0)
+        served = forwarded + paths.direct.calls
+        paths.router_cpu_ms = (cpu_s(router) - cpu_before[mode][1]) * 1000 / max(forwarded, 1)
+        paths.region_cpu_ms = (cpu_s(region) - cpu_before[mode][0]) * 1000 / max(served, 1)
+        figures[mode] = paths
     return figures
 
 
