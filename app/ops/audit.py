@@ -75,6 +75,7 @@ class AuditReport:
     counts: dict[str, int] = field(default_factory=dict)
     modes: dict[str, str] = field(default_factory=dict)  # shard -> full | incremental
     watermark: dt.datetime | None = None
+    unsaved: list[str] = field(default_factory=list)  # shards whose checkpoint could not be written
 
     @property
     def clean(self) -> bool:
@@ -89,6 +90,8 @@ class AuditReport:
         lines += [f"  {name}: {value}" for name, value in sorted(self.counts.items())]
         for currency, figures in sorted(self.totals.items()):
             lines.append(f"  {currency}: " + ", ".join(f"{k} {v}" for k, v in figures.items()))
+        if self.unsaved:
+            lines.append(f"  checkpoint not written in {', '.join(self.unsaved)}: their next run reads more")
         if self.clean:
             lines.append("OK: no violation")
         else:
@@ -149,7 +152,16 @@ async def audit(
     report.watermark = min(s.now for s in shards if s.now is not None) - dt.timedelta(seconds=margin_s)
     deferred = _check_sagas(shards, report, report.watermark)
     if save_checkpoint:
-        await asyncio.gather(*(_save(s, shard_dsns[s.name], report, deferred) for s in shards))
+        saved = await asyncio.gather(*(_save(s, shard_dsns[s.name], report, deferred) for s in shards),
+                                     return_exceptions=True)
+        # A checkpoint is an optimisation: the audit's result stands without it (it is not a violation).
+        report.unsaved = [s.name for s, result in zip(shards, saved, strict=True)
+                          if isinstance(result, (OSError, TimeoutError, asyncpg.PostgresError))]
+        for result in saved:
+            if isinstance(result, BaseException) and not isinstance(
+                result, (OSError, TimeoutError, asyncpg.PostgresError)
+            ):
+                raise result
     return report
 
 
@@ -622,6 +634,7 @@ def as_json(report: AuditReport) -> dict[str, Any]:
         "shards": report.shards,
         "modes": report.modes,
         "watermark": report.watermark.isoformat() if report.watermark else None,
+        "checkpoint_not_written": report.unsaved,
         "counts": report.counts,
         "totals": report.totals,
         "violations": [{"check": v.check, "detail": v.detail} for v in report.violations],

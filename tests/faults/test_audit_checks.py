@@ -356,3 +356,26 @@ async def _restore_inbox_row(world: World, shard: str, row: asyncpg.Record) -> N
     placeholders = ", ".join(f"${i + 1}" for i in range(len(columns)))
     await owner_sql(world, shard, f"insert into inbox ({', '.join(columns)}) values ({placeholders})",
                     *row.values())
+
+
+async def test_an_audit_that_cannot_write_its_checkpoint_still_reports_and_says_so(world, topology):
+    """A read-only role (as an auditor might be given): the audit reads, judges and reports; it names the
+    shards whose checkpoint it could not write instead of failing."""
+    role, password = "audit_reader", "reader-" + new_client_id("pw")[-8:]
+    dsns = {}
+    for name, dsn in world.shard_dsns().items():
+        conn = await asyncpg.connect(dsn)
+        try:
+            if not await conn.fetchval("select 1 from pg_roles where rolname = $1", role):
+                await conn.execute(f"create role {role} login password '{password}'")
+            else:
+                await conn.execute(f"alter role {role} password '{password}'")
+            await conn.execute(f"grant select on all tables in schema public to {role}")
+        finally:
+            await conn.close()
+        owner = dsn.split("//", 1)[1].split("@", 1)[0]
+        dsns[name] = dsn.replace(owner, f"{role}:{password}", 1)
+    report = await audit(dsns, margin_s=MARGIN_S)
+    assert report.clean, report.text()
+    assert sorted(report.unsaved) == sorted(dsns), f"expected every shard named as not checkpointed: {report.unsaved}"
+    assert "checkpoint not written" in report.text()
