@@ -35,13 +35,16 @@ class RegionSettings:
     db_pool_size_max: int = limits.DB_POOL_SIZE_MAX
     # Create and migrate the shard databases at start (safe to run from every replica at once).
     provision_on_start: bool = True
-    # PEM of the public key that verifies the router's internal hop tokens (DESIGN D8). Without it every
-    # public API call is refused with 401; `from_env` requires it.
-    internal_public_key: str | None = field(default=None, repr=False)
-    # Saga relay (DESIGN D6): the other regions' service URLs, and the internal key that signs this region's
-    # calls to them. Without them, transfers to shards of other regions wait in the outbox.
+    # Public key(s) (PEM text or a file; several while one is rotated) that verify the routers' hop tokens
+    # (DESIGN D8). Without them every public API call is refused with 401; `from_env` requires them.
+    hop_public_key: str | None = field(default=None, repr=False)
+    # Public key(s) that verify other regions' saga tokens: without them the saga routes refuse every call
+    # with 401; `from_env` requires them. Routers never hold the saga key pair.
+    saga_public_key: str | None = field(default=None, repr=False)
+    # Saga relay (DESIGN D6): the other regions' service URLs, and the saga private key that signs this
+    # region's calls to them. Without them, transfers to shards of other regions wait in the outbox.
     region_urls: dict[str, str] = field(default_factory=dict)
-    internal_private_key: str | None = field(default=None, repr=False)
+    saga_private_key: str | None = field(default=None, repr=False)
     # Internal TLS (app/security/tls.py): the CA bundle that verifies the other regions' certificates
     # (TXROUTE_INTERNAL_CA_FILE; the local stack's `.state/tls/ca.pem`); None: the system trust store, as in
     # deployed stacks whose internal load balancers serve public ACM certificates. The service's own
@@ -85,9 +88,10 @@ class RegionSettings:
             regions_dir=Path(e["TXROUTE_REGIONS_DIR"]) if e.get("TXROUTE_REGIONS_DIR") else None,
             db_pool_size_max=pool,
             provision_on_start=e.get("TXROUTE_PROVISION_ON_START", "1") != "0",
-            internal_public_key=_required(e, "TXROUTE_INTERNAL_PUBLIC_KEY"),
+            hop_public_key=_required(e, "TXROUTE_HOP_PUBLIC_KEY"),
+            saga_public_key=_required(e, "TXROUTE_SAGA_PUBLIC_KEY"),
             region_urls=region_urls,
-            internal_private_key=e.get("TXROUTE_INTERNAL_PRIVATE_KEY") or None,
+            saga_private_key=e.get("TXROUTE_SAGA_PRIVATE_KEY") or None,
             internal_ca_file=e.get("TXROUTE_INTERNAL_CA_FILE") or None,
             internal_plaintext=plaintext,
             wan_latency_ms=_wan_latency_ms(e),
@@ -156,10 +160,14 @@ class RouterSettings:
     # Base URL of each region's service (the router's upstreams), https:// always, e.g.
     # {"eu-west-1": "https://eu-west-1.internal.api.txroute.example"}.
     region_urls: dict[str, str]
-    # Client issuers' public keys, by key id (`kid`): PEM text or a file path each.
-    client_public_keys: dict[str, str] = field(repr=False)
-    # The private key that signs internal hop tokens: PEM text or a file path.
-    internal_private_key: str = field(repr=False)
+    # The client issuers this router trusts (DESIGN D8), by their `iss`: each one's public keys by key id
+    # (PEM text or a file path each) and the client-id prefix it may assert (see ClientIssuers).
+    client_issuers: dict[str, ClientIssuerSettings] = field(repr=False)
+    # The private key that signs hop tokens (router -> region): PEM text or a file path. The router holds no
+    # other private key: it can never sign a saga token.
+    hop_private_key: str = field(repr=False)
+    # Longest lifetime (exp - iat) of a client token accepted.
+    client_token_lifetime_max_s: int = limits.CLIENT_TOKEN_LIFETIME_MAX_S
     regions_dir: Path | None = None
     upstream_connections_max: int = limits.UPSTREAM_CONNECTIONS_MAX
     upstream_connect_timeout_s: float = limits.UPSTREAM_CONNECT_TIMEOUT_S
@@ -180,10 +188,11 @@ class RouterSettings:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> RouterSettings:
-        """TXROUTE_REGION, TXROUTE_REGION_URLS (JSON object region -> URL), TXROUTE_CLIENT_PUBLIC_KEYS (JSON
-        object kid -> PEM or path), TXROUTE_INTERNAL_PRIVATE_KEY (PEM or path), optional TXROUTE_REGIONS_DIR,
-        TXROUTE_INTERNAL_CA_FILE and TXROUTE_UPSTREAM_{CONNECTIONS_MAX,CONNECT_TIMEOUT_S,READ_TIMEOUT_S},
-        TXROUTE_CLIENT_RATE_PER_S and TXROUTE_CLIENT_BURST."""
+        """TXROUTE_REGION, TXROUTE_REGION_URLS (JSON object region -> URL), TXROUTE_CLIENT_ISSUERS (JSON
+        object iss -> {"keys": {kid: PEM or path}, "client_prefix": str}), TXROUTE_HOP_PRIVATE_KEY (PEM or
+        path), optional TXROUTE_CLIENT_TOKEN_LIFETIME_MAX_S, TXROUTE_REGIONS_DIR, TXROUTE_INTERNAL_CA_FILE and
+        TXROUTE_UPSTREAM_{CONNECTIONS_MAX,CONNECT_TIMEOUT_S,READ_TIMEOUT_S}, TXROUTE_CLIENT_RATE_PER_S and
+        TXROUTE_CLIENT_BURST."""
         e = os.environ if env is None else env
         connections = int(e.get("TXROUTE_UPSTREAM_CONNECTIONS_MAX", limits.UPSTREAM_CONNECTIONS_MAX))
         connect_s = float(e.get("TXROUTE_UPSTREAM_CONNECT_TIMEOUT_S", limits.UPSTREAM_CONNECT_TIMEOUT_S))
@@ -203,11 +212,16 @@ class RouterSettings:
             raise SettingsError(f"TXROUTE_CLIENT_BURST must be in 1..{limits.CLIENT_BURST_MAX}")
         region_urls = _json_object(e, "TXROUTE_REGION_URLS")
         plaintext = _internal_tls(e, region_urls)
+        lifetime_max_s = _integer(e, "TXROUTE_CLIENT_TOKEN_LIFETIME_MAX_S", limits.CLIENT_TOKEN_LIFETIME_MAX_S)
+        if not 60 <= lifetime_max_s <= limits.CLIENT_TOKEN_LIFETIME_CAP_S:
+            cap = limits.CLIENT_TOKEN_LIFETIME_CAP_S
+            raise SettingsError(f"TXROUTE_CLIENT_TOKEN_LIFETIME_MAX_S must be in 60..{cap}")
         return cls(
             region=_required(e, "TXROUTE_REGION"),
             region_urls=region_urls,
-            client_public_keys=_json_object(e, "TXROUTE_CLIENT_PUBLIC_KEYS"),
-            internal_private_key=_required(e, "TXROUTE_INTERNAL_PRIVATE_KEY"),
+            client_issuers=ClientIssuerSettings.parse(_required(e, "TXROUTE_CLIENT_ISSUERS")),
+            hop_private_key=_required(e, "TXROUTE_HOP_PRIVATE_KEY"),
+            client_token_lifetime_max_s=lifetime_max_s,
             regions_dir=Path(e["TXROUTE_REGIONS_DIR"]) if e.get("TXROUTE_REGIONS_DIR") else None,
             upstream_connections_max=connections,
             upstream_connect_timeout_s=connect_s,
@@ -236,6 +250,40 @@ def _integer(env: os._Environ[str] | dict[str, str], name: str, default: int) ->
         return int(env.get(name) or default)
     except ValueError:
         raise SettingsError(f"{name} must be an integer") from None
+
+
+@dataclass(frozen=True)
+class ClientIssuerSettings:
+    # Public keys by key id (`kid`), PEM text or a file path each (a file may hold two while it is rotated).
+    keys: dict[str, str] = field(repr=False)
+    # The client ids this issuer may assert: those starting with this prefix ("" = any id no other issuer's
+    # longer prefix claims). Two issuers may not share a prefix.
+    client_prefix: str
+
+    @classmethod
+    def parse(cls, text: str) -> dict[str, ClientIssuerSettings]:
+        """TXROUTE_CLIENT_ISSUERS: {"<iss>": {"keys": {"<kid>": "<PEM or path>"}, "client_prefix": "<p>"}}."""
+        name = "TXROUTE_CLIENT_ISSUERS"
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise SettingsError(f"{name} must be a JSON object") from None
+        if not isinstance(value, dict) or not value:
+            raise SettingsError(f"{name} must be a non-empty JSON object of issuers")
+        issuers = {}
+        for issuer, spec in value.items():
+            keys = spec.get("keys") if isinstance(spec, dict) else None
+            prefix = spec.get("client_prefix") if isinstance(spec, dict) else None
+            if not isinstance(keys, dict) or not keys or not all(
+                isinstance(k, str) and k and isinstance(v, str) for k, v in keys.items()
+            ) or not isinstance(prefix, str) or set(spec) != {"keys", "client_prefix"}:
+                raise SettingsError(f'{name}: issuer {issuer!r} must be {{"keys": {{kid: PEM}}, "client_prefix": str}}')
+            issuers[issuer] = cls(keys=keys, client_prefix=prefix)
+        return issuers
+
+    @staticmethod
+    def dumps(issuers: dict[str, ClientIssuerSettings]) -> str:
+        return json.dumps({name: {"keys": i.keys, "client_prefix": i.client_prefix} for name, i in issuers.items()})
 
 
 def _json_object(env: os._Environ[str] | dict[str, str], name: str) -> dict[str, str]:

@@ -31,6 +31,7 @@ CODES: Mapping[str, tuple[int, str]] = {
     "idempotency_key_missing": (400, "Every POST needs an Idempotency-Key header"),
     "idempotency_key_invalid": (400, "The Idempotency-Key header is malformed"),
     "invalid_cursor": (400, "The pagination cursor is malformed"),
+    "unknown_shard": (400, "A saga message names a shard that does not exist here"),
     "unauthorized": (401, "Authentication is required"),
     "forbidden": (403, "The token does not grant this operation"),
     "not_found": (404, "No such route"),

@@ -51,18 +51,26 @@ PORTS_AUTO_COUNT_MAX = 64
 PORTS_AUTO_CANDIDATES_MAX = 2_000
 
 # Client tokens (DESIGN D8), checked by the router.
-CLIENT_TOKEN_LEEWAY_S = 5  # clock skew tolerated on `exp`
+CLIENT_TOKEN_LEEWAY_S = 5  # clock skew tolerated on `exp` and on an `iat` in the future
 CLIENT_TOKEN_CHARS_MAX = 4_096
-CLIENT_KEYS_MAX = 16  # configured client public keys; a token without `kid` is tried against each
-# Verifying an Ed25519 JWT costs ~250 us here; a verified token is remembered (its `exp` still checked on
-# every use). The cache is cleared whole when full: bounded memory, no per-entry bookkeeping.
+CLIENT_KEYS_MAX = 16  # configured client key ids, all issuers together
+# Longest lifetime (exp - iat) of a client token: the default of TXROUTE_CLIENT_TOKEN_LIFETIME_MAX_S, and the
+# most that setting may allow (a leaked token is good for at most this long).
+CLIENT_TOKEN_LIFETIME_MAX_S = 24 * 3600
+CLIENT_TOKEN_LIFETIME_CAP_S = 7 * 24 * 3600
+# Verifying an Ed25519 JWT costs ~250 us here; a verified client token is remembered (its `exp` still checked
+# on every use). The cache is cleared whole when full: bounded memory, no per-entry bookkeeping.
 TOKEN_CACHE_ENTRIES_MAX = 10_000
 
-# Internal hop tokens (router -> region).
-INTERNAL_TOKEN_LIFETIME_S = 60
-# The router reuses a minted token for one (client, scopes) until this much of its life is left.
-INTERNAL_TOKEN_REFRESH_BEFORE_S = 30
-INTERNAL_TOKEN_LEEWAY_S = 5
+# Hop tokens (router -> region): one per request, bound to it (method, target, body digest, Idempotency-Key),
+# never cached. A token must not expire while its router still waits for the answer (an overloaded region
+# would otherwise answer a valid request with 401), so it lives as long as the router's read timeout:
+# seconds, and a replay within them can only repeat the identical, idempotent request.
+HOP_TOKEN_LIFETIME_S = 15
+HOP_TOKEN_LEEWAY_S = 2
+# Saga tokens (region -> region): one per delivery attempt, bound to it the same way.
+SAGA_TOKEN_LIFETIME_S = 10
+SAGA_TOKEN_LEEWAY_S = 2
 
 # Per-client rate limits at the router (app/router/ratelimit.py), per router process: a token bucket per
 # verified client id. The defaults are far above what a well-behaved client sends; deployments set their own
@@ -83,6 +91,7 @@ UPSTREAM_CONNECTIONS_MAX = 256  # per region, per router process
 UPSTREAM_KEEPALIVE_S = 15.0  # idle pooled connections are closed after this
 UPSTREAM_CONNECT_TIMEOUT_S = 1.0  # includes waiting for a free pooled connection
 UPSTREAM_READ_TIMEOUT_S = 15.0  # above the region's own database timeouts, so the region answers first
+assert HOP_TOKEN_LIFETIME_S >= UPSTREAM_READ_TIMEOUT_S, "a hop token outlives its router's wait"
 REGION_UNAVAILABLE_RETRY_AFTER_S = 2
 # Shard map refreshes (on 421): at most one in flight, at most one per interval, each call bounded.
 SHARDMAP_REFRESH_INTERVAL_S_MIN = 0.5

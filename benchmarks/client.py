@@ -1,51 +1,78 @@
-"""How benchmarks authenticate: to a regional service straight (an internal token, as the router sends) or
-through the router (a client token). The keys are made once per benchmark process."""
+"""How benchmarks authenticate: to a regional service straight (a hop token bound to each request, as the
+router sends) or through the router (a client token). The keys are made once per benchmark process."""
 
 from __future__ import annotations
 
 import functools
-import json
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from app.config import ClientIssuerSettings
 from app.security.keys import private_pem, public_pem
 from app.security.scopes import PUBLIC_SCOPES
-from app.security.tokens import InternalTokenMinter, mint_client_token
+from app.security.tokens import BoundRequest, HopTokenMinter, mint_client_token, request_target
 
 CLIENT_KID = "bench"
+CLIENT_ISSUER = "txroute-bench"
 
 
 @functools.cache
-def _keys() -> tuple[ed25519.Ed25519PrivateKey, ed25519.Ed25519PrivateKey, InternalTokenMinter]:
-    internal = ed25519.Ed25519PrivateKey.generate()
-    return ed25519.Ed25519PrivateKey.generate(), internal, InternalTokenMinter(internal)
+def _keys() -> tuple[ed25519.Ed25519PrivateKey, ed25519.Ed25519PrivateKey, ed25519.Ed25519PrivateKey]:
+    """(bench client issuer, hop, saga) private keys."""
+    client, hop, saga = (ed25519.Ed25519PrivateKey.generate() for _ in range(3))
+    return client, hop, saga
 
 
 def region_env() -> dict[str, str]:
-    """What a regional service started by a benchmark needs to accept `auth_headers` and to sign its saga
-    calls to the other regions."""
-    internal = _keys()[1]
+    """What a regional service started by a benchmark needs to accept `Direct` calls and to sign (and accept)
+    saga calls between the regions."""
+    _, hop, saga = _keys()
     return {
-        "TXROUTE_INTERNAL_PUBLIC_KEY": public_pem(internal.public_key()),
-        "TXROUTE_INTERNAL_PRIVATE_KEY": private_pem(internal),
+        "TXROUTE_HOP_PUBLIC_KEY": public_pem(hop.public_key()),
+        "TXROUTE_SAGA_PUBLIC_KEY": public_pem(saga.public_key()),
+        "TXROUTE_SAGA_PRIVATE_KEY": private_pem(saga),
     }
 
 
 def router_env() -> dict[str, str]:
-    """What a router started by a benchmark needs: the internal private key and the bench issuer's key."""
-    client, internal, _ = _keys()
+    """What a router started by a benchmark needs: the hop private key and the bench issuer's key."""
+    client, hop, _ = _keys()
+    issuer = ClientIssuerSettings(keys={CLIENT_KID: public_pem(client.public_key())}, client_prefix="")
+    issuers = {CLIENT_ISSUER: issuer}
     return {
-        "TXROUTE_INTERNAL_PRIVATE_KEY": private_pem(internal),
-        "TXROUTE_CLIENT_PUBLIC_KEYS": json.dumps({CLIENT_KID: public_pem(client.public_key())}),
+        "TXROUTE_HOP_PRIVATE_KEY": private_pem(hop),
+        "TXROUTE_CLIENT_ISSUERS": ClientIssuerSettings.dumps(issuers),
     }
 
 
-def auth_headers(client_id: str) -> dict[str, str]:
-    """Straight to a region: the internal token the router would send for this client."""
-    return {"authorization": "Bearer " + _keys()[2].token(client_id, PUBLIC_SCOPES)}
+class Auth:
+    """The Authorization header of one request: `Direct` (straight to a region) or `Routed` (via the router)."""
+
+    def headers(self, method: str, path: str, body: bytes, idempotency_key: str | None) -> dict[str, str]:
+        raise NotImplementedError
 
 
-def client_headers(client_id: str) -> dict[str, str]:
-    """Through the router: a client token with every public scope."""
-    token = mint_client_token(_keys()[0], client=client_id, scopes=PUBLIC_SCOPES, lifetime_s=3600, kid=CLIENT_KID)
-    return {"authorization": "Bearer " + token}
+class Direct(Auth):
+    """Straight to a region: a hop token bound to each request, minted by this (load-generating) process as
+    the router would mint it."""
+
+    def __init__(self, client_id: str) -> None:
+        self._client_id = client_id
+        self._minter = HopTokenMinter(_keys()[1])
+
+    def headers(self, method: str, path: str, body: bytes, idempotency_key: str | None) -> dict[str, str]:
+        path, _, query = path.partition("?")
+        request = BoundRequest(method, request_target(path, query), body, idempotency_key)
+        return {"authorization": "Bearer " + self._minter.token(self._client_id, PUBLIC_SCOPES, request)}
+
+
+class Routed(Auth):
+    """Through the router: one client token with every public scope, for every request."""
+
+    def __init__(self, client_id: str) -> None:
+        token = mint_client_token(_keys()[0], issuer=CLIENT_ISSUER, client=client_id, scopes=PUBLIC_SCOPES,
+                                  lifetime_s=3600, kid=CLIENT_KID)
+        self._headers = {"authorization": "Bearer " + token}
+
+    def headers(self, method: str, path: str, body: bytes, idempotency_key: str | None) -> dict[str, str]:
+        return self._headers

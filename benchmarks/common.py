@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 import shutil
 import ssl
@@ -27,7 +28,7 @@ from app.local.tls import LocalTls, ensure_local_tls
 from app.security.tls import client_context
 from app.topology.ids import parse_account_id
 from app.topology.loader import load_topology
-from benchmarks.client import auth_headers, region_env
+from benchmarks.client import Auth, Direct, region_env
 
 # A durable cluster, as a ledger runs: fsync and synchronous_commit stay on (PostgreSQL's defaults).
 BENCH_PG_SETTINGS = {"shared_buffers": "256MB", "max_connections": "200"}
@@ -123,10 +124,17 @@ def plain_region_service(region: str, cluster: Cluster, log_file: Path) -> Servi
     )
 
 
-async def post(http: aiohttp.ClientSession, path: str, headers: dict[str, str], body: dict[str, object]) -> int:
-    async with http.post(path, json=body, headers={**headers, "idempotency-key": uuid.uuid4().hex}) as r:
-        await r.read()
-        return r.status
+async def post(http: aiohttp.ClientSession, path: str, auth: Auth, body: dict[str, object]) -> int:
+    status, _ = await post_json(http, path, auth, body)
+    return status
+
+
+async def post_json(http: aiohttp.ClientSession, path: str, auth: Auth, body: dict[str, object]) -> tuple[int, bytes]:
+    """POST `body` as JSON with a fresh Idempotency-Key; (status, answer body)."""
+    data, key = json.dumps(body).encode(), uuid.uuid4().hex
+    headers = {**auth.headers("POST", path, data, key), "idempotency-key": key, "content-type": "application/json"}
+    async with http.post(path, data=data, headers=headers) as r:
+        return r.status, await r.read()
 
 
 async def open_accounts(
@@ -135,19 +143,18 @@ async def open_accounts(
     """Open `count` funded accounts in one shard of the region at `url` (`shard`, or the first one hit)."""
     topology = load_topology()
     ids: list[str] = []
-    headers = auth_headers(client_id)
+    auth = Direct(client_id)
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     async with aiohttp.ClientSession(url, timeout=timeout, connector=aiohttp.TCPConnector(ssl=client_tls())) as http:
         for _ in range(count * 8):
-            async with http.post("/v1/accounts", json={"currency": "EUR"},
-                                 headers={**headers, "idempotency-key": uuid.uuid4().hex}) as r:
-                assert r.status == 201, await r.text()
-                account = (await r.json())["id"]
+            status, answer = await post_json(http, "/v1/accounts", auth, {"currency": "EUR"})
+            assert status == 201, answer
+            account = json.loads(answer)["id"]
             name = topology.shard_for_slot(parse_account_id(account).slot).name
             shard = shard or name
             if name == shard:
                 ids.append(account)
-                status = await post(http, "/v1/deposits", headers,
+                status = await post(http, "/v1/deposits", auth,
                                     {"account": account, "amount": funded_minor, "currency": "EUR"})
                 assert status == 201, status
             if len(ids) == count:
@@ -166,7 +173,7 @@ def pairs_within(ids: list[str]) -> Callable[[int], tuple[str, str]]:
 async def transfer_workload(
     name: str,
     url: str,
-    headers: dict[str, str],
+    auth: Auth,
     pick: Callable[[int], tuple[str, str]],
     *,
     clients: int,
@@ -176,19 +183,20 @@ async def transfer_workload(
     """C clients, each sending one transfer of 1 minor unit at a time for `seconds`."""
     async def transfer(http: aiohttp.ClientSession, i: int) -> int:
         a, b = pick(i)
-        return await post(http, "/v1/transfers", headers,
+        return await post(http, "/v1/transfers", auth,
                           {"debit_account": a, "credit_account": b, "amount": 1, "currency": "EUR"})
 
     return await _closed_loop(name, url, transfer, clients=clients, seconds=seconds, ok=ok)
 
 
 async def read_workload(
-    name: str, url: str, headers: dict[str, str], ids: list[str], *, clients: int, seconds: float
+    name: str, url: str, auth: Auth, ids: list[str], *, clients: int, seconds: float
 ) -> Figures:
     """C clients, each reading one account at a time for `seconds`: no commit, so the figures are the HTTP
     path's (forwarding, TLS) more than the database's."""
     async def read(http: aiohttp.ClientSession, i: int) -> int:
-        async with http.get(f"/v1/accounts/{ids[i % len(ids)]}", headers=headers) as r:
+        path = f"/v1/accounts/{ids[i % len(ids)]}"
+        async with http.get(path, headers=auth.headers("GET", path, b"", None)) as r:
             await r.read()
             return r.status
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from app.local.postgres import Cluster
 from app.local.processes import ServiceProcess
-from benchmarks.client import auth_headers
+from benchmarks.client import Direct
 from benchmarks.common import (
     WARM_UP_S,
     Figures,
@@ -65,10 +65,10 @@ def measure(
 async def _http_workload(url: str, *, clients: int, seconds: float, accounts: int) -> Figures:
     client_id = "bench-" + uuid.uuid4().hex[:8]
     ids = await open_accounts(url, client_id, accounts)
-    headers = auth_headers(client_id)
-    await transfer_workload("warm-up", url, headers, pairs_within(ids), clients=clients, seconds=WARM_UP_S)
+    auth = Direct(client_id)
+    await transfer_workload("warm-up", url, auth, pairs_within(ids), clients=clients, seconds=WARM_UP_S)
     return await transfer_workload(
-        "txroute transfers (HTTP)", url, headers, pairs_within(ids), clients=clients, seconds=seconds
+        "txroute transfers (HTTP)", url, auth, pairs_within(ids), clients=clients, seconds=seconds
     )
 
 

@@ -1,5 +1,6 @@
 """`txroute bench router` (or `python -m benchmarks.router`): the router's cost. The same transfer workload
-is sent straight to a regional service (with the internal token the router would send) and through the
+is sent straight to a regional service (with a hop token bound to each request, minted by the load generator
+as the router would mint it) and through the
 router (with a client token), in one run, and both are printed with the router's cost as a throughput ratio
 and as added milliseconds at p50 and p99.
 
@@ -30,7 +31,7 @@ from pathlib import Path
 from app.local.ports import free_port
 from app.local.processes import ROUTER_FACTORY, ServiceProcess, asgi_command
 from app.topology.loader import load_topology
-from benchmarks.client import auth_headers, client_headers, router_env
+from benchmarks.client import Direct, Routed, router_env
 from benchmarks.common import (
     WARM_UP_S,
     Figures,
@@ -161,7 +162,7 @@ async def _all(
     first_region = next(iter(urls.values()))[0]
     ids = await open_accounts(first_region, client_id, accounts)
     pick = pairs_within(ids)
-    direct_headers, routed_headers = auth_headers(client_id), client_headers(client_id)
+    direct_headers, routed_headers = Direct(client_id), Routed(client_id)
     # A warm-up for each path (connections, caches), then the measured runs.
     for region_url, router_url in urls.values():
         await transfer_workload("warm-up", region_url, direct_headers, pick, clients=clients, seconds=WARM_UP_S)
@@ -175,8 +176,8 @@ async def _all(
     for _ in range(ROUNDS):
         for mode, (region_url, router_url) in urls.items():
             direct, routed, reads = rounds[mode]
-            # A fresh internal token per round: the whole run outlasts one token's life.
-            direct.append(await transfer_workload("", region_url, auth_headers(client_id), pick, clients=clients,
+            # Direct calls sign a hop token per request (Direct), as the router does.
+            direct.append(await transfer_workload("", region_url, direct_headers, pick, clients=clients,
                                                   seconds=step_s))
             routed.append(await transfer_workload("", router_url, routed_headers, pick, clients=clients,
                                                   seconds=step_s))

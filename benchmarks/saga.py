@@ -21,7 +21,7 @@ import asyncpg
 
 from app import limits
 from app.topology.loader import load_topology
-from benchmarks.client import auth_headers
+from benchmarks.client import Direct
 from benchmarks.common import (
     WARM_UP_S,
     Figures,
@@ -74,7 +74,7 @@ def run(*, clients: int, seconds: float, accounts: int, rtt_ms: int, backlog: in
 async def _latency(source_url: str, destination_url: str, *, clients: int, seconds: float,
                    accounts: int) -> tuple[Figures, Figures]:
     client_id = "bench-" + uuid.uuid4().hex[:8]
-    headers = auth_headers(client_id)
+    auth = Direct(client_id)
     sources = await open_accounts(source_url, client_id, accounts)
     destinations = await open_accounts(destination_url, client_id, accounts)
     same_pick = pairs_within(sources)
@@ -82,9 +82,9 @@ async def _latency(source_url: str, destination_url: str, *, clients: int, secon
     def cross_pick(i: int) -> tuple[str, str]:
         return sources[i % len(sources)], destinations[(i * 7 + 3) % len(destinations)]
 
-    await transfer_workload("warm-up", source_url, headers, cross_pick, clients=clients, seconds=WARM_UP_S)
-    same = await transfer_workload("same shard", source_url, headers, same_pick, clients=clients, seconds=seconds)
-    cross = await transfer_workload(f"cross-region ({SOURCE} -> {DESTINATION})", source_url, headers, cross_pick,
+    await transfer_workload("warm-up", source_url, auth, cross_pick, clients=clients, seconds=WARM_UP_S)
+    same = await transfer_workload("same shard", source_url, auth, same_pick, clients=clients, seconds=seconds)
+    cross = await transfer_workload(f"cross-region ({SOURCE} -> {DESTINATION})", source_url, auth, cross_pick,
                                     clients=clients, seconds=seconds)
     return same, cross
 
@@ -104,7 +104,7 @@ def _drain(services: dict, source_cluster: object, *, backlog: int) -> Figures: 
         sources = await open_accounts(source.url, client_id, 10)
         destinations = await open_accounts(services[DESTINATION].url, client_id, 10)
         await transfer_workload(
-            "backlog", source.url, auth_headers(client_id),
+            "backlog", source.url, Direct(client_id),
             lambda i: (sources[i % 10], destinations[(i // 10) % 10]),
             clients=16, seconds=max(1.0, backlog / 400), ok=(202,),
         )

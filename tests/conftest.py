@@ -38,7 +38,7 @@ def topology() -> Topology:
 
 @pytest.fixture(scope="session")
 def keys() -> SessionKeys:
-    """The session's client-issuer and internal key pairs (made once; tokens are minted from them)."""
+    """The session's client-issuer, hop and saga key pairs (made once; tokens are minted from them)."""
     return session_keys()
 
 

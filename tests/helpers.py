@@ -1,9 +1,10 @@
 """Shared test helpers: one HTTP client that knows how the API identifies callers, account placement
 helpers, bounded polling, and the money-conservation checker that reads a shard's database directly.
 
-The caller's identity is sent by `ApiClient.headers` and nowhere else: a regional service accepts only the
-router's internal hop token (DESIGN D8), so a test talking to a region directly presents one minted with the
-session's internal key, as the router would. A client that goes through the router overrides `headers`.
+The caller's identity is sent by `ApiClient.auth` and `ApiClient.headers` and nowhere else: a regional
+service accepts only a router's hop token bound to the request (DESIGN D8), so a test talking to a region
+directly signs each request with the session's hop key (`HopAuth`), as the router would. A client that goes
+through the router sends its client token in `headers` instead.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import httpx
 
 from app.topology.ids import parse_account_id
 from app.topology.model import Topology
-from tests.keys import session_keys
+from tests.keys import HopAuth
 
 HTTP_TIMEOUT_S = 30.0
 POLL_INTERVAL_S = 0.05
@@ -40,9 +41,14 @@ class ApiClient:
         self.http = http
         self.client_id = client_id
 
+    @property
+    def auth(self) -> httpx.Auth | None:
+        """Who the caller is, straight to a region: each request signed with a hop token for this client (all
+        public scopes), bound to that request."""
+        return HopAuth(self.client_id)
+
     def headers(self, *, key: str | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
-        """The one place that says who the caller is: an internal token for this client, all public scopes."""
-        headers = {"Authorization": "Bearer " + session_keys().internal_token(self.client_id)}
+        headers: dict[str, str] = {}
         if key is not None:
             headers["Idempotency-Key"] = key
         headers.update(extra or {})
@@ -51,7 +57,7 @@ class ApiClient:
     # Raw requests ------------------------------------------------------------------------------------
 
     async def post(self, path: str, body: dict[str, Any], *, key: str | None = None) -> httpx.Response:
-        return await self.http.post(path, json=body, headers=self.headers(key=key or new_key()))
+        return await self.http.post(path, json=body, headers=self.headers(key=key or new_key()), auth=self.auth)
 
     async def post_raw(
         self,
@@ -63,11 +69,12 @@ class ApiClient:
     ) -> httpx.Response:
         """A POST whose body, content type and key (None: no header) are exactly as given."""
         return await self.http.post(
-            path, content=content, headers=self.headers(key=key, extra={"Content-Type": content_type})
+            path, content=content, headers=self.headers(key=key, extra={"Content-Type": content_type}),
+            auth=self.auth,
         )
 
     async def get(self, path: str, params: dict[str, Any] | None = None) -> httpx.Response:
-        return await self.http.get(path, params=params, headers=self.headers())
+        return await self.http.get(path, params=params, headers=self.headers(), auth=self.auth)
 
     # The API -----------------------------------------------------------------------------------------
 

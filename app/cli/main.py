@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
         "--scope", action="append", default=None,
         help="a scope to grant (repeatable; default: all of accounts:read accounts:write transfers:write funds:write)",
     )
-    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600; at most 86400)")
     token.add_argument("--state-dir", type=Path, default=None, help="where the stack's keys live (.state/)")
     token.set_defaults(run=_token)
 
@@ -225,11 +225,13 @@ def _token(args: argparse.Namespace) -> int:
     unknown = scopes - PUBLIC_SCOPES
     if unknown:
         raise local_stack.StackError(f"unknown scope(s) {sorted(unknown)}; known: {sorted(PUBLIC_SCOPES)}")
-    if not 1 <= args.ttl <= 30 * 24 * 3600:
-        raise local_stack.StackError("--ttl must be in 1..2592000 seconds")
+    if not 1 <= args.ttl <= limits.CLIENT_TOKEN_LIFETIME_MAX_S:
+        raise local_stack.StackError(f"--ttl must be in 1..{limits.CLIENT_TOKEN_LIFETIME_MAX_S} seconds "
+                                     "(the router refuses longer-lived client tokens)")
     key = load_private_key(str(keys.client_private), what="dev client key")
     kid = local_stack.DEV_CLIENT_KID
-    token = mint_client_token(key, client=args.client, scopes=scopes, lifetime_s=args.ttl, kid=kid)
+    token = mint_client_token(key, issuer=local_stack.DEV_CLIENT_ISSUER, client=args.client, scopes=scopes,
+                              lifetime_s=args.ttl, kid=kid)
     print(token)
     return 0
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.config import REPO_ROOT
+from app.config import REPO_ROOT, ClientIssuerSettings
 from app.local import ports
 from app.local.postgres import Cluster, clusters_root, ensure_pg_user, find_pg_bin
 from app.local.processes import ROUTER_FACTORY, ServiceProcess, asgi_command, region_process
@@ -29,6 +29,9 @@ REGION_PORT_BASE_DEFAULT = 8101
 ROUTER_PORT_DEFAULT = 8080
 ROUTER_NAME = "router"
 DEV_CLIENT_KID = "dev"
+# The local dev client issuer (`txroute token`): the only issuer of the local router, so its namespace is
+# every client id (prefix "").
+DEV_CLIENT_ISSUER = "txroute-dev"
 PG_PORT_BASE_DEFAULT = 15431
 
 
@@ -69,7 +72,7 @@ class Stack:
 
     @property
     def keys(self) -> DevKeys:
-        """Dev signing keys (made by `up`): the dev client issuer's and the internal hop tokens'."""
+        """Dev signing keys (made by `up`): the dev client issuer's, the hop key and the saga key."""
         return DevKeys(self.config.state / "keys")
 
     @property
@@ -92,18 +95,18 @@ def plan(config: StackConfig) -> Stack:
         pg_port = config.ports.get(f"postgres-{region.name}", config.pg_port_base + i)
         cluster = Cluster(root / region.name, pg_port, run_as, bin_dir)
         clusters[region.name] = cluster
-        env = {"TXROUTE_INTERNAL_PUBLIC_KEY": str(keys.internal_public)}
+        env = {"TXROUTE_HOP_PUBLIC_KEY": str(keys.hop_public), "TXROUTE_SAGA_PUBLIC_KEY": str(keys.saga_public)}
         if config.regions_dir is not None:
             env["TXROUTE_REGIONS_DIR"] = str(config.regions_dir)
         log_file = config.state / "logs" / f"region-{region.name}.log"
         port = config.ports.get(f"region-{region.name}", config.region_port_base + i)
         services.append(region_process(region.name, cluster.port, port, log_file, tls=tls, **env))
-    # Regions send saga messages to each other, signed with the internal key.
+    # Regions send saga messages to each other, signed with the saga key (which the router never gets).
     urls = json.dumps({s.env["TXROUTE_REGION"]: s.url for s in services})
     for service in services:
         service.env.update(
             TXROUTE_REGION_URLS=urls,
-            TXROUTE_INTERNAL_PRIVATE_KEY=str(keys.internal_private),
+            TXROUTE_SAGA_PRIVATE_KEY=str(keys.saga_private),
             TXROUTE_WAN_LATENCY_MS=str(config.wan_latency_ms),
         )
     services.append(_router(config, topology, services, keys, tls))
@@ -121,8 +124,10 @@ def _router(
     env = {
         "TXROUTE_REGION": region,
         "TXROUTE_REGION_URLS": json.dumps({s.env["TXROUTE_REGION"]: s.url for s in regions}),
-        "TXROUTE_CLIENT_PUBLIC_KEYS": json.dumps({DEV_CLIENT_KID: str(keys.client_public)}),
-        "TXROUTE_INTERNAL_PRIVATE_KEY": str(keys.internal_private),
+        "TXROUTE_CLIENT_ISSUERS": ClientIssuerSettings.dumps(
+            {DEV_CLIENT_ISSUER: ClientIssuerSettings(keys={DEV_CLIENT_KID: str(keys.client_public)}, client_prefix="")}
+        ),
+        "TXROUTE_HOP_PRIVATE_KEY": str(keys.hop_private),
         "TXROUTE_INTERNAL_CA_FILE": str(tls.ca_file),
         "TXROUTE_WAN_LATENCY_MS": str(config.wan_latency_ms),
     }

@@ -1,5 +1,5 @@
-"""`txroute ops rotate-keys`: new internal signing key (router -> region hop tokens, region -> region saga
-calls) and new dev client-issuer key, with no window in which a token is refused.
+"""`txroute ops rotate-keys`: new hop key (router -> region), new saga key (region -> region) and new dev
+client-issuer key, with no window in which a token is refused.
 
 Local stack, in order (each public-key file may hold several PEMs, all accepted):
     1. public files := new + old; restart the regions, then the router: everyone accepts both keys
@@ -56,12 +56,11 @@ def rotate(target: Target, *, finish: bool, yes: bool) -> bool:
         return True
     stack = target.stack
     keys = DevKeys(stack.keys.folder)
-    if not keys.internal_private.exists():
+    pairs = keys.pairs()
+    if not all(private.exists() and public.exists() for private, public, _ in pairs):
         raise OpsError(f"no dev keys in {keys.folder}: run `txroute up` first")
-    pairs = ((keys.internal_private, keys.internal_public, "internal"),
-             (keys.client_private, keys.client_public, "dev client issuer"))
     if finish:
-        plan = [f"{what}: accept only the current key ({public.name} keeps its first PEM)"
+        plan = [f"{what} key: accept only the current key ({public.name} keeps its first PEM)"
                 for _, public, what in pairs]
         plan += ["restart the regions, then the router",
                  "client tokens signed by the old dev client key are refused from then on"]
@@ -75,11 +74,12 @@ def rotate(target: Target, *, finish: bool, yes: bool) -> bool:
     if any(public.read_text().count(_PEM_MARK) > 1 for _, public, _ in pairs):
         raise OpsError("a rotation is already open (a public key file holds two keys): run "
                        "`txroute ops rotate-keys --finish --yes` first")
+    names = ", ".join(what for _, _, what in pairs)
     plan = [
-        "generate a new Ed25519 internal key pair and a new dev client-issuer key pair",
-        f"step 1: accept old and new ({keys.internal_public.name}, {keys.client_public.name} hold both); "
+        f"generate new Ed25519 key pairs: {names}",
+        f"step 1: accept old and new ({', '.join(public.name for _, public, _ in pairs)} hold both); "
         "restart the regions, then the router",
-        f"step 2: sign with the new keys ({keys.internal_private.name}, {keys.client_private.name}); restart the "
+        f"step 2: sign with the new keys ({', '.join(private.name for private, _, _ in pairs)}); restart the "
         "regions, then the router (a restart answers 503 + Retry-After for a moment; no token is refused)",
         "tokens minted by `txroute token` use the new key; ones minted before stay accepted until "
         "`txroute ops rotate-keys --finish --yes`",
@@ -95,40 +95,44 @@ def rotate(target: Target, *, finish: bool, yes: bool) -> bool:
         _write_private(private, private_pem(new[what]))
     _restart_in_order(stack)
     print("step 2 done: every service signs with the new keys")
-    print(f"internal tokens live {limits.INTERNAL_TOKEN_LIFETIME_S}s; finish with "
+    print(f"hop and saga tokens live {limits.HOP_TOKEN_LIFETIME_S}s; finish with "
           "`txroute ops rotate-keys --finish --yes` once old client tokens are retired")
     return True
 
 
 def _print_deployed(finish: bool) -> None:
     """The same three steps against AWS Secrets Manager (secret names from infra/ compute.py: JSON secrets
-    `txroute/<env>/region-service` {internal_public_key} and `txroute/<env>/router` {internal_private_key,
-    client_public_keys}); ECS injects them at task start, so a forced deployment is the restart."""
+    `txroute/<env>/region-service` {hop_public_key, saga_public_key, saga_private_key} and `txroute/<env>/router`
+    {hop_private_key, client_issuers}); ECS injects them at task start, so a forced deployment is the restart.
+    The saga key lives in the region secret only: routers never receive it."""
     region_secret = "txroute/<env>/region-service"  # noqa: S105 - a secret name
     router_secret = "txroute/<env>/router"  # noqa: S105 - a secret name
     roll_regions = ("aws ecs update-service --region <region> --cluster txroute-<env> --service region-service "
                     "--force-new-deployment && aws ecs wait services-stable --region <region> "
                     "--cluster txroute-<env> --services region-service   # every region")
     roll_routers = roll_regions.replace("region-service", "router")
+    put = "(get-secret-value, edit the JSON, put-secret-value --secret-string file://<file>.json), every region"
     print("a deployed stack keeps its keys in AWS Secrets Manager; the steps (printed, nothing changed):")
     if finish:
         steps = [
-            f"put only the new PEM in {region_secret} .internal_public_key:  aws secretsmanager "
-            f"put-secret-value --region <region> --secret-id {region_secret} --secret-string file://region.json",
+            f"put only the new PEM in {region_secret} .hop_public_key and .saga_public_key {put}; then:",
             roll_regions,
         ]
     else:
         steps = [
-            "openssl genpkey -algorithm ed25519 -out new.private.pem && "
-            "openssl pkey -in new.private.pem -pubout -out new.public.pem",
-            f"1. {region_secret} .internal_public_key := new PEM + old PEM (get-secret-value, edit the JSON, "
-            f"put-secret-value --secret-string file://region.json), every region; then:",
+            "for each of hop and saga: openssl genpkey -algorithm ed25519 -out <k>.private.pem && "
+            "openssl pkey -in <k>.private.pem -pubout -out <k>.public.pem",
+            f"1. {region_secret} .hop_public_key := new hop PEM + old; .saga_public_key := new saga PEM + old "
+            f"{put}; then:",
             roll_regions,
-            f"2. {router_secret} .internal_private_key := new private PEM (same way), every region; then:",
+            f"2. {region_secret} .saga_private_key := new saga private PEM {put}; then:",
+            roll_regions,
+            f"3. {router_secret} .hop_private_key := new hop private PEM {put}; then:",
             roll_routers,
-            "3. later: txroute ops rotate-keys --finish --endpoint ... (prints the last step)",
-            "a client issuer key is the client's own: add its new PEM under a new kid in "
-            f"{router_secret} .client_public_keys, roll the routers, remove the old kid once its tokens expire",
+            "4. later: txroute ops rotate-keys --finish --endpoint ... (prints the last step)",
+            "never put a saga key in the router secret: a router must not be able to sign saga calls",
+            "a client issuer key is the client's own: add its new PEM under a new kid of that issuer in "
+            f"{router_secret} .client_issuers, roll the routers, remove the old kid once its tokens expire",
         ]
     for step in steps:
         print(f"  {step}")

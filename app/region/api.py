@@ -23,7 +23,7 @@ from app.api.schemas import (
     TransferRequest,
 )
 from app.errors import Problem
-from app.region.identity import caller
+from app.region.identity import caller, verified_body
 from app.region.service import RegionLedger
 from app.store.shard import Outcome
 from app.topology.ids import InvalidId, parse_account_id, parse_transfer_id
@@ -73,16 +73,17 @@ def outcome_response(
 
 
 async def _body(request: Request[Any, Any, Any], target: type[Any]) -> Any:
+    # After `caller`: the bytes decoded are those the hop token's body digest was checked against.
     # Every public write comes through here: a drained region refuses it before reading the body.
     ledger(request).refuse_writes_if_draining()
     key = idempotency_key(request.headers.get("idempotency-key"))
-    data = decode_body(await request.body(), request.headers.get("content-type", ""), target)
+    data = decode_body(verified_body(request), request.headers.get("content-type", ""), target)
     return key, data
 
 
 @post("/v1/accounts", summary="Open an account", responses={201: ResponseSpec(Account), **_ERRORS}, status_code=201)
 async def open_account(request: Request[Any, Any, Any]) -> Response[bytes]:
-    client = caller(request)
+    client = await caller(request)
     key, data = await _body(request, OpenAccountRequest)
     outcome = await ledger(request).open_account(client, key, data)
     return outcome_response(request, outcome, location="/v1/accounts/{id}")
@@ -90,7 +91,7 @@ async def open_account(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 @post("/v1/deposits", summary="Deposit money", responses={201: ResponseSpec(Transfer), **_ERRORS}, status_code=201)
 async def deposit(request: Request[Any, Any, Any]) -> Response[bytes]:
-    client = caller(request)
+    client = await caller(request)
     key, data = await _body(request, FundsRequest)
     outcome = _counted("deposit", request, await ledger(request).deposit(client, key, data))
     return outcome_response(request, outcome, location="/v1/transfers/{id}")
@@ -98,7 +99,7 @@ async def deposit(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 @post("/v1/withdrawals", summary="Withdraw money", responses={201: ResponseSpec(Transfer), **_ERRORS}, status_code=201)
 async def withdraw(request: Request[Any, Any, Any]) -> Response[bytes]:
-    client = caller(request)
+    client = await caller(request)
     key, data = await _body(request, FundsRequest)
     outcome = _counted("withdrawal", request, await ledger(request).withdraw(client, key, data))
     return outcome_response(request, outcome, location="/v1/transfers/{id}")
@@ -106,7 +107,7 @@ async def withdraw(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 @post("/v1/transfers", summary="Transfer money", responses={201: ResponseSpec(Transfer), **_ERRORS}, status_code=201)
 async def transfer(request: Request[Any, Any, Any]) -> Response[bytes]:
-    client = caller(request)
+    client = await caller(request)
     key, data = await _body(request, TransferRequest)
     outcome = _counted("transfer", request, await ledger(request).transfer(client, key, data))
     return outcome_response(request, outcome, location="/v1/transfers/{id}")
@@ -114,7 +115,7 @@ async def transfer(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 @get("/v1/accounts/{account_id:str}", summary="Read an account", responses={200: ResponseSpec(Account), **_ERRORS})
 async def get_account(request: Request[Any, Any, Any], account_id: str) -> Response[bytes]:
-    client = caller(request)
+    client = await caller(request)
     parsed = _path_id(parse_account_id, account_id, "account_not_found")
     store = ledger(request).store_for_slot(parsed.slot)
     return outcome_response(request, await store.get_account(parsed.text, client, parsed.slot))
@@ -128,7 +129,7 @@ async def get_account(request: Request[Any, Any, Any], account_id: str) -> Respo
 async def list_entries(
     request: Request[Any, Any, Any], account_id: str, cursor: str | None = None, limit: int | None = None
 ) -> Response[bytes]:
-    client = caller(request)
+    client = await caller(request)
     parsed = _path_id(parse_account_id, account_id, "account_not_found")
     page_size = _page_size(request.query_params.get("limit"))
     before_id = _decode_cursor(request.query_params.get("cursor"))
@@ -144,7 +145,7 @@ async def list_entries(
 
 @get("/v1/transfers/{transfer_id:str}", summary="Read a transfer", responses={200: ResponseSpec(Transfer), **_ERRORS})
 async def get_transfer(request: Request[Any, Any, Any], transfer_id: str) -> Response[bytes]:
-    client = caller(request)
+    client = await caller(request)
     parsed = _path_id(parse_transfer_id, transfer_id, "transfer_not_found")
     store = ledger(request).store_for_slot(parsed.slot)
     return outcome_response(request, await store.get_transfer(parsed.text, client, parsed.slot))

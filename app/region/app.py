@@ -23,15 +23,16 @@ from app.api.upstreams import Upstreams
 from app.config import RegionSettings
 from app.errors import Problem
 from app.region.api import PUBLIC_ROUTES, REQUEST_BODIES, outcome_response
-from app.region.identity import require_internal
+from app.region.identity import require_internal, saga_peer, verified_body
 from app.region.saga import Saga
 from app.region.service import RegionLedger
 from app.security.keys import load_private_key, load_public_keys
 from app.security.tls import client_context
-from app.security.tokens import InternalTokenMinter, InternalTokenVerifier
+from app.security.tokens import HopTokenVerifier, SagaTokenMinter, SagaTokenVerifier
 from app.store.provision import provision_shard, shard_dsn
 from app.store.shard import Outcome, QueueFull, ShardStore, ShardUnavailable, TenantQueueFull, open_pool
 from app.topology.loader import load_topology
+from app.topology.model import Topology
 
 log = logging.getLogger("txroute.region")
 
@@ -39,9 +40,23 @@ log = logging.getLogger("txroute.region")
 def create_app(settings: RegionSettings) -> telemetry.Instrumented:
     topology = load_topology(settings.regions_dir)
     region = topology.region(settings.region)  # fails fast on an unknown region
-    internal_tokens = (
-        InternalTokenVerifier(load_public_keys(settings.internal_public_key, what="TXROUTE_INTERNAL_PUBLIC_KEY"))
-        if settings.internal_public_key
+    hop_tokens = (
+        HopTokenVerifier(load_public_keys(settings.hop_public_key, what="TXROUTE_HOP_PUBLIC_KEY"))
+        if settings.hop_public_key
+        else None
+    )
+    saga_tokens = (
+        SagaTokenVerifier(
+            load_public_keys(settings.saga_public_key, what="TXROUTE_SAGA_PUBLIC_KEY"),
+            region=region.name,
+            peers=[r.name for r in topology.regions],
+        )
+        if settings.saga_public_key
+        else None
+    )
+    saga_minter = (
+        SagaTokenMinter(load_private_key(settings.saga_private_key, what="TXROUTE_SAGA_PRIVATE_KEY"), region.name)
+        if settings.saga_private_key
         else None
     )
     peer_tls = client_context(settings.internal_ca_file)  # an unreadable CA bundle fails here, at start
@@ -70,11 +85,7 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
                 wan_latency_ms=settings.wan_latency_ms,
             )
             await peers.open()
-            minter = None
-            if settings.internal_private_key:
-                key = load_private_key(settings.internal_private_key, what="TXROUTE_INTERNAL_PRIVATE_KEY")
-                minter = InternalTokenMinter(key)
-            saga = Saga(region.name, stores, peers, minter, settings.faults)
+            saga = Saga(region.name, stores, peers, saga_minter, settings.faults)
             application.state.ledger = RegionLedger(region=region.name, topology=topology, stores=stores, saga=saga)
             await application.state.ledger.refresh_drain()  # a drained region starts drained
             relay = asyncio.create_task(saga.relay_forever(), name="saga-relay")
@@ -104,7 +115,8 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
         openapi_config=OPENAPI_CONFIG,
         request_max_body_size=limits.REQUEST_BODY_BYTES_MAX,
         state=_state(
-            topology=topology, region=region.name, request_bodies=REQUEST_BODIES, internal_tokens=internal_tokens
+            topology=topology, region=region.name, request_bodies=REQUEST_BODIES, hop_tokens=hop_tokens,
+            saga_tokens=saga_tokens,
         ),
         logging_config=None,
         on_startup=[lambda: telemetry.configure(service="region", region=region.name)],
@@ -183,7 +195,7 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 @get("/internal/shardmap", summary="This region's shards and the slots each claims (DESIGN D2)")
 async def shardmap(request: Request[Any, Any, Any]) -> Response[bytes]:
-    require_internal(request)
+    await require_internal(request)
     ledger: RegionLedger = request.app.state.ledger
     shards = [
         {"shard": name, "region": ledger.region, "slots": await store.slot_claims()}
@@ -198,9 +210,20 @@ async def shardmap(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 @post("/internal/saga/apply", summary="Apply a saga message to its credit shard, once (DESIGN D6)", status_code=200)
 async def saga_apply(request: Request[Any, Any, Any]) -> Response[bytes]:
-    require_internal(request)
-    message = decode_body(await request.body(), request.headers.get("content-type", ""), SagaMessage)
+    """Only from another region (a saga token), and only a message whose source shard that region owns: a
+    region vouches for the debits of its own shards and nothing else (DESIGN D8)."""
+    peer = await saga_peer(request)
+    message = decode_body(verified_body(request), request.headers.get("content-type", ""), SagaMessage)
     ledger: RegionLedger = request.app.state.ledger
+    topology: Topology = request.app.state.topology
+    source = next((s for s in topology.shards if s.name == message.source_shard), None)
+    if source is None:
+        raise Problem("unknown_shard", f"source_shard {message.source_shard[:40]!r} is no shard of the topology")
+    if message.destination_shard not in ledger.stores:
+        raise Problem("unknown_shard",
+                      f"destination_shard {message.destination_shard[:40]!r} is no shard of region {ledger.region}")
+    if source.region != peer:
+        raise Problem("forbidden", f"region {peer} does not own source shard {source.name}")
     store = ledger.store_for_slot(message.credit_slot)
     result = await store.saga_apply(msgspec.structs.asdict(message))
     if result.get("status") == 421:

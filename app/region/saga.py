@@ -23,8 +23,7 @@ import msgspec
 from app import limits, telemetry
 from app.api.upstreams import Answer, UpstreamError, Upstreams
 from app.config import FaultSettings
-from app.security.scopes import INTERNAL
-from app.security.tokens import InternalTokenMinter
+from app.security.tokens import BoundRequest, SagaTokenMinter
 from app.store.shard import Outcome, ShardStore, ShardUnavailable
 
 log = logging.getLogger("txroute.saga")
@@ -41,19 +40,27 @@ class Saga:
     region: str
     stores: dict[str, ShardStore]  # this region's shards
     peers: Upstreams | None  # the other regions' services
-    minter: InternalTokenMinter | None
+    minter: SagaTokenMinter | None  # signs this region's saga calls (saga key; routers never hold it)
     faults: FaultSettings = field(default_factory=FaultSettings)
 
     # The fast path ----------------------------------------------------------------------------------
 
     async def fast_path(self, store: ShardStore, pending: Outcome, message: dict[str, Any]) -> Outcome:
-        """Deliver a just-committed message and settle it, within the bound; else answer 202 pending."""
+        """Deliver a just-committed message and settle it, within the bound; else answer 202 pending.
+
+        The debit side has committed: whatever goes wrong from here (a peer that refuses, answers garbage or
+        is slow; a settlement that fails) the client gets the stored 202 pending, never an error, and the
+        relay finishes the saga from the outbox."""
         if self.faults.skip_fast_path:
             return pending
         try:
             async with asyncio.timeout(limits.SAGA_FAST_PATH_WAIT_MS / 1000):
                 body = await self.deliver(store, message)
-        except (TimeoutError, DeliveryFailed):
+        except (TimeoutError, DeliveryFailed, ShardUnavailable):
+            return pending
+        except Exception as exc:  # after the commit nothing may turn into a 500; the relay retries
+            log.error("saga_fast_path_error", extra={"transfer_id": message.get("transfer_id"),
+                                                     "error_type": type(exc).__name__})
             return pending
         return Outcome(201, body)
 
@@ -89,9 +96,9 @@ class Saga:
     async def _apply_remote(self, message: dict[str, Any]) -> dict[str, Any]:
         region = message["destination_region"]
         if self.peers is None or self.minter is None or not self.peers.knows(region):
-            raise DeliveryFailed(f"no route to region {region} (TXROUTE_REGION_URLS / internal key)")
-        token = self.minter.token(f"region.{self.region}", frozenset({INTERNAL}))
+            raise DeliveryFailed(f"no route to region {region} (TXROUTE_REGION_URLS / TXROUTE_SAGA_PRIVATE_KEY)")
         body = msgspec.json.encode({k: v for k, v in message.items() if k != "destination_region"})
+        token = self.minter.token(region, BoundRequest("POST", APPLY_PATH, body))
         faults = self.faults
         if faults.drop_request and random.random() < faults.drop_request:
             raise DeliveryFailed("fault injection: request dropped")
@@ -102,7 +109,13 @@ class Saga:
             raise DeliveryFailed("fault injection: answer dropped")
         if answer.status != 200:
             raise DeliveryFailed(f"region {region} answered {answer.status}")
-        return dict(msgspec.json.decode(answer.body))
+        try:
+            result = msgspec.json.decode(answer.body)
+        except msgspec.DecodeError:
+            raise DeliveryFailed(f"region {region} answered a body that is not JSON") from None
+        if not isinstance(result, dict):
+            raise DeliveryFailed(f"region {region} answered JSON that is not an object")
+        return result
 
     async def _post(self, region: str, token: str, body: bytes) -> Answer:
         assert self.peers is not None

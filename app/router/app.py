@@ -9,9 +9,9 @@ the regions.
 
 A request's path through `Router`: match the route (404/405) -> verify the client token (401) -> take
 a token from the client's bucket (429, app/router/ratelimit.py) -> check the route's scope (403) -> decode
-the body as strictly as the region will (400) -> slot -> region from the shard map -> forward with an
-internal token -> on 421 refresh the map and forward once more; a region that cannot be reached answers 503
-`region_unavailable` with Retry-After.
+the body as strictly as the region will (400) -> slot -> region from the shard map -> forward with a hop
+token bound to this request (method, target, body digest, Idempotency-Key; DESIGN D8) -> on 421 refresh the
+map and forward once more; a region that cannot be reached answers 503 `region_unavailable` with Retry-After.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from app.api.http import EXCEPTION_HANDLERS, json_response
 from app.api.openapi import OPENAPI_CONFIG, build_document, openapi_document
 from app.api.schemas import Health, RouterReadiness
 from app.api.upstreams import Answer, NoAnswer, NotConnected, UpstreamError, Upstreams
-from app.config import RouterSettings
+from app.config import ClientIssuerSettings, RouterSettings
 from app.errors import PROBLEM_CONTENT_TYPE, Problem, problem_body
 from app.router.docs import docs_asset, docs_page
 from app.router.ratelimit import ClientRateLimiter
@@ -43,7 +43,15 @@ from app.router.shardmap import ShardMap, ShardMapCache
 from app.security.keys import load_private_key, load_public_keys
 from app.security.scopes import INTERNAL
 from app.security.tls import client_context
-from app.security.tokens import ClientTokenVerifier, InternalTokenMinter, TokenRefused, bearer
+from app.security.tokens import (
+    BoundRequest,
+    ClientIssuer,
+    ClientIssuers,
+    HopTokenMinter,
+    TokenRefused,
+    bearer,
+    request_target,
+)
 from app.topology.loader import load_topology
 from app.topology.placement import default_region
 
@@ -54,6 +62,7 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 ROUTER_ID = "txroute-router"
+SHARDMAP_PATH = "/internal/shardmap"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 _JSON = b"application/json"
 
@@ -65,8 +74,8 @@ class Router:
         self,
         *,
         region: str,
-        clients: ClientTokenVerifier,
-        minter: InternalTokenMinter,
+        clients: ClientIssuers,
+        minter: HopTokenMinter,
         upstreams: Upstreams,
         shardmap: ShardMapCache,
         limiter: ClientRateLimiter,
@@ -137,7 +146,9 @@ class Router:
         if len(query) > limits.QUERY_STRING_BYTES_MAX:
             raise Problem("invalid_request", f"the query string may hold at most {limits.QUERY_STRING_BYTES_MAX} bytes")
         path_qs = path + "?" + query.decode("latin-1") if query else path
-        upstream_headers = self._upstream_headers(headers, rid, self.minter.for_client(principal), body is not None)
+        key = headers.get("idempotency-key", "") if body is not None else None
+        hop = self.minter.for_client(principal, BoundRequest(method, request_target(path, query), body or b"", key))
+        upstream_headers = self._upstream_headers(headers, rid, hop, key)
         return await self._forward(route, slot, named_region, method, path_qs, upstream_headers, body)
 
     def _authenticate(self, authorization: str | None) -> Any:
@@ -146,14 +157,16 @@ class Router:
         except TokenRefused as exc:
             raise Problem("unauthorized", exc.reason, headers={"www-authenticate": "Bearer"}) from None
 
-    def _upstream_headers(self, headers: dict[str, str], rid: str, token: str, has_body: bool) -> dict[str, str]:
+    def _upstream_headers(
+        self, headers: dict[str, str], rid: str, token: str, idempotency_key: str | None
+    ) -> dict[str, str]:
         # traceparent is set by the upstream client (telemetry.inject): this hop becomes the region's parent.
         out = {"authorization": "Bearer " + token, "x-request-id": rid}
         if "tracestate" in headers:
             out["tracestate"] = headers["tracestate"][:512]
-        if has_body:
+        if idempotency_key is not None:
             out["content-type"] = headers.get("content-type", "")
-            out["idempotency-key"] = headers.get("idempotency-key", "")
+            out["idempotency-key"] = idempotency_key
         return out
 
     async def _forward(
@@ -337,10 +350,8 @@ def create_app(settings: RouterSettings) -> telemetry.Instrumented:
     topology.region(settings.region)  # fails fast on an unknown region
     missing = {r.name for r in topology.regions} - set(settings.region_urls)
     assert not missing, f"TXROUTE_REGION_URLS has no URL for {sorted(missing)}"
-    clients = ClientTokenVerifier(
-        {kid: load_public_keys(pem, what=f"client key {kid!r}") for kid, pem in settings.client_public_keys.items()}
-    )
-    minter = InternalTokenMinter(load_private_key(settings.internal_private_key, what="TXROUTE_INTERNAL_PRIVATE_KEY"))
+    clients = client_issuers(settings.client_issuers, lifetime_max_s=settings.client_token_lifetime_max_s)
+    minter = HopTokenMinter(load_private_key(settings.hop_private_key, what="TXROUTE_HOP_PRIVATE_KEY"))
     upstreams = Upstreams(
         settings.region_urls,
         tls=client_context(settings.internal_ca_file),
@@ -353,9 +364,9 @@ def create_app(settings: RouterSettings) -> telemetry.Instrumented:
     fetch_timeout = aiohttp.ClientTimeout(total=limits.SHARDMAP_FETCH_TIMEOUT_S)
 
     async def fetch_claims(region: str) -> dict[str, Any]:
-        token = minter.token(ROUTER_ID, frozenset({INTERNAL}))
+        token = minter.token(ROUTER_ID, {INTERNAL}, BoundRequest("GET", SHARDMAP_PATH, b""))
         answer = await upstreams.send(
-            region, "GET", "/internal/shardmap", headers={"authorization": "Bearer " + token}, body=None,
+            region, "GET", SHARDMAP_PATH, headers={"authorization": "Bearer " + token}, body=None,
             timeout=fetch_timeout,
         )
         if answer.status != 200:
@@ -410,6 +421,21 @@ def create_app(settings: RouterSettings) -> telemetry.Instrumented:
         limiter=limiter, fallback=fallback, regions=tuple(r.name for r in topology.regions),
     )
     return telemetry.Instrumented(router, service="router", region=settings.region)
+
+
+def client_issuers(settings: dict[str, ClientIssuerSettings], *, lifetime_max_s: int) -> ClientIssuers:
+    """The router's client-token verifier from TXROUTE_CLIENT_ISSUERS (fails at start on a bad key, a shared
+    kid or a shared client prefix)."""
+    issuers = [
+        ClientIssuer(
+            name=name,
+            keys={kid: load_public_keys(pem, what=f"client issuer {name!r} key {kid!r}")
+                  for kid, pem in s.keys.items()},
+            client_prefix=s.client_prefix,
+        )
+        for name, s in settings.items()
+    ]
+    return ClientIssuers(issuers, lifetime_max_s=lifetime_max_s)
 
 
 def _state(**values: Any) -> Any:

@@ -88,7 +88,9 @@ def public_pem(key: PublicKey) -> str:
 
 @dataclass(frozen=True)
 class DevKeys:
-    """The files of a development key set (`txroute up`, tests, benchmarks); never for production."""
+    """The files of a development key set (`txroute up`, tests, benchmarks); never for production. Three
+    pairs, one per trust domain (DESIGN D8): the dev client issuer's, the hop key (routers sign, regions
+    verify) and the saga key (regions sign and verify; routers never get it)."""
 
     folder: Path
 
@@ -101,19 +103,33 @@ class DevKeys:
         return self.folder / "client-dev.public.pem"
 
     @property
-    def internal_private(self) -> Path:
-        return self.folder / "internal.private.pem"
+    def hop_private(self) -> Path:
+        return self.folder / "hop.private.pem"
 
     @property
-    def internal_public(self) -> Path:
-        return self.folder / "internal.public.pem"
+    def hop_public(self) -> Path:
+        return self.folder / "hop.public.pem"
+
+    @property
+    def saga_private(self) -> Path:
+        return self.folder / "saga.private.pem"
+
+    @property
+    def saga_public(self) -> Path:
+        return self.folder / "saga.public.pem"
+
+    def pairs(self) -> list[tuple[Path, Path, str]]:
+        """(private file, public file, what) of every pair."""
+        return [(self.hop_private, self.hop_public, "hop"), (self.saga_private, self.saga_public, "saga"),
+                (self.client_private, self.client_public, "dev client issuer")]
 
 
 def ensure_dev_keys(folder: Path) -> DevKeys:
-    """Ed25519 key pairs for a dev client issuer and for internal tokens, created once (private keys 0600)."""
+    """Ed25519 key pairs for the dev client issuer, hop tokens and saga tokens, created once (private keys
+    0600)."""
     keys = DevKeys(folder)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for private, public in ((keys.client_private, keys.client_public), (keys.internal_private, keys.internal_public)):
+    for private, public, _ in keys.pairs():
         if private.exists() and public.exists():
             continue
         key = ed25519.Ed25519PrivateKey.generate()

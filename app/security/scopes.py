@@ -8,7 +8,7 @@ TRANSFERS_WRITE = "transfers:write"
 FUNDS_WRITE = "funds:write"  # deposits and withdrawals
 PUBLIC_SCOPES = frozenset({ACCOUNTS_READ, ACCOUNTS_WRITE, TRANSFERS_WRITE, FUNDS_WRITE})
 
-# Only internal tokens carry this (the router's own calls, e.g. /internal/shardmap); a client token's scopes
+# Only the routers' own hop tokens carry this (e.g. /internal/shardmap); a client token's scopes
 # are filtered to PUBLIC_SCOPES before the router passes them on, so no client can obtain it.
 INTERNAL = "internal"
 

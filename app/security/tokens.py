@@ -1,21 +1,32 @@
-"""Bearer tokens: client tokens (checked by the router) and internal hop tokens (router -> region).
+"""Bearer tokens of the three trust domains (DESIGN D8), each its own key pair, issuer and audience.
 
-Both are JWTs verified with PyJWT, with the algorithm pinned by the verifying key's type (`keys.algorithm_for`),
-so `alg: none` and HS256 signed with the public key are refused. Every refusal is a `TokenRefused` whose
-reason is safe to show (it never echoes the token).
+All are JWTs verified with PyJWT, the algorithm pinned by the verifying key's type (`keys.algorithm_for`), so
+`alg: none` and HS256 signed with the public key are refused. Every refusal is a `TokenRefused` whose reason
+is safe to show (it never echoes the token).
 
-    client token   sub = client id, scope = space-separated scopes, exp; signed by a client issuer whose
-                   public key the router is configured with (selected by `kid`, else each key is tried)
-    internal token iss = txroute-router, aud = txroute-region, sub, scope, iat, exp (short-lived); signed
-                   by the internal key that only routers hold
+    client token  client -> router. iss = a configured issuer, sub = client id, scope, iat, exp; signed by
+                  that issuer's key (selected by `kid`; required when more than one key is configured). The
+                  issuer may only assert client ids of its own namespace, the lifetime is bounded and iat is
+                  not in the future (`ClientIssuers`).
+    hop token     router -> region. iss = txroute-router, aud = txroute-region, sub = client id (or the router
+                  itself), scope, iat, exp (seconds), bound to one request: htm = method, htu = request target
+                  (`request_target`), bdh = SHA-256 of the body, idk = the Idempotency-Key header. Signed by
+                  the hop key, which only routers hold; one token per request, never reused.
+    saga token    region -> region. iss = txroute-saga, aud = txroute-saga/<destination region>, sub = the
+                  calling region, bound to its request like a hop token. Signed by the saga key, which only
+                  regions hold: a router's key can sign nothing a saga route accepts.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlencode
 
 import jwt
 
@@ -23,13 +34,22 @@ from app import limits
 from app.security.keys import PrivateKey, PublicKey, algorithm_for
 from app.security.scopes import PUBLIC_SCOPES
 
-INTERNAL_ISSUER = "txroute-router"
-INTERNAL_AUDIENCE = "txroute-region"
+HOP_ISSUER = "txroute-router"
+HOP_AUDIENCE = "txroute-region"
+SAGA_ISSUER = "txroute-saga"
 CLIENT_ID = re.compile(rf"^[A-Za-z0-9._-]{{1,{limits.CLIENT_ID_CHARS_MAX}}}$")
+# A client-id namespace is a prefix of client ids: the same characters, possibly empty (every id).
+CLIENT_PREFIX = re.compile(rf"^[A-Za-z0-9._-]{{0,{limits.CLIENT_ID_CHARS_MAX}}}$")
+_BOUND_CLAIMS = ("htm", "htu", "bdh")
+
+
+def saga_audience(region: str) -> str:
+    """The audience of saga tokens addressed to `region`: a token for one region is refused by the others."""
+    return f"{SAGA_ISSUER}/{region}"
 
 
 class TokenRefused(Exception):
-    """The token is missing, malformed, forged or expired. `reason` is safe to show the caller."""
+    """The token is missing, malformed, forged, expired or not for this request. `reason` is safe to show."""
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
@@ -54,6 +74,111 @@ def bearer(header: str | None) -> str:
     return token
 
 
+# Request binding (hop and saga tokens) -------------------------------------------------------------------
+
+
+def request_target(path: str, query: str | bytes = "") -> str:
+    """The `htu` of a request: its percent-decoded path, then its query as the parsed pairs re-encoded. Both
+    ends compute it from what they see, so an HTTP client re-quoting the URL on the way changes nothing, and
+    two targets that a server would read differently never share one."""
+    if isinstance(query, bytes):
+        query = query.decode("latin-1")
+    decoded = unquote(path)
+    if not query:
+        return decoded
+    return decoded + "?" + urlencode(parse_qsl(query, keep_blank_values=True))
+
+
+def body_digest(body: bytes) -> str:
+    """The `bdh` of a request: base64url (no padding) of the SHA-256 of the exact body bytes."""
+    return base64.urlsafe_b64encode(hashlib.sha256(body).digest()).rstrip(b"=").decode()
+
+
+@dataclass(frozen=True, slots=True)
+class BoundRequest:
+    """What a hop or saga token is bound to: the request as the verifying service received it."""
+
+    method: str
+    target: str  # request_target(path, query)
+    body: bytes
+    idempotency_key: str | None = None
+
+    def claims(self) -> dict[str, str]:
+        claims = {"htm": self.method, "htu": self.target, "bdh": body_digest(self.body)}
+        if self.idempotency_key is not None:
+            claims["idk"] = self.idempotency_key
+        return claims
+
+    def check(self, claims: Mapping[str, object]) -> None:
+        if claims.get("htm") != self.method:
+            raise TokenRefused("the token was issued for another method")
+        if claims.get("htu") != self.target:
+            raise TokenRefused("the token was issued for another path")
+        if claims.get("bdh") != body_digest(self.body):
+            raise TokenRefused("the token was issued for another body")
+        if claims.get("idk") != self.idempotency_key:
+            raise TokenRefused("the token was issued for another Idempotency-Key")
+
+
+# Decoding --------------------------------------------------------------------------------------------
+
+
+def _decode(token: str, key: PublicKey, **options: Any) -> dict[str, object]:
+    try:
+        return jwt.decode(token, key, algorithms=[algorithm_for(key)], **options)
+    except jwt.ExpiredSignatureError:
+        raise TokenRefused("the token has expired") from None
+    except jwt.ImmatureSignatureError:
+        raise TokenRefused("the token is issued in the future") from None
+    except jwt.InvalidAlgorithmError:
+        raise TokenRefused("the token's algorithm is not accepted") from None
+    except jwt.InvalidSignatureError:
+        raise TokenRefused("the token's signature is not valid") from None
+    except jwt.MissingRequiredClaimError as exc:
+        raise TokenRefused(f"the token has no {exc.claim!r} claim") from None
+    except jwt.InvalidIssuerError:
+        raise TokenRefused("the token's issuer is not accepted here") from None
+    except jwt.InvalidAudienceError:
+        raise TokenRefused("the token's audience is not this service") from None
+    except jwt.InvalidTokenError as exc:
+        raise TokenRefused(f"the token is not valid ({type(exc).__name__})") from None
+
+
+def _decode_any(token: str, keys: Sequence[PublicKey], **options: Any) -> dict[str, object]:
+    """Claims of a token signed by one of `keys`: the few keys of ONE setting or kid, several only while one
+    is rotated (keys.KEYS_PER_SETTING_MAX)."""
+    assert keys, "at least one key"
+    refusal = TokenRefused("the token's signature is not valid")
+    for key in keys:
+        try:
+            return _decode(token, key, **options)
+        except TokenRefused as exc:
+            if exc.reason != refusal.reason:
+                raise  # expired, wrong audience...: a verdict on the token, not on which key signed it
+            refusal = exc
+    raise refusal
+
+
+def _key_list(keys: PublicKey | Sequence[PublicKey]) -> list[PublicKey]:
+    return list(keys) if isinstance(keys, Sequence) else [keys]
+
+
+def _lifetime(claims: Mapping[str, object], *, lifetime_max_s: float, now: float, skew_s: float) -> float:
+    """`exp` of claims whose iat and exp PyJWT found present and numeric, checked against the bounds."""
+    iat, exp = claims["iat"], claims["exp"]
+    assert isinstance(iat, int | float) and isinstance(exp, int | float)
+    if exp + skew_s <= now:  # PyJWT checked it against the wall clock; `now` is the caller's
+        raise TokenRefused("the token has expired")
+    if exp - iat > lifetime_max_s:
+        raise TokenRefused(f"the token lives longer than {int(lifetime_max_s)} s")
+    if iat > now + skew_s:
+        raise TokenRefused("the token is issued in the future")
+    return float(exp)
+
+
+# Client tokens (router) ------------------------------------------------------------------------------
+
+
 class _VerifiedCache:
     """Tokens already verified, by their exact text. A hit still checks expiry; the cache never outlives it."""
 
@@ -74,158 +199,204 @@ class _VerifiedCache:
         self._entries[token] = principal
 
 
-def _principal(claims: Mapping[str, object], *, leeway_s: float) -> Principal:
-    sub, scope, exp = claims.get("sub"), claims.get("scope", ""), claims.get("exp")
-    if not isinstance(sub, str) or not CLIENT_ID.match(sub):
-        raise TokenRefused("the token's sub is not a valid client id")
-    if not isinstance(scope, str):
-        raise TokenRefused("the token's scope must be a space-separated string")
-    assert isinstance(exp, int | float)  # PyJWT checked it is present and numeric
-    return Principal(client=sub, scopes=frozenset(scope.split()), expires_at=float(exp) + leeway_s)
+@dataclass(frozen=True)
+class ClientIssuer:
+    """One identity provider the router trusts: its `iss`, its keys by `kid` (a kid holds one key, or two
+    while it is rotated), and the namespace of client ids it may assert (a prefix; "" is every id that no
+    other issuer's longer prefix claims)."""
+
+    name: str
+    keys: Mapping[str, PublicKey | Sequence[PublicKey]]
+    client_prefix: str
 
 
-def _decode(token: str, key: PublicKey, **options: object) -> dict[str, object]:
-    try:
-        return jwt.decode(token, key, algorithms=[algorithm_for(key)], **options)  # type: ignore[arg-type]
-    except jwt.ExpiredSignatureError:
-        raise TokenRefused("the token has expired") from None
-    except jwt.InvalidAlgorithmError:
-        raise TokenRefused("the token's algorithm is not accepted") from None
-    except jwt.InvalidSignatureError:
-        raise TokenRefused("the token's signature is not valid") from None
-    except jwt.MissingRequiredClaimError as exc:
-        raise TokenRefused(f"the token has no {exc.claim!r} claim") from None
-    except jwt.InvalidTokenError as exc:
-        raise TokenRefused(f"the token is not valid ({type(exc).__name__})") from None
+class ClientIssuers:
+    """Verifies client tokens. The namespace rule: a client id belongs to the issuer with the LONGEST prefix
+    it starts with (two issuers may not share a prefix; an id no prefix matches belongs to nobody), and only
+    that issuer may assert it. The `kid` selects one issuer's key; a token without `kid` is accepted only
+    while exactly one key is configured (never a loop over every key)."""
 
-
-def _decode_any(token: str, keys: Sequence[PublicKey], **options: object) -> dict[str, object]:
-    """Claims of a token signed by any of `keys` (several while a key is rotated)."""
-    assert keys, "at least one key"
-    refusal = TokenRefused("the token's signature is not valid")
-    for key in keys:
-        try:
-            return _decode(token, key, **options)
-        except TokenRefused as exc:
-            if exc.reason != refusal.reason:
-                raise  # expired, wrong audience...: a verdict on the token, not on which key signed it
-            refusal = exc
-    raise refusal
-
-
-def _key_list(keys: PublicKey | Sequence[PublicKey]) -> list[PublicKey]:
-    return list(keys) if isinstance(keys, Sequence) else [keys]
-
-
-class ClientTokenVerifier:
-    """Verifies client tokens against the configured issuer keys (`kid` -> public key, or keys while one is
-    rotated)."""
-
-    def __init__(self, keys: Mapping[str, PublicKey | Sequence[PublicKey]]) -> None:
-        assert 1 <= len(keys) <= limits.CLIENT_KEYS_MAX, "between 1 and CLIENT_KEYS_MAX client keys"
-        self._keys = {kid: _key_list(k) for kid, k in keys.items()}
+    def __init__(
+        self,
+        issuers: Iterable[ClientIssuer],
+        *,
+        lifetime_max_s: int = limits.CLIENT_TOKEN_LIFETIME_MAX_S,
+    ) -> None:
+        issuers = list(issuers)
+        assert 0 < lifetime_max_s <= limits.CLIENT_TOKEN_LIFETIME_CAP_S, lifetime_max_s
+        self._by_kid: dict[str, tuple[ClientIssuer, list[PublicKey]]] = {}
+        self._by_prefix: dict[str, ClientIssuer] = {}
+        for issuer in issuers:
+            if not issuer.name or issuer.name in (HOP_ISSUER, SAGA_ISSUER):
+                raise ValueError(f"client issuer {issuer.name!r}: not a usable issuer name")
+            if not CLIENT_PREFIX.match(issuer.client_prefix):
+                raise ValueError(f"client issuer {issuer.name!r}: client_prefix must be [A-Za-z0-9._-]*")
+            if issuer.client_prefix in self._by_prefix:
+                raise ValueError(f"client issuers {self._by_prefix[issuer.client_prefix].name!r} and "
+                                 f"{issuer.name!r} share the client_prefix {issuer.client_prefix!r}")
+            self._by_prefix[issuer.client_prefix] = issuer
+            if not issuer.keys:
+                raise ValueError(f"client issuer {issuer.name!r} has no keys")
+            for kid, keys in issuer.keys.items():
+                if kid in self._by_kid:
+                    raise ValueError(f"kid {kid!r} is configured for two client issuers")
+                self._by_kid[kid] = (issuer, _key_list(keys))
+        if len({i.name for i in issuers}) != len(issuers):
+            raise ValueError("two client issuers have the same name")
+        if not 1 <= len(self._by_kid) <= limits.CLIENT_KEYS_MAX:
+            raise ValueError(f"between 1 and {limits.CLIENT_KEYS_MAX} client keys (kids)")
+        self._only = next(iter(self._by_kid.values())) if sum(len(k) for _, k in self._by_kid.values()) == 1 else None
+        # Longest prefix first: the first that matches owns the id.
+        self._prefixes = sorted(self._by_prefix, key=len, reverse=True)
+        self._lifetime_max_s = lifetime_max_s
         self._cache = _VerifiedCache()
+
+    def owner(self, client: str) -> ClientIssuer | None:
+        """The issuer whose namespace holds `client`, if any."""
+        for prefix in self._prefixes:
+            if client.startswith(prefix):
+                return self._by_prefix[prefix]
+        return None
 
     def verify(self, token: str, *, now: float | None = None) -> Principal:
         now = time.time() if now is None else now
         cached = self._cache.get(token, now)
         if cached is not None:
             return cached
-        principal = _principal(self._claims(token), leeway_s=limits.CLIENT_TOKEN_LEEWAY_S)
+        principal = self._verify(token, now)
         self._cache.put(token, principal)
         return principal
 
-    def _claims(self, token: str) -> dict[str, object]:
+    def _verify(self, token: str, now: float) -> Principal:
         try:
             kid = jwt.get_unverified_header(token).get("kid")
         except jwt.InvalidTokenError:
             raise TokenRefused("the token is not a JWT") from None
-        options = {"options": {"require": ["exp", "sub"]}, "leeway": limits.CLIENT_TOKEN_LEEWAY_S}
-        if kid is not None:
-            key = self._keys.get(kid) if isinstance(kid, str) else None
-            if key is None:
+        if kid is None:
+            if self._only is None:
+                raise TokenRefused("the token has no kid (several keys are configured)")
+            issuer, keys = self._only
+        else:
+            found = self._by_kid.get(kid) if isinstance(kid, str) else None
+            if found is None:
                 raise TokenRefused("the token's kid names no configured key")
-            return _decode_any(token, key, **options)
-        refusal = TokenRefused("the token's signature is not valid")
-        for keys in self._keys.values():
-            try:
-                return _decode_any(token, keys, **options)
-            except TokenRefused as exc:
-                refusal = exc
-        raise refusal
+            issuer, keys = found
+        skew_s = limits.CLIENT_TOKEN_LEEWAY_S
+        claims = _decode_any(
+            token, keys, issuer=issuer.name, leeway=skew_s,
+            options={"require": ["iss", "sub", "iat", "exp"]},
+        )
+        exp = _lifetime(claims, lifetime_max_s=self._lifetime_max_s, now=now, skew_s=skew_s)
+        sub, scope = claims.get("sub"), claims.get("scope", "")
+        if not isinstance(sub, str) or not CLIENT_ID.match(sub):
+            raise TokenRefused("the token's sub is not a valid client id")
+        if self.owner(sub) is not issuer:
+            raise TokenRefused(f"issuer {issuer.name!r} may not assert this client id")
+        if not isinstance(scope, str):
+            raise TokenRefused("the token's scope must be a space-separated string")
+        return Principal(client=sub, scopes=frozenset(scope.split()), expires_at=exp + skew_s)
 
 
 def mint_client_token(
-    key: PrivateKey, *, client: str, scopes: Iterable[str], lifetime_s: int, kid: str | None = None
+    key: PrivateKey, *, issuer: str, client: str, scopes: Iterable[str], lifetime_s: int, kid: str | None = None
 ) -> str:
     """A client token, as an identity provider would issue it (dev issuer, `txroute token`, tests)."""
     assert CLIENT_ID.match(client), client
-    assert 1 <= lifetime_s <= 30 * 24 * 3600, lifetime_s
+    assert 1 <= lifetime_s <= limits.CLIENT_TOKEN_LIFETIME_CAP_S, lifetime_s
     now = int(time.time())
-    claims = {"sub": client, "scope": " ".join(sorted(scopes)), "iat": now, "exp": now + lifetime_s}
+    claims = {"iss": issuer, "sub": client, "scope": " ".join(sorted(scopes)), "iat": now, "exp": now + lifetime_s}
     return jwt.encode(claims, key, algorithm=algorithm_for(key), headers={"kid": kid} if kid else None)
 
 
-class InternalTokenMinter:
-    """Mints the router's hop tokens; one token per (client, scopes) is reused for part of its short life."""
+# Hop tokens (router -> region) -----------------------------------------------------------------------
 
-    def __init__(self, key: PrivateKey, *, lifetime_s: int = limits.INTERNAL_TOKEN_LIFETIME_S) -> None:
-        assert limits.INTERNAL_TOKEN_REFRESH_BEFORE_S < lifetime_s <= 300, lifetime_s
+
+class HopTokenMinter:
+    """Mints the router's hop tokens: one per request, bound to it, living seconds."""
+
+    def __init__(self, key: PrivateKey, *, lifetime_s: int = limits.HOP_TOKEN_LIFETIME_S) -> None:
+        assert 1 <= lifetime_s <= limits.HOP_TOKEN_LIFETIME_S, lifetime_s
         self._key = key
         self._algorithm = algorithm_for(key)
         self._lifetime_s = lifetime_s
-        self._cache: dict[tuple[str, frozenset[str]], tuple[str, float]] = {}
 
-    def token(self, client: str, scopes: frozenset[str], *, now: float | None = None) -> str:
-        now = time.time() if now is None else now
-        cache_key = (client, scopes)
-        cached = self._cache.get(cache_key)
-        if cached is not None and cached[1] - now > limits.INTERNAL_TOKEN_REFRESH_BEFORE_S:
-            return cached[0]
-        issued = int(now)
-        claims = {
-            "iss": INTERNAL_ISSUER,
-            "aud": INTERNAL_AUDIENCE,
-            "sub": client,
-            "scope": " ".join(sorted(scopes)),
-            "iat": issued,
-            "exp": issued + self._lifetime_s,
+    def token(self, client: str, scopes: Collection[str], request: BoundRequest, *, now: float | None = None) -> str:
+        issued = int(time.time() if now is None else now)
+        claims: dict[str, object] = {
+            "iss": HOP_ISSUER, "aud": HOP_AUDIENCE, "sub": client, "scope": " ".join(sorted(scopes)),
+            "iat": issued, "exp": issued + self._lifetime_s, **request.claims(),
         }
-        token = jwt.encode(claims, self._key, algorithm=self._algorithm)
-        if len(self._cache) >= limits.TOKEN_CACHE_ENTRIES_MAX:
-            self._cache.clear()
-        self._cache[cache_key] = (token, float(issued + self._lifetime_s))
-        return token
+        return jwt.encode(claims, self._key, algorithm=self._algorithm)
 
-    def for_client(self, principal: Principal) -> str:
+    def for_client(self, principal: Principal, request: BoundRequest) -> str:
         """The hop token for a client's request: its id, and only its public scopes."""
-        return self.token(principal.client, principal.scopes & PUBLIC_SCOPES)
+        return self.token(principal.client, principal.scopes & PUBLIC_SCOPES, request)
 
 
-class InternalTokenVerifier:
-    """The regional service's check of hop tokens (against one key, or several while one is rotated)."""
+class HopTokenVerifier:
+    """The regional service's check of hop tokens (one key, or several while one is rotated): signature,
+    issuer, audience, a lifetime of seconds, and the binding to the request being served. No cache: every
+    request brings its own token."""
 
     def __init__(self, key: PublicKey | Sequence[PublicKey]) -> None:
         self._keys = _key_list(key)
-        self._cache = _VerifiedCache()
 
-    def verify(self, token: str, *, now: float | None = None) -> Principal:
+    def verify(self, token: str, request: BoundRequest, *, now: float | None = None) -> Principal:
         now = time.time() if now is None else now
-        cached = self._cache.get(token, now)
-        if cached is not None:
-            return cached
         claims = _decode_any(
-            token,
-            self._keys,
-            audience=INTERNAL_AUDIENCE,
-            issuer=INTERNAL_ISSUER,
-            leeway=limits.INTERNAL_TOKEN_LEEWAY_S,
-            options={"require": ["exp", "iat", "sub", "aud", "iss"]},
+            token, self._keys, audience=HOP_AUDIENCE, issuer=HOP_ISSUER, leeway=limits.HOP_TOKEN_LEEWAY_S,
+            options={"require": ["exp", "iat", "sub", "aud", "iss", *_BOUND_CLAIMS]},
         )
-        iat, exp = claims["iat"], claims["exp"]
-        assert isinstance(iat, int | float) and isinstance(exp, int | float)
-        if exp - iat > 300:
-            raise TokenRefused("the internal token lives too long")
-        principal = _principal(claims, leeway_s=limits.INTERNAL_TOKEN_LEEWAY_S)
-        self._cache.put(token, principal)
-        return principal
+        exp = _lifetime(claims, lifetime_max_s=limits.HOP_TOKEN_LIFETIME_S, now=now, skew_s=limits.HOP_TOKEN_LEEWAY_S)
+        request.check(claims)
+        sub, scope = claims.get("sub"), claims.get("scope", "")
+        if not isinstance(sub, str) or not CLIENT_ID.match(sub):
+            raise TokenRefused("the token's sub is not a valid client id")
+        if not isinstance(scope, str):
+            raise TokenRefused("the token's scope must be a space-separated string")
+        return Principal(client=sub, scopes=frozenset(scope.split()), expires_at=exp)
+
+
+# Saga tokens (region -> region) ----------------------------------------------------------------------
+
+
+class SagaTokenMinter:
+    """Mints one region's saga tokens: sub = this region, aud = the destination's, bound to the request."""
+
+    def __init__(self, key: PrivateKey, region: str, *, lifetime_s: int = limits.SAGA_TOKEN_LIFETIME_S) -> None:
+        assert 1 <= lifetime_s <= limits.SAGA_TOKEN_LIFETIME_S, lifetime_s
+        self._key = key
+        self._algorithm = algorithm_for(key)
+        self._region = region
+        self._lifetime_s = lifetime_s
+
+    def token(self, destination: str, request: BoundRequest, *, now: float | None = None) -> str:
+        issued = int(time.time() if now is None else now)
+        claims: dict[str, object] = {
+            "iss": SAGA_ISSUER, "aud": saga_audience(destination), "sub": self._region,
+            "iat": issued, "exp": issued + self._lifetime_s, **request.claims(),
+        }
+        return jwt.encode(claims, self._key, algorithm=self._algorithm)
+
+
+class SagaTokenVerifier:
+    """A region's check of saga tokens: the saga key, addressed to this region, from a known region other
+    than this one, bound to the request. Returns the calling region."""
+
+    def __init__(self, key: PublicKey | Sequence[PublicKey], *, region: str, peers: Collection[str]) -> None:
+        self._keys = _key_list(key)
+        self._audience = saga_audience(region)
+        self._peers = frozenset(peers) - {region}
+
+    def verify(self, token: str, request: BoundRequest, *, now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        claims = _decode_any(
+            token, self._keys, audience=self._audience, issuer=SAGA_ISSUER, leeway=limits.SAGA_TOKEN_LEEWAY_S,
+            options={"require": ["exp", "iat", "sub", "aud", "iss", *_BOUND_CLAIMS]},
+        )
+        _lifetime(claims, lifetime_max_s=limits.SAGA_TOKEN_LIFETIME_S, now=now, skew_s=limits.SAGA_TOKEN_LEEWAY_S)
+        request.check(claims)
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or sub not in self._peers:
+            raise TokenRefused("the token's sub names no peer region")
+        return sub

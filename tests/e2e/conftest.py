@@ -16,7 +16,7 @@ import pytest
 from app.local.ports import free_port
 from app.local.processes import ROUTER_FACTORY, ServiceProcess, asgi_command
 from tests.helpers import HTTP_TIMEOUT_S, ApiClient, new_client_id
-from tests.keys import CLIENT_KID, SessionKeys
+from tests.keys import SessionKeys
 from tests.tls import session_tls, verify
 
 ROUTER_REGION = "eu-west-1"
@@ -37,8 +37,7 @@ def router_process(
     env = {
         "TXROUTE_REGION": region,
         "TXROUTE_REGION_URLS": json.dumps(region_urls),
-        "TXROUTE_CLIENT_PUBLIC_KEYS": json.dumps({CLIENT_KID: keys.client_public_pem}),
-        "TXROUTE_INTERNAL_PRIVATE_KEY": keys.internal_private_pem,
+        **keys.router_env(),
         "TXROUTE_INTERNAL_CA_FILE": str(session_tls().ca_file),  # the regions serve HTTPS (tests/tls.py)
     }
     if regions_dir is not None:
@@ -97,6 +96,10 @@ class RouterApi(ApiClient):
     def __init__(self, http: httpx.AsyncClient, client_id: str, token: str) -> None:
         super().__init__(http, client_id)
         self.token = token
+
+    @property
+    def auth(self) -> httpx.Auth | None:
+        return None  # the client token travels in `headers`
 
     def headers(self, *, key: str | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
         headers = {"Authorization": "Bearer " + self.token}

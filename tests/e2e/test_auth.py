@@ -1,6 +1,7 @@
 """Authentication and authorization, end to end: each refusal has the right status and changes no balance.
 
-Client tokens are checked at the router; regions accept only the router's internal tokens.
+Client tokens are checked at the router (issuer, namespace, lifetime, kid); regions accept only a router's
+hop token bound to the very request (method, target, body digest, Idempotency-Key) for public routes.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -19,11 +21,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from app.local.processes import ServiceProcess
 from app.security import scopes
-from app.security.tokens import INTERNAL_AUDIENCE, INTERNAL_ISSUER, mint_client_token
+from app.security.tokens import HOP_AUDIENCE, HOP_ISSUER, BoundRequest, mint_client_token
 from app.topology.model import Topology
 from tests.e2e.conftest import ROUTER_REGION, RouterApi
 from tests.helpers import accounts_in_one_shard, new_client_id, new_key, shard_of
-from tests.keys import CLIENT_KID, SessionKeys
+from tests.keys import CLIENT_KID, PARTNER_PREFIX, TEST_ISSUER, SessionKeys, bound
 
 
 def _b64(data: bytes) -> str:
@@ -36,7 +38,29 @@ def _unsigned(header: dict[str, Any], claims: dict[str, Any]) -> str:
 
 def _claims(client: str, **extra: Any) -> dict[str, Any]:
     now = int(time.time())
-    return {"sub": client, "scope": " ".join(sorted(scopes.PUBLIC_SCOPES)), "iat": now, "exp": now + 600, **extra}
+    return {"iss": TEST_ISSUER, "sub": client, "scope": " ".join(sorted(scopes.PUBLIC_SCOPES)), "iat": now,
+            "exp": now + 600, **extra}
+
+
+def _signed(keys: SessionKeys, claims: dict[str, Any], *, kid: str | None = CLIENT_KID) -> str:
+    """Signed with the test issuer's real key: only the claims (or the missing kid) are wrong."""
+    return jwt.encode(claims, keys.client_private, algorithm="EdDSA", headers={"kid": kid} if kid else None)
+
+
+def policy_violations(keys: SessionKeys, client: str) -> dict[str, str]:
+    """Tokens with a valid signature of a configured issuer that break the client-token rules (DESIGN D8)."""
+    now = int(time.time())
+    without = {name: {k: v for k, v in _claims(client).items() if k != name} for name in ("iat", "iss", "exp")}
+    return {
+        "no_iat": _signed(keys, without["iat"]),
+        "no_iss": _signed(keys, without["iss"]),
+        "lifetime_30_days": _signed(keys, _claims(client, iat=now - 60, exp=now - 60 + 30 * 24 * 3600)),
+        "lifetime_just_over_24_h": _signed(keys, _claims(client, iat=now - 60, exp=now - 59 + 24 * 3600)),
+        "future_iat": _signed(keys, _claims(client, iat=now + 600, exp=now + 1200)),
+        "wrong_issuer_for_the_namespace": keys.partner_token(client),  # the partner may assert partner-* only
+        "issuer_name_of_another_issuer": _signed(keys, _claims(client, iss="https://partner.test.txroute")),
+        "kid_less_with_several_keys": _signed(keys, _claims(client), kid=None),
+    }
 
 
 def forged_tokens(keys: SessionKeys, client: str) -> dict[str, str]:
@@ -62,7 +86,8 @@ def forged_tokens(keys: SessionKeys, client: str) -> dict[str, str]:
             {"sub": client, "scope": "accounts:read"}, keys.client_private, algorithm="EdDSA",
             headers={"kid": CLIENT_KID},
         ),
-        "internal_token_as_client_token": keys.internal_token(client),
+        "hop_token_as_client_token": keys.hop_token(client, BoundRequest("GET", "/v1/accounts/x", b"")),
+        **policy_violations(keys, client),
     }
 
 
@@ -159,34 +184,136 @@ async def test_another_tenants_accounts_read_as_404_and_cannot_be_moved(
     assert await intruder.balance(own) == 100
 
 
-async def test_direct_calls_to_a_region_need_a_valid_internal_token(
+def test_the_partner_issuer_is_accepted_within_its_own_namespace(keys: SessionKeys, router: ServiceProcess) -> None:
+    """The namespace rule cuts both ways: the partner issuer's own clients pass (so the refusals above are the
+    namespace's, not a broken key), and the test issuer may not assert a partner client."""
+    partner_client = new_client_id(PARTNER_PREFIX.rstrip("-"))
+    assert partner_client.startswith(PARTNER_PREFIX)
+    ok = httpx.post(router.url + "/v1/accounts", json={"currency": "EUR"},
+                    headers={"authorization": "Bearer " + keys.partner_token(partner_client),
+                             "idempotency-key": new_key()})
+    assert ok.status_code == 201, ok.text
+    account = ok.json()["id"]
+    for token in (keys.client_token(partner_client), _signed(keys, _claims(partner_client), kid=None)):
+        refused = httpx.get(router.url + f"/v1/accounts/{account}", headers={"authorization": "Bearer " + token})
+        assert refused.status_code == 401, refused.text
+
+
+TokenFor = Callable[[BoundRequest], str]
+
+
+def _hop(keys: SessionKeys, client: str, **override: Any) -> TokenFor:
+    """A hop-token factory: the claims a router would sign for the request, with `override` applied; the
+    key is the session's hop key unless `key=` says otherwise."""
+    key = override.pop("key", keys.hop_private)
+
+    def token(request: BoundRequest) -> str:
+        now = int(time.time())
+        claims = {"iss": HOP_ISSUER, "aud": HOP_AUDIENCE, "sub": client,
+                  "scope": " ".join(sorted(scopes.PUBLIC_SCOPES)), "iat": now, "exp": now + 10, **request.claims()}
+        claims.update(override)
+        return jwt.encode({k: v for k, v in claims.items() if v is not None}, key, algorithm="EdDSA")
+    return token
+
+
+async def _send(
+    http: httpx.AsyncClient, url: str, method: str, path: str, body: Any, token_for: TokenFor | None,
+    *, key: str | None = None, rewrite: Callable[[httpx.Request], httpx.Request] | None = None,
+) -> httpx.Response:
+    """A request whose token is made for it by `token_for` (then, if given, `rewrite` changes the request
+    the token was made for: a replay)."""
+    request = http.build_request(method, url + path, json=body, headers={"Idempotency-Key": key or new_key()})
+    if token_for is not None:
+        request.headers["Authorization"] = "Bearer " + token_for(bound(request))
+    if rewrite is not None:
+        request = rewrite(request)
+    return await http.send(request)
+
+
+async def test_direct_calls_to_a_region_need_a_valid_hop_token(
     client_api: RouterApi, funded_pair: tuple[str, str], keys: SessionKeys,
     region_services: dict[str, ServiceProcess], http: httpx.AsyncClient,
 ) -> None:
     debit, credit = funded_pair
     region = region_services[ROUTER_REGION].url
-    stranger = ed25519.Ed25519PrivateKey.generate()
+    client = client_api.client_id
     now = int(time.time())
-    internal = {"iss": INTERNAL_ISSUER, "aud": INTERNAL_AUDIENCE, "sub": client_api.client_id,
-                "scope": " ".join(sorted(scopes.PUBLIC_SCOPES)), "iat": now, "exp": now + 60}
-    tokens: dict[str, str | None] = {
+    tokens: dict[str, TokenFor | None] = {
         "missing": None,
-        "forged": jwt.encode(internal, stranger, algorithm="EdDSA"),
-        "expired": jwt.encode(
-            {**internal, "iat": now - 120, "exp": now - 60}, keys.internal_private, algorithm="EdDSA"
-        ),
-        "wrong_audience": jwt.encode({**internal, "aud": "elsewhere"}, keys.internal_private, algorithm="EdDSA"),
-        "alg_none": _unsigned({"alg": "none", "typ": "JWT"}, internal) + ".",
-        "client_token": mint_client_token(keys.client_private, client=client_api.client_id,
-                                          scopes=scopes.PUBLIC_SCOPES, lifetime_s=600),
+        "forged": _hop(keys, client, key=ed25519.Ed25519PrivateKey.generate()),
+        "signed_with_the_saga_key": _hop(keys, client, key=keys.saga_private),
+        "expired": _hop(keys, client, iat=now - 120, exp=now - 60),
+        "lives_a_minute": _hop(keys, client, iat=now, exp=now + 60),
+        "issued_in_the_future": _hop(keys, client, iat=now + 30, exp=now + 40),
+        "wrong_audience": _hop(keys, client, aud="elsewhere"),
+        "wrong_issuer": _hop(keys, client, iss="txroute-saga"),
+        "not_bound": _hop(keys, client, htm=None, htu=None, bdh=None),
+        "alg_none": lambda request: _unsigned({"alg": "none", "typ": "JWT"}, {
+            "iss": HOP_ISSUER, "aud": HOP_AUDIENCE, "sub": client, "iat": now, "exp": now + 10,
+            "scope": " ".join(sorted(scopes.PUBLIC_SCOPES)), **request.claims()}) + ".",
+        "client_token": lambda _: mint_client_token(keys.client_private, issuer=TEST_ISSUER, client=client,
+                                                    scopes=scopes.PUBLIC_SCOPES, lifetime_s=600),
+        "saga_token": lambda request: keys.saga_token("us-east-1", ROUTER_REGION, request),
     }
-    for name, token in tokens.items():
+    for name, token_for in tokens.items():
         for method, path, body in _requests(debit, credit):
-            response = await _call(http, region, method, path, body, token)
+            response = await _send(http, region, method, path, body, token_for)
             assert response.status_code == 401, f"{name}: expected 401 for {method} {path}, got {response.text}"
-        shardmap = await _call(http, region, "GET", "/internal/shardmap", None, token)
+        shardmap = await _send(http, region, "GET", "/internal/shardmap", None, token_for)
         assert shardmap.status_code == 401, f"{name}: expected 401 for the shard map, got {shardmap.status_code}"
-    # A client's internal token (as the router mints for clients) does not open internal routes.
-    client_hop = await _call(http, region, "GET", "/internal/shardmap", None, keys.internal_token(client_api.client_id))
+    # A client's hop token (as the router mints for clients) does not open internal routes.
+    client_hop = await _send(http, region, "GET", "/internal/shardmap", None, _hop(keys, client))
     assert client_hop.status_code == 403
+    router_hop = await _send(http, region, "GET", "/internal/shardmap", None, _hop(keys, "txroute-router",
+                                                                                       scope="internal"))
+    assert router_hop.status_code == 200, "the routers' own hop token reads the shard map"
     assert await balances(client_api, debit, credit) == [1_000, 0]
+
+
+async def test_a_hop_token_replayed_for_another_method_path_body_or_key_is_refused(
+    client_api: RouterApi, funded_pair: tuple[str, str], keys: SessionKeys,
+    region_services: dict[str, ServiceProcess], http: httpx.AsyncClient,
+) -> None:
+    """A hop token seen in transit buys exactly its own request: nothing else is read or written with it."""
+    debit, credit = funded_pair
+    region = region_services[ROUTER_REGION].url
+    hop = _hop(keys, client_api.client_id)
+    deposit = {"account": debit, "amount": 5, "currency": "EUR"}
+    key = new_key()
+
+    def moved(**change: Any) -> Callable[[httpx.Request], httpx.Request]:
+        def rewrite(request: httpx.Request) -> httpx.Request:
+            return http.build_request(
+                change.get("method", request.method), change.get("url", str(request.url)),
+                content=change.get("content", request.content),
+                headers={**{k: v for k, v in request.headers.items() if k != "content-length"},
+                         **change.get("headers", {})},
+            )
+        return rewrite
+
+    replays = {
+        "another_path": moved(url=region + "/v1/withdrawals"),
+        "another_body": moved(content=json.dumps({**deposit, "amount": 500}).encode()),
+        "another_idempotency_key": moved(headers={"idempotency-key": new_key()}),
+        "another_account_read": moved(method="GET", url=region + f"/v1/accounts/{credit}", content=b""),
+        "another_query": moved(method="GET", url=region + f"/v1/accounts/{debit}/entries?limit=1", content=b""),
+    }
+    for name, rewrite in replays.items():
+        response = await _send(http, region, "POST", "/v1/deposits", deposit, hop, key=key, rewrite=rewrite)
+        assert response.status_code == 401, f"{name}: expected 401, got {response.status_code}: {response.text}"
+        assert response.json()["code"] == "unauthorized" and "issued for another" in response.json()["detail"]
+    # Another method on the same path and body: a token issued for GET /v1/deposits sent as a POST.
+    as_get = _hop(keys, client_api.client_id, htm="GET")
+    response = await _send(http, region, "POST", "/v1/deposits", deposit, as_get)
+    assert response.status_code == 401 and "another method" in response.json()["detail"], response.text
+    # An expired hop token, bound to its request, is refused too.
+    now = int(time.time())
+    expired = _hop(keys, client_api.client_id, iat=now - 30, exp=now - 20)
+    response = await _send(http, region, "POST", "/v1/deposits", deposit, expired)
+    assert response.status_code == 401 and "expired" in response.json()["detail"], response.text
+    assert await balances(client_api, debit, credit) == [1_000, 0], "expected no replay to move money"
+    # The token on its own request works, and the same request again is an idempotent replay: one effect.
+    for _ in range(2):
+        own = await _send(http, region, "POST", "/v1/deposits", deposit, hop, key=key)
+        assert own.status_code == 201, own.text
+    assert await balances(client_api, debit, credit) == [1_005, 0]

@@ -13,7 +13,7 @@ from app.topology.model import Topology
 from app.topology.placement import default_region
 from tests.e2e.conftest import ROUTER_REGION, RouterApi, StartRouter
 from tests.helpers import new_key
-from tests.keys import SessionKeys
+from tests.keys import HopAuth, SessionKeys
 
 
 def home_region(topology: Topology, account_id: str) -> str:
@@ -32,10 +32,9 @@ async def test_each_regions_accounts_are_opened_and_served_in_that_region(
         assert home_region(topology, account) == region.name, f"expected {account} to live in {region.name}"
         await client_api.funded(account, 500)
         assert await client_api.balance(account) == 500
-        # The region itself holds it: read straight from its service with an internal token.
+        # The region itself holds it: read straight from its service with a hop token, as a router sends.
         direct = await http.get(
-            f"{region_services[region.name].url}/v1/accounts/{account}",
-            headers={"authorization": "Bearer " + keys.internal_token(client_api.client_id)},
+            f"{region_services[region.name].url}/v1/accounts/{account}", auth=HopAuth(client_api.client_id)
         )
         assert direct.status_code == 200 and direct.json()["balance"] == 500, direct.text
     key = new_key()

@@ -256,8 +256,37 @@ def test_region_services_can_reach_and_sign_for_every_region_for_sagas(program_r
             services += 1
             urls = json.loads(env["TXROUTE_REGION_URLS"])
             assert set(urls) == regions, f"expected every region's internal URL, got {sorted(urls)}"
-            assert "TXROUTE_INTERNAL_PRIVATE_KEY" in secrets, "the saga relay signs its calls to other regions"
+            assert "TXROUTE_SAGA_PRIVATE_KEY" in secrets, "the saga relay signs its calls to other regions"
     assert services == len(regions), "expected one regional service per region"
+
+
+def test_routers_receive_no_saga_key_and_regions_no_hop_private_key(program_run: Run) -> None:
+    """DESIGN D8: the internet-facing router can sign hop tokens only; the saga key pair is the regions'."""
+    import json
+
+    from txroute_infra.components.compute import REGION_SECRET_KEYS, ROUTER_SECRET_KEYS
+
+    routers = regions = 0
+    for td in program_run.of_type("aws:ecs/taskDefinition:TaskDefinition"):
+        (container,) = json.loads(td.inputs["containerDefinitions"])
+        names = {e["name"] for e in container["environment"]} | {s["name"] for s in container["secrets"]}
+        sources = " ".join(s["valueFrom"] for s in container["secrets"])
+        if container["name"] == "router":
+            routers += 1
+            assert not any("SAGA" in n for n in names), f"a router task receives a saga key: {sorted(names)}"
+            assert "saga" not in sources and "region-secret" not in sources, sources
+            assert {"TXROUTE_HOP_PRIVATE_KEY", "TXROUTE_CLIENT_ISSUERS"} <= names
+        else:
+            regions += 1
+            assert {"TXROUTE_HOP_PUBLIC_KEY", "TXROUTE_SAGA_PUBLIC_KEY", "TXROUTE_SAGA_PRIVATE_KEY"} <= names
+            assert "TXROUTE_HOP_PRIVATE_KEY" not in names, "a region must not be able to sign hop tokens"
+            assert "router-secret" not in sources, sources
+    assert routers == regions == len(_regions(program_run)), (routers, regions)
+    assert not any("saga" in k for k in ROUTER_SECRET_KEYS), "the router secret documents no saga key"
+    assert not any("hop_private" in k for k in REGION_SECRET_KEYS)
+    for secret in program_run.of_type("aws:secretsmanager/secret:Secret"):
+        if secret.inputs["name"].endswith("/router"):
+            assert "saga" not in secret.inputs["description"], secret.inputs["description"]
 
 
 def test_public_load_balancers_never_forward_metrics_or_internal_routes(program_run: Run) -> None:

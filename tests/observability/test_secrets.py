@@ -17,7 +17,7 @@ from app.security.keys import private_pem
 from app.security.tokens import mint_client_token
 from tests.e2e.conftest import RouterApi
 from tests.helpers import poll_until
-from tests.keys import CLIENT_KID
+from tests.keys import CLIENT_KID, TEST_ISSUER
 from tests.observability.conftest import TracedWorld, open_in
 from tests.tls import verify
 
@@ -32,7 +32,7 @@ async def _exercise(traced: TracedWorld, api: RouterApi) -> tuple[list[bytes], s
     """Requests that succeed and fail in every way we know; returns their bodies, the last trace id and the
     forged token."""
     bodies: list[bytes] = []
-    forged = mint_client_token(ed25519.Ed25519PrivateKey.generate(), client=api.client_id,
+    forged = mint_client_token(ed25519.Ed25519PrivateKey.generate(), issuer=TEST_ISSUER, client=api.client_id,
                                scopes=["accounts:read"], lifetime_s=60, kid=CLIENT_KID)
     account = await open_in(api, "eu-west-1")
     other = await open_in(api, "us-east-1")
@@ -74,13 +74,15 @@ async def test_no_token_password_or_private_key_reaches_a_log_an_error_body_or_a
     bodies, trace_id, forged = await _exercise(traced, traced_api)
     traced.collector.wait_for(lambda spans: any(s.trace_id == trace_id and s.service == "txroute-router"
                                                 for s in spans), what="the last request's spans")
-    internal_pem = private_pem(traced.keys.internal_private)
+    hop_pem, saga_pem = private_pem(traced.keys.hop_private), private_pem(traced.keys.saga_private)
     needles = {
         "client token": traced_api.token,
         "client token signature": traced_api.token.rsplit(".", 1)[1],
         "forged token signature": forged.rsplit(".", 1)[1],
-        "internal private key": internal_pem,
-        **{f"internal key line {i}": line for i, line in enumerate(_pem_lines(internal_pem))},
+        "hop private key": hop_pem,
+        "saga private key": saga_pem,
+        **{f"hop key line {i}": line for i, line in enumerate(_pem_lines(hop_pem))},
+        **{f"saga key line {i}": line for i, line in enumerate(_pem_lines(saga_pem))},
         **{f"{region} database password": c.password() for region, c in traced.clusters.items()},
         "PEM header": "PRIVATE KEY-----",
     }

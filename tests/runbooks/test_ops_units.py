@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from app.ops.target import OpsError, deployed_target, redact
 from app.security.keys import KeyConfigError, load_public_keys, public_pem
-from app.security.tokens import InternalTokenMinter, InternalTokenVerifier, TokenRefused
+from app.security.tokens import BoundRequest, HopTokenMinter, HopTokenVerifier, TokenRefused
 from tests.runbooks import gameday
 
 
@@ -36,11 +36,12 @@ def test_during_a_rotation_tokens_signed_by_the_old_or_the_new_key_verify_and_no
     old, new, stranger = (ed25519.Ed25519PrivateKey.generate() for _ in range(3))
     both = tmp_path / "internal.public.pem"
     both.write_text(public_pem(new.public_key()) + public_pem(old.public_key()))
-    verifier = InternalTokenVerifier(load_public_keys(str(both), what="test"))
+    verifier = HopTokenVerifier(load_public_keys(str(both), what="test"))
+    request = BoundRequest("GET", "/v1/accounts/x", b"")
     for key in (old, new):
-        assert verifier.verify(InternalTokenMinter(key).token("c", frozenset({"accounts:read"}))).client == "c"
+        assert verifier.verify(HopTokenMinter(key).token("c", {"accounts:read"}, request), request).client == "c"
     with pytest.raises(TokenRefused, match="signature"):
-        verifier.verify(InternalTokenMinter(stranger).token("c", frozenset({"accounts:read"})))
+        verifier.verify(HopTokenMinter(stranger).token("c", {"accounts:read"}, request), request)
     too_many = tmp_path / "many.pem"
     too_many.write_text(public_pem(old.public_key()) * 4)
     with pytest.raises(KeyConfigError, match=r"1\.\.3"):

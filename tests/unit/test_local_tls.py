@@ -68,12 +68,14 @@ def test_valid_files_are_kept_and_due_ones_are_made_again(tmp_path: Path) -> Non
 
 def _router_env(urls: dict[str, str], **extra: str) -> dict[str, str]:
     return {"TXROUTE_REGION": "eu-west-1", "TXROUTE_REGION_URLS": json.dumps(urls),
-            "TXROUTE_CLIENT_PUBLIC_KEYS": json.dumps({"k": "x"}), "TXROUTE_INTERNAL_PRIVATE_KEY": "x", **extra}
+            "TXROUTE_CLIENT_ISSUERS": json.dumps({"iss": {"keys": {"k": "x"}, "client_prefix": ""}}),
+            "TXROUTE_HOP_PRIVATE_KEY": "x", **extra}
 
 
 def _region_env(urls: dict[str, str], **extra: str) -> dict[str, str]:
     return {"TXROUTE_REGION": "eu-west-1", "TXROUTE_DATABASE_URL": "postgresql://u@h:5432",
-            "TXROUTE_INTERNAL_PUBLIC_KEY": "x", "TXROUTE_REGION_URLS": json.dumps(urls), **extra}
+            "TXROUTE_HOP_PUBLIC_KEY": "x", "TXROUTE_SAGA_PUBLIC_KEY": "x", "TXROUTE_REGION_URLS": json.dumps(urls),
+            **extra}
 
 
 def test_settings_refuse_plaintext_or_schemeless_internal_urls_unless_the_benchmark_knob_is_set(

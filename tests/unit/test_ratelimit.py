@@ -91,7 +91,8 @@ def test_the_table_is_bounded_and_forgets_the_least_recently_used_client() -> No
 
 def test_rate_and_burst_come_from_the_environment_with_defaults_no_normal_client_meets() -> None:
     base = {"TXROUTE_REGION": "eu-west-1", "TXROUTE_REGION_URLS": '{"eu-west-1": "https://x"}',
-            "TXROUTE_CLIENT_PUBLIC_KEYS": '{"k": "pem"}', "TXROUTE_INTERNAL_PRIVATE_KEY": "pem"}
+            "TXROUTE_CLIENT_ISSUERS": '{"iss": {"keys": {"k": "pem"}, "client_prefix": ""}}',
+            "TXROUTE_HOP_PRIVATE_KEY": "pem"}
     defaults = RouterSettings.from_env(base)
     assert defaults.client_rate_per_s >= 100 and defaults.client_burst >= 100
     tuned = RouterSettings.from_env({**base, "TXROUTE_CLIENT_RATE_PER_S": "2.5", "TXROUTE_CLIENT_BURST": "3"})

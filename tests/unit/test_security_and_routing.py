@@ -13,50 +13,104 @@ from app.router.routes import Kind, match, read_slot
 from app.router.shardmap import ShardMap
 from app.security.scopes import PUBLIC_SCOPES
 from app.security.tokens import (
-    ClientTokenVerifier,
-    InternalTokenMinter,
-    InternalTokenVerifier,
+    BoundRequest,
+    ClientIssuer,
+    ClientIssuers,
+    HopTokenMinter,
+    HopTokenVerifier,
+    SagaTokenMinter,
+    SagaTokenVerifier,
     TokenRefused,
     mint_client_token,
+    request_target,
 )
 from app.topology.loader import load_topology
 
 
 def test_client_tokens_verify_with_either_ed25519_or_p256_keys_and_nothing_else() -> None:
     ed, p256 = ed25519.Ed25519PrivateKey.generate(), ec.generate_private_key(ec.SECP256R1())
-    verifier = ClientTokenVerifier({"ed": ed.public_key(), "ec": p256.public_key()})
+    verifier = ClientIssuers([ClientIssuer("iss", {"ed": ed.public_key(), "ec": p256.public_key()}, "")])
     for kid, key in (("ed", ed), ("ec", p256)):
-        token = mint_client_token(key, client="c1", scopes={"accounts:read"}, lifetime_s=60, kid=kid)
+        token = mint_client_token(key, issuer="iss", client="c1", scopes={"accounts:read"}, lifetime_s=60, kid=kid)
         principal = verifier.verify(token)
         assert principal.client == "c1" and principal.scopes == {"accounts:read"}
     # The algorithm is the key's, not the token's: an ES256 token presented under the Ed25519 kid is refused.
-    wrong = mint_client_token(p256, client="c1", scopes=(), lifetime_s=60, kid="ed")
+    wrong = mint_client_token(p256, issuer="iss", client="c1", scopes=(), lifetime_s=60, kid="ed")
     with pytest.raises(TokenRefused):
         verifier.verify(wrong)
 
 
 def test_a_cached_token_is_refused_once_it_expires() -> None:
     key = ed25519.Ed25519PrivateKey.generate()
-    verifier = ClientTokenVerifier({"k": key.public_key()})
-    token = mint_client_token(key, client="c1", scopes=(), lifetime_s=10, kid="k")
+    verifier = ClientIssuers([ClientIssuer("iss", {"k": key.public_key()}, "")])
+    token = mint_client_token(key, issuer="iss", client="c1", scopes=(), lifetime_s=10, kid="k")
     verifier.verify(token)
     with pytest.raises(TokenRefused, match="expired"):
         verifier.verify(token, now=time.time() + 60)
 
 
-def test_internal_tokens_are_reused_briefly_and_refused_with_another_key() -> None:
+def test_hop_tokens_are_bound_to_their_request_and_refused_with_another_key() -> None:
     key = ed25519.Ed25519PrivateKey.generate()
-    minter = InternalTokenMinter(key)
-    now = time.time()
-    first = minter.token("c1", frozenset(PUBLIC_SCOPES), now=now)
-    assert minter.token("c1", frozenset(PUBLIC_SCOPES), now=now + 1) == first
-    assert minter.token("c1", frozenset(PUBLIC_SCOPES), now=now + 40) != first, "expected a fresh token near expiry"
-    assert InternalTokenVerifier(key.public_key()).verify(first).client == "c1"
+    minter, verifier = HopTokenMinter(key), HopTokenVerifier(key.public_key())
+    request = BoundRequest("POST", "/v1/deposits", b'{"amount": 5}', "key-1")
+    token = minter.token("c1", PUBLIC_SCOPES, request)
+    assert minter.token("c1", PUBLIC_SCOPES, request, now=time.time() + 1) != token, "one token per request"
+    assert verifier.verify(token, request).client == "c1"
+    for other in (BoundRequest("PUT", "/v1/deposits", b'{"amount": 5}', "key-1"),
+                  BoundRequest("POST", "/v1/withdrawals", b'{"amount": 5}', "key-1"),
+                  BoundRequest("POST", "/v1/deposits", b'{"amount": 500}', "key-1"),
+                  BoundRequest("POST", "/v1/deposits", b'{"amount": 5}', "key-2")):
+        with pytest.raises(TokenRefused, match="issued for another"):
+            verifier.verify(token, other)
+    with pytest.raises(TokenRefused, match="expired"):
+        verifier.verify(token, request, now=time.time() + 60)
     with pytest.raises(TokenRefused):
-        InternalTokenVerifier(ed25519.Ed25519PrivateKey.generate().public_key()).verify(first)
-    unsigned = jwt.encode({"sub": "c1", "exp": int(now) + 60}, key=None, algorithm="none")
+        HopTokenVerifier(ed25519.Ed25519PrivateKey.generate().public_key()).verify(token, request)
+    unsigned = jwt.encode({"sub": "c1", "exp": int(time.time()) + 60}, key=None, algorithm="none")
     with pytest.raises(TokenRefused):
-        InternalTokenVerifier(key.public_key()).verify(unsigned)
+        verifier.verify(unsigned, request)
+    # A saga token signed with the same key is still no hop token (issuer and audience differ), and back.
+    saga = SagaTokenMinter(key, "us-east-1").token("eu-west-1", request)
+    with pytest.raises(TokenRefused):
+        verifier.verify(saga, request)
+    saga_verifier = SagaTokenVerifier(key.public_key(), region="eu-west-1", peers=["eu-west-1", "us-east-1"])
+    assert saga_verifier.verify(saga, request) == "us-east-1"
+    with pytest.raises(TokenRefused):
+        saga_verifier.verify(token, request)
+    with pytest.raises(TokenRefused, match="audience"):  # addressed to another region
+        SagaTokenVerifier(key.public_key(), region="us-east-1", peers=["eu-west-1"]).verify(saga, request)
+
+
+def test_request_targets_survive_requoting_and_keep_distinct_queries_distinct() -> None:
+    assert request_target("/v1/accounts/a", b"") == "/v1/accounts/a"
+    assert request_target("/v1/accounts/a%5Fb", "limit=5&cursor=a%2Fb") == request_target(
+        "/v1/accounts/a_b", b"limit=5&cursor=a/b")
+    assert request_target("/x", "cursor=a%26limit%3D5") != request_target("/x", "cursor=a&limit=5")
+
+
+def test_client_issuers_keep_to_their_namespace_and_refuse_ambiguous_configuration() -> None:
+    dev, partner = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
+    issuers = ClientIssuers([ClientIssuer("dev", {"d": dev.public_key()}, ""),
+                             ClientIssuer("partner", {"p": partner.public_key()}, "partner-")])
+    assert issuers.owner("partner-7") is not None and issuers.owner("partner-7").name == "partner"  # type: ignore[union-attr]
+    assert issuers.owner("someone").name == "dev"  # type: ignore[union-attr]
+    ok = mint_client_token(partner, issuer="partner", client="partner-7", scopes=(), lifetime_s=60, kid="p")
+    assert issuers.verify(ok).client == "partner-7"
+    for token, reason in (
+        (mint_client_token(dev, issuer="dev", client="partner-7", scopes=(), lifetime_s=60, kid="d"), "may not"),
+        (mint_client_token(partner, issuer="partner", client="someone", scopes=(), lifetime_s=60, kid="p"),
+         "may not"),
+        (mint_client_token(partner, issuer="dev", client="partner-7", scopes=(), lifetime_s=60, kid="p"), "issuer"),
+        (mint_client_token(dev, issuer="dev", client="someone", scopes=(), lifetime_s=60), "no kid"),
+    ):
+        with pytest.raises(TokenRefused, match=reason):
+            issuers.verify(token)
+    with pytest.raises(ValueError, match="share the client_prefix"):
+        ClientIssuers([ClientIssuer("a", {"a": dev.public_key()}, "x-"),
+                       ClientIssuer("b", {"b": partner.public_key()}, "x-")])
+    with pytest.raises(ValueError, match="two client issuers"):
+        ClientIssuers([ClientIssuer("a", {"k": dev.public_key()}, "x-"),
+                       ClientIssuer("b", {"k": partner.public_key()}, "y-")])
 
 
 def test_routes_match_the_public_api_and_refuse_the_rest() -> None:

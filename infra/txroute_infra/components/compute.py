@@ -43,6 +43,20 @@ CONTAINER_HEALTH_CMD = [
 ]
 # Days a deleted secret can still be restored (the maximum).
 SECRET_RECOVERY_WINDOW_DAYS = 30
+# The JSON keys of each service's secret (what an operator puts; infra/README.md) and the variable each one
+# is injected as. The router's holds no saga key: tests/infra proves it.
+REGION_SECRET_KEYS = {
+    "hop_public_key": "PEM(s) verifying the routers' hop tokens",
+    "saga_public_key": "PEM(s) verifying other regions' saga tokens",
+    "saga_private_key": "PEM signing this region's saga calls",
+}
+REGION_SECRET_ENV = {"hop_public_key": "TXROUTE_HOP_PUBLIC_KEY", "saga_public_key": "TXROUTE_SAGA_PUBLIC_KEY",
+                     "saga_private_key": "TXROUTE_SAGA_PRIVATE_KEY"}
+ROUTER_SECRET_KEYS = {
+    "client_issuers": 'JSON {iss: {"keys": {kid: PEM}, "client_prefix": str}}',
+    "hop_private_key": "PEM signing hop tokens",
+}
+ROUTER_SECRET_ENV = {"client_issuers": "TXROUTE_CLIENT_ISSUERS", "hop_private_key": "TXROUTE_HOP_PRIVATE_KEY"}
 EXECUTION_POLICY_ARN = "arn:aws:iam::aws:policy/service-role/AmazonECSTaskExecutionRolePolicy"
 
 
@@ -91,12 +105,12 @@ class Compute(RegionalComponent):
                                    tags=self._tags, opts=self.child())
 
         # Secrets the services read; their values are put by an operator (infra/README.md), never by code.
-        self.region_secret = self._secret(
-            "region-secret", f"txroute/{environment}/region-service",
-            "internal_public_key (PEM): verifies internal tokens; internal_private_key (PEM): signs the "
-            "region's saga calls to other regions")
+        # One trust domain each (DESIGN D8): the saga key pair is in the region secret only, so no router
+        # (the internet-facing task) can ever sign a saga call.
+        self.region_secret = self._secret("region-secret", f"txroute/{environment}/region-service",
+                                          " ".join(f"{k}: {why};" for k, why in REGION_SECRET_KEYS.items()))
         self.router_secret = self._secret("router-secret", f"txroute/{environment}/router",
-                                          "client_public_keys (JSON kid -> PEM), internal_private_key (PEM)")
+                                          " ".join(f"{k}: {why};" for k, why in ROUTER_SECRET_KEYS.items()))
 
         # Regional service behind the internal load balancer.
         self.internal_lb = lb.LoadBalancer(
@@ -143,9 +157,8 @@ class Compute(RegionalComponent):
                      str(layout.POSTGRES_PORT))},
             secrets={
                 "TXROUTE_DATABASE_PASSWORD": pulumi.Output.concat(database_secret_arn, ":password::"),
-                "TXROUTE_INTERNAL_PUBLIC_KEY": pulumi.Output.concat(self.region_secret, ":internal_public_key::"),
-                "TXROUTE_INTERNAL_PRIVATE_KEY": pulumi.Output.concat(
-                    self.region_secret, ":internal_private_key::"),
+                **{env_name: pulumi.Output.concat(self.region_secret, f":{key}::")
+                   for key, env_name in REGION_SECRET_ENV.items()},
             },
             readable_secret_arns=[database_secret_arn, self.region_secret])
         validation = acm.CertificateValidation(
@@ -180,9 +193,8 @@ class Compute(RegionalComponent):
             env={"TXROUTE_REGION": self.spec.name,
                  "TXROUTE_REGION_URLS": pulumi.Output.json_dumps(region_urls)},
             secrets={
-                "TXROUTE_CLIENT_PUBLIC_KEYS": pulumi.Output.concat(self.router_secret, ":client_public_keys::"),
-                "TXROUTE_INTERNAL_PRIVATE_KEY": pulumi.Output.concat(
-                    self.router_secret, ":internal_private_key::"),
+                **{env_name: pulumi.Output.concat(self.router_secret, f":{key}::")
+                   for key, env_name in ROUTER_SECRET_ENV.items()},
             },
             readable_secret_arns=[self.router_secret])
 
