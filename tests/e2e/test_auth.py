@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from app.local.processes import ServiceProcess
 from app.security import scopes
 from app.security.tokens import HOP_AUDIENCE, HOP_ISSUER, BoundRequest, mint_client_token
-from app.topology.model import Topology
+from app.topology.ids import parse_account_id
+from app.topology.model import Shard, Topology
 from tests.e2e.conftest import ROUTER_REGION, RouterApi
 from tests.helpers import accounts_in_one_shard, new_client_id, new_key, shard_of
 from tests.keys import CLIENT_KID, PARTNER_PREFIX, TEST_ISSUER, SessionKeys, bound
@@ -202,6 +203,10 @@ def test_the_partner_issuer_is_accepted_within_its_own_namespace(keys: SessionKe
 TokenFor = Callable[[BoundRequest], str]
 
 
+def shard_for(topology: Topology, account: str) -> Shard:
+    return topology.shard_for_slot(parse_account_id(account).slot)
+
+
 def _hop(keys: SessionKeys, client: str, **override: Any) -> TokenFor:
     """A hop-token factory: the claims a router would sign for the request, with `override` applied; the
     key is the session's hop key unless `key=` says otherwise."""
@@ -272,11 +277,11 @@ async def test_direct_calls_to_a_region_need_a_valid_hop_token(
 
 async def test_a_hop_token_replayed_for_another_method_path_body_or_key_is_refused(
     client_api: RouterApi, funded_pair: tuple[str, str], keys: SessionKeys,
-    region_services: dict[str, ServiceProcess], http: httpx.AsyncClient,
+    region_services: dict[str, ServiceProcess], http: httpx.AsyncClient, topology: Topology,
 ) -> None:
     """A hop token seen in transit buys exactly its own request: nothing else is read or written with it."""
     debit, credit = funded_pair
-    region = region_services[ROUTER_REGION].url
+    region = region_services[shard_for(topology, debit).region].url  # the accounts' home: only it could apply
     hop = _hop(keys, client_api.client_id)
     deposit = {"account": debit, "amount": 5, "currency": "EUR"}
     key = new_key()
