@@ -39,6 +39,7 @@ CODES: Mapping[str, tuple[int, str]] = {
     "transfer_not_found": (404, "The transfer was not found"),
     "method_not_allowed": (405, "The method is not allowed on this route"),
     "idempotency_key_in_flight": (409, "A request with this Idempotency-Key is in flight"),
+    "account_busy": (409, "An account of this posting is locked by another operation; retry shortly"),
     "payload_too_large": (413, "The body is too large"),
     "unsupported_media_type": (415, "The body must be application/json"),
     "misdirected": (421, "This region does not own the account's slot"),

@@ -41,6 +41,21 @@ TENANT_QUEUE_RETRY_AFTER_S = 1
 # Serialization failures and deadlocks are retried by the server, never surfaced to a client.
 POSTING_RETRIES_MAX = 5
 POSTING_RETRY_BACKOFF_MS = 5
+# Fault isolation (issue 10). A batch's lock pass (accounts in id order) waits this long for one row while
+# holding the rows before it; a row still locked then is waited for holding nothing (the pass lets go and
+# starts again) for at most the batch's patience; past it the account is busy: the postings that need it
+# leave the batch and the rest commits. So one stuck account holds up no other account for long.
+POSTING_LOCK_WAIT_MS = 20
+POSTING_BATCH_LOCK_PATIENCE_MS = 250
+# A posting that left its batch is retried alone with more patience, then answered 409 account_busy with
+# Retry-After. At most this many per shard are retried at once (each holds a connection while it waits).
+POSTING_ALONE_LOCK_PATIENCE_MS = 1_000
+POSTING_ALONE_CONCURRENCY_MAX = 2
+ACCOUNT_BUSY_RETRY_AFTER_S = 1
+# Every request waits at most this long for its posting's outcome (queue, batch, lone retry); then it is
+# answered 503 shard_unavailable (outcome unknown: retry with the same Idempotency-Key). Above a batch's
+# statement timeout plus a lone retry, below the router's UPSTREAM_READ_TIMEOUT_S so the region answers first.
+POSTING_ANSWER_TIMEOUT_S = 12.0
 
 # Local stack.
 PROCESS_READY_TIMEOUT_S = 60.0

@@ -30,7 +30,15 @@ from app.security.keys import load_private_key, load_public_keys
 from app.security.tls import client_context
 from app.security.tokens import HopTokenVerifier, SagaTokenMinter, SagaTokenVerifier
 from app.store.provision import provision_shard, shard_dsn
-from app.store.shard import Outcome, QueueFull, ShardStore, ShardUnavailable, TenantQueueFull, open_pool
+from app.store.shard import (
+    AccountBusy,
+    Outcome,
+    QueueFull,
+    ShardStore,
+    ShardUnavailable,
+    TenantQueueFull,
+    open_pool,
+)
 from app.topology.loader import load_topology
 from app.topology.model import Topology
 
@@ -111,6 +119,7 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
             ShardUnavailable: _shard_unavailable,
             QueueFull: _overloaded,
             TenantQueueFull: _tenant_queue_full,
+            AccountBusy: _account_busy,
         },
         openapi_config=OPENAPI_CONFIG,
         request_max_body_size=limits.REQUEST_BODY_BYTES_MAX,
@@ -139,6 +148,17 @@ def _shard_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Respo
         Problem("shard_unavailable", "the account's database did not answer; retry with the same Idempotency-Key",
                 headers={"retry-after": "1"}),
     )
+
+
+def _account_busy(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    # Not stored under the Idempotency-Key (the posting never ran): the same request, retried, can succeed.
+    retry_after = str(limits.ACCOUNT_BUSY_RETRY_AFTER_S)
+    return problem_response(request, Problem(
+        "account_busy",
+        f"an account of this posting is locked by another operation; nothing was posted; retry after "
+        f"{retry_after} s with the same Idempotency-Key",
+        headers={"retry-after": retry_after},
+    ))
 
 
 def _overloaded(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:

@@ -3,6 +3,11 @@
 Every call returns an `Outcome`: the HTTP status and body the ledger decided, and whether it is an
 idempotent replay. Database failures are translated here, by class, never by message text:
 serialization failures and deadlocks are retried (bounded), a lost connection becomes `ShardUnavailable`.
+
+Fault isolation (issue 10): a posting whose account stays locked leaves its batch (the batch function waits
+at most POSTING_BATCH_LOCK_PATIENCE_MS for an account), is retried alone with more patience and, still
+blocked, fails with `AccountBusy` alone. The posting workers outlive any failure of a batch and any waiter
+that went away; every request waits for its outcome at most POSTING_ANSWER_TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -58,11 +63,18 @@ class TenantQueueFull(Exception):
         super().__init__(f"shard {shard}: client has {limit} postings queued")
 
 
+class AccountBusy(Exception):
+    """An account of the posting stayed locked by another operation (alone, too); nothing was posted, and
+    nothing was stored under its Idempotency-Key, so a retry can succeed."""
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     status: int
     body: dict[str, Any]
     replayed: bool = False
+    # The posting left its batch: one of its accounts was locked too long (never stored, never answered).
+    busy: bool = False
     # A saga message just committed to the outbox, for the fast path to deliver (never part of a response).
     message: dict[str, Any] | None = None
 
@@ -72,6 +84,7 @@ class Outcome:
             status=int(doc["status"]),
             body=doc["body"],
             replayed=bool(doc.get("replayed", False)),
+            busy=bool(doc.get("busy", False)),
             message=doc.get("message"),
         )
 
@@ -132,11 +145,15 @@ class ShardStore:
             maxsize=limits.POSTING_QUEUE_DEPTH_MAX
         )
         self._workers = [asyncio.create_task(self._work(), name=f"post-{name}-{i}") for i in range(workers)]
+        # Postings retried alone after leaving their batch; each holds a connection while it waits for a lock.
+        self._alone = asyncio.Semaphore(limits.POSTING_ALONE_CONCURRENCY_MAX)
+        self._alone_tasks: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
-        for task in self._workers:
+        tasks = [*self._workers, *self._alone_tasks]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.pool.close()
 
     # Writes -----------------------------------------------------------------------------------------
@@ -159,7 +176,7 @@ class ShardStore:
         # Released when the posting's outcome is known, not when its request goes away: shielded, the
         # future lives on if the request is cancelled, so the count follows what really occupies the queue.
         future.add_done_callback(lambda _: self._release(client))
-        return await asyncio.shield(future)
+        return await self._outcome(future)
 
     def _release(self, client: str) -> None:
         left = self._queued_by_client[client] - 1
@@ -230,25 +247,49 @@ class ShardStore:
         )
         return dict(row)
 
+    async def _outcome(self, future: asyncio.Future[Outcome]) -> Outcome:
+        """Wait for a queued posting's outcome, at most POSTING_ANSWER_TIMEOUT_S. On timeout the future is
+        cancelled: a worker that has not sent it yet drops it; one that has may still commit it, so the
+        outcome is unknown and the client retries with the same key (it replays if the posting committed)."""
+        # Its request may go away first (the future is shielded from that): its error is then read here, so
+        # asyncio does not report it as never retrieved.
+        future.add_done_callback(_retrieve)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), limits.POSTING_ANSWER_TIMEOUT_S)
+        except TimeoutError:
+            future.cancel()
+            raise ShardUnavailable(
+                f"shard {self.name}: no outcome within {limits.POSTING_ANSWER_TIMEOUT_S} s"
+            ) from None
+
     async def _work(self) -> None:
         while True:
             batch = [await self._queue.get()]
             while len(batch) < limits.POSTING_BATCH_SIZE_MAX and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            await self._post_batch(batch)
+            # A waiter that went away (cancelled, or past its deadline) got no answer: its posting is not sent.
+            batch = [queued for queued in batch if not queued[1].done()]
+            if not batch:
+                continue
+            try:
+                await self._post_batch(batch)
+            except Exception as exc:  # a worker outlives any failure; each waiter still gets one
+                log.error("posting_worker_error", extra={"shard": self.name, "error_type": type(exc).__name__})
+                for _, future, _ in batch:
+                    _fail(future, ShardUnavailable(f"shard {self.name}: {type(exc).__name__}"))
 
     async def _post_batch(self, batch: list[_Queued]) -> None:
         # The round trip belongs to the first request's trace; the others' spans are linked to it.
         spans = [span for _, _, span in batch if span is not None]
         try:
             results = await self._call(
-                "post", "select txr_post($1::jsonb)", [item for item, _, _ in batch],
+                "post", "select txr_post($1::jsonb, $2, $3)", [item for item, _, _ in batch],
+                limits.POSTING_LOCK_WAIT_MS, limits.POSTING_BATCH_LOCK_PATIENCE_MS,
                 parent=spans[0] if spans else None, links=spans[1:], batch_size=len(batch),
             )
         except ShardUnavailable as exc:
             for _, future, _ in batch:
-                if not future.done():
-                    future.set_exception(ShardUnavailable(str(exc)))
+                _fail(future, ShardUnavailable(str(exc)))
             return
         except asyncpg.PostgresError as exc:
             if len(batch) > 1:
@@ -257,18 +298,55 @@ class ShardStore:
                 for one in batch:
                     await self._post_batch([one])
                 return
-            batch[0][1].set_exception(exc)
+            _fail(batch[0][1], exc)
             return
         assert len(results) == len(batch), (len(results), len(batch))
-        for (_, future, _), result in zip(batch, results, strict=True):
-            if not future.done():
-                future.set_result(Outcome.from_json(result))
+        for (item, future, span), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            outcome = Outcome.from_json(result)
+            if outcome.busy:
+                # Retried by a task of its own, so a stuck account never holds up a worker (or other batches).
+                task = asyncio.create_task(self._post_alone(item, future, span), name=f"post-alone-{self.name}")
+                self._alone_tasks.add(task)
+                task.add_done_callback(self._alone_tasks.discard)
+            else:
+                future.set_result(outcome)
 
-    async def _call(self, op: str, sql: str, argument: Any, **span: Any) -> Any:
+    async def _post_alone(
+        self, item: dict[str, Any], future: asyncio.Future[Outcome], span: SpanContext | None
+    ) -> None:
+        """Retry a posting that left its batch, alone, waiting up to POSTING_ALONE_LOCK_PATIENCE_MS for its busy
+        account (holding no other lock meanwhile); still blocked, or no retry slot free within that time, its
+        waiter gets `AccountBusy`."""
+        try:
+            async with asyncio.timeout(limits.POSTING_ALONE_LOCK_PATIENCE_MS / 1000):
+                await self._alone.acquire()
+        except TimeoutError:
+            _fail(future, AccountBusy(self.name))
+            return
+        try:
+            if future.done():
+                return
+            results = await self._call(
+                "post_alone", "select txr_post($1::jsonb, $2, $3)", [item], limits.POSTING_LOCK_WAIT_MS,
+                limits.POSTING_ALONE_LOCK_PATIENCE_MS, parent=span, batch_size=1,
+            )
+            outcome = Outcome.from_json(results[0])
+            if outcome.busy:
+                _fail(future, AccountBusy(self.name))
+            elif not future.done():
+                future.set_result(outcome)
+        except Exception as exc:  # ShardUnavailable, or a bug: its waiter gets it, nobody else
+            _fail(future, exc)
+        finally:
+            self._alone.release()
+
+    async def _call(self, op: str, sql: str, *args: Any, **span: Any) -> Any:
         """One round trip, retried on serialization failure or deadlock (never surfaced to a client)."""
         for attempt in range(1, limits.POSTING_RETRIES_MAX + 1):
             try:
-                return await self._fetchval(op, sql, argument, **span)
+                return await self._fetchval(op, sql, *args, **span)
             except _RETRYABLE:
                 if attempt == limits.POSTING_RETRIES_MAX:
                     raise
@@ -369,3 +447,14 @@ class ShardStore:
     async def _fetch(self, op: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         async with self._connection(op) as conn:
             return list(await conn.fetch(sql, *args))
+
+
+def _retrieve(future: asyncio.Future[Outcome]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _fail(future: asyncio.Future[Outcome], exc: BaseException) -> None:
+    """Answer a waiter with an error unless it has its answer already or went away (cancelled)."""
+    if not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,161 @@
+"""Fault isolation in group commit (issue 10, DESIGN D11): one account whose row a stuck database session
+holds must cost only the postings that need that account, and a request that goes away must never take a
+posting worker with it."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import Callable
+
+import asyncpg
+import httpx
+
+from app.ledger.postings import Posting, PostingKind, fingerprint, settlement_account_id
+from app.store.shard import AccountBusy, Outcome, ShardStore, open_pool
+from app.topology.ids import new_transfer_id, parse_account_id
+from app.topology.model import Topology
+from tests.helpers import ApiClient, accounts_in_one_shard, assert_shard_conserved, new_key, poll_until
+
+OPENING_BALANCE = 10_000
+OTHER_TRANSFERS = 240
+STUCK_POSTINGS = 12
+
+
+async def _lock_row(dsn: str, account: str) -> tuple[asyncpg.Connection, asyncpg.transaction.Transaction]:
+    """Another session takes the account's row lock and keeps its transaction open (a stuck session)."""
+    conn = await asyncpg.connect(dsn)
+    tx = conn.transaction()
+    await tx.start()
+    locked = await conn.fetchval("select id from accounts where id = $1 for update", account)
+    assert locked == account, f"expected to lock {account}"
+    return conn, tx
+
+
+async def test_a_stuck_account_costs_only_its_own_postings_and_answers_account_busy(
+    api: ApiClient, topology: Topology, shard_dsn: Callable[[str], str]
+) -> None:
+    shard, accounts = await accounts_in_one_shard(api, topology, 9)
+    stuck, others = accounts[0], accounts[1:]
+    for account in accounts:
+        await api.funded(account, OPENING_BALANCE)
+    dsn = shard_dsn(shard)
+    holder, held = await _lock_row(dsn, stuck)
+    try:
+        rng = random.Random(20261128)
+        plan = [(*rng.sample(others, 2), rng.randint(1, 20)) for _ in range(OTHER_TRANSFERS)]
+        stuck_keys = [new_key() for _ in range(STUCK_POSTINGS)]
+        # The stuck account's postings are sent among the others', so they share batches with them.
+        stuck_calls = [
+            api.withdraw(stuck, 5, key=key) if i % 2 else api.transfer(others[i % len(others)], stuck, 5, key=key)
+            for i, key in enumerate(stuck_keys)
+        ]
+        other_calls = [api.transfer(d, c, amount) for d, c, amount in plan]
+        tasks = [asyncio.ensure_future(c) for c in other_calls[: OTHER_TRANSFERS // 2]]
+        stuck_tasks = [asyncio.ensure_future(c) for c in stuck_calls]
+        tasks += [asyncio.ensure_future(c) for c in other_calls[OTHER_TRANSFERS // 2:]]
+
+        other_responses = await asyncio.gather(*tasks)
+        failures = Counter(f"{r.status_code} {r.json().get('code')}" for r in other_responses if r.status_code != 201)
+        assert not failures, f"expected every posting on the other accounts to succeed, got {failures}"
+
+        # The lock is still held: each of the stuck account's postings is answered on its own, 409 account_busy.
+        stuck_responses: list[httpx.Response] = await asyncio.gather(*stuck_tasks)
+        for response in stuck_responses:
+            assert response.status_code == 409 and response.json()["code"] == "account_busy", (
+                f"expected 409 account_busy while the row is locked, got {response.status_code} {response.text}"
+            )
+            assert response.headers.get("retry-after"), "expected Retry-After on account_busy"
+    finally:
+        await held.rollback()
+        await holder.close()
+
+    # account_busy is not stored as the key's answer: the same request, retried, now succeeds.
+    retried = await api.withdraw(stuck, 5, key=stuck_keys[1])
+    assert retried.status_code == 201, f"expected the retried withdrawal to post, got {retried.text}"
+    assert retried.headers.get("idempotent-replayed") is None, "expected a first answer, not a replay"
+
+    expected = dict.fromkeys(accounts, OPENING_BALANCE)
+    for debit, credit, amount in plan:
+        expected[debit] -= amount
+        expected[credit] += amount
+    expected[stuck] -= 5
+    for account in accounts:
+        balance = await api.balance(account)
+        assert balance == expected[account], f"expected {account} at {expected[account]}, got {balance}"
+    await assert_shard_conserved(dsn)
+
+
+def _deposit(api: ApiClient, shard: str, account: str, amount: int, *, debit: str | None = None) -> Posting:
+    slot = parse_account_id(account).slot
+    return Posting(
+        kind=PostingKind.DEPOSIT, id=new_transfer_id(slot), slot=slot, client=api.client_id, key=new_key(),
+        fingerprint=fingerprint("deposit", {"account": account, "amount": amount}),
+        debit=debit or settlement_account_id(shard, "EUR"), credit=account, amount=amount, currency="EUR",
+        reference=None,
+    )
+
+
+async def test_a_cancelled_request_does_not_kill_a_posting_worker(
+    api: ApiClient, topology: Topology, shard_dsn: Callable[[str], str]
+) -> None:
+    """One worker only, so a dead worker would leave every later posting unanswered."""
+    shard, (locked, other) = await accounts_in_one_shard(api, topology, 2)
+    dsn = shard_dsn(shard)
+    store = ShardStore(shard, await open_pool(dsn, size_max=4), workers=1)
+    holder, held = await _lock_row(dsn, locked)
+    try:
+        # One batch: a posting that waits for the locked row, and one that fails inside the database (its
+        # debit names no account: an assertion in the posting function). The second's request goes away
+        # while the batch is in flight; the worker must still answer the first and take the next batch.
+        waiting = asyncio.ensure_future(store.post(_deposit(api, shard, locked, 7)))
+        doomed = asyncio.ensure_future(store.post(_deposit(api, shard, other, 3, debit="set_nowhere_EUR")))
+        cancelled_early = asyncio.ensure_future(store.post(_deposit(api, shard, other, 11)))
+        cancelled_early.cancel()
+
+        async def taken() -> bool:
+            return store._queue.empty()
+
+        await poll_until(taken, timeout_s=5, what="the worker to take the batch")
+        doomed.cancel()
+        await held.rollback()  # the waiting posting, retried alone, can now take its lock
+        outcome = await asyncio.wait_for(waiting, 10)
+        assert outcome.status == 201, f"expected the waiting deposit posted once its row was free, got {outcome}"
+
+        after: Outcome = await asyncio.wait_for(store.post(_deposit(api, shard, other, 5)), 10)
+        assert after.status == 201, f"expected a posting after the cancellations to succeed, got {after}"
+        assert doomed.cancelled() and cancelled_early.cancelled()
+    finally:
+        if holder.is_in_transaction():
+            await held.rollback()
+        await holder.close()
+        await store.close()
+    assert await api.balance(locked) == 7
+    assert await api.balance(other) == 5, "expected neither cancelled deposit nor the failing one to post"
+    await assert_shard_conserved(dsn)
+
+
+async def test_a_posting_blocked_alone_too_fails_with_account_busy_and_nothing_stored(
+    api: ApiClient, topology: Topology, shard_dsn: Callable[[str], str]
+) -> None:
+    shard, (locked,) = await accounts_in_one_shard(api, topology, 1)
+    dsn = shard_dsn(shard)
+    store = ShardStore(shard, await open_pool(dsn, size_max=4), workers=1)
+    holder, held = await _lock_row(dsn, locked)
+    posting = _deposit(api, shard, locked, 9)
+    try:
+        try:
+            await store.post(posting)
+            raise AssertionError("expected AccountBusy while the row is locked")
+        except AccountBusy:
+            pass
+        await held.rollback()
+        outcome = await store.post(posting)
+        assert (outcome.status, outcome.replayed) == (201, False), f"expected the same posting to post, got {outcome}"
+    finally:
+        if holder.is_in_transaction():
+            await held.rollback()
+        await holder.close()
+        await store.close()
+    assert await api.balance(locked) == 9
