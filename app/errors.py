@@ -56,6 +56,7 @@ CODES: Mapping[str, tuple[int, str]] = {
     "region_unavailable": (503, "The account's home region is unavailable"),
     "region_draining": (503, "The account's home region is drained for maintenance; writes wait"),
     "overloaded": (503, "The service is overloaded"),
+    "ledger_limit_reached": (503, "A system account of the shard is at its limit; operators are alerted"),
 }
 
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 # Money (DESIGN D3): every JSON client reads integers up to 2^53-1 exactly.
 AMOUNT_MINOR_MAX = 2**53 - 1
+# Settlement and transit accounts (one row per shard and currency) stay within +-this (half of bigint, so no
+# posting of at most AMOUNT_MINOR_MAX can overflow); migration 0006 holds the same bound.
+SYSTEM_ACCOUNT_BALANCE_ABS_MAX = 2**62
 OVERDRAFT_LIMIT_MINOR_MAX = 2**53 - 1
 
 # Request bodies and fields.
@@ -125,7 +128,12 @@ QUERY_STRING_BYTES_MAX = 1_024
 SAGA_FAST_PATH_WAIT_MS = 1_000
 # The relay leaves a fresh message to the fast path for this long after the commit (wait plus a margin).
 SAGA_RELAY_FIRST_DELAY_MS = 1_500
-SAGA_RELAY_BATCH_MAX = 32
+# The relay claims and sends per destination region, at most this many deliveries in flight to each (per
+# shard), so one slow region holds up only its own messages (issue 10).
+SAGA_RELAY_IN_FLIGHT_PER_DESTINATION_MAX = 32
+# A message whose delivery fails this many times in a way waiting cannot heal (the credit side refuses it as
+# malformed or fails on it, or its answer cannot be settled) is dead-lettered instead of retried forever.
+SAGA_POISON_FAILURES_MAX = 5
 # A claimed message is not claimed again for this long (another replica, or a crashed delivery).
 SAGA_RELAY_LEASE_MS = 10_000
 SAGA_RELAY_IDLE_POLL_MS = 100

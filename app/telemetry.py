@@ -170,6 +170,16 @@ class Metrics:
                               ["region", "shard"], registry=r)
         self.saga_deliveries = c("txroute_saga_deliveries_total", "Saga messages delivered and settled, by answer",
                                  ["region", "outcome"], registry=r)
+        self.saga_dead_letters = g("txroute_saga_dead_letters",
+                                   "Saga messages of a shard's outbox dead-lettered after SAGA_POISON_FAILURES_MAX "
+                                   "failures that cannot heal (their money stays in transit)", ["region", "shard"],
+                                   registry=r)
+        self.saga_dead_lettered = c("txroute_saga_dead_lettered_total",
+                                    "Saga messages this process dead-lettered", ["region", "shard"], registry=r)
+        self.system_account_usage = g("txroute_system_account_usage_ratio",
+                                      "The fullest settlement or transit account of a shard: |balance| over its "
+                                      "bound SYSTEM_ACCOUNT_BALANCE_ABS_MAX (at 1 its postings are refused)",
+                                      ["region", "shard"], registry=r)
         self.pool_in_use = g("txroute_db_pool_connections_in_use", "Database connections checked out of the pool",
                              ["region", "shard"], registry=r)
         self.pool_max = g("txroute_db_pool_connections_max", "The pool's bound", ["region", "shard"], registry=r)
@@ -384,15 +394,33 @@ def client_span(peer: str, method: str) -> contextlib.AbstractContextManager[Any
                  attributes={"txroute.peer_region": peer, "http.request.method": method})
 
 
-def linked_root_span(name: str, attributes: Mapping[str, str]) -> contextlib.AbstractContextManager[Any]:
+def linked_root_span(
+    name: str, attributes: Mapping[str, str], *, origin: SpanContext | None = None
+) -> contextlib.AbstractContextManager[Any]:
     """A new trace for work that outlives the request that caused it (a saga message's delivery), linked to
-    that request's span so one can be found from the other."""
+    that request's span so one can be found from the other: `origin` when given (the context stored with
+    the work, for a retry long after the request), else the current span."""
     if not TRACING.enabled:
         return _NOOP
-    origin = trace.get_current_span().get_span_context()
+    if origin is None:
+        origin = trace.get_current_span().get_span_context()
     links = [Link(origin)] if origin.is_valid else []
     return _span(name, kind=SpanKind.INTERNAL, context=Context(), links=links,
                  attributes={k: _attr(v) for k, v in attributes.items()})
+
+
+def traceparent(context: SpanContext) -> str:
+    """A span context as a W3C `traceparent` value (to store with work that is done later)."""
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+
+
+def span_context(traceparent_value: str | None) -> SpanContext | None:
+    """A stored `traceparent` back as a (remote) span context; None when absent or malformed."""
+    m = _TRACEPARENT.match(traceparent_value or "")
+    if m is None or m.group(1) == _NO_TRACE or m.group(2) == "0" * 16:
+        return None
+    return SpanContext(int(m.group(1), 16), int(m.group(2), 16), is_remote=True,
+                       trace_flags=trace.TraceFlags(int(m.group(3), 16)))
 
 
 def inject(headers: dict[str, str]) -> None:
@@ -401,9 +429,7 @@ def inject(headers: dict[str, str]) -> None:
     if TRACING.enabled:
         context = trace.get_current_span().get_span_context()
         if context.is_valid:
-            headers["traceparent"] = (
-                f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
-            )
+            headers["traceparent"] = traceparent(context)
             return
     ctx = _request.get()
     trace_id = ctx.trace_id if ctx is not None else secrets.token_hex(16)
@@ -417,8 +443,8 @@ def _incoming_context(traceparent: str | None) -> tuple[str | None, Context | No
         return None, None
     if not TRACING.enabled:
         return m.group(1), None
-    parent = SpanContext(int(m.group(1), 16), int(m.group(2), 16), is_remote=True,
-                         trace_flags=trace.TraceFlags(int(m.group(3), 16)))
+    parent = span_context(traceparent)
+    assert parent is not None
     return m.group(1), trace.set_span_in_context(trace.NonRecordingSpan(parent))
 
 

@@ -7,7 +7,8 @@ cross-region p50 is about R plus the same-shard p50 plus a few milliseconds.
 
 Then the relay: the source region is restarted with its relay paused and its fast path off, a backlog of
 transfers is committed, and the source restarted normally; the figure is messages delivered per second
-while the backlog drains (each delivery pays R; the relay sends up to SAGA_RELAY_BATCH_MAX at once).
+while the backlog drains (each delivery pays R; the relay sends up to
+SAGA_RELAY_IN_FLIGHT_PER_DESTINATION_MAX at once per destination region).
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def run(*, clients: int, seconds: float, accounts: int, rtt_ms: int, backlog: in
               f"(overhead beyond one round trip: {added - rtt_ms:+.1f} ms)")
         drained = _drain(services, clusters[SOURCE], backlog=backlog)
         print(f"{drained.name:<30} {drained.per_second:>9.0f}/s  ({drained.ops} messages in {drained.seconds:.1f} s, "
-              f"each paying the {rtt_ms} ms RTT; up to {limits.SAGA_RELAY_BATCH_MAX} in flight per shard)")
+              f"each paying the {rtt_ms} ms RTT; up to {limits.SAGA_RELAY_IN_FLIGHT_PER_DESTINATION_MAX} "
+              "in flight per shard and destination)")
     finally:
         for service in services.values():
             service.stop()

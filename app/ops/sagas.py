@@ -1,8 +1,10 @@
 """`txroute ops sagas list|inspect|retry`: cross-shard transfers still in the outbox (DESIGN D6).
 
 `retry` only makes messages due now (`next_attempt_at = now()`) so the relay delivers them on its next
-poll; it never touches money, states or entries. A message the relay holds (leased) may then be sent twice:
-the destination's inbox applies it once.
+poll; it never touches money, states or entries. A dead-lettered message (issue 10: it failed
+SAGA_POISON_FAILURES_MAX times in a way waiting cannot heal; its money is still in transit) is listed as
+such, and `retry` puts it back in the queue with its failure count reset, once its cause is fixed.
+A message the relay holds (leased) may then be sent twice: the destination's inbox applies it once.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import asyncpg
 from app.ops.target import OpsError, Target, confirm, each_shard
 
 _PENDING = """
-    select o.transfer_id, o.destination_shard, o.destination_region, o.attempts, o.last_error,
+    select o.transfer_id, o.destination_shard, o.destination_region, o.attempts, o.failures, o.last_error,
+           o.dead_lettered_at is not null as dead_lettered,
            extract(epoch from clock_timestamp() - o.created_at)::float as age_s,
            greatest(extract(epoch from o.next_attempt_at - clock_timestamp()), 0)::float as next_attempt_in_s,
            t.amount, t.currency, t.state
@@ -39,12 +42,15 @@ async def pending(target: Target, *, older_than_s: float = 0.0) -> tuple[list[di
 
 
 def list_text(rows: list[dict[str, Any]], unreadable: list[str]) -> str:
-    lines = [f"{len(rows)} saga message(s) waiting in outboxes"]
+    dead = sum(1 for r in rows if r["dead_lettered"])
+    lines = [f"{len(rows)} saga message(s) waiting in outboxes, {dead} of them dead-lettered"]
     for r in rows:
+        status = (f"DEAD-LETTER after {r['failures']} failures" if r["dead_lettered"]
+                  else f"next_in={r['next_attempt_in_s']:.0f}s")
         lines.append(
             f"  {r['transfer_id']}  {r['source_shard']} -> {r['destination_shard']} ({r['destination_region']})  "
             f"{r['amount']} {r['currency']}  age={r['age_s']:.0f}s attempts={r['attempts']} "
-            f"next_in={r['next_attempt_in_s']:.0f}s  last_error={r['last_error'] or '-'}"
+            f"{status}  last_error={r['last_error'] or '-'}"
         )
     lines += [f"  WARNING shard not read: {u}" for u in unreadable]
     return "\n".join(lines)
@@ -58,8 +64,9 @@ async def inspect(target: Target, transfer_id: str) -> dict[str, Any]:
             """select id, kind, debit_account, credit_account, amount, currency, state, reason, debit_shard,
                       credit_shard, created_at from transfers where id = $1""", transfer_id)
         outbox = await conn.fetchrow(
-            """select destination_shard, destination_region, attempts, last_error, created_at, next_attempt_at,
-                      delivered_at from outbox where transfer_id = $1""", transfer_id)
+            """select destination_shard, destination_region, attempts, failures, last_error, created_at,
+                      next_attempt_at, delivered_at, dead_lettered_at from outbox where transfer_id = $1""",
+            transfer_id)
         inbox = await conn.fetchrow(
             "select source_shard, outcome, reason, received_at from inbox where transfer_id = $1", transfer_id)
         if transfer is None and outbox is None and inbox is None:
@@ -98,7 +105,8 @@ def inspect_text(doc: dict[str, Any]) -> str:
         o = view["outbox"]
         if o:
             delivered = (f"delivered at {o['delivered_at']}" if o["delivered_at"]
-                         else f"next attempt {o['next_attempt_at']}")
+                         else f"DEAD-LETTER since {o['dead_lettered_at']} after {o['failures']} failures"
+                         if o["dead_lettered_at"] else f"next attempt {o['next_attempt_at']}")
             lines.append(f"    outbox -> {o['destination_shard']} ({o['destination_region']}): attempts={o['attempts']}"
                          f" {delivered}; last error: {o['last_error'] or '-'}")
         i = view["inbox"]
@@ -125,8 +133,8 @@ async def retry(
         chosen = [(by_id[t], t) for t in transfer_ids]
     for u in unreadable:
         print(f"WARNING shard not read: {u}")
-    plan = [f"make {len(chosen)} outbox message(s) due now, so the relay delivers them on its next poll "
-            "(no money, state or entry changes)"]
+    plan = [f"make {len(chosen)} outbox message(s) due now (dead letters among them back in the queue), so the "
+            "relay delivers them on its next poll (no money, state or entry changes)"]
     plan += [f"{t} (outbox of {s})" for s, t in chosen[:20]] + (["..."] if len(chosen) > 20 else [])
     if not chosen:
         print("nothing to retry")
@@ -139,7 +147,7 @@ async def retry(
 
     async def due(conn: asyncpg.Connection, shard: str) -> int:
         status = await conn.execute(
-            """update outbox set next_attempt_at = clock_timestamp()
+            """update outbox set next_attempt_at = clock_timestamp(), dead_lettered_at = null, failures = 0
                where transfer_id = any($1::text[]) and delivered_at is null""", by_shard[shard])
         return int(status.split()[-1])
 

@@ -93,7 +93,8 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
                 wan_latency_ms=settings.wan_latency_ms,
             )
             await peers.open()
-            saga = Saga(region.name, stores, peers, saga_minter, settings.faults)
+            saga = Saga(region.name, stores, peers, saga_minter, settings.faults,
+                        destinations=tuple(r.name for r in topology.regions))
             application.state.ledger = RegionLedger(region=region.name, topology=topology, stores=stores, saga=saga)
             await application.state.ledger.refresh_drain()  # a drained region starts drained
             relay = asyncio.create_task(saga.relay_forever(), name="saga-relay")
@@ -274,6 +275,9 @@ async def _observe_shard(region: str, store: ShardStore) -> None:
         return
     m.saga_backlog.labels(region, store.name).set(seen["pending"])
     m.saga_oldest_s.labels(region, store.name).set(seen["oldest_s"])
+    m.saga_dead_letters.labels(region, store.name).set(seen["dead_letters"])
+    m.system_account_usage.labels(region, store.name).set(
+        seen["system_abs_max"] / limits.SYSTEM_ACCOUNT_BALANCE_ABS_MAX)
     if seen["audit_clean"] is not None:
         m.audit_clean.labels(region, store.name).set(1 if seen["audit_clean"] else 0)
         m.audit_time.labels(region, store.name).set(seen["audit_at"])

@@ -8,17 +8,31 @@
 The fast path delivers right after the commit and waits at most SAGA_FAST_PATH_WAIT_MS. The relay delivers
 whatever is still in the outbox, at least once, with bounded exponential backoff and jitter; it starts from
 the outbox table, so a message survives any crash of this process.
+
+Fault isolation (issue 10). The relay claims and sends per destination region, at most
+SAGA_RELAY_IN_FLIGHT_PER_DESTINATION_MAX in flight to each, so a region that hangs holds up only its own
+messages. A delivery fails in one of two ways:
+
+    DeliveryFailed    waiting can heal it (a region or database unreachable, a timeout, a moved slot, a
+                      refused token): retried with backoff for as long as it takes; the backlog alert watches
+    Undeliverable     waiting cannot (the credit side answers that the message is malformed or fails on it;
+                      the source cannot settle the answer, e.g. a return past the source's 2^53-1 limit):
+                      counted, and dead-lettered after SAGA_POISON_FAILURES_MAX; its money stays in transit
+Each message carries the trace context of the request that committed it; every delivery links to it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import msgspec
+from opentelemetry.trace import SpanContext
 
 from app import limits, telemetry
 from app.api.upstreams import Answer, UpstreamError, Upstreams
@@ -35,6 +49,16 @@ class DeliveryFailed(Exception):
     """The message's outcome is not known yet; the relay will try again."""
 
 
+class Undeliverable(DeliveryFailed):
+    """A failure that waiting cannot heal: the relay counts it, and dead-letters the message after
+    SAGA_POISON_FAILURES_MAX of them."""
+
+
+# Answers of the credit region that say the message itself is at fault (malformed, or failing there): retrying
+# cannot help. Others (401/403 keys, 421 a moved slot, 429, 5xx but 500) can heal and are only retried.
+_POISON_STATUSES = frozenset({400, 404, 405, 413, 415, 422, 500})
+
+
 @dataclass
 class Saga:
     region: str
@@ -42,6 +66,12 @@ class Saga:
     peers: Upstreams | None  # the other regions' services
     minter: SagaTokenMinter | None  # signs this region's saga calls (saga key; routers never hold it)
     faults: FaultSettings = field(default_factory=FaultSettings)
+    # Every region messages may be addressed to (this one included: a transfer between two of its shards).
+    destinations: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.destinations:
+            self.destinations = (self.region, *(self.peers.urls if self.peers is not None else ()))
 
     # The fast path ----------------------------------------------------------------------------------
 
@@ -66,20 +96,26 @@ class Saga:
 
     # Delivery ---------------------------------------------------------------------------------------
 
-    async def deliver(self, store: ShardStore, message: dict[str, Any]) -> dict[str, Any]:
+    async def deliver(
+        self, store: ShardStore, message: dict[str, Any], *, origin: SpanContext | None = None
+    ) -> dict[str, Any]:
         """Send one message to its credit shard and settle its answer; returns the transfer's body.
 
-        Its trace is its own, linked to the request that committed the message (when delivered by the fast
-        path): delivery outlives that request, and the relay may redeliver long after it."""
+        Its trace is its own, linked to the request that committed the message: the current span on the fast
+        path, `origin` (stored with the message) when the relay redelivers long after that request."""
         attributes = {"txroute.region": self.region, "txroute.shard": store.name,
                       "txroute.peer_region": str(message.get("destination_region", "")),
                       "txroute.transfer_id": str(message["transfer_id"])}
-        with telemetry.linked_root_span("saga deliver", attributes):
+        with telemetry.linked_root_span("saga deliver", attributes, origin=origin):
             result = await self._apply(message)
             # Once the credit side has answered, the settlement must finish even if our caller stops waiting.
-            body = await asyncio.shield(
-                store.saga_settle(message["transfer_id"], result["outcome"], result.get("reason"))
-            )
+            try:
+                body = await asyncio.shield(
+                    store.saga_settle(message["transfer_id"], result["outcome"], result.get("reason"))
+                )
+            except asyncpg.PostgresError as exc:
+                # Not a lost connection (that is ShardUnavailable): the settlement itself cannot be written.
+                raise Undeliverable(f"settling {result['outcome']} failed: sqlstate {exc.sqlstate}") from None
         telemetry.METRICS.saga_deliveries.labels(self.region, str(result["outcome"])).inc()
         return body
 
@@ -90,6 +126,8 @@ class Saga:
                 result = await local.saga_apply(message)
             except ShardUnavailable as exc:
                 raise DeliveryFailed(str(exc)) from None
+            except asyncpg.PostgresError as exc:  # what the other region answers as 500
+                raise Undeliverable(f"credit shard failed: sqlstate {exc.sqlstate}") from None
             return self._check(result)
         return self._check(await self._apply_remote(message))
 
@@ -107,6 +145,8 @@ class Saga:
             answer = await self._post(region, token, body)
         if faults.drop_answer and random.random() < faults.drop_answer:
             raise DeliveryFailed("fault injection: answer dropped")
+        if answer.status in _POISON_STATUSES:
+            raise Undeliverable(f"region {region} answered {answer.status}")
         if answer.status != 200:
             raise DeliveryFailed(f"region {region} answered {answer.status}")
         try:
@@ -141,39 +181,93 @@ class Saga:
         if self.faults.relay_paused:
             log.warning("relay_paused_by_fault_injection")
             return
-        await asyncio.gather(*(self._relay_shard(store) for store in self.stores.values()))
+        await asyncio.gather(*(_Relay(self, store).run() for store in self.stores.values()))
 
-    async def _relay_shard(self, store: ShardStore) -> None:
-        while True:
-            try:
-                delivered = await self.relay_once(store)
-            except ShardUnavailable:
-                delivered = 0
-            except Exception as exc:  # the relay must outlive any one failure; the outbox keeps the work
-                log.error("relay_error", extra={"shard": store.name, "error_type": type(exc).__name__})
-                delivered = 0
-            if delivered == 0:
-                await asyncio.sleep(limits.SAGA_RELAY_IDLE_POLL_MS / 1000)
-
-    async def relay_once(self, store: ShardStore) -> int:
-        """Claim due messages of one shard and deliver them; returns how many were claimed."""
-        rows = await store.outbox_claim(limit=limits.SAGA_RELAY_BATCH_MAX, lease_ms=limits.SAGA_RELAY_LEASE_MS)
-        if self.faults.reorder:
-            rows = random.sample(rows, len(rows))
-        await asyncio.gather(*(self._relay_one(store, row) for row in rows))
-        return len(rows)
-
-    async def _relay_one(self, store: ShardStore, row: Any) -> None:
+    async def relay_one(self, store: ShardStore, row: Any) -> None:
+        """Deliver one claimed message; on failure reschedule it (with backoff) or, after
+        SAGA_POISON_FAILURES_MAX failures that cannot heal, dead-letter it. Never raises but on cancellation."""
         message = dict(row["message"], destination_region=row["destination_region"])
+        origin = telemetry.span_context(row["traceparent"])
         try:
             async with asyncio.timeout(limits.SAGA_DELIVERY_TIMEOUT_S * 2):
-                await self.deliver(store, message)
+                await self.deliver(store, message, origin=origin)
+            return
         except (DeliveryFailed, TimeoutError, ShardUnavailable) as exc:
-            delay_ms = backoff_ms(int(row["attempts"]))
-            telemetry.METRICS.saga_retries.labels(self.region, store.name).inc()
-            log.info("relay_retry", extra={"transfer_id": row["transfer_id"], "attempts": row["attempts"],
-                                           "delay_ms": delay_ms, "error_type": type(exc).__name__})
-            await store.outbox_reschedule(row["transfer_id"], delay_ms=delay_ms, error=str(exc))
+            failure: Exception = exc
+        except Exception as exc:  # a bug: retried like a failure that heals (never dead-letters by itself)
+            log.error("relay_delivery_error", extra={"shard": store.name, "error_type": type(exc).__name__})
+            failure = exc
+        poison = isinstance(failure, Undeliverable)
+        delay_ms = backoff_ms(int(row["attempts"]))
+        telemetry.METRICS.saga_retries.labels(self.region, store.name).inc()
+        log.info("relay_retry", extra={"transfer_id": row["transfer_id"], "attempts": row["attempts"],
+                                       "delay_ms": delay_ms, "error_type": type(failure).__name__,
+                                       "poison": poison})
+        try:
+            dead = await store.outbox_failed(row["transfer_id"], delay_ms=delay_ms, error=str(failure), poison=poison)
+        except (ShardUnavailable, asyncpg.PostgresError) as exc:  # its lease ends and it is claimed again
+            log.warning("relay_reschedule_failed", extra={"shard": store.name, "error_type": type(exc).__name__})
+            return
+        if dead:
+            telemetry.METRICS.saga_dead_lettered.labels(self.region, store.name).inc()
+            log.error("saga_dead_lettered", extra={"transfer_id": row["transfer_id"], "shard": store.name,
+                                                   "error": str(failure)[:200]})
+
+
+class _Relay:
+    """The relay of one shard: claims due messages per destination region, each with room for at most
+    SAGA_RELAY_IN_FLIGHT_PER_DESTINATION_MAX deliveries in flight, and sends each on a task of its own; a
+    slow region fills only its own room. Claims again as soon as a delivery ends, or after an idle poll."""
+
+    def __init__(self, saga: Saga, store: ShardStore) -> None:
+        self.saga = saga
+        self.store = store
+        self.in_flight = dict.fromkeys(saga.destinations, 0)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.wake = asyncio.Event()
+
+    async def run(self) -> None:
+        try:
+            while True:
+                claimed = await self._claim()
+                if claimed == 0:
+                    self.wake.clear()
+                    try:
+                        async with asyncio.timeout(limits.SAGA_RELAY_IDLE_POLL_MS / 1000):
+                            await self.wake.wait()
+                    except TimeoutError:
+                        pass
+        finally:
+            for task in self.tasks:
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _claim(self) -> int:
+        cap = limits.SAGA_RELAY_IN_FLIGHT_PER_DESTINATION_MAX
+        room = {region: cap - n for region, n in self.in_flight.items() if n < cap}
+        if not room:
+            return 0
+        try:
+            rows = await self.store.outbox_claim(room, lease_ms=limits.SAGA_RELAY_LEASE_MS)
+        except ShardUnavailable:
+            return 0
+        except Exception as exc:  # the relay must outlive any one failure; the outbox keeps the work
+            log.error("relay_error", extra={"shard": self.store.name, "error_type": type(exc).__name__})
+            return 0
+        if self.saga.faults.reorder:
+            rows = random.sample(rows, len(rows))
+        for row in rows:
+            region = row["destination_region"]
+            self.in_flight[region] += 1
+            task = asyncio.create_task(self.saga.relay_one(self.store, row), name=f"relay-{self.store.name}")
+            self.tasks.add(task)
+            task.add_done_callback(functools.partial(self._done, region))
+        return len(rows)
+
+    def _done(self, region: str, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.in_flight[region] -= 1
+        self.wake.set()
 
 
 def backoff_ms(attempts: int) -> int:

@@ -212,37 +212,46 @@ class ShardStore:
             body = await conn.fetchval("select txr_saga_settle($1, $2, $3)", transfer_id, outcome, reason)
         return dict(body)
 
-    async def outbox_claim(self, *, limit: int, lease_ms: int) -> list[asyncpg.Record]:
-        return await self._fetch("outbox_claim", "select * from txr_outbox_claim($1, $2)", limit, lease_ms)
+    async def outbox_claim(self, room: dict[str, int], *, lease_ms: int) -> list[asyncpg.Record]:
+        """Claim due messages, at most `room[region]` for each destination region (issue 10: fair relay)."""
+        regions = sorted(room)
+        return await self._fetch(
+            "outbox_claim", "select * from txr_outbox_claim($1::text[], $2::integer[], $3)",
+            regions, [room[r] for r in regions], lease_ms,
+        )
 
-    async def outbox_reschedule(self, transfer_id: str, *, delay_ms: int, error: str) -> None:
-        async with self._connection("outbox_reschedule") as conn:
-            await conn.execute(
-                """update outbox set next_attempt_at = clock_timestamp() + make_interval(secs => $2 / 1000.0),
-                          last_error = $3
-                   where transfer_id = $1 and delivered_at is null""",
-                transfer_id, delay_ms, error[:200],
-            )
+    async def outbox_failed(self, transfer_id: str, *, delay_ms: int, error: str, poison: bool) -> bool:
+        """Try a message again after `delay_ms`; a `poison` failure counts towards its dead letter (issue 10).
+        Returns True when this failure dead-lettered it."""
+        return bool(await self._fetchval(
+            "outbox_failed", "select txr_outbox_failed($1, $2, $3, $4, $5)",
+            transfer_id, delay_ms, error, poison, limits.SAGA_POISON_FAILURES_MAX,
+        ))
 
     async def outbox_backlog(self) -> dict[str, Any]:
         row = await self._fetchrow(
             "outbox_backlog",
             """select count(*) as pending,
                       coalesce(extract(epoch from clock_timestamp() - min(created_at)), 0)::float as oldest_s
-               from outbox where delivered_at is null"""
+               from outbox where delivered_at is null and dead_lettered_at is null"""
         )
         return dict(row)
 
     async def observe(self) -> dict[str, Any]:
-        """One round trip for the metrics: the saga backlog and its oldest message's age (DESIGN D6), and
-        the last audit `txroute audit` recorded here (audit_clean is None when none was)."""
+        """One round trip for the metrics: the saga backlog and its oldest message's age (DESIGN D6), the
+        dead letters, how close the fullest system account is to its bound (issue 10), and the last audit
+        `txroute audit` recorded here (audit_clean is None when none was)."""
         row = await self._fetchrow(
             "observe",
-            """select o.pending, o.oldest_s, a.clean as audit_clean,
-                      extract(epoch from a.finished_at)::float as audit_at
+            """select o.pending, o.oldest_s, d.dead_letters, s.system_abs_max,
+                      a.clean as audit_clean, extract(epoch from a.finished_at)::float as audit_at
                from (select count(*) as pending,
                             coalesce(extract(epoch from clock_timestamp() - min(created_at)), 0)::float as oldest_s
-                     from outbox where delivered_at is null) o
+                     from outbox where delivered_at is null and dead_lettered_at is null) o
+               cross join (select count(*) as dead_letters from outbox
+                           where dead_lettered_at is not null and delivered_at is null) d
+               cross join (select coalesce(max(abs(balance)), 0) as system_abs_max from accounts
+                           where kind <> 'customer') s
                left join lateral (select clean, finished_at from audit_runs order by id desc limit 1) a on true""",
         )
         return dict(row)
@@ -283,7 +292,7 @@ class ShardStore:
         spans = [span for _, _, span in batch if span is not None]
         try:
             results = await self._call(
-                "post", "select txr_post($1::jsonb, $2, $3)", [item for item, _, _ in batch],
+                "post", "select txr_post($1::jsonb, $2, $3)", [_with_trace(item, span) for item, _, span in batch],
                 limits.POSTING_LOCK_WAIT_MS, limits.POSTING_BATCH_LOCK_PATIENCE_MS,
                 parent=spans[0] if spans else None, links=spans[1:], batch_size=len(batch),
             )
@@ -329,8 +338,8 @@ class ShardStore:
             if future.done():
                 return
             results = await self._call(
-                "post_alone", "select txr_post($1::jsonb, $2, $3)", [item], limits.POSTING_LOCK_WAIT_MS,
-                limits.POSTING_ALONE_LOCK_PATIENCE_MS, parent=span, batch_size=1,
+                "post_alone", "select txr_post($1::jsonb, $2, $3)", [_with_trace(item, span)],
+                limits.POSTING_LOCK_WAIT_MS, limits.POSTING_ALONE_LOCK_PATIENCE_MS, parent=span, batch_size=1,
             )
             outcome = Outcome.from_json(results[0])
             if outcome.busy:
@@ -458,3 +467,11 @@ def _fail(future: asyncio.Future[Outcome], exc: BaseException) -> None:
     """Answer a waiter with an error unless it has its answer already or went away (cancelled)."""
     if not future.done():
         future.set_exception(exc)
+
+
+def _with_trace(item: dict[str, Any], span: SpanContext | None) -> dict[str, Any]:
+    """A saga posting carries its request's trace context into the outbox, so every later delivery of its
+    message (the relay's, minutes later) links to the request's trace (issue 10)."""
+    if span is None or "transit" not in item:
+        return item
+    return {**item, "traceparent": telemetry.traceparent(span)}

@@ -22,6 +22,7 @@ returns jsonb language plpgsql as $$
 declare
     v_results jsonb := '[]'::jsonb;
     v_item jsonb;
+    v_result jsonb;
     v_ids text[];
     v_id text;
     v_blocked text;
@@ -77,7 +78,17 @@ begin
                     'code', 'account_busy',
                     'detail', 'an account of this posting is locked by another operation; nothing was posted')));
         else
-            v_results := v_results || jsonb_build_array(txr_post_one(v_item));
+            -- A system account at its bound refuses the posting before anything is written (item 2 below).
+            v_result := txr_system_bound_refusal(v_item);
+            if v_result is null then
+                v_result := txr_post_one(v_item);
+                -- A saga message keeps its request's trace context, for every later delivery to link to.
+                if v_result ? 'message' and v_item ? 'traceparent' then
+                    update outbox set traceparent = v_item ->> 'traceparent'
+                    where transfer_id = v_result -> 'message' ->> 'transfer_id';
+                end if;
+            end if;
+            v_results := v_results || jsonb_build_array(v_result);
         end if;
     end loop;
     return v_results;
@@ -88,4 +99,112 @@ end $$;
 create or replace function txr_post(p_batch jsonb) returns jsonb language plpgsql as $$
 begin
     return txr_post(p_batch, 2000, 0);
+end $$;
+
+-- System accounts cannot wedge a shard (issue 10, item 2). Settlement and transit accounts are single rows per
+-- shard and currency, and their balances are the negated sum of many customers': unbounded, they would
+-- eventually overflow bigint (2^63-1), and from then on every deposit (or saga) of that currency would fail.
+-- They are kept one row each (group commit already makes a hot row cheap: every batch updates it once per
+-- posting under one lock, measured at the same rate as two customer accounts), and bounded at +-2^62, half of
+-- bigint: a posting is at most 2^53-1, so the check before each update leaves a margin no arithmetic crosses.
+-- A posting that would cross the bound is refused (503 ledger_limit_reached, not stored: nothing happened and
+-- the same request can succeed once the account is rebalanced); a gauge (txroute_system_account_usage_ratio)
+-- and an alert fire long before (runbooks/system-accounts.md).
+alter table accounts add constraint system_balance_within_bound check (
+    kind = 'customer' or balance between -4611686018427387904 and 4611686018427387904
+);
+-- The metrics read the system accounts of a shard at every scrape: a partial index keeps that off a scan of
+-- every customer account.
+create index accounts_system on accounts (id) where kind <> 'customer';
+
+-- The refusal of a posting that would push one of its system accounts past the bound, or null.
+create function txr_system_bound_refusal(p jsonb) returns jsonb language plpgsql stable as $$
+declare
+    v_amount bigint := (p ->> 'amount')::bigint;
+    v_debit text := p ->> 'debit';
+    v_credit text := coalesce(p ->> 'transit', p ->> 'credit');
+    v_balance bigint;
+begin
+    if left(v_debit, 4) in ('set_', 'trn_') then
+        select balance into v_balance from accounts where id = v_debit;
+        if v_balance - v_amount < -4611686018427387904 then
+            return jsonb_build_object('status', 503, 'body', jsonb_build_object('code', 'ledger_limit_reached',
+                'detail', 'a system account of this shard is at its limit; nothing was posted'));
+        end if;
+    end if;
+    if left(v_credit, 4) in ('set_', 'trn_') then
+        select balance into v_balance from accounts where id = v_credit;
+        if v_balance + v_amount > 4611686018427387904 then
+            return jsonb_build_object('status', 503, 'body', jsonb_build_object('code', 'ledger_limit_reached',
+                'detail', 'a system account of this shard is at its limit; nothing was posted'));
+        end if;
+    end if;
+    return null;
+end $$;
+
+-- Saga messages that can never be delivered go to a dead letter (issue 10, item 2). A failure that cannot
+-- heal by waiting (the credit side answers the message is malformed or fails on it; the source cannot settle
+-- the answer, e.g. a return that would push the source account over 2^53-1) is counted in `failures`; after
+-- SAGA_POISON_FAILURES_MAX of them the message is dead-lettered: never claimed again, listed by
+-- `txroute ops sagas list`, counted in /metrics and alarmed. Failures that heal (a region or database
+-- unreachable, a timeout) are only retried, however long: the saga backlog alert covers them.
+-- Money is never lost: the transfer stays `pending` at the source, its amount stays in the transit account
+-- and the audit counts it in flight; `txroute ops sagas retry` puts a dead letter back in the queue.
+--
+-- The relay is fair (item 3): it claims per destination region, so a slow region fills only its own share of
+-- deliveries. And each message keeps the trace context of the request that committed it (`traceparent`), so
+-- every later delivery, however late, links to that trace.
+alter table outbox
+    add column failures integer not null default 0 check (failures >= 0),
+    add column dead_lettered_at timestamptz,
+    add column traceparent text check (traceparent is null or traceparent ~ '^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$');
+create index outbox_due_by_destination on outbox (destination_region, next_attempt_at)
+    where delivered_at is null and dead_lettered_at is null;
+create index outbox_dead_letters on outbox (dead_lettered_at) where dead_lettered_at is not null and delivered_at is null;
+
+-- The relay claims per destination now (below); the claim of migration 0002 would also take dead letters.
+drop function txr_outbox_claim(integer, integer);
+
+-- Claims due messages: up to p_limits[i] for destination region p_regions[i], each leased for p_lease_ms and its
+-- attempt counted. One round trip for every destination; a region at its limit is simply left out by the caller.
+create function txr_outbox_claim(p_regions text[], p_limits integer[], p_lease_ms integer)
+returns table (transfer_id text, destination_region text, message jsonb, attempts integer, traceparent text)
+language plpgsql as $$
+begin
+    assert cardinality(p_regions) = cardinality(p_limits), 'one limit per region';
+    return query
+    update outbox o
+    set next_attempt_at = clock_timestamp() + make_interval(secs => p_lease_ms / 1000.0),
+        attempts = o.attempts + 1
+    where o.transfer_id in (
+        select c.transfer_id
+        from unnest(p_regions, p_limits) as r(region, n)
+        cross join lateral (
+            select d.transfer_id from outbox d
+            where d.destination_region = r.region and d.delivered_at is null and d.dead_lettered_at is null
+              and d.next_attempt_at <= clock_timestamp()
+            order by d.next_attempt_at
+            limit r.n
+            for update skip locked
+        ) c
+    )
+    returning o.transfer_id, o.destination_region, o.message, o.attempts, o.traceparent;
+end $$;
+
+-- A delivery failed: try again after p_delay_ms; a poison failure is counted, and the p_failures_max-th one
+-- dead-letters the message. Returns true when it did.
+create function txr_outbox_failed(
+    p_transfer_id text, p_delay_ms integer, p_error text, p_poison boolean, p_failures_max integer
+) returns boolean language plpgsql as $$
+declare
+    v_dead boolean;
+begin
+    update outbox
+    set next_attempt_at = clock_timestamp() + make_interval(secs => p_delay_ms / 1000.0),
+        last_error = left(p_error, 200),
+        failures = failures + case when p_poison then 1 else 0 end,
+        dead_lettered_at = case when p_poison and failures + 1 >= p_failures_max then clock_timestamp() end
+    where transfer_id = p_transfer_id and delivered_at is null and dead_lettered_at is null
+    returning dead_lettered_at is not null into v_dead;
+    return coalesce(v_dead, false);
 end $$;
