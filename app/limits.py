@@ -54,6 +54,12 @@ POSTING_BATCH_LOCK_PATIENCE_MS = 250
 # Retry-After. At most this many per shard are retried at once (each holds a connection while it waits).
 POSTING_ALONE_LOCK_PATIENCE_MS = 1_000
 POSTING_ALONE_CONCURRENCY_MAX = 2
+# A posting waits at most this long for a free retry slot (below POSTING_ANSWER_TIMEOUT_S less its patience).
+POSTING_ALONE_QUEUE_WAIT_MS = 5_000
+# An account found still busy by a retry alone is known busy for this long: further postings that leave
+# their batch for it are answered account_busy at once, and do not take the retry slots others need.
+ACCOUNT_BUSY_REMEMBERED_MS = 1_000
+ACCOUNTS_BUSY_REMEMBERED_MAX = 1_024
 ACCOUNT_BUSY_RETRY_AFTER_S = 1
 # Every request waits at most this long for its posting's outcome (queue, batch, lone retry); then it is
 # answered 503 shard_unavailable (outcome unknown: retry with the same Idempotency-Key). Above a batch's

@@ -148,6 +148,7 @@ class ShardStore:
         # Postings retried alone after leaving their batch; each holds a connection while it waits for a lock.
         self._alone = asyncio.Semaphore(limits.POSTING_ALONE_CONCURRENCY_MAX)
         self._alone_tasks: set[asyncio.Task[None]] = set()
+        self._busy_until: dict[str, float] = {}  # account -> monotonic time it is known busy until
 
     async def close(self) -> None:
         tasks = [*self._workers, *self._alone_tasks]
@@ -316,20 +317,27 @@ class ShardStore:
             outcome = Outcome.from_json(result)
             if outcome.busy:
                 # Retried by a task of its own, so a stuck account never holds up a worker (or other batches).
-                task = asyncio.create_task(self._post_alone(item, future, span), name=f"post-alone-{self.name}")
+                account = str(result.get("busy_account", ""))
+                task = asyncio.create_task(
+                    self._post_alone(item, future, span, account), name=f"post-alone-{self.name}"
+                )
                 self._alone_tasks.add(task)
                 task.add_done_callback(self._alone_tasks.discard)
             else:
                 future.set_result(outcome)
 
     async def _post_alone(
-        self, item: dict[str, Any], future: asyncio.Future[Outcome], span: SpanContext | None
+        self, item: dict[str, Any], future: asyncio.Future[Outcome], span: SpanContext | None, account: str
     ) -> None:
         """Retry a posting that left its batch, alone, waiting up to POSTING_ALONE_LOCK_PATIENCE_MS for its busy
-        account (holding no other lock meanwhile); still blocked, or no retry slot free within that time, its
-        waiter gets `AccountBusy`."""
+        account (holding no other lock meanwhile). Still blocked, its waiter gets `AccountBusy`, and so do, at
+        once, the next postings for that account for ACCOUNT_BUSY_REMEMBERED_MS: a stuck account then costs
+        one retry slot, not all of them, and postings that only met a briefly held row keep their retry."""
+        if self._known_busy(account):
+            _fail(future, AccountBusy(self.name))
+            return
         try:
-            async with asyncio.timeout(limits.POSTING_ALONE_LOCK_PATIENCE_MS / 1000):
+            async with asyncio.timeout(limits.POSTING_ALONE_QUEUE_WAIT_MS / 1000):
                 await self._alone.acquire()
         except TimeoutError:
             _fail(future, AccountBusy(self.name))
@@ -337,12 +345,16 @@ class ShardStore:
         try:
             if future.done():
                 return
+            if self._known_busy(account):
+                _fail(future, AccountBusy(self.name))
+                return
             results = await self._call(
                 "post_alone", "select txr_post($1::jsonb, $2, $3)", [_with_trace(item, span)],
                 limits.POSTING_LOCK_WAIT_MS, limits.POSTING_ALONE_LOCK_PATIENCE_MS, parent=span, batch_size=1,
             )
             outcome = Outcome.from_json(results[0])
             if outcome.busy:
+                self._remember_busy(str(results[0].get("busy_account", account)))
                 _fail(future, AccountBusy(self.name))
             elif not future.done():
                 future.set_result(outcome)
@@ -350,6 +362,15 @@ class ShardStore:
             _fail(future, exc)
         finally:
             self._alone.release()
+
+    def _known_busy(self, account: str) -> bool:
+        until = self._busy_until.get(account)
+        return until is not None and time.monotonic() < until
+
+    def _remember_busy(self, account: str) -> None:
+        if len(self._busy_until) >= limits.ACCOUNTS_BUSY_REMEMBERED_MAX:
+            self._busy_until.clear()  # bounded; at worst an account is retried alone once more
+        self._busy_until[account] = time.monotonic() + limits.ACCOUNT_BUSY_REMEMBERED_MS / 1000
 
     async def _call(self, op: str, sql: str, *args: Any, **span: Any) -> Any:
         """One round trip, retried on serialization failure or deadlock (never surfaced to a client)."""

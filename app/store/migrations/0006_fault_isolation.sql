@@ -74,7 +74,10 @@ begin
     for v_item in select value from jsonb_array_elements(p_batch) loop
         if v_item ->> 'debit' = any(v_busy) or coalesce(v_item ->> 'transit', v_item ->> 'credit') = any(v_busy) then
             v_results := v_results || jsonb_build_array(jsonb_build_object(
-                'status', 409, 'busy', true, 'body', jsonb_build_object(
+                'status', 409, 'busy', true,
+                'busy_account', case when v_item ->> 'debit' = any(v_busy) then v_item ->> 'debit'
+                                     else coalesce(v_item ->> 'transit', v_item ->> 'credit') end,
+                'body', jsonb_build_object(
                     'code', 'account_busy',
                     'detail', 'an account of this posting is locked by another operation; nothing was posted')));
         else
