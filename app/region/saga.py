@@ -55,8 +55,11 @@ class Undeliverable(DeliveryFailed):
 
 
 # Answers of the credit region that say the message itself is at fault (malformed, or failing there): retrying
-# cannot help. Others (401/403 keys, 421 a moved slot, 429, 5xx but 500) can heal and are only retried.
-_POISON_STATUSES = frozenset({400, 404, 405, 413, 415, 422, 500})
+# cannot help. Others (401/403 keys, 404 a route missing mid-deploy, 421 a moved slot, 429, 5xx but 500) can
+# heal and are only retried.
+_POISON_STATUSES = frozenset({400, 413, 415, 422, 500})
+# Database errors that heal by trying again (the store already retried them a few times).
+_TRANSIENT_DB_ERRORS = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
 
 
 @dataclass
@@ -113,6 +116,8 @@ class Saga:
                 body = await asyncio.shield(
                     store.saga_settle(message["transfer_id"], result["outcome"], result.get("reason"))
                 )
+            except _TRANSIENT_DB_ERRORS as exc:
+                raise DeliveryFailed(f"settling {result['outcome']}: sqlstate {exc.sqlstate}") from None
             except asyncpg.PostgresError as exc:
                 # Not a lost connection (that is ShardUnavailable): the settlement itself cannot be written.
                 raise Undeliverable(f"settling {result['outcome']} failed: sqlstate {exc.sqlstate}") from None
@@ -126,6 +131,8 @@ class Saga:
                 result = await local.saga_apply(message)
             except ShardUnavailable as exc:
                 raise DeliveryFailed(str(exc)) from None
+            except _TRANSIENT_DB_ERRORS as exc:
+                raise DeliveryFailed(f"credit shard: sqlstate {exc.sqlstate}") from None
             except asyncpg.PostgresError as exc:  # what the other region answers as 500
                 raise Undeliverable(f"credit shard failed: sqlstate {exc.sqlstate}") from None
             return self._check(result)
