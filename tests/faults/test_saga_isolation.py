@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import ssl
 from typing import Any
 
 import asyncpg
@@ -15,6 +16,7 @@ from app import limits
 from app.ops import sagas
 from app.ops.target import Target
 from tests.helpers import ApiClient, new_client_id, poll_until, shard_of
+from tests.tls import session_tls
 
 SKIP_FAST_PATH = {"TXROUTE_FAULT_SKIP_FAST_PATH": "1"}
 
@@ -105,16 +107,19 @@ async def test_a_return_past_the_payers_limit_is_dead_lettered_after_bounded_fai
 
 
 async def _hanging_server() -> tuple[asyncio.Server, str]:
-    """A TCP server that accepts connections and never answers (a region that hangs)."""
+    """An HTTPS server (the session's region certificate) that accepts requests and never answers them: a
+    region that hangs after the TLS handshake."""
 
     async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while await reader.read(65_536):
             pass
         writer.close()
 
-    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(session_tls().cert_file, session_tls().key_file)
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0, ssl=tls)
     port = server.sockets[0].getsockname()[1]
-    return server, f"http://127.0.0.1:{port}"
+    return server, f"https://127.0.0.1:{port}"
 
 
 async def test_a_hanging_destination_region_holds_up_only_its_own_messages(make_world: Any) -> None:
