@@ -28,6 +28,7 @@ async def test_a_retried_relay_delivery_links_to_the_trace_of_the_request_that_c
             "/v1/transfers", json={"debit_account": a, "credit_account": b, "amount": 40, "currency": "EUR"},
             headers=src.headers(key="key-" + secrets.token_hex(8),
                                 extra={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}),
+            auth=src.auth,
         )
         assert response.status_code == 202, f"expected 202 pending (fast path off): {response.text}"
         transfer_id = response.json()["id"]
