@@ -23,7 +23,7 @@ import asyncpg
 
 from app import limits
 from app.local import stack as local_stack
-from app.security.tls import client_context
+from app.security.tls import TlsConfigError, client_context, require_https
 from app.topology.loader import load_topology
 from app.topology.model import Topology
 
@@ -59,6 +59,8 @@ class Target:
 
     def tls(self) -> ssl.SSLContext:
         """What an ops command verifies the regions (and routers) it calls with."""
+        if self.ca_file is not None and not self.ca_file.is_file():
+            raise OpsError(f"the local stack has no CA yet ({self.ca_file}): start it with `txroute up`")
         return client_context(self.ca_file)
 
     def state_dir(self) -> Path | None:
@@ -102,6 +104,10 @@ def deployed_target(
         except OSError as exc:
             raise OpsError(f"cannot read --dsn-file {dsn_file}: {type(exc).__name__}") from None
         pairs += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    try:  # a deployed stack's regions and routers are reached over TLS only, as the routers reach them
+        require_https({**regions, **{f"router {u}": u for u in routers}}, what="--endpoint")
+    except TlsConfigError as exc:
+        raise OpsError(str(exc)) from None
     shard_dsns = {}
     for item in pairs:
         shard, dsn = _pair(item, "--dsn SHARD=DSN")

@@ -17,13 +17,30 @@ def test_a_deployed_target_takes_endpoints_and_dsns_and_never_shows_a_password(t
     dsn_file = tmp_path / "dsns"
     dsn_file.write_text("# shard=dsn\neuw1-b=postgresql://txroute:s3cret@db-b:5432/shard_euw1_b\n")
     target = deployed_target(
-        endpoints=["router=https://api.example/", "eu-west-1=http://10.20.1.5:8000"],
+        endpoints=["router=https://api.example/", "eu-west-1=https://eu-west-1.internal.api.example"],
         dsns=["euw1-a=postgresql://txroute:s3cret@db:5432/shard_euw1_a"], dsn_file=dsn_file, regions_dir=None,
     )
-    assert target.router_urls == ["https://api.example"] and target.region_urls == {"eu-west-1": "http://10.20.1.5:8000"}
+    assert target.router_urls == ["https://api.example"]
+    assert target.region_urls == {"eu-west-1": "https://eu-west-1.internal.api.example"}
     assert target.shards_of("eu-west-1") == ["euw1-a", "euw1-b"] and not target.local
     assert "s3cret" not in repr(target)
     assert redact(target.shard_dsns["euw1-a"]) == "postgresql://txroute:***@db:5432/shard_euw1_a"
+
+
+@pytest.mark.parametrize("endpoint", ["eu-west-1=http://10.20.1.5:8000", "router=http://api.example"])
+def test_a_deployed_target_refuses_plaintext_endpoints(endpoint: str) -> None:
+    with pytest.raises(OpsError, match="must be an https:// URL"):
+        deployed_target(endpoints=[endpoint], dsns=["euw1-a=postgresql://x@db/shard_euw1_a"], dsn_file=None,
+                        regions_dir=None)
+
+
+def test_a_local_target_without_its_ca_yet_says_to_start_the_stack(tmp_path: Path) -> None:
+    from app.ops.target import Target
+    from app.topology.loader import load_topology
+
+    target = Target(load_topology(), {}, [], {}, None, ca_file=tmp_path / "tls" / "ca.pem")
+    with pytest.raises(OpsError, match="no CA yet"):
+        target.tls()
 
 
 @pytest.mark.parametrize("dsns", [[], ["nope=postgresql://x@y/z"], ["euw1-a"]])
