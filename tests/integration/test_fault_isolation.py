@@ -13,7 +13,8 @@ import asyncpg
 import httpx
 
 from app.ledger.postings import Posting, PostingKind, fingerprint, settlement_account_id
-from app.store.shard import AccountBusy, Outcome, ShardStore, open_pool
+from app.store import shard as shard_module
+from app.store.shard import AccountBusy, Outcome, ShardStore
 from app.topology.ids import new_transfer_id, parse_account_id
 from app.topology.model import Topology
 from tests.helpers import ApiClient, accounts_in_one_shard, assert_shard_conserved, new_key, poll_until
@@ -87,6 +88,14 @@ async def test_a_stuck_account_costs_only_its_own_postings_and_answers_account_b
     await assert_shard_conserved(dsn)
 
 
+async def _store(shard: str, dsn: str) -> ShardStore:
+    """A shard store of this test's own, with one posting worker, on a pool as the service makes it (the
+    connection setup is the store's; the login here is the test cluster's owner)."""
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4, init=shard_module._init_connection)
+    assert pool is not None
+    return ShardStore(shard, pool, workers=1)
+
+
 def _deposit(api: ApiClient, shard: str, account: str, amount: int, *, debit: str | None = None) -> Posting:
     slot = parse_account_id(account).slot
     return Posting(
@@ -103,7 +112,7 @@ async def test_a_cancelled_request_does_not_kill_a_posting_worker(
     """One worker only, so a dead worker would leave every later posting unanswered."""
     shard, (locked, other) = await accounts_in_one_shard(api, topology, 2)
     dsn = shard_dsn(shard)
-    store = ShardStore(shard, await open_pool(dsn, size_max=4), workers=1)
+    store = await _store(shard, dsn)
     holder, held = await _lock_row(dsn, locked)
     try:
         # One batch: a posting that waits for the locked row, and one that fails inside the database (its
@@ -141,7 +150,7 @@ async def test_a_posting_blocked_alone_too_fails_with_account_busy_and_nothing_s
 ) -> None:
     shard, (locked,) = await accounts_in_one_shard(api, topology, 1)
     dsn = shard_dsn(shard)
-    store = ShardStore(shard, await open_pool(dsn, size_max=4), workers=1)
+    store = await _store(shard, dsn)
     holder, held = await _lock_row(dsn, locked)
     posting = _deposit(api, shard, locked, 9)
     try:
