@@ -140,6 +140,7 @@ class ShardStore:
         # (DESIGN D8). Only clients with postings in the queue have an entry: bounded by the queue's depth.
         self.client_postings_max = client_postings_max
         self._queued_by_client: dict[str, int] = {}
+        self._share_of: dict[asyncio.Future[Outcome], str] = {}  # each counted posting's client, until released
         self._throttle_logged_s: dict[str, float] = {}
         self._queue: asyncio.Queue[_Queued] = asyncio.Queue(
             maxsize=limits.POSTING_QUEUE_DEPTH_MAX
@@ -148,6 +149,7 @@ class ShardStore:
         # Postings retried alone after leaving their batch; each holds a connection while it waits for a lock.
         self._alone = asyncio.Semaphore(limits.POSTING_ALONE_CONCURRENCY_MAX)
         self._alone_tasks: set[asyncio.Task[None]] = set()
+        self._alone_futures: set[asyncio.Future[Outcome]] = set()  # postings a retry-alone task answers
         self._busy_until: dict[str, float] = {}  # account -> monotonic time it is known busy until
 
     async def close(self) -> None:
@@ -174,12 +176,23 @@ class ShardStore:
         except asyncio.QueueFull:
             raise QueueFull(self.name) from None
         self._queued_by_client[client] = queued + 1
+        self._share_of[future] = client
         # Released when the posting's outcome is known, not when its request goes away: shielded, the
         # future lives on if the request is cancelled, so the count follows what really occupies the queue.
-        future.add_done_callback(lambda _: self._release(client))
+        # A future cancelled at its answer's deadline (`_outcome`) may still be in commit: the worker (or
+        # the retry-alone task) releases it once the posting has left the queue and the database.
+        future.add_done_callback(self._release_answered)
         return await self._outcome(future)
 
-    def _release(self, client: str) -> None:
+    def _release_answered(self, future: asyncio.Future[Outcome]) -> None:
+        if not future.cancelled():
+            self._release(future)
+
+    def _release(self, future: asyncio.Future[Outcome]) -> None:
+        """Give back the posting's place in its client's share; idempotent (several paths may end it)."""
+        client = self._share_of.pop(future, None)
+        if client is None:
+            return
         left = self._queued_by_client[client] - 1
         if left:
             self._queued_by_client[client] = left
@@ -278,6 +291,9 @@ class ShardStore:
             while len(batch) < limits.POSTING_BATCH_SIZE_MAX and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             # A waiter that went away (cancelled, or past its deadline) got no answer: its posting is not sent.
+            for _, future, _ in batch:
+                if future.cancelled():
+                    self._release(future)
             batch = [queued for queued in batch if not queued[1].done()]
             if not batch:
                 continue
@@ -287,6 +303,11 @@ class ShardStore:
                 log.error("posting_worker_error", extra={"shard": self.name, "error_type": type(exc).__name__})
                 for _, future, _ in batch:
                     _fail(future, ShardUnavailable(f"shard {self.name}: {type(exc).__name__}"))
+            finally:
+                # Postings whose deadline passed while in commit leave the database only now.
+                for _, future, _ in batch:
+                    if future.cancelled() and future not in self._alone_futures:
+                        self._release(future)
 
     async def _post_batch(self, batch: list[_Queued]) -> None:
         # The round trip belongs to the first request's trace; the others' spans are linked to it.
@@ -318,6 +339,7 @@ class ShardStore:
             if outcome.busy:
                 # Retried by a task of its own, so a stuck account never holds up a worker (or other batches).
                 account = str(result.get("busy_account", ""))
+                self._alone_futures.add(future)
                 task = asyncio.create_task(
                     self._post_alone(item, future, span, account), name=f"post-alone-{self.name}"
                 )
@@ -333,6 +355,16 @@ class ShardStore:
         account (holding no other lock meanwhile). Still blocked, its waiter gets `AccountBusy`, and so do, at
         once, the next postings for that account for ACCOUNT_BUSY_REMEMBERED_MS: a stuck account then costs
         one retry slot, not all of them, and postings that only met a briefly held row keep their retry."""
+        try:
+            await self._post_alone_once(item, future, span, account)
+        finally:
+            self._alone_futures.discard(future)
+            if future.cancelled():  # past its deadline while retried: it has left the database only now
+                self._release(future)
+
+    async def _post_alone_once(
+        self, item: dict[str, Any], future: asyncio.Future[Outcome], span: SpanContext | None, account: str
+    ) -> None:
         if self._known_busy(account):
             _fail(future, AccountBusy(self.name))
             return

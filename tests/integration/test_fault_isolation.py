@@ -11,10 +11,12 @@ from collections.abc import Callable
 
 import asyncpg
 import httpx
+import pytest
 
+from app import limits
 from app.ledger.postings import Posting, PostingKind, fingerprint, settlement_account_id
 from app.store import shard as shard_module
-from app.store.shard import AccountBusy, Outcome, ShardStore
+from app.store.shard import AccountBusy, Outcome, ShardStore, ShardUnavailable, TenantQueueFull
 from app.topology.ids import new_transfer_id, parse_account_id
 from app.topology.model import Topology
 from tests.helpers import ApiClient, accounts_in_one_shard, assert_shard_conserved, new_key, poll_until
@@ -88,12 +90,12 @@ async def test_a_stuck_account_costs_only_its_own_postings_and_answers_account_b
     await assert_shard_conserved(dsn)
 
 
-async def _store(shard: str, dsn: str) -> ShardStore:
+async def _store(shard: str, dsn: str, *, client_postings_max: int = limits.TENANT_QUEUE_POSTINGS_MAX) -> ShardStore:
     """A shard store of this test's own, with one posting worker, on a pool as the service makes it (the
     connection setup is the store's; the login here is the test cluster's owner)."""
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4, init=shard_module._init_connection)
     assert pool is not None
-    return ShardStore(shard, pool, workers=1)
+    return ShardStore(shard, pool, workers=1, client_postings_max=client_postings_max)
 
 
 def _deposit(api: ApiClient, shard: str, account: str, amount: int, *, debit: str | None = None) -> Posting:
@@ -168,3 +170,48 @@ async def test_a_posting_blocked_alone_too_fails_with_account_busy_and_nothing_s
         await holder.close()
         await store.close()
     assert await api.balance(locked) == 9
+
+
+async def test_a_clients_queue_share_is_held_until_a_timed_out_posting_leaves_the_database(
+    api: ApiClient, topology: Topology, shard_dsn: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A waiter past POSTING_ANSWER_TIMEOUT_S is answered ShardUnavailable while its posting may still be in
+    commit: the client's share of the queue must stay taken until the database call ends, not be handed back
+    when the waiter gives up (else a client whose postings time out keeps adding more to a stuck shard)."""
+    shard, (locked, other) = await accounts_in_one_shard(api, topology, 2)
+    dsn = shard_dsn(shard)
+    monkeypatch.setattr(limits, "POSTING_ANSWER_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(limits, "POSTING_BATCH_LOCK_PATIENCE_MS", 4_000)  # in commit well past the timeout
+    store = await _store(shard, dsn, client_postings_max=1)
+    holder, held = await _lock_row(dsn, locked)
+    try:
+        try:
+            await store.post(_deposit(api, shard, locked, 7))
+            raise AssertionError("expected ShardUnavailable once the answer's deadline passed")
+        except ShardUnavailable:
+            pass
+        waiting = await holder.fetchval(
+            "select count(*) from pg_stat_activity where wait_event_type = 'Lock' and datname = current_database()"
+        )
+        assert waiting == 1, "expected the timed-out posting still in commit, waiting for the row"
+        try:
+            await store.post(_deposit(api, shard, other, 3))
+            raise AssertionError("expected TenantQueueFull while the client's timed-out posting is in commit")
+        except TenantQueueFull:
+            pass
+        await held.rollback()
+
+        async def share_free() -> bool:
+            return not store._queued_by_client
+
+        await poll_until(share_free, timeout_s=10, what="the share to be released once the posting committed")
+        after = await asyncio.wait_for(store.post(_deposit(api, shard, other, 5)), 10)
+        assert after.status == 201, f"expected the client to post again once its posting left, got {after}"
+    finally:
+        if holder.is_in_transaction():
+            await held.rollback()
+        await holder.close()
+        await store.close()
+    assert await api.balance(locked) == 7, "expected the timed-out posting committed (its outcome was unknown)"
+    assert await api.balance(other) == 5, "expected the refused posting not posted"
+    await assert_shard_conserved(dsn)
