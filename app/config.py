@@ -1,7 +1,8 @@
 """Typed settings, one dataclass per deployable, read from the environment in one place.
 
-Secrets (the database password, signing keys) come from the environment (in AWS: injected from Secrets
-Manager by ECS) and are never logged: `__repr__` hides them.
+Secrets (signing keys) come from the environment (in AWS: injected from Secrets Manager by ECS); the database
+password from the environment, a file or Secrets Manager itself, so a rotated one is read again
+(app/store/access.py). None is ever logged: `__repr__` hides them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from app import limits
 from app.security.tls import TlsConfigError, require_https
+from app.store.access import AccessError, DatabaseEndpoint, endpoint_from_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,15 +28,15 @@ class SettingsError(ValueError):
 class RegionSettings:
     # Which region this process serves: it hosts every shard of this region in `regions/`.
     region: str
-    # postgresql://user@host:port of the region's PostgreSQL server; each shard is a database on it.
-    database_url: str = field(repr=False)
-    # Kept apart from the URL so it can come from a secret store and never be printed with it.
-    database_password: str | None = field(default=None, repr=False)
+    # The region's PostgreSQL server (each shard is a database on it) and the least-privilege service role
+    # this process logs in as (DESIGN D8): TXROUTE_DATABASE_URL (postgresql://user@host:port, no password),
+    # the password apart (TXROUTE_DATABASE_PASSWORD, _PASSWORD_FILE or _SECRET_ID), TXROUTE_DATABASE_SSLMODE
+    # and TXROUTE_DATABASE_SSL_ROOT_CERT. The service never creates or migrates its databases: provisioning
+    # runs before it, as the owner (`python -m app.store.provision`).
+    database: DatabaseEndpoint = field(repr=False)
     regions_dir: Path | None = None
     # Per shard: connections in this process's pool, and group-commit workers drawing from it.
     db_pool_size_max: int = limits.DB_POOL_SIZE_MAX
-    # Create and migrate the shard databases at start (safe to run from every replica at once).
-    provision_on_start: bool = True
     # Public key(s) (PEM text or a file; several while one is rotated) that verify the routers' hop tokens
     # (DESIGN D8). Without them every public API call is refused with 401; `from_env` requires them.
     hop_public_key: str | None = field(default=None, repr=False)
@@ -61,15 +63,6 @@ class RegionSettings:
     tenant_queue_postings_max: int = limits.TENANT_QUEUE_POSTINGS_MAX
     faults: FaultSettings = field(default_factory=lambda: FaultSettings())
 
-    def server_dsn(self) -> str:
-        url = self.database_url.rstrip("/")
-        if self.database_password is None:
-            return url
-        scheme, _, rest = url.partition("://")
-        user, _, host = rest.rpartition("@")
-        assert user and ":" not in user, "put the password in TXROUTE_DATABASE_PASSWORD, not the URL"
-        return f"{scheme}://{user}:{self.database_password}@{host}"
-
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> RegionSettings:
         e = os.environ if env is None else env
@@ -81,13 +74,15 @@ class RegionSettings:
             raise SettingsError(f"TXROUTE_TENANT_QUEUE_POSTINGS_MAX must be in 1..{limits.POSTING_QUEUE_DEPTH_MAX}")
         region_urls = _json_object(e, "TXROUTE_REGION_URLS") if e.get("TXROUTE_REGION_URLS") else {}
         plaintext = _internal_tls(e, region_urls)
+        try:
+            database = endpoint_from_env(e)
+        except AccessError as exc:
+            raise SettingsError(str(exc)) from None
         return cls(
             region=_required(e, "TXROUTE_REGION"),
-            database_url=_required(e, "TXROUTE_DATABASE_URL"),
-            database_password=e.get("TXROUTE_DATABASE_PASSWORD") or None,
+            database=database,
             regions_dir=Path(e["TXROUTE_REGIONS_DIR"]) if e.get("TXROUTE_REGIONS_DIR") else None,
             db_pool_size_max=pool,
-            provision_on_start=e.get("TXROUTE_PROVISION_ON_START", "1") != "0",
             hop_public_key=_required(e, "TXROUTE_HOP_PUBLIC_KEY"),
             saga_public_key=_required(e, "TXROUTE_SAGA_PUBLIC_KEY"),
             region_urls=region_urls,

@@ -23,7 +23,6 @@ ENTRIES_PAGE_SIZE_DEFAULT = 50
 ENTRIES_PAGE_SIZE_MAX = 200
 
 # Database pools, per shard, per regional process.
-DB_POOL_SIZE_MIN = 2
 DB_POOL_SIZE_MAX = 8
 DB_CONNECT_TIMEOUT_S = 5.0
 DB_COMMAND_TIMEOUT_S = 10.0
@@ -173,3 +172,17 @@ LOCAL_CERT_RENEW_BEFORE_DAYS = 7  # a certificate this close to its end is repla
 AUDIT_WATERMARK_MARGIN_S = 10.0
 AUDIT_QUERY_TIMEOUT_S = 900.0  # one shard's reads; a full run over millions of entries takes seconds to minutes
 AUDIT_VIOLATIONS_PER_CHECK_MAX = 100  # per shard and check: the report names these, the count says the rest
+# Database credentials (app/store/access.py). After a refused login the password is read again (file or
+# Secrets Manager), at most this often; each Secrets Manager call is bounded.
+DB_PASSWORD_REREAD_INTERVAL_S = 5.0
+SECRETS_TIMEOUT_S = 5.0
+SECRETS_ATTEMPTS_MAX = 3
+
+# Readiness (`/readyz`, app/region/health.py): each shard is checked on a connection of its own, outside the
+# pool (a busy pool never fails it), this often and within this bound; the cached result older than
+# READINESS_RESULT_AGE_S_MAX counts as not ready. `/healthz` (liveness) touches no database.
+READINESS_CHECK_PERIOD_S = 1.0
+READINESS_CHECK_TIMEOUT_S = 2.0
+READINESS_RESULT_AGE_S_MAX = 10.0
+# Provisioning one region's shards (create, migrate, grant) from the local stack or the tests.
+PROVISION_TIMEOUT_S = 120.0

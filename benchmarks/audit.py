@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import asyncpg
 
 from app.ops.audit import AuditReport, audit
-from app.store.provision import provision_shard, shard_dsn
 from app.topology.loader import load_topology
 from benchmarks.common import fresh_cluster
 
@@ -133,10 +132,9 @@ def run(*, entries: int, delta: int, as_json: bool) -> int:
     slot_hex = f"{shard.slots[0].lo:03x}"
     cluster = fresh_cluster("bench-audit")
     try:
-        server = f"postgresql://postgres:{cluster.password()}@127.0.0.1:{cluster.port}"
-        asyncio.run(provision_shard(server, shard))
+        cluster.provision([shard])  # as the owner, as everywhere (the audit reads as the owner too)
         print(f"txroute bench audit: one shard ({shard.name}), {entries} entries, then {delta} more")
-        runs = asyncio.run(_measure(shard_dsn(server, shard), shard.name, slot_hex, entries, delta))
+        runs = asyncio.run(_measure(cluster.dsn(shard.database), shard.name, slot_hex, entries, delta))
     finally:
         cluster.stop()
     for timed in runs:

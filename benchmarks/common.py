@@ -109,18 +109,22 @@ def client_tls() -> ssl.SSLContext:
 
 
 def region_service(region: str, cluster: Cluster, log_file: Path, **env: str) -> ServiceProcess:
-    """A regional service serving HTTPS (the router benchmark's plaintext comparison uses `plain_region_service`)."""
+    """A regional service serving HTTPS (the router benchmark's plaintext comparison uses `plain_region_service`),
+    as deployed: provisioned as the owner first, logging in as the service role."""
+    cluster.provision(load_topology(Path(env["TXROUTE_REGIONS_DIR"]) if "TXROUTE_REGIONS_DIR" in env else None)
+                      .region(region).shards)
     return region_process(
         region, cluster.port, free_port(), log_file, tls=bench_tls(),
-        TXROUTE_DATABASE_PASSWORD=cluster.password(), **region_env(), **env,
+        TXROUTE_DATABASE_PASSWORD_FILE=str(cluster.service_password_file), **region_env(), **env,
     )
 
 
 def plain_region_service(region: str, cluster: Cluster, log_file: Path) -> ServiceProcess:
     """The same service over plain HTTP: only to measure what internal TLS costs (`bench router --internal-tls`)."""
+    cluster.provision(load_topology().region(region).shards)
     return region_process(
         region, cluster.port, free_port(), log_file, tls=None,
-        TXROUTE_DATABASE_PASSWORD=cluster.password(), **region_env(),
+        TXROUTE_DATABASE_PASSWORD_FILE=str(cluster.service_password_file), **region_env(),
     )
 
 

@@ -84,9 +84,12 @@ def server_url(cluster: Cluster) -> str:
 
 
 def region_process(region: str, cluster: Cluster, log_dir: Path, **env: str) -> ServiceProcess:
+    """A region's service as it runs deployed: the cluster is provisioned as its owner first, the service logs
+    in as the least-privilege service role."""
+    cluster.provision(load_topology().region(region).shards)
     return local_region_process(
         region, cluster.port, free_port(), log_dir / f"region-{region}.log", tls=session_tls(),
-        TXROUTE_DATABASE_PASSWORD=cluster.password(), **region_env(), **env,
+        TXROUTE_DATABASE_PASSWORD_FILE=str(cluster.service_password_file), **region_env(), **env,
     )
 
 

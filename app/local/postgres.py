@@ -3,11 +3,15 @@
 Uses the machine's server binaries when present (>= 14), otherwise the ones the `pgserver` wheel ships
 (installed by `ci/bootstrap.sh` when needed). PostgreSQL refuses to run as root, so when we are root the
 server runs as an unprivileged system user that this module creates. Clusters listen on 127.0.0.1 only,
-with password (SCRAM) authentication; the password lives in the cluster's folder, mode 0600.
+with password (SCRAM) authentication; the passwords live in the cluster's folder, mode 0600: the owner's
+(the `postgres` superuser: provisioning, migrations, `txroute ops`) and the service role's (the regional
+services, DESIGN D8), which `provision` creates or updates.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import glob
 import hashlib
 import os
@@ -18,14 +22,19 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from app import limits
+from app.store.access import DatabaseEndpoint, PasswordSource
+from app.store.provision import SERVICE_ROLE_DEFAULT, provision_region
+from app.topology.model import Shard
 
 PG_USER_DEFAULT = "txroute-pg"
 PG_MAJOR_MIN = 14
 SUPERUSER = "postgres"
+SERVICE_ROLE = SERVICE_ROLE_DEFAULT
 
 
 class PostgresError(RuntimeError):
@@ -158,11 +167,40 @@ class Cluster:
     def log_file(self) -> Path:
         return self.folder / "server.log"
 
+    @property
+    def service_password_file(self) -> Path:
+        return self.folder / "service-password"
+
     def password(self) -> str:
         return self.password_file.read_text().strip()
 
+    def service_password(self) -> str:
+        """The service role's password, made on first use (kept out of the server user's reach)."""
+        if not self.service_password_file.exists():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.service_password_file.touch(mode=0o600)
+            self.service_password_file.write_text(secrets.token_urlsafe(24))
+        return self.service_password_file.read_text().strip()
+
     def dsn(self, database: str) -> str:
+        """The owner's DSN (tests, `txroute ops`); the password is URL-safe by construction."""
         return f"postgresql://{SUPERUSER}:{self.password()}@127.0.0.1:{self.port}/{database}"
+
+    def owner_endpoint(self) -> DatabaseEndpoint:
+        return DatabaseEndpoint("127.0.0.1", self.port, SUPERUSER, PasswordSource.fixed(self.password()))
+
+    def service_url(self) -> str:
+        """TXROUTE_DATABASE_URL of a regional service on this cluster (its password goes apart)."""
+        return f"postgresql://{SERVICE_ROLE}@127.0.0.1:{self.port}"
+
+    def provision(self, shards: Sequence[Shard]) -> None:
+        """Create, migrate and grant `shards` as the owner, and the service role with `service_password()`.
+        Runs in a thread of its own, so that it can be called from inside an event loop (the tests)."""
+        coroutine = provision_region(
+            self.owner_endpoint(), shards, service_role=SERVICE_ROLE, service_password=self.service_password()
+        )
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            pool.submit(asyncio.run, coroutine).result(timeout=limits.PROVISION_TIMEOUT_S)
 
     def initialised(self) -> bool:
         return (self.data_dir / "PG_VERSION").is_file()
@@ -258,7 +296,7 @@ class Cluster:
             os.chown(path, entry.pw_uid, entry.pw_gid)
             if path.is_dir():
                 for sub in path.rglob("*"):
-                    if sub.name != "password":
+                    if sub.name not in ("password", "service-password"):
                         os.lchown(sub, entry.pw_uid, entry.pw_gid)
 
     def _check_traversable(self) -> None:

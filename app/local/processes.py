@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app import limits
+from app.local.postgres import SERVICE_ROLE
 from app.local.tls import LocalTls
 from app.security.tls import client_context
 
@@ -117,8 +118,9 @@ def http_ok(url: str, *, timeout_s: float = 2.0, ca_file: Path | None = None) ->
 def region_process(
     region: str, database_port: int, port: int, log_file: Path, *, tls: LocalTls | None, **env: str
 ) -> ServiceProcess:
-    """A regional service on loopback against the region's PostgreSQL on `database_port` (the stack, the
-    tests and the benchmarks all start it this way; each adds its keys and the database password).
+    """A regional service on loopback against the region's PostgreSQL on `database_port`, as the service role
+    (the stack, the tests and the benchmarks all start it this way; each adds its keys and the service role's
+    password, TXROUTE_DATABASE_PASSWORD_FILE, after provisioning the cluster as its owner).
 
     With `tls` (always, except the router benchmark's plaintext comparison) it serves HTTPS with the local
     CA's certificate and verifies the other regions it calls with that CA."""
@@ -128,7 +130,7 @@ def region_process(
         argv=asgi_command(REGION_FACTORY, port, tls=tls),
         env={
             "TXROUTE_REGION": region,
-            "TXROUTE_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{database_port}",
+            "TXROUTE_DATABASE_URL": f"postgresql://{SERVICE_ROLE}@127.0.0.1:{database_port}",
             **tls_env,
             **env,
         },

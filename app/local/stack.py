@@ -95,7 +95,12 @@ def plan(config: StackConfig) -> Stack:
         pg_port = config.ports.get(f"postgres-{region.name}", config.pg_port_base + i)
         cluster = Cluster(root / region.name, pg_port, run_as, bin_dir)
         clusters[region.name] = cluster
-        env = {"TXROUTE_HOP_PUBLIC_KEY": str(keys.hop_public), "TXROUTE_SAGA_PUBLIC_KEY": str(keys.saga_public)}
+        # The service role's password file: re-read by the service after a refused login (a rotation).
+        env = {
+            "TXROUTE_HOP_PUBLIC_KEY": str(keys.hop_public),
+            "TXROUTE_SAGA_PUBLIC_KEY": str(keys.saga_public),
+            "TXROUTE_DATABASE_PASSWORD_FILE": str(cluster.service_password_file),
+        }
         if config.regions_dir is not None:
             env["TXROUTE_REGIONS_DIR"] = str(config.regions_dir)
         log_file = config.state / "logs" / f"region-{region.name}.log"
@@ -175,14 +180,12 @@ def up(stack: Stack) -> None:
     stack.config.state.mkdir(parents=True, exist_ok=True)
     ensure_dev_keys(stack.keys.folder)
     ensure_local_tls(stack.tls.folder)  # a missing or expiring CA or certificate is made again here
-    for cluster in stack.clusters.values():
+    for region, cluster in stack.clusters.items():
         cluster.init()
         cluster.start()
+        # As the owner, before any service starts: the services log in as the service role only.
+        cluster.provision(stack.topology.region(region).shards)
     for service in stack.services:
-        # The password stays out of stack.json and of argv: it goes to the child's environment only.
-        region = service.env["TXROUTE_REGION"] if service.name != ROUTER_NAME else None
-        if region is not None:
-            service.env["TXROUTE_DATABASE_PASSWORD"] = stack.clusters[region].password()
         service.start()
     try:
         for service in stack.services:
@@ -276,10 +279,7 @@ def restart_services(stack: Stack, names: list[str]) -> list[str]:
         if name in pids:
             _wait_gone(pids[name])
     for name in names:
-        service = by_name[name]
-        if service.name != ROUTER_NAME:
-            service.env["TXROUTE_DATABASE_PASSWORD"] = stack.clusters[service.env["TXROUTE_REGION"]].password()
-        service.start()
+        by_name[name].start()
     for name in names:
         by_name[name].wait_ready()
     for name in names:

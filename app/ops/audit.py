@@ -658,14 +658,10 @@ async def record(report: AuditReport, shard_dsns: dict[str, str]) -> list[str]:
             unwritten.append(name)
             continue
         try:
-            async with conn.transaction():
-                await conn.execute(
-                    "insert into audit_runs (clean, violations, failed_checks) values ($1, $2, $3)",
-                    report.clean, len(report.violations), failed_checks,
-                )
-                await conn.execute(
-                    "delete from audit_runs where id <= (select max(id) from audit_runs) - $1", AUDIT_RUNS_KEPT
-                )
+            await conn.execute(
+                "select txr_audit_record($1, $2, $3, $4)",
+                report.clean, len(report.violations), failed_checks, AUDIT_RUNS_KEPT,
+            )
         except (OSError, TimeoutError, asyncpg.PostgresError):
             unwritten.append(name)
         finally:

@@ -42,12 +42,8 @@ async def set_drain(target: Target, region: str, *, drain: bool, reason: str, ye
         return True
 
     async def write(conn: asyncpg.Connection, shard: str) -> None:
-        if drain:
-            await conn.execute(
-                "update shard_info set draining_since = coalesce(draining_since, clock_timestamp()), "
-                "drain_reason = $1", reason or "drained by txroute ops drain")
-        else:
-            await conn.execute("update shard_info set draining_since = null, drain_reason = null")
+        # Through the ledger's function (migration 0005), so the service role may run it as well as the owner.
+        await conn.execute("select txr_region_drain($1)", (reason or "drained by txroute ops drain") if drain else None)
 
     results = await each_shard(target, write, shards)
     failed = [f"{r.shard}: {r.error}" for r in results if r.error]

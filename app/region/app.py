@@ -1,5 +1,6 @@
 """The regional service's composition root: `create_app(settings)` does no I/O; the lifespan opens one
-asyncpg pool per shard of the region (after provisioning it, when configured) and closes them."""
+asyncpg pool per shard of the region (connecting on demand, as the service role: provisioning ran before, as
+the owner) and closes them. A database that is unreachable at start delays readiness, never the start."""
 
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ from app.api.upstreams import Upstreams
 from app.config import RegionSettings
 from app.errors import Problem
 from app.region.api import PUBLIC_ROUTES, REQUEST_BODIES, outcome_response
+from app.region.health import Readiness
 from app.region.identity import require_internal, saga_peer, verified_body
 from app.region.saga import Saga
 from app.region.service import RegionLedger
 from app.security.keys import load_private_key, load_public_keys
 from app.security.tls import client_context
 from app.security.tokens import HopTokenVerifier, SagaTokenMinter, SagaTokenVerifier
-from app.store.provision import provision_shard, shard_dsn
 from app.store.shard import (
     AccountBusy,
     Outcome,
@@ -76,14 +77,14 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
         relay: asyncio.Task[None] | None = None
         drain_watch: asyncio.Task[None] | None = None
         emf: asyncio.Task[None] | None = None
+        readiness: asyncio.Task[None] | None = None
         try:
             for shard in region.shards:
-                if settings.provision_on_start:
-                    await provision_shard(settings.server_dsn(), shard)
-                pool = await open_pool(shard_dsn(settings.server_dsn(), shard), size_max=settings.db_pool_size_max)
+                pool = await open_pool(settings.database, shard.database, size_max=settings.db_pool_size_max)
                 workers = min(limits.POSTING_WORKERS, settings.db_pool_size_max)
                 stores[shard.name] = ShardStore(
-                    shard.name, pool, workers=workers, client_postings_max=settings.tenant_queue_postings_max
+                    shard.name, pool, workers=workers, client_postings_max=settings.tenant_queue_postings_max,
+                    endpoint=settings.database, database=shard.database,
                 )
             peers = Upstreams(
                 {r: url for r, url in settings.region_urls.items() if r != region.name},
@@ -96,14 +97,16 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
             saga = Saga(region.name, stores, peers, saga_minter, settings.faults,
                         destinations=tuple(r.name for r in topology.regions))
             application.state.ledger = RegionLedger(region=region.name, topology=topology, stores=stores, saga=saga)
-            await application.state.ledger.refresh_drain()  # a drained region starts drained
+            # A drained region starts drained: readiness waits until the flag has been read (app/region/health.py).
+            application.state.readiness = Readiness(application.state.ledger)
+            readiness = asyncio.create_task(application.state.readiness.check_forever(), name="readiness")
             relay = asyncio.create_task(saga.relay_forever(), name="saga-relay")
             drain_watch = asyncio.create_task(_watch_drain(application.state.ledger), name="drain-watch")
             emf = asyncio.create_task(_publish_cloudwatch_metrics(application.state.ledger), name="emf")
             log.info("region_started", extra={"region": region.name, "shards": len(stores)})
             yield
         finally:
-            for task in (relay, drain_watch, emf):
+            for task in (readiness, relay, drain_watch, emf):
                 if task is not None:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
@@ -193,25 +196,26 @@ async def _watch_drain(ledger: RegionLedger) -> None:
 
 
 # The bodies are the same msgspec structs the OpenAPI document describes, so an answer cannot drift from it.
-@get("/healthz", summary="The process is alive", responses={200: ResponseSpec(Health, description="alive")})
+@get("/healthz", summary="Liveness: the process answers (no database work)",
+     responses={200: ResponseSpec(Health, description="alive")})
 async def healthz(request: Request[Any, Any, Any]) -> Response[bytes]:
     return json_response(request, 200, Health(status="ok"))
 
 
 @get(
     "/readyz",
-    summary="Every shard of the region is reachable and migrated",
+    summary="Readiness: every shard of the region answered its last check (cached, app/region/health.py)",
     responses={
         200: ResponseSpec(RegionReadiness, description="ready: every shard reachable and migrated"),
         503: ResponseSpec(RegionReadiness, description="not ready: which shards are not"),
     },
 )
 async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
-    ledger = request.app.state.get("ledger")
-    shards = {name: await store.ready() for name, store in ledger.stores.items()} if ledger else {}
-    ok = bool(shards) and all(shards.values())
-    return json_response(request, 200 if ok else 503, RegionReadiness(status="ready" if ok else "not_ready",
-                                                                      shards=shards))
+    readiness: Readiness | None = request.app.state.get("readiness")
+    if readiness is None:
+        return json_response(request, 503, RegionReadiness(status="not_ready"))
+    status, body = readiness.answer()
+    return json_response(request, status, body)
 
 
 @get("/internal/shardmap", summary="This region's shards and the slots each claims (DESIGN D2)")

@@ -23,7 +23,7 @@ from app.ledger.postings import (
     transit_account_id,
 )
 from app.region.saga import Saga
-from app.store.shard import Outcome, ShardStore
+from app.store.shard import Outcome, ShardStore, ShardUnavailable
 from app.topology.ids import InvalidId, ParsedId, new_account_id, new_transfer_id, parse_account_id
 from app.topology.model import Shard, Topology
 from app.topology.placement import owned_slots, placement_slot
@@ -38,6 +38,8 @@ class RegionLedger:
     # Set while the region is drained (`txroute ops drain`): the reason recorded in its shard databases.
     # Re-read every REGION_DRAIN_POLL_S, so a router with a stale map still cannot write here for longer.
     draining: str | None = None
+    # Whether the flag was ever read (readiness waits for it: a drained region must not start taking writes).
+    drain_known: bool = False
 
     def __post_init__(self) -> None:
         self.shards = self.topology.region(self.region).shards
@@ -58,9 +60,13 @@ class RegionLedger:
                 return self.draining
         drained = [s for s in states if s is not None and s["draining_since"] is not None]
         self.draining = (drained[0]["drain_reason"] or "drained") if drained else None
+        self.drain_known = True
         return self.draining
 
     def refuse_writes_if_draining(self) -> None:
+        if not self.drain_known:
+            # Started while its databases were unreachable: until the flag is read, it may be drained.
+            raise ShardUnavailable(f"region {self.region}: its drain flag has not been read yet")
         if self.draining is not None:
             retry_after = str(limits.REGION_DRAINING_RETRY_AFTER_S)
             raise Problem(

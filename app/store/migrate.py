@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-_LOCK_ID = 0x7478_726F  # "txro"
+LOCK_ID = 0x7478_726F  # "txro"
 
 
 class MigrationError(RuntimeError):
@@ -55,7 +55,7 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
                version integer primary key, name text not null, checksum text not null,
                applied_at timestamptz not null default now())"""
     )
-    await conn.execute("select pg_advisory_lock($1)", _LOCK_ID)
+    await conn.execute("select pg_advisory_lock($1)", LOCK_ID)
     try:
         rows = await conn.fetch("select version, checksum from schema_migrations")
         done = {r["version"]: r["checksum"] for r in rows}
@@ -72,7 +72,7 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
                 )
             applied_now.append(m.name)
     finally:
-        await conn.execute("select pg_advisory_unlock($1)", _LOCK_ID)
+        await conn.execute("select pg_advisory_unlock($1)", LOCK_ID)
     return applied_now
 
 

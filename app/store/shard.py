@@ -26,6 +26,7 @@ from opentelemetry.trace import SpanContext
 
 from app import limits, telemetry
 from app.ledger.postings import Posting
+from app.store.access import AUTH_FAILURES, DatabaseEndpoint
 from app.store.migrate import is_migrated
 
 log = logging.getLogger("txroute.store")
@@ -99,24 +100,31 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
-async def open_pool(dsn: str, *, size_max: int = limits.DB_POOL_SIZE_MAX) -> asyncpg.Pool:
+async def open_pool(
+    endpoint: DatabaseEndpoint, database: str, *, size_max: int = limits.DB_POOL_SIZE_MAX
+) -> asyncpg.Pool:
+    """A pool that connects on demand: creating it does no I/O, so a region starts (and answers `/healthz`)
+    while its database is unreachable, and becomes ready when it answers (app/region/health.py)."""
     pool = await asyncpg.create_pool(
-        dsn,
-        min_size=min(limits.DB_POOL_SIZE_MIN, size_max),
+        **endpoint.connect_args(database),
+        min_size=0,
         max_size=size_max,
         timeout=limits.DB_CONNECT_TIMEOUT_S,
         command_timeout=limits.DB_COMMAND_TIMEOUT_S,
         init=_init_connection,
-        server_settings={
-            "statement_timeout": str(limits.DB_STATEMENT_TIMEOUT_MS),
-            "lock_timeout": str(limits.DB_LOCK_TIMEOUT_MS),
-            "idle_in_transaction_session_timeout": "30000",
-            "jit": "off",
-            "application_name": "txroute-region",
-        },
+        server_settings=SERVER_SETTINGS,
     )
     assert pool is not None
     return pool
+
+
+SERVER_SETTINGS = {
+    "statement_timeout": str(limits.DB_STATEMENT_TIMEOUT_MS),
+    "lock_timeout": str(limits.DB_LOCK_TIMEOUT_MS),
+    "idle_in_transaction_session_timeout": "30000",
+    "jit": "off",
+    "application_name": "txroute-region",
+}
 
 
 # A queued posting: its JSON, the future its request awaits, and its request's span (None when untraced).
@@ -133,6 +141,8 @@ class ShardStore:
         *,
         workers: int = limits.POSTING_WORKERS,
         client_postings_max: int = limits.TENANT_QUEUE_POSTINGS_MAX,
+        endpoint: DatabaseEndpoint | None = None,
+        database: str | None = None,
     ) -> None:
         self.name = name
         self.pool = pool
@@ -142,6 +152,11 @@ class ShardStore:
         self._queued_by_client: dict[str, int] = {}
         self._share_of: dict[asyncio.Future[Outcome], str] = {}  # each counted posting's client, until released
         self._throttle_logged_s: dict[str, float] = {}
+        # Where the pool connects, for the readiness probe's own connection and for re-reading a rotated
+        # password after a refused login (None: a pool handed in by a test or a benchmark).
+        self._endpoint = endpoint
+        self._database = database
+        self._probe: asyncpg.Connection | None = None
         self._queue: asyncio.Queue[_Queued] = asyncio.Queue(
             maxsize=limits.POSTING_QUEUE_DEPTH_MAX
         )
@@ -157,6 +172,8 @@ class ShardStore:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._probe is not None:
+            self._probe.terminate()
         await self.pool.close()
 
     # Writes -----------------------------------------------------------------------------------------
@@ -463,10 +480,22 @@ class ShardStore:
         return account, [dict(r) for r in rows]
 
     async def ready(self) -> bool:
+        """Reachable and migrated, asked on a connection of its own (never the pool's, so a busy pool does not
+        make a healthy shard look down), within READINESS_CHECK_TIMEOUT_S. The connection is kept between
+        checks and opened again after a failure."""
+        assert self._endpoint is not None and self._database is not None, "readiness needs the endpoint"
         try:
-            async with self._connection("ready") as conn:
-                return await is_migrated(conn)
-        except (ShardUnavailable, asyncpg.PostgresError):
+            async with asyncio.timeout(limits.READINESS_CHECK_TIMEOUT_S):
+                if self._probe is None or self._probe.is_closed():
+                    self._probe = await self._endpoint.connect(
+                        self._database, timeout_s=limits.READINESS_CHECK_TIMEOUT_S,
+                        server_settings={**SERVER_SETTINGS, "application_name": "txroute-region-probe"},
+                    )
+                return await is_migrated(self._probe)
+        except (*_UNAVAILABLE, asyncpg.PostgresError):
+            if self._probe is not None:
+                self._probe.terminate()
+                self._probe = None
             return False
 
     async def slot_claims(self) -> list[dict[str, Any]]:
@@ -491,10 +520,28 @@ class ShardStore:
         """A pooled connection for one round trip named `op` (its span, when tracing: never its SQL)."""
         with telemetry.db_span(op, self.name, parent=parent, links=links or (), batch_size=batch_size):
             try:
-                async with self.pool.acquire(timeout=limits.DB_CONNECT_TIMEOUT_S) as conn:
+                conn = await self._acquire()
+                try:
                     yield conn
+                finally:
+                    await self.pool.release(conn)
             except _UNAVAILABLE as exc:
                 raise ShardUnavailable(f"shard {self.name}: {type(exc).__name__}") from None
+
+    async def _acquire(self) -> asyncpg.Connection:
+        """A pooled connection. A refused login means the password was rotated: it is read again and the
+        login tried once more (app/store/access.py); refused again, the shard is unavailable."""
+        for attempt in (1, 2):
+            try:
+                conn: asyncpg.Connection = await self.pool.acquire(timeout=limits.DB_CONNECT_TIMEOUT_S)
+                return conn
+            except AUTH_FAILURES as exc:
+                log.warning("database_login_refused", extra={"shard": self.name, "error_type": type(exc).__name__})
+                password = self._endpoint.password if self._endpoint is not None else None
+                if password is None or attempt == 2:
+                    raise ShardUnavailable(f"shard {self.name}: login refused") from None
+                password.stale()
+        raise AssertionError("unreachable")
 
     async def _fetchval(self, op: str, sql: str, *args: Any, **span: Any) -> Any:
         async with self._connection(op, **span) as conn:

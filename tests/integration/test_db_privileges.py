@@ -1,0 +1,113 @@
+"""Least privilege in the database (DESIGN D8): the regional services log in as a role that may read and
+call the ledger functions, and nothing else; provisioning (as the owner) grants it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from app.local.postgres import SERVICE_ROLE, Cluster
+from app.local.processes import ServiceProcess
+from app.topology.model import Topology
+from tests.helpers import ApiClient
+from tests.integration.conftest import HOME_REGION
+
+SHARD = "euw1-a"
+
+
+@pytest.fixture
+async def as_service(
+    region_services: dict[str, ServiceProcess], pg_clusters: dict[str, Cluster], topology: Topology
+) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to a shard of the home region as the service role (the running services use it too)."""
+    cluster = pg_clusters[HOME_REGION]
+    conn = await asyncpg.connect(host="127.0.0.1", port=cluster.port, user=SERVICE_ROLE,
+                                 password=cluster.service_password(), database=topology.shard(SHARD).database)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("statement", [
+    "update accounts set balance = balance + 1000",
+    "insert into entries (transfer_id, account_id, amount, balance_after) values ('t', 'a', 1, 1)",
+    "delete from idempotency",
+    "truncate entries",
+    "alter table entries disable trigger all",
+    "alter table accounts drop constraint if exists accounts_balance_check",
+    "update shard_info set draining_since = now()",
+    "create table public.mine (x int)",
+    "create temporary table mine (x int)",
+])
+async def test_the_service_role_cannot_write_tables_or_change_them(
+    as_service: asyncpg.Connection, statement: str
+) -> None:
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await as_service.execute(statement)
+
+
+async def test_the_service_role_reads_and_calls_the_ledger_functions(as_service: asyncpg.Connection) -> None:
+    assert await as_service.fetchval("select count(*) from accounts") >= 0
+    assert await as_service.fetchval("select txr_owns(0) is not null")
+    # A write through a function (migration 0005): allowed, and changes nothing for an unknown transfer.
+    await as_service.execute("select txr_outbox_reschedule('no-such-transfer', 10, 'test')")
+
+
+async def test_the_running_services_post_transfers_as_the_service_role(
+    api: ApiClient, pg_clusters: dict[str, Cluster]
+) -> None:
+    a, b = await api.new_account(), await api.new_account()
+    await api.funded(a, 500)
+    assert (await api.transfer(a, b, 200)).status_code == 201
+    assert (await api.balance(a), await api.balance(b)) == (300, 200)
+    owner = await asyncpg.connect(pg_clusters[HOME_REGION].dsn("postgres"))
+    try:
+        users = await owner.fetch(
+            "select distinct usename from pg_stat_activity where application_name like 'txroute-region%'"
+        )
+    finally:
+        await owner.close()
+    assert [r["usename"] for r in users] == [SERVICE_ROLE], f"expected the services to log in as {SERVICE_ROLE}"
+
+
+async def test_every_writing_function_runs_as_its_owner_with_a_pinned_search_path_and_public_may_run_none(
+    pg_clusters: dict[str, Cluster], topology: Topology, region_services: dict[str, ServiceProcess]
+) -> None:
+    owner = await asyncpg.connect(pg_clusters[HOME_REGION].dsn(topology.shard(SHARD).database))
+    try:
+        writers = await owner.fetch(
+            """select p.proname, p.prosecdef, p.proconfig from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+               where n.nspname = 'public' and p.proname like 'txr\\_%' and p.provolatile = 'v'"""
+        )
+        public_may_run = await owner.fetch(
+            """select p.proname from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+               where n.nspname = 'public' and has_function_privilege('public', p.oid, 'execute')"""
+        )
+    finally:
+        await owner.close()
+    assert {"txr_post", "txr_saga_apply", "txr_saga_settle", "txr_outbox_claim", "txr_outbox_reschedule"} <= {
+        r["proname"] for r in writers
+    }
+    for r in writers:
+        assert r["prosecdef"], f"expected {r['proname']} to be SECURITY DEFINER"
+        assert "search_path=public, pg_temp" in (r["proconfig"] or []), f"expected {r['proname']}'s search_path pinned"
+    assert public_may_run == [], f"expected PUBLIC to execute no function, got {[r['proname'] for r in public_may_run]}"
+
+
+async def test_another_role_cannot_even_connect_to_a_shard(
+    pg_clusters: dict[str, Cluster], topology: Topology, region_services: dict[str, ServiceProcess]
+) -> None:
+    cluster = pg_clusters[HOME_REGION]
+    owner = await asyncpg.connect(cluster.dsn("postgres"))
+    try:
+        await owner.execute("drop role if exists txroute_stranger")
+        await owner.execute("create role txroute_stranger login password 'stranger-pw'")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await asyncpg.connect(host="127.0.0.1", port=cluster.port, user="txroute_stranger",
+                                  password="stranger-pw", database=topology.shard(SHARD).database)
+    finally:
+        await owner.execute("drop role if exists txroute_stranger")
+        await owner.close()
