@@ -50,7 +50,9 @@ class PasswordSource:
         self.what = what  # where it comes from, for logs (never the value)
         self._reread_interval_s = reread_interval_s
         self._value: str | None = None
-        self._read_at = 0.0
+        # The last read after a refused login (the first read does not count: a rotation soon after the start
+        # is read at once).
+        self._reread_at: float | None = None
         self._stale = False
         self._lock = asyncio.Lock()
         self.reads = 0
@@ -65,11 +67,13 @@ class PasswordSource:
     async def __call__(self) -> str:
         """asyncpg calls this for each new connection."""
         async with self._lock:
-            due = self._stale and time.monotonic() - self._read_at >= self._reread_interval_s
+            now = time.monotonic()
+            due = self._stale and (self._reread_at is None or now - self._reread_at >= self._reread_interval_s)
             if self._value is None or due:
                 # A file or a Secrets Manager call blocks: keep it off the event loop.
                 self._value = await asyncio.to_thread(self._read)
-                self._read_at = time.monotonic()
+                if self._stale:
+                    self._reread_at = now
                 self._stale = False
                 self.reads += 1
             return self._value
