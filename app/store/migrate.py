@@ -77,6 +77,8 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
 
 
 async def is_migrated(conn: asyncpg.Connection) -> bool:
+    """The database holds at least every migration this code knows. A newer one counts too: a deploy
+    migrates before its new tasks start (migrations only add), and the old tasks keep serving meanwhile."""
     if await conn.fetchval("select to_regclass('schema_migrations')") is None:
         return False
     applied = {r["version"] for r in await conn.fetch("select version from schema_migrations")}

@@ -20,6 +20,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import json
 import logging
 import os
 import secrets
@@ -37,6 +38,8 @@ from app.topology.model import Shard
 log = logging.getLogger("txroute.provision")
 
 SERVICE_ROLE_DEFAULT = "txroute_service"
+# Length of the service role's generated password (Secrets Manager's GetRandomPassword, printable ASCII).
+_GENERATED_PASSWORD_CHARS = 40
 # SCRAM iterations of the stored verifier: PostgreSQL's default (scram_iterations).
 _SCRAM_ITERATIONS = 4096
 
@@ -160,6 +163,25 @@ def scram_verifier(password: str, *, iterations: int = _SCRAM_ITERATIONS) -> str
     return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
 
 
+def ensure_secret_value(secret_id: str, role: str) -> None:
+    """A deployment's first migrate step fills the service role's secret (created empty by infra/) with a
+    generated password, so no person ever sees it; later runs leave it as it is (a rotation is a new value
+    put into the secret, then a migrate step, which sets it on the role: infra/README.md)."""
+    import boto3  # the `aws` extra
+    from botocore.exceptions import ClientError
+
+    client = boto3.client("secretsmanager")
+    try:
+        client.get_secret_value(SecretId=secret_id)
+        return
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
+            raise
+    password = client.get_random_password(PasswordLength=_GENERATED_PASSWORD_CHARS)["RandomPassword"]
+    client.put_secret_value(SecretId=secret_id, SecretString=json.dumps({"username": role, "password": password}))
+    print(f"generated the service role's password into its secret ({role})")
+
+
 async def _main() -> None:
     """The migrate step of a deployment: TXROUTE_REGION, the owner's TXROUTE_DATABASE_URL and its password
     (TXROUTE_DATABASE_PASSWORD, _PASSWORD_FILE or _SECRET_ID, SSLMODE, SSL_ROOT_CERT as for the service),
@@ -170,13 +192,15 @@ async def _main() -> None:
     if not region_name:
         raise AccessError("TXROUTE_REGION is required")
     owner = endpoint_from_env(env)
+    role = env.get("TXROUTE_SERVICE_DATABASE_USER") or SERVICE_ROLE_DEFAULT
+    if env.get("TXROUTE_SERVICE_DATABASE_SECRET_ID"):
+        await asyncio.to_thread(ensure_secret_value, env["TXROUTE_SERVICE_DATABASE_SECRET_ID"], role)
     service_password = password_from_env(env, prefix="TXROUTE_SERVICE_DATABASE")
     if service_password is None:
         raise AccessError("the service role's password is required: TXROUTE_SERVICE_DATABASE_SECRET_ID (or "
                           "_PASSWORD, _PASSWORD_FILE)")
     regions_dir = Path(env["TXROUTE_REGIONS_DIR"]) if env.get("TXROUTE_REGIONS_DIR") else None
     region = load_topology(regions_dir).region(region_name)
-    role = env.get("TXROUTE_SERVICE_DATABASE_USER") or SERVICE_ROLE_DEFAULT
     await provision_region(owner, region.shards, service_role=role, service_password=await service_password())
     print(f"provisioned region {region.name}: shards {', '.join(s.name for s in region.shards)}; "
           f"service role {role}")

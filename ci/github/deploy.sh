@@ -5,7 +5,8 @@
 #    components above both, from txroute_infra/bootstrap.py);
 # 2. builds the image once, for the tasks' CPU architecture, and pushes it to every region's repository
 #    that does not hold this tag yet (tags are immutable: a re-run job must not push them again);
-# 3. sets txroute:imageTag and runs `pulumi up` with the policy pack.
+# 3. sets txroute:imageTag and runs `pulumi up` with the policy pack, with each region's migrate task run
+#    before it (when the stack has one) and after it (ci/github/migrate.sh).
 set -euo pipefail
 : "${STACK:?STACK is required}" "${IMAGE_TAG:?IMAGE_TAG is required}"
 export PATH="$PWD/../.venv/bin:$PATH"
@@ -74,4 +75,22 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 pulumi config set txroute:imageTag "$IMAGE_TAG"
+# Migrations run as the database owner in each region's migrate task (components/migrate.py, ci/github/
+# migrate.sh), before the services roll onto code that needs them: a targeted `up` first gives the migrate
+# task definitions the new image. A first deploy has no migrate task yet; there, and after every `up`, they
+# run once more after it (idempotent: nothing to do the second time). Services never migrate themselves.
+mapfile -t migrate_urns < <(pulumi stack export 2>/dev/null | python -c '
+import json, sys
+state = json.load(sys.stdin)
+for r in state.get("deployment", {}).get("resources") or []:
+    if r.get("type") == "aws:ecs/taskDefinition:TaskDefinition" and r["urn"].endswith("-migrate"):
+        print(r["urn"])
+' || true)
+if [ "${#migrate_urns[@]}" -gt 0 ]; then
+  targets=()
+  for urn in "${migrate_urns[@]}"; do targets+=(--target "$urn"); done
+  pulumi up --yes --skip-preview --policy-pack policy "${targets[@]}"
+  for region in $regions; do bash ../ci/github/migrate.sh "$region"; done
+fi
 pulumi up --yes --policy-pack policy
+for region in $regions; do bash ../ci/github/migrate.sh "$region"; done

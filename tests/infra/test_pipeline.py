@@ -141,6 +141,9 @@ esac
 case "$1 $2" in
   "sts get-caller-identity") echo 123456789012 ;;
   "ecr get-login-password") echo secret ;;
+  "ecs describe-services") echo '{"awsvpcConfiguration": {"subnets": ["s"], "securityGroups": ["g"]}}' ;;
+  "ecs run-task") echo arn:aws:ecs:task/migrate ;;
+  "ecs describe-tasks") echo 0 ;;
   "ecr describe-images")
     case "$*" in
       *"--region eu-west-1 "*) echo '{"imageDetails": [{}]}' ;;
@@ -192,7 +195,12 @@ def test_deploy_script_bootstraps_builds_for_the_tasks_architecture_and_skips_pr
     pushed = [c for c in calls if c.startswith("docker push")]
     assert not any(".eu-west-1." in c for c in pushed), "eu-west-1 already holds the tag: pushing fails"
     assert sorted(c.split(".")[3] for c in pushed) == sorted(r for r in regions if r != "eu-west-1"), pushed
-    assert calls[-2:] == ["pulumi config set txroute:imageTag abc123", "pulumi up --yes --policy-pack policy"]
+    up = calls.index("pulumi up --yes --policy-pack policy")
+    assert calls[up - 1] == "pulumi config set txroute:imageTag abc123"
+    # After the full `up` (the stub stack has no migrate task yet: a first deploy), every region migrates.
+    runs = [c for c in calls[up:] if c.startswith("aws ecs run-task")]
+    assert sorted(c.split("--region ")[1].split()[0] for c in runs) == sorted(regions), runs
+    assert all("--task-definition txroute-staging-migrate" in c for c in runs), runs
 
 
 def test_deploy_jobs_can_build_arm64_images(workflow: dict[str, Any]) -> None:

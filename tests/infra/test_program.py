@@ -38,6 +38,12 @@ def _by_region(run: Run, type_: str) -> Counter[str]:
     return Counter(run.region_of(r) or "?" for r in run.of_type(type_))
 
 
+def _service_task_definitions(run: Run) -> list[Recorded]:
+    """The services' task definitions (the migrate task, a one-off, has no health check or peers)."""
+    return [td for td in run.of_type("aws:ecs/taskDefinition:TaskDefinition")
+            if not td.inputs["family"].endswith("-migrate")]
+
+
 def _world(rule: dict[str, Any]) -> bool:
     return "0.0.0.0/0" in (rule.get("cidrBlocks") or []) or "::/0" in (rule.get("ipv6CidrBlocks") or [])
 
@@ -172,7 +178,7 @@ def test_routers_and_relays_call_every_region_at_its_https_internal_name_with_th
     import json
 
     regions = _regions(program_run)
-    for td in program_run.of_type("aws:ecs/taskDefinition:TaskDefinition"):
+    for td in _service_task_definitions(program_run):
         (container,) = json.loads(td.inputs["containerDefinitions"])
         env = {e["name"]: e["value"] for e in container["environment"]}
         assert json.loads(env["TXROUTE_REGION_URLS"]) == {
@@ -229,7 +235,7 @@ def test_services_run_private_with_liveness_health_checks_and_their_regions_imag
         hc = tg.inputs["healthCheck"]
         assert hc["path"] == "/healthz" and hc["interval"] == 10 and hc["timeout"] == 5
         assert hc["interval"] * hc["unhealthyThreshold"] > failover_s, "a failover must not empty the target group"
-    for td in program_run.of_type("aws:ecs/taskDefinition:TaskDefinition"):
+    for td in _service_task_definitions(program_run):
         region = program_run.region_of(td)
         (container,) = json.loads(td.inputs["containerDefinitions"])
         assert container["image"] == "123456789012.dkr.ecr.mock/txroute-test:abc123"
@@ -244,7 +250,7 @@ def test_services_run_private_with_liveness_health_checks_and_their_regions_imag
 def test_region_services_can_reach_and_sign_for_every_region_for_sagas(program_run: Run) -> None:
     import json
 
-    task_definitions = program_run.of_type("aws:ecs/taskDefinition:TaskDefinition")
+    task_definitions = _service_task_definitions(program_run)
     regions = {program_run.region_of(td) for td in task_definitions}
     services = 0
     for td in task_definitions:
@@ -309,7 +315,7 @@ def test_task_roles_read_only_their_own_secrets(program_run: Run) -> None:
 
     policies = {p.name: json.loads(p.inputs["policy"]) for p in program_run.of_type("aws:iam/rolePolicy:RolePolicy")}
     for region in _regions(program_run):
-        db_secret = f"arn:aws:secretsmanager:mock:secret:rds!{region}-db"
+        db_secret = f"arn:aws:mock:{region}-db-service-secret"  # the service role's, never the master's
         region_stmt = policies[f"{region}-region-service-task-secrets"]["Statement"][0]
         router_stmt = policies[f"{region}-router-task-secrets"]["Statement"][0]
         assert sorted(region_stmt["Resource"]) == sorted([db_secret, f"arn:aws:mock:{region}-region-secret"])
@@ -498,3 +504,34 @@ def test_the_public_404_is_a_fixed_response_elb_accepts(program_run: Run) -> Non
     for rule in program_run.of_type("aws:lb/listenerRule:ListenerRule"):
         (action,) = rule.inputs["actions"]
         assert action["fixedResponse"]["contentType"] in layout.FIXED_RESPONSE_CONTENT_TYPES
+
+
+def test_services_log_in_as_the_service_role_over_verified_tls_and_only_the_migrate_task_reads_the_master_secret(
+    program_run: Run,
+) -> None:
+    import json
+
+    policies = {p.name: json.loads(p.inputs["policy"]) for p in program_run.of_type("aws:iam/rolePolicy:RolePolicy")}
+    for region in _regions(program_run):
+        master = f"arn:aws:secretsmanager:mock:secret:rds!{region}-db"
+        service_secret = f"arn:aws:mock:{region}-db-service-secret"
+        readers = sorted(name for name, doc in policies.items()
+                         if any(master in json.dumps(s.get("Resource")) for s in doc["Statement"]))
+        assert readers == [f"{region}-migrate-task-secrets"], f"expected only the migrate task to read {master}"
+        (migrate,) = [td for td in program_run.of_type("aws:ecs/taskDefinition:TaskDefinition")
+                      if td.inputs["family"].endswith("-migrate") and program_run.region_of(td) == region]
+        (container,) = json.loads(migrate.inputs["containerDefinitions"])
+        env = {e["name"]: e["value"] for e in container["environment"]}
+        assert container["command"] == ["python", "-m", "app.store.provision"]
+        assert env["TXROUTE_DATABASE_SECRET_ID"] == master
+        assert env["TXROUTE_SERVICE_DATABASE_SECRET_ID"] == service_secret
+        assert env["TXROUTE_SERVICE_DATABASE_USER"] == "txroute_service"
+    for td in _service_task_definitions(program_run):
+        (container,) = json.loads(td.inputs["containerDefinitions"])
+        env = {e["name"]: e["value"] for e in container["environment"]}
+        secrets = {s["name"]: s["valueFrom"] for s in container["secrets"]}
+        assert not any("rds!" in v for v in [*env.values(), *secrets.values()]), "no service gets the master secret"
+        if "TXROUTE_DATABASE_URL" in env:  # the regional service
+            assert env["TXROUTE_DATABASE_URL"].startswith("postgresql://txroute_service@")
+            assert env["TXROUTE_DATABASE_SECRET_ID"] == f"arn:aws:mock:{program_run.region_of(td)}-db-service-secret"
+            assert env["TXROUTE_DATABASE_SSLMODE"] == "verify-full"

@@ -11,8 +11,9 @@ import pulumi_aws
 from txroute_infra import layout
 from txroute_infra.components.base import RegionalComponent
 from txroute_infra.components.compute import Compute
-from txroute_infra.components.database import MASTER_USERNAME, Database
+from txroute_infra.components.database import MASTER_USERNAME, SERVICE_USERNAME, Database
 from txroute_infra.components.keys import RegionKey
+from txroute_infra.components.migrate import MigrateTask
 from txroute_infra.components.network import Network
 from txroute_infra.components.observability import PERIOD_S, Observability
 from txroute_infra.config import InfraConfig
@@ -54,8 +55,15 @@ class RegionalCell(RegionalComponent):
             internal_lb_sg=n.internal_lb_sg.id, router_sg=n.router_sg.id, region_sg=n.region_sg.id,
             kms_key_arn=self.key.arn,
             log_groups={k: g.name for k, g in self.observability.log_groups.items()},
-            database_endpoint=self.database.endpoint, database_secret_arn=self.database.master_secret_arn,
-            database_username=MASTER_USERNAME, provider=provider, opts=sub)
+            database_endpoint=self.database.endpoint, database_secret_arn=self.database.service_secret_arn,
+            database_username=SERVICE_USERNAME, provider=provider, opts=sub)
+        # Provisioning as the owner, apart from the services (ci/github/deploy.sh runs it).
+        self.migrate = MigrateTask(
+            region, environment=env, image=self.compute.image,
+            log_group_name=self.observability.log_groups["region-service"].name, kms_key_arn=self.key.arn,
+            database_endpoint=self.database.endpoint, owner_username=MASTER_USERNAME,
+            master_secret_arn=self.database.master_secret_arn,
+            service_secret_arn=self.database.service_secret_arn, provider=provider, opts=sub)
         self._region_alarms()
         self._database_alarms()
 

@@ -152,11 +152,14 @@ class Compute(RegionalComponent):
             self.region_tg, self.internal_listener,
             env={"TXROUTE_REGION": self.spec.name,
                  "TXROUTE_REGION_URLS": pulumi.Output.json_dumps(region_urls),
+                 # The least-privilege service role; its password is read from its secret at run time (and
+                 # again after a refused login: a rotation needs no restart), TLS verified (RDS CA bundle).
                  "TXROUTE_DATABASE_URL": pulumi.Output.concat(
                      "postgresql://", database_username, "@", database_endpoint, ":",
-                     str(layout.POSTGRES_PORT))},
+                     str(layout.POSTGRES_PORT)),
+                 "TXROUTE_DATABASE_SECRET_ID": database_secret_arn,
+                 "TXROUTE_DATABASE_SSLMODE": "verify-full"},
             secrets={
-                "TXROUTE_DATABASE_PASSWORD": pulumi.Output.concat(database_secret_arn, ":password::"),
                 **{env_name: pulumi.Output.concat(self.region_secret, f":{key}::")
                    for key, env_name in REGION_SECRET_ENV.items()},
             },

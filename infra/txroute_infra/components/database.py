@@ -14,8 +14,9 @@ Why RDS Multi-AZ DB cluster rather than Aurora PostgreSQL or a single Multi-AZ i
 
 Safety is not configuration here: storage encrypted with the region's own KMS key, never publicly
 accessible, deletion protection on, a final snapshot on delete, at least 7 days of backups, TLS required
-(`rds.force_ssl`), the master password generated and kept by RDS in Secrets Manager (never in state or
-outputs), Performance Insights on.
+(`rds.force_ssl`; the services verify the server's certificate against the RDS CA bundle in the image), the
+master password generated and kept by RDS in Secrets Manager (never in state or outputs) and read only by the
+migrate task, Performance Insights on. The services log in as the least-privilege `txroute_service` role.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 import pulumi
 import pulumi_aws.cloudwatch as cloudwatch
 import pulumi_aws.rds as rds
+import pulumi_aws.secretsmanager as secretsmanager
 
 from txroute_infra import layout
 from txroute_infra.components.base import RegionalComponent, tags
@@ -32,6 +34,9 @@ from txroute_infra.config import InfraConfig
 from txroute_infra.topology import Region
 
 MASTER_USERNAME = "txroute"
+# The least-privilege role the regional services log in as (DESIGN D8; app/store/provision.py grants it).
+SERVICE_USERNAME = "txroute_service"
+SECRET_RECOVERY_WINDOW_DAYS = 30
 # Performance Insights: 7 days is the retention included at no cost; longer is a paid tier.
 PERFORMANCE_INSIGHTS_RETENTION_DAYS = 7
 BACKUP_WINDOW_UTC = "02:00-03:00"
@@ -116,7 +121,14 @@ class Database(RegionalComponent):
         # Multi-AZ DB cluster publishes its CloudWatch metrics per instance, never per cluster.
         self.member_identifiers: pulumi.Output[list[str]] = self.cluster.cluster_members.apply(
             lambda members: sorted(members or []))
-        # The secret RDS creates and rotates; only the region service's roles may read it.
+        # The secret RDS creates and rotates; only the migrate task (components/migrate.py) may read it.
         self.master_secret_arn: pulumi.Output[str] = self.cluster.master_user_secrets.apply(
             lambda s: str(s[0].secret_arn))
+        # The service role's password (JSON username, password): created empty, filled by the first migrate
+        # task with a generated password (never in Pulumi's state), read by the region service at run time.
+        self.service_secret_arn: pulumi.Output[str] = secretsmanager.Secret(
+            self.name("db-service-secret"), name=f"txroute/{config.environment}/{region.name}/db-service",
+            description=f"database role {SERVICE_USERNAME}: JSON username, password (filled by the migrate task)",
+            kms_key_id=kms_key_arn, recovery_window_in_days=SECRET_RECOVERY_WINDOW_DAYS, tags=t,
+            opts=self.child()).arn
         self.register_outputs({"endpoint": self.endpoint})
