@@ -25,7 +25,7 @@ async def test_a_region_started_with_its_database_down_is_alive_not_ready_then_r
     cluster.stop(mode="immediate")
     service.start()
     try:
-        async with httpx.AsyncClient(base_url=service.url, timeout=5.0) as http:
+        async with httpx.AsyncClient(base_url=service.url, timeout=5.0, verify=service.verify) as http:
             async def answers() -> bool:
                 try:
                     return (await http.get("/healthz")).status_code == 200

@@ -26,6 +26,7 @@ from app.store.provision import ensure_service_role
 from tests.conftest import copy_cluster
 from tests.helpers import ApiClient, new_client_id, poll_until
 from tests.keys import region_env
+from tests.tls import session_tls
 
 REGION = "eu-west-1"
 URL_SPECIAL = "p#w?d%25[x]@y:z/ q'\"\\&=+;"  # every character a URL (or a naive quoting) would trip on
@@ -47,7 +48,8 @@ def migrate_step(cluster: Cluster, **service_password_env: str) -> subprocess.Co
 
 
 def service(cluster: Cluster, log_dir: Path, **env: str) -> ServiceProcess:
-    return local_region_process(REGION, cluster.port, free_port(), log_dir / "region.log", **region_env(), **env)
+    return local_region_process(REGION, cluster.port, free_port(), log_dir / "region.log", tls=session_tls(),
+                                **region_env(), **env)
 
 
 @pytest.fixture
@@ -75,7 +77,7 @@ async def test_a_password_with_url_special_characters_works_from_the_migrate_ste
         region = service(cluster, folder / "logs", TXROUTE_DATABASE_PASSWORD=URL_SPECIAL)
         region.start()
         region.wait_ready()
-        async with httpx.AsyncClient(base_url=region.url, timeout=10.0) as http:
+        async with httpx.AsyncClient(base_url=region.url, timeout=10.0, verify=region.verify) as http:
             api = ApiClient(http, new_client_id())
             a, b = await api.new_account(), await api.new_account()
             await api.funded(a, 100)
@@ -111,7 +113,7 @@ async def test_a_password_rotated_in_secrets_manager_while_the_region_runs_is_re
         region = service(cluster, folder / "logs", TXROUTE_DATABASE_SECRET_ID=arn, **aws)
         region.start()
         region.wait_ready()
-        async with httpx.AsyncClient(base_url=region.url, timeout=10.0) as http:
+        async with httpx.AsyncClient(base_url=region.url, timeout=10.0, verify=region.verify) as http:
             api = ApiClient(http, new_client_id())
             a, b = await api.new_account(), await api.new_account()
             await api.funded(a, 1_000)
@@ -123,30 +125,32 @@ async def test_a_password_rotated_in_secrets_manager_while_the_region_runs_is_re
             # Connections already open keep serving.
             assert (await api.transfer(a, b, 10)).status_code == 201, "expected service during the rotation"
 
-            # Every connection the service holds goes away (a failover, or idle connections recycled): new
-            # logins are needed, and the first with the old password is refused.
+            # Every connection the service holds goes away (a failover, or connections recycled): new logins
+            # are needed, and the first with the password read at start is refused.
             owner = await asyncpg.connect(cluster.dsn("postgres"))
             try:
+                killed_at = await owner.fetchval("select now()")
                 pids = [r["pid"] for r in await owner.fetch(
                     "select pid from pg_stat_activity where usename = $1", SERVICE_ROLE)]
                 assert pids, "expected the service to hold connections"
                 await owner.execute("select pg_terminate_backend(pid) from unnest($1::int[]) pid", pids)
 
-                async def gone() -> bool:
-                    left = "select count(*) from pg_stat_activity where pid = any($1::int[])"
-                    return bool(await owner.fetchval(left, pids) == 0)
+                async def logged_in_again(application: str) -> bool:
+                    return bool(await owner.fetchval(
+                        """select count(*) from pg_stat_activity
+                           where usename = $1 and application_name = $2 and backend_start > $3""",
+                        SERVICE_ROLE, application, killed_at))
 
-                await poll_until(gone, timeout_s=10.0, what="the service's old connections gone")
-                # The first login (old password) is refused, the secret read again, the login retried: the
-                # request itself is served.
+                # The readiness probe logs in again within READINESS_CHECK_PERIOD_S: the service has seen the
+                # connections go (its event loop ran since), and read the secret again on the refusal.
+                await poll_until(lambda: logged_in_again("txroute-region-probe"), timeout_s=15.0,
+                                 what="the readiness probe logged in with the rotated password")
                 transfer = await api.transfer(a, b, 20)
                 assert transfer.status_code == 201, f"expected the transfer served on new connections: {transfer.text}"
                 assert (await api.balance(a), await api.balance(b)) == (970, 30)
-                relogged = await owner.fetchval(
-                    "select count(*) from pg_stat_activity where usename = $1", SERVICE_ROLE)
+                assert await logged_in_again("txroute-region"), "expected the pool logged in with the rotated password"
             finally:
                 await owner.close()
-            assert relogged >= 1, "expected the service logged in again with the rotated password"
         log_text = region.log_file.read_text()
         assert "database_password_stale" in log_text, "expected the refused login to trigger a re-read"
         assert first and first not in log_text and second not in log_text, "expected no password in the log"
