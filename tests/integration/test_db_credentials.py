@@ -19,8 +19,9 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from app.config import REPO_ROOT
+from app.local.ports import free_port
 from app.local.postgres import SERVICE_ROLE, Cluster
-from app.local.processes import ServiceProcess, free_port
+from app.local.processes import ServiceProcess
 from app.local.processes import region_process as local_region_process
 from app.store.provision import ensure_service_role
 from tests.conftest import copy_cluster
