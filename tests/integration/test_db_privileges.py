@@ -52,8 +52,8 @@ async def test_the_service_role_cannot_write_tables_or_change_them(
 async def test_the_service_role_reads_and_calls_the_ledger_functions(as_service: asyncpg.Connection) -> None:
     assert await as_service.fetchval("select count(*) from accounts") >= 0
     assert await as_service.fetchval("select txr_owns(0) is not null")
-    # A write through a function (migration 0005): allowed, and changes nothing for an unknown transfer.
-    await as_service.execute("select txr_outbox_reschedule('no-such-transfer', 10, 'test')")
+    # A write through a function: allowed, and changes nothing for an unknown transfer.
+    assert await as_service.fetchval("select txr_outbox_failed('no-such-transfer', 10, 'test', false, 5)") is not True
 
 
 async def test_the_running_services_post_transfers_as_the_service_role(
@@ -88,7 +88,7 @@ async def test_every_writing_function_runs_as_its_owner_with_a_pinned_search_pat
         )
     finally:
         await owner.close()
-    assert {"txr_post", "txr_saga_apply", "txr_saga_settle", "txr_outbox_claim", "txr_outbox_reschedule"} <= {
+    assert {"txr_post", "txr_saga_apply", "txr_saga_settle", "txr_outbox_claim", "txr_outbox_failed"} <= {
         r["proname"] for r in writers
     }
     for r in writers:
