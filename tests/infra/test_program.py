@@ -273,7 +273,7 @@ def test_routers_receive_no_saga_key_and_regions_no_hop_private_key(program_run:
     from txroute_infra.components.compute import REGION_SECRET_KEYS, ROUTER_SECRET_KEYS
 
     routers = regions = 0
-    for td in program_run.of_type("aws:ecs/taskDefinition:TaskDefinition"):
+    for td in _service_task_definitions(program_run):
         (container,) = json.loads(td.inputs["containerDefinitions"])
         names = {e["name"] for e in container["environment"]} | {s["name"] for s in container["secrets"]}
         sources = " ".join(s["valueFrom"] for s in container["secrets"])
