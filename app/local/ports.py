@@ -13,8 +13,10 @@ So a port is chosen where the kernel never hands ports out by itself, and claime
      the same moment never get the same port, and the reservation ends by itself when its holder exits;
   3. the port must then bind on 127.0.0.1 (nothing already listens there), and the reservation is held until
      the caller's services listen (`Reservation.release`).
-What remains possible is a process outside txroute binding that exact fixed port below the ephemeral range
-in the same second; the stack then fails to start with the service's log naming the port, never silently.
+What remains possible: a process outside txroute binding that exact fixed port below the ephemeral range
+in the same second; and, once `up` has released its reservation, another chooser taking the port of a part
+that is stopped later (a game day's stopped PostgreSQL, `txroute ops restart`) before it listens again.
+Either way that part then fails to start with its log naming the port, never silently.
 """
 
 from __future__ import annotations
