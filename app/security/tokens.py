@@ -164,9 +164,12 @@ def _key_list(keys: PublicKey | Sequence[PublicKey]) -> list[PublicKey]:
 
 
 def _lifetime(claims: Mapping[str, object], *, lifetime_max_s: float, now: float, skew_s: float) -> float:
-    """`exp` of claims whose iat and exp PyJWT found present and numeric, checked against the bounds."""
+    """`exp` of claims whose iat and exp PyJWT found present, checked against the bounds. PyJWT reads them
+    with int(), so a string such as "1700000000" passed it: only JSON numbers are accepted here."""
     iat, exp = claims["iat"], claims["exp"]
-    assert isinstance(iat, int | float) and isinstance(exp, int | float)
+    if not all(isinstance(t, int | float) and not isinstance(t, bool) for t in (iat, exp)):
+        raise TokenRefused("the token's iat and exp must be numeric dates")
+    assert isinstance(iat, int | float) and isinstance(exp, int | float)  # for mypy
     if exp + skew_s <= now:  # PyJWT checked it against the wall clock; `now` is the caller's
         raise TokenRefused("the token has expired")
     if exp - iat > lifetime_max_s:

@@ -137,3 +137,39 @@ def test_shard_map_claims_move_only_the_slots_a_region_claims() -> None:
     assert moved.region_for_slot(1366) == moved.region_for_slot(1400) == "us-east-1"
     assert moved.region_for_slot(1401) == "eu-west-1", "expected a slot not claimed as owned to stay"
     assert moved.region_for_slot(0) == initial.region_for_slot(0)
+
+
+def test_tokens_with_non_numeric_times_are_refused_not_crashed_on() -> None:
+    """PyJWT accepts `"iat": "1700000000"` (it calls int() on it); the lifetime checks must refuse such a
+    token with a reason, not fail on it (an AssertionError is a 500 at the router and at the region)."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    issuers = ClientIssuers([ClientIssuer("iss", {"k": key.public_key()}, "")])
+    hop = HopTokenVerifier(key.public_key())
+    saga = SagaTokenVerifier(key.public_key(), region="eu-west-1", peers=["us-east-1"])
+    request = BoundRequest("POST", "/v1/deposits", b"{}", "key-1")
+    now = int(time.time())
+    for times in ({"iat": str(now), "exp": now + 60}, {"iat": now, "exp": str(now + 60)}):
+        client = jwt.encode({"iss": "iss", "sub": "c1", **times}, key, algorithm="EdDSA", headers={"kid": "k"})
+        with pytest.raises(TokenRefused, match="numeric"):
+            issuers.verify(client)
+        bound = {"sub": "c1", **request.claims(), **times}
+        with pytest.raises(TokenRefused, match="numeric"):
+            hop.verify(jwt.encode({"iss": "txroute-router", "aud": "txroute-region", **bound}, key,
+                                  algorithm="EdDSA"), request)
+        with pytest.raises(TokenRefused, match="numeric"):
+            saga.verify(jwt.encode({"iss": "txroute-saga", "aud": "txroute-saga/eu-west-1", **bound,
+                                    "sub": "us-east-1"}, key, algorithm="EdDSA"), request)
+
+
+def test_a_key_setting_that_is_neither_pem_nor_a_file_is_never_echoed() -> None:
+    """A private key pasted with a stray quote (or escaped newlines) is not PEM text, so it is read as a file
+    name; the error (logged at start) must name the setting, never hold the key."""
+    from app.security.keys import KeyConfigError, load_private_key, private_pem
+
+    pem = private_pem(ed25519.Ed25519PrivateKey.generate())
+    body = pem.splitlines()[1]
+    for value in ('"' + pem + '"', pem.replace("\n", "\\n").replace("-----BEGIN", " x-----BEGIN"), body):
+        with pytest.raises(KeyConfigError) as caught:
+            load_private_key(value, what="TXROUTE_SAGA_PRIVATE_KEY")
+        assert "TXROUTE_SAGA_PRIVATE_KEY" in str(caught.value)
+        assert body not in str(caught.value) and body[:16] not in str(caught.value)
