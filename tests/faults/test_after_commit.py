@@ -36,8 +36,9 @@ BAD_ANSWERS = {
 
 
 @asynccontextmanager
-async def faulty_peer(answers: Iterator[bytes]) -> AsyncIterator[str]:
-    """An HTTP server on loopback answering each request with the next of `answers`, then closing."""
+async def faulty_peer(answers: Iterator[bytes], served: list[bytes]) -> AsyncIterator[str]:
+    """An HTTP server on loopback answering each request with the next of `answers`, then closing; the
+    request lines it read go to `served`."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -45,6 +46,7 @@ async def faulty_peer(answers: Iterator[bytes]) -> AsyncIterator[str]:
             length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
                            if line.lower().startswith(b"content-length:")), 0)
             await reader.readexactly(length)
+            served.append(head.split(b"\r\n")[0])
             writer.write(next(answers, BAD_ANSWERS["not JSON"]))
             await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
@@ -102,11 +104,14 @@ async def test_every_fast_path_failure_after_the_commit_answers_202_pending_and_
             transfers.append(response.json()["id"])
 
         # A peer answering garbage, refusing the token or cutting the connection.
-        async with faulty_peer(iter(BAD_ANSWERS.values())) as peer:
+        served: list[bytes] = []
+        async with faulty_peer(iter(BAD_ANSWERS.values()), served) as peer:
             world.restart(SOURCE, TXROUTE_REGION_URLS=json.dumps({**urls, DESTINATION: peer}),
                           TXROUTE_FAULT_RELAY_PAUSED="1")
             for what in BAD_ANSWERS:
                 await pending_transfer(what)
+        # The relay is paused: each bad answer reached the fast path (a 202 without it would prove nothing).
+        assert served == [b"POST /internal/saga/apply HTTP/1.1"] * len(BAD_ANSWERS), served
         # The real peer refusing this region's saga token (signed with a key it does not know).
         stranger = private_pem(ed25519.Ed25519PrivateKey.generate())
         world.restart(SOURCE, TXROUTE_REGION_URLS=json.dumps(urls), TXROUTE_SAGA_PRIVATE_KEY=stranger)
