@@ -16,18 +16,20 @@ from typing import Any
 import httpx
 import jwt
 
+from app.config import RegionSettings
 from app.local.postgres import Cluster
 from app.local.processes import ServiceProcess
 from app.local.stack import cluster_shard_dsns
+from app.region.app import create_app
 from app.security import scopes
 from app.security.tokens import HOP_AUDIENCE, HOP_ISSUER, SAGA_ISSUER, BoundRequest, saga_audience
 from app.topology.ids import new_transfer_id, parse_account_id
 from app.topology.model import Topology
 from tests.helpers import ApiClient, assert_shard_conserved, ledger_snapshot, new_client_id, shard_of
-from tests.keys import SessionKeys
+from tests.keys import SessionKeys, region_env
 from tests.tls import verify
 
-SAGA_ROUTES = ["/internal/saga/apply"]  # every region-to-region route
+SAGA_ROUTES = ["/internal/saga/apply"]  # every region-to-region route (checked against the app below)
 SOURCE, DESTINATION = "eu-west-1", "us-east-1"
 
 
@@ -158,3 +160,14 @@ async def test_saga_routes_refuse_calls_without_a_token_or_with_a_client_token(
         assert missing.status_code == 401 and missing.json()["code"] == "unauthorized"
         refused = await _post(http, url, b"{}", keys.client_token(new_client_id()))
         assert refused.status_code == 401 and refused.json()["code"] == "unauthorized"
+
+
+def test_saga_routes_name_every_internal_route_the_regions_serve_to_each_other() -> None:
+    """The attack tests above cover SAGA_ROUTES; a region-to-region route added later must join them. Every
+    /internal/ route of the regional service is a saga route, but the routers' shard map (hop tokens)."""
+    app = create_app(RegionSettings.from_env({
+        **region_env(), "TXROUTE_REGION": SOURCE, "TXROUTE_DATABASE_URL": "postgresql://nobody@127.0.0.1:1",
+    }))
+    litestar = app.app
+    internal = {route.path for route in litestar.routes if route.path.startswith("/internal/")}  # type: ignore[attr-defined]
+    assert internal - {"/internal/shardmap"} == set(SAGA_ROUTES), sorted(internal)
