@@ -10,7 +10,8 @@ Per shard (exact, in one REPEATABLE READ snapshot of that shard):
     transit_account_name     a transit account is named trn_<this shard>_<peer shard>_<its currency>
     shard_zero_sum, balance_within_limit, money_conserved (customers + transit = deposits - withdrawals)
 
-Across shards, per saga (DESIGN D6): posted_has_credit, returned_not_credited, credit_has_debit, and
+Across shards, per saga (DESIGN D6): posted_has_credit, returned_not_credited, credit_has_debit (a credit
+matches its debit: source shard, amount, currency and credit account), and
 transit_matches_in_flight: a saga's transit entries on both shards add up to its amount while it is in
 flight (neither applied by the credit side nor returned, whatever its state is called), else to zero.
 Summed over sagas, this and balance_equals_entries give the pairwise invariant of D6 (transit balances =
@@ -481,7 +482,7 @@ def _show(shown: dict[str, int], check: str) -> bool:
 async def _read_sagas(shard: _Shard, ids: set[str] | None) -> None:
     every, wanted = ids is None, sorted(ids or ())
     shard.sagas_out = {r["id"]: r for r in await shard.conn.fetch(
-        """select t.id, t.credit_shard, t.state, t.amount, t.currency, t.created_at,
+        """select t.id, t.credit_shard, t.credit_account, t.state, t.amount, t.currency, t.created_at,
                   (select max(ev.at) from transfer_events ev where ev.transfer_id = t.id) as settled_at
            from transfers t
            where t.debit_shard = (select shard from shard_info) and t.credit_shard is not null
@@ -489,7 +490,7 @@ async def _read_sagas(shard: _Shard, ids: set[str] | None) -> None:
         every, wanted,
     )}
     shard.inbox = {r["transfer_id"]: r for r in await shard.conn.fetch(
-        """select transfer_id, source_shard, outcome, amount, currency, received_at from inbox
+        """select transfer_id, source_shard, outcome, credit_account, amount, currency, received_at from inbox
            where $1 or transfer_id = any($2::text[])""",
         every, wanted,
     )}
@@ -552,11 +553,13 @@ def _judge_saga(
         return
     assert source is not None
     applied = got is not None and got["outcome"] == "applied"
+    # The credit side must be what the source debited for: the same amount and currency, from that shard, to
+    # that account (a compromised source region could send the message of a real debit to another account).
     if got is not None and (got["source_shard"] != source.name or got["amount"] != row["amount"]
-                            or got["currency"] != row["currency"]):
-        report.add("credit_has_debit", f"{row['credit_shard']} received {tid} as {got['amount']} "
-                   f"{got['currency']} from {got['source_shard']}, but {source.name} debited {row['amount']} "
-                   f"{row['currency']}")
+                            or got["currency"] != row["currency"] or got["credit_account"] != row["credit_account"]):
+        report.add("credit_has_debit", f"{destination.name if destination else '?'} received {tid} as "
+                   f"{got['amount']} {got['currency']} for {got['credit_account']} from {got['source_shard']}, "
+                   f"but {source.name} debited {row['amount']} {row['currency']} for {row['credit_account']}")
     if row["state"] == "posted" and not applied:
         report.add("posted_has_credit", f"transfer {tid} is posted at {source.name} but {row['credit_shard']} "
                    "has not applied it")

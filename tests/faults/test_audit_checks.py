@@ -379,3 +379,37 @@ async def test_an_audit_that_cannot_write_its_checkpoint_still_reports_and_says_
     assert report.clean, report.text()
     assert sorted(report.unsaved) == sorted(dsns), f"expected every shard named as not checkpointed: {report.unsaved}"
     assert "checkpoint not written" in report.text()
+
+
+async def test_credit_has_debit_catches_a_credit_applied_to_another_account_than_the_source_debited_for(
+    world, topology
+):
+    """What a compromised source region can still do (docs/architecture.md, trust domains): send the message
+    of a real debit with another credit account. The credit side is consistent in itself; only comparing it
+    with the source's transfer shows it."""
+    async def body(west: ApiClient, east: ApiClient) -> None:
+        tid, _, credit = await posted_saga(west, east, amount=30)
+        destination = shard_of(topology, credit)
+        # Fresh, so the moved entry chains from 0 as it did on `credit`.
+        other = await account_in_shard(east, topology, destination)
+        redirect = [
+            ("update entries set account_id = $2 where transfer_id = $1 and account_id = $3", tid, other, credit),
+            ("update accounts set balance = balance + (case when id = $1 then -30 else 30 end) "
+             "where id in ($1, $2)", credit, other),
+            ("update transfers set credit_account = $2 where id = $1", tid, other),
+            ("update inbox set credit_account = $2 where transfer_id = $1", tid, other),
+        ]
+        for statement, *args in redirect:
+            await owner_sql(world, destination, statement, *args)
+        await caught(world, "credit_has_debit", tid)
+        for statement, *args in [
+            ("update entries set account_id = $3 where transfer_id = $1 and account_id = $2", tid, other, credit),
+            ("update accounts set balance = balance - (case when id = $1 then -30 else 30 end) "
+             "where id in ($1, $2)", credit, other),
+            ("update transfers set credit_account = $2 where id = $1", tid, credit),
+            ("update inbox set credit_account = $2 where transfer_id = $1", tid, credit),
+        ]:
+            await owner_sql(world, destination, statement, *args)
+        await assert_clean(world, full=True)
+
+    await with_apis(world, body)
