@@ -252,7 +252,7 @@ class ClientIssuerSettings:
     # Public keys by key id (`kid`), PEM text or a file path each (a file may hold two while it is rotated).
     keys: dict[str, str] = field(repr=False)
     # The client ids this issuer may assert: those starting with this prefix ("" = any id no other issuer's
-    # longer prefix claims). Two issuers may not share a prefix.
+    # longer prefix claims; any other prefix ends with '.', '-' or '_'). Two issuers may not share a prefix.
     client_prefix: str
 
     @classmethod

@@ -40,6 +40,8 @@ SAGA_ISSUER = "txroute-saga"
 CLIENT_ID = re.compile(rf"^[A-Za-z0-9._-]{{1,{limits.CLIENT_ID_CHARS_MAX}}}$")
 # A client-id namespace is a prefix of client ids: the same characters, possibly empty (every id).
 CLIENT_PREFIX = re.compile(rf"^[A-Za-z0-9._-]{{0,{limits.CLIENT_ID_CHARS_MAX}}}$")
+# A non-empty namespace ends at one of these, so that a prefix never owns lookalike ids ("acme" vs "acme2").
+PREFIX_SEPARATORS = ".-_"
 _BOUND_CLAIMS = ("htm", "htu", "bdh")
 
 
@@ -205,8 +207,8 @@ class _VerifiedCache:
 @dataclass(frozen=True)
 class ClientIssuer:
     """One identity provider the router trusts: its `iss`, its keys by `kid` (a kid holds one key, or two
-    while it is rotated), and the namespace of client ids it may assert (a prefix; "" is every id that no
-    other issuer's longer prefix claims)."""
+    while it is rotated), and the namespace of client ids it may assert (a prefix ending with '.', '-' or '_';
+    "" is every id that no other issuer's longer prefix claims)."""
 
     name: str
     keys: Mapping[str, PublicKey | Sequence[PublicKey]]
@@ -234,6 +236,10 @@ class ClientIssuers:
                 raise ValueError(f"client issuer {issuer.name!r}: not a usable issuer name")
             if not CLIENT_PREFIX.match(issuer.client_prefix):
                 raise ValueError(f"client issuer {issuer.name!r}: client_prefix must be [A-Za-z0-9._-]*")
+            if issuer.client_prefix and issuer.client_prefix[-1] not in PREFIX_SEPARATORS:
+                # "acme" would own "acme2" and "acmex": ids that another issuer's tenants may already hold.
+                raise ValueError(f"client issuer {issuer.name!r}: a client_prefix must end with one of "
+                                 f"{' '.join(PREFIX_SEPARATORS)} (e.g. {issuer.client_prefix + '-'!r})")
             if issuer.client_prefix in self._by_prefix:
                 raise ValueError(f"client issuers {self._by_prefix[issuer.client_prefix].name!r} and "
                                  f"{issuer.name!r} share the client_prefix {issuer.client_prefix!r}")

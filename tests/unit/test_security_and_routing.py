@@ -173,3 +173,21 @@ def test_a_key_setting_that_is_neither_pem_nor_a_file_is_never_echoed() -> None:
             load_private_key(value, what="TXROUTE_SAGA_PRIVATE_KEY")
         assert "TXROUTE_SAGA_PRIVATE_KEY" in str(caught.value)
         assert body not in str(caught.value) and body[:16] not in str(caught.value)
+
+
+def test_a_client_prefix_ends_at_a_separator_so_it_cannot_take_lookalike_ids() -> None:
+    """A prefix "acme" would own "acme2" and "acmex" (ids another issuer's tenants, e.g. the catch-all's,
+    may already hold): a non-empty prefix must end with '.', '-' or '_'."""
+    dev, acme = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
+    for prefix in ("acme", "acme2", "a"):
+        with pytest.raises(ValueError, match="must end with"):
+            ClientIssuers([ClientIssuer("dev", {"d": dev.public_key()}, ""),
+                           ClientIssuer("acme", {"a": acme.public_key()}, prefix)])
+    issuers = ClientIssuers([ClientIssuer("dev", {"d": dev.public_key()}, ""),
+                             ClientIssuer("acme", {"a": acme.public_key()}, "acme-")])
+    for lookalike in ("acme", "acme2", "acmex", "acme_1"):
+        assert issuers.owner(lookalike).name == "dev", lookalike  # type: ignore[union-attr]
+        token = mint_client_token(acme, issuer="acme", client=lookalike, scopes=(), lifetime_s=60, kid="a")
+        with pytest.raises(TokenRefused, match="may not"):
+            issuers.verify(token)
+    assert issuers.owner("acme-7").name == "acme"  # type: ignore[union-attr]
