@@ -32,15 +32,20 @@ from app.store.migrate import is_migrated
 log = logging.getLogger("txroute.store")
 
 _RETRYABLE = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
+# Failures of the shard's server, not of the request: each heals by waiting (a posting answers 503, a saga
+# delivery is retried and never counts towards its dead letter). By SQLSTATE class where the whole class is:
+# 08 connection, 53 insufficient resources (53300 too many connections: a pool opening a connection while other
+# processes hold every slot; 53100 disk full; 53200 out of memory), 57 operator intervention (shutdown,
+# cannot connect now, query canceled), and 25006 (a failover left the connection on a standby).
 _UNAVAILABLE = (
     OSError,
     asyncio.TimeoutError,
     asyncpg.ConnectionDoesNotExistError,
-    asyncpg.CannotConnectNowError,
     asyncpg.InterfaceError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.QueryCanceledError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.ReadOnlySQLTransactionError,
     asyncpg.LockNotAvailableError,
 )
 

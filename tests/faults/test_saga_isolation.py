@@ -105,6 +105,25 @@ async def test_a_return_past_the_payers_limit_is_dead_lettered_after_bounded_fai
     report = await world.audit()
     assert report.clean, report.text()
 
+    # Its cause fixed (the payer spends, so the return fits under 2^53-1), `ops sagas retry` revives it: the
+    # relay delivers it again, the credit side answers its first outcome (refused) and the money comes back once.
+    async with world.http("eu-west-1") as h1:
+        src = ApiClient(h1, client)
+        spent = await src.withdraw(a, 1_000)
+        assert spent.status_code == 201, spent.text
+        made_due = await sagas.retry(target, transfer_ids=[poison], all_stuck=False, older_than_s=0.0, yes=True)
+        assert made_due == 1, f"expected the dead letter made due, got {made_due}"
+
+        async def returned() -> bool:
+            return (await src.get(f"/v1/transfers/{poison}")).json()["state"] == "returned"
+
+        await poll_until(returned, timeout_s=30, what="the revived dead letter returned")
+        assert await src.balance(a) == limits.AMOUNT_MINOR_MAX - 50 - 10 - 1_000 + 100, "expected one return"
+    row = await _outbox_row(source_dsn, poison)
+    assert row["delivered_at"] is not None and row["failures"] == 0, f"expected it settled and not dead: {row}"
+    report = await world.audit()
+    assert report.clean, report.text()
+
 
 async def _hanging_server() -> tuple[asyncio.Server, str]:
     """An HTTPS server (the session's region certificate) that accepts requests and never answers them: a

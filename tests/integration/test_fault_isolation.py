@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import secrets
 from collections import Counter
 from collections.abc import Callable
 
@@ -15,6 +16,7 @@ import pytest
 
 from app import limits
 from app.ledger.postings import Posting, PostingKind, fingerprint, settlement_account_id
+from app.region.saga import DeliveryFailed, Saga, Undeliverable
 from app.store import shard as shard_module
 from app.store.shard import AccountBusy, Outcome, ShardStore, ShardUnavailable, TenantQueueFull
 from app.topology.ids import new_transfer_id, parse_account_id
@@ -215,3 +217,42 @@ async def test_a_clients_queue_share_is_held_until_a_timed_out_posting_leaves_th
     assert await api.balance(locked) == 7, "expected the timed-out posting committed (its outcome was unknown)"
     assert await api.balance(other) == 5, "expected the refused posting not posted"
     await assert_shard_conserved(dsn)
+
+
+async def test_a_shard_out_of_connections_is_unavailable_and_never_poisons_a_saga_message(
+    api: ApiClient, topology: Topology, shard_dsn: Callable[[str], str]
+) -> None:
+    """A shard that refuses new connections (53300 too_many_connections: max_connections or the role's limit
+    reached by other processes) heals by waiting: a posting is answered 503 shard_unavailable (not a raw
+    database error, a 500) and a saga delivery is a failure that heals, never one that counts towards its
+    dead letter (a few seconds at the connection limit must not dead-letter every message of a region)."""
+    shard, (account,) = await accounts_in_one_shard(api, topology, 1)
+    dsn = shard_dsn(shard)
+    role = f"capped_{secrets.token_hex(4)}"
+    owner = await asyncpg.connect(dsn)
+    try:
+        await owner.execute(f"create role {role} login password 'capped' connection limit 0")
+        capped_dsn = dsn.replace(dsn.split("//", 1)[1].split("@", 1)[0], f"{role}:capped", 1)
+        pool = await asyncpg.create_pool(capped_dsn, min_size=0, max_size=2, init=shard_module._init_connection)
+        assert pool is not None
+        store = ShardStore(shard, pool, workers=1)
+        try:
+            try:
+                await store.post(_deposit(api, shard, account, 7))
+                raise AssertionError("expected ShardUnavailable from a shard refusing connections")
+            except ShardUnavailable:
+                pass
+            saga = Saga(region=topology.shard(shard).region, stores={shard: store}, peers=None, minter=None)
+            message = {"transfer_id": new_transfer_id(parse_account_id(account).slot), "destination_shard": shard,
+                       "destination_region": topology.shard(shard).region}
+            try:
+                await saga.deliver(store, message)
+                raise AssertionError("expected the delivery to fail while the shard refuses connections")
+            except DeliveryFailed as exc:
+                assert not isinstance(exc, Undeliverable), f"expected a failure that heals, got poison: {exc}"
+        finally:
+            await store.close()
+    finally:
+        await owner.execute(f"drop role if exists {role}")
+        await owner.close()
+    assert await api.balance(account) == 0, "expected nothing posted"
