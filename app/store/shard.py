@@ -388,19 +388,19 @@ class ShardStore:
         self, item: dict[str, Any], future: asyncio.Future[Outcome], span: SpanContext | None, account: str
     ) -> None:
         if self._known_busy(account):
-            _fail(future, AccountBusy(self.name))
+            await self._answer_busy(item, future)
             return
         try:
             async with asyncio.timeout(limits.POSTING_ALONE_QUEUE_WAIT_MS / 1000):
                 await self._alone.acquire()
         except TimeoutError:
-            _fail(future, AccountBusy(self.name))
+            await self._answer_busy(item, future)
             return
         try:
             if future.done():
                 return
             if self._known_busy(account):
-                _fail(future, AccountBusy(self.name))
+                await self._answer_busy(item, future)
                 return
             results = await self._call(
                 "post_alone", "select txr_post($1::jsonb, $2, $3)", [_with_trace(item, span)],
@@ -409,13 +409,33 @@ class ShardStore:
             outcome = Outcome.from_json(results[0])
             if outcome.busy:
                 self._remember_busy(str(results[0].get("busy_account", account)))
-                _fail(future, AccountBusy(self.name))
+                await self._answer_busy(item, future)
             elif not future.done():
                 future.set_result(outcome)
         except Exception as exc:  # ShardUnavailable, or a bug: its waiter gets it, nobody else
             _fail(future, exc)
         finally:
             self._alone.release()
+
+    async def _answer_busy(self, item: dict[str, Any], future: asyncio.Future[Outcome]) -> None:
+        """Answer a posting that could not take its account's lock: `AccountBusy` (nothing posted, nothing
+        stored) only when its Idempotency-Key has no outcome yet. A retry of a request that did commit (its
+        first answer lost, say to a timeout) gets its stored answer, replayed, as any retry does: never a
+        "nothing was posted" that would lead its client to post the money again under a new key."""
+        if future.done():
+            return
+        try:
+            prior = await self._fetchval(
+                "idempotency_check", "select txr_idempotency_check($1, $2, $3)",
+                item["client"], item["key"], item["fingerprint"],
+            )
+        except Exception as exc:  # ShardUnavailable, or a bug: the outcome is unknown, and so is the answer
+            _fail(future, exc)
+            return
+        if prior is None:
+            _fail(future, AccountBusy(self.name))
+        elif not future.done():
+            future.set_result(Outcome.from_json(prior))
 
     def _known_busy(self, account: str) -> bool:
         until = self._busy_until.get(account)

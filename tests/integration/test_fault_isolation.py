@@ -256,3 +256,33 @@ async def test_a_shard_out_of_connections_is_unavailable_and_never_poisons_a_sag
         await owner.execute(f"drop role if exists {role}")
         await owner.close()
     assert await api.balance(account) == 0, "expected nothing posted"
+
+
+async def test_a_retry_of_a_committed_posting_replays_its_answer_while_its_account_is_busy(
+    api: ApiClient, topology: Topology, shard_dsn: Callable[[str], str]
+) -> None:
+    """account_busy says nothing was posted: a retry of a request that did commit (its first answer lost) must
+    get its stored answer instead, or its client would post the money again under a new key."""
+    shard, (locked,) = await accounts_in_one_shard(api, topology, 1)
+    dsn = shard_dsn(shard)
+    store = await _store(shard, dsn)
+    posting = _deposit(api, shard, locked, 9)
+    holder = held = None
+    try:
+        first = await store.post(posting)
+        assert (first.status, first.replayed) == (201, False), f"expected the deposit posted, got {first}"
+        holder, held = await _lock_row(dsn, locked)
+        again = await store.post(posting)
+        assert (again.status, again.replayed) == (201, True), f"expected the stored answer replayed, got {again}"
+        assert again.body["id"] == first.body["id"], f"expected the same transfer, got {again.body}"
+        try:
+            await store.post(_deposit(api, shard, locked, 4))
+            raise AssertionError("expected AccountBusy for a new posting while the row is locked")
+        except AccountBusy:
+            pass
+    finally:
+        if held is not None and holder is not None:
+            await held.rollback()
+            await holder.close()
+        await store.close()
+    assert await api.balance(locked) == 9, "expected the deposit posted once"
