@@ -370,6 +370,8 @@ async def test_an_audit_that_cannot_write_its_checkpoint_still_reports_and_says_
                 await conn.execute(f"create role {role} login password '{password}'")
             else:
                 await conn.execute(f"alter role {role} password '{password}'")
+            # Shard databases admit only the roles granted CONNECT (provisioning revokes it from PUBLIC).
+            await conn.execute(f'grant connect on database "{dsn.rsplit("/", 1)[1]}" to {role}')
             await conn.execute(f"grant select on all tables in schema public to {role}")
         finally:
             await conn.close()
