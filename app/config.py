@@ -43,6 +43,11 @@ class RegionSettings:
     # Public key(s) that verify other regions' saga tokens: without them the saga routes refuse every call
     # with 401; `from_env` requires them. Routers never hold the saga key pair.
     saga_public_key: str | None = field(default=None, repr=False)
+    # The client issuers the routers trust, configured the same way (TXROUTE_CLIENT_ISSUERS: public keys only):
+    # every public API call also carries the client's own token, which the region verifies and serves. Without
+    # them every public API call is refused with 401; `from_env` requires them.
+    client_issuers: dict[str, ClientIssuerSettings] | None = field(default=None, repr=False)
+    client_token_lifetime_max_s: int = limits.CLIENT_TOKEN_LIFETIME_MAX_S
     # Saga relay (DESIGN D6): the other regions' service URLs, and the saga private key that signs this
     # region's calls to them. Without them, transfers to shards of other regions wait in the outbox.
     region_urls: dict[str, str] = field(default_factory=dict)
@@ -85,6 +90,8 @@ class RegionSettings:
             db_pool_size_max=pool,
             hop_public_key=_required(e, "TXROUTE_HOP_PUBLIC_KEY"),
             saga_public_key=_required(e, "TXROUTE_SAGA_PUBLIC_KEY"),
+            client_issuers=ClientIssuerSettings.parse(_required(e, "TXROUTE_CLIENT_ISSUERS")),
+            client_token_lifetime_max_s=_client_token_lifetime_max_s(e),
             region_urls=region_urls,
             saga_private_key=e.get("TXROUTE_SAGA_PRIVATE_KEY") or None,
             internal_ca_file=e.get("TXROUTE_INTERNAL_CA_FILE") or None,
@@ -207,10 +214,7 @@ class RouterSettings:
             raise SettingsError(f"TXROUTE_CLIENT_BURST must be in 1..{limits.CLIENT_BURST_MAX}")
         region_urls = _json_object(e, "TXROUTE_REGION_URLS")
         plaintext = _internal_tls(e, region_urls)
-        lifetime_max_s = _integer(e, "TXROUTE_CLIENT_TOKEN_LIFETIME_MAX_S", limits.CLIENT_TOKEN_LIFETIME_MAX_S)
-        if not 60 <= lifetime_max_s <= limits.CLIENT_TOKEN_LIFETIME_CAP_S:
-            cap = limits.CLIENT_TOKEN_LIFETIME_CAP_S
-            raise SettingsError(f"TXROUTE_CLIENT_TOKEN_LIFETIME_MAX_S must be in 60..{cap}")
+        lifetime_max_s = _client_token_lifetime_max_s(e)
         return cls(
             region=_required(e, "TXROUTE_REGION"),
             region_urls=region_urls,
@@ -245,6 +249,14 @@ def _integer(env: os._Environ[str] | dict[str, str], name: str, default: int) ->
         return int(env.get(name) or default)
     except ValueError:
         raise SettingsError(f"{name} must be an integer") from None
+
+
+def _client_token_lifetime_max_s(e: os._Environ[str] | dict[str, str]) -> int:
+    lifetime_max_s = _integer(e, "TXROUTE_CLIENT_TOKEN_LIFETIME_MAX_S", limits.CLIENT_TOKEN_LIFETIME_MAX_S)
+    if not 60 <= lifetime_max_s <= limits.CLIENT_TOKEN_LIFETIME_CAP_S:
+        cap = limits.CLIENT_TOKEN_LIFETIME_CAP_S
+        raise SettingsError(f"TXROUTE_CLIENT_TOKEN_LIFETIME_MAX_S must be in 60..{cap}")
+    return lifetime_max_s
 
 
 @dataclass(frozen=True)

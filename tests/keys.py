@@ -18,6 +18,7 @@ from app.config import ClientIssuerSettings
 from app.security.keys import private_pem, public_pem
 from app.security.scopes import PUBLIC_SCOPES
 from app.security.tokens import (
+    CLIENT_TOKEN_HEADER,
     BoundRequest,
     HopTokenMinter,
     SagaTokenMinter,
@@ -79,16 +80,19 @@ class SessionKeys:
         """A saga token region `caller` would send to region `destination` for `request`."""
         return SagaTokenMinter(self.saga_private, caller).token(destination, request)
 
-    def router_env(self) -> dict[str, str]:
-        """A router's keys: both client issuers and the hop private key (never the saga key)."""
+    def client_issuers(self) -> str:
+        """TXROUTE_CLIENT_ISSUERS of routers and regions alike: both client issuers' public keys."""
         issuers = {
             TEST_ISSUER: ClientIssuerSettings(keys={CLIENT_KID: self.client_public_pem}, client_prefix=""),
             PARTNER_ISSUER: ClientIssuerSettings(
                 keys={PARTNER_KID: public_pem(self.partner_private.public_key())}, client_prefix=PARTNER_PREFIX
             ),
         }
-        return {"TXROUTE_CLIENT_ISSUERS": ClientIssuerSettings.dumps(issuers),
-                "TXROUTE_HOP_PRIVATE_KEY": self.hop_private_pem}
+        return ClientIssuerSettings.dumps(issuers)
+
+    def router_env(self) -> dict[str, str]:
+        """A router's keys: both client issuers and the hop private key (never the saga key)."""
+        return {"TXROUTE_CLIENT_ISSUERS": self.client_issuers(), "TXROUTE_HOP_PRIVATE_KEY": self.hop_private_pem}
 
 
 # Signed requests one test HTTP client may have in flight at once: no more than its connection pool holds
@@ -100,16 +104,19 @@ _gates: dict[int, asyncio.Semaphore] = {}
 
 
 class HopAuth(httpx.Auth):
-    """Signs each httpx request with a hop token bound to it, as the router does (direct calls to a region)."""
+    """Signs each httpx request with a hop token bound to it and sends the client's own token along, as the
+    router does (direct calls to a region). The client token is minted once and reused, as a client's is."""
 
     def __init__(self, client: str, scopes: Iterable[str] = PUBLIC_SCOPES) -> None:
         self.client = client
         self.scopes = frozenset(scopes)
+        self.client_token = session_keys().client_token(client, self.scopes)
 
     def _sign(self, request: httpx.Request) -> httpx.Request:
         request.headers["Authorization"] = "Bearer " + session_keys().hop_token(
             self.client, bound(request), self.scopes
         )
+        request.headers[CLIENT_TOKEN_HEADER] = "Bearer " + self.client_token
         return request
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
@@ -144,4 +151,5 @@ def region_env() -> dict[str, str]:
         "TXROUTE_HOP_PUBLIC_KEY": keys.hop_public_pem,
         "TXROUTE_SAGA_PUBLIC_KEY": keys.saga_public_pem,
         "TXROUTE_SAGA_PRIVATE_KEY": keys.saga_private_pem,
+        "TXROUTE_CLIENT_ISSUERS": keys.client_issuers(),
     }

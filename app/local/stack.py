@@ -99,6 +99,8 @@ def plan(config: StackConfig) -> Stack:
         env = {
             "TXROUTE_HOP_PUBLIC_KEY": str(keys.hop_public),
             "TXROUTE_SAGA_PUBLIC_KEY": str(keys.saga_public),
+            # The router's client issuers (public keys): a region serves the client token, not the hop's say-so.
+            "TXROUTE_CLIENT_ISSUERS": _client_issuers(keys),
             "TXROUTE_DATABASE_PASSWORD_FILE": str(cluster.service_password_file),
         }
         if config.regions_dir is not None:
@@ -118,6 +120,13 @@ def plan(config: StackConfig) -> Stack:
     return Stack(config, topology, clusters, services)
 
 
+def _client_issuers(keys: DevKeys) -> str:
+    """The dev client issuer, which routers and regions both trust (its public key only)."""
+    return ClientIssuerSettings.dumps(
+        {DEV_CLIENT_ISSUER: ClientIssuerSettings(keys={DEV_CLIENT_KID: str(keys.client_public)}, client_prefix="")}
+    )
+
+
 def _router(
     config: StackConfig, topology: Topology, regions: list[ServiceProcess], keys: DevKeys, tls: LocalTls
 ) -> ServiceProcess:
@@ -129,9 +138,7 @@ def _router(
     env = {
         "TXROUTE_REGION": region,
         "TXROUTE_REGION_URLS": json.dumps({s.env["TXROUTE_REGION"]: s.url for s in regions}),
-        "TXROUTE_CLIENT_ISSUERS": ClientIssuerSettings.dumps(
-            {DEV_CLIENT_ISSUER: ClientIssuerSettings(keys={DEV_CLIENT_KID: str(keys.client_public)}, client_prefix="")}
-        ),
+        "TXROUTE_CLIENT_ISSUERS": _client_issuers(keys),
         "TXROUTE_HOP_PRIVATE_KEY": str(keys.hop_private),
         "TXROUTE_INTERNAL_CA_FILE": str(tls.ca_file),
         "TXROUTE_WAN_LATENCY_MS": str(config.wan_latency_ms),

@@ -30,7 +30,7 @@ from app.region.saga import Saga
 from app.region.service import RegionLedger
 from app.security.keys import load_private_key, load_public_keys
 from app.security.tls import client_context
-from app.security.tokens import HopTokenVerifier, SagaTokenMinter, SagaTokenVerifier
+from app.security.tokens import HopTokenVerifier, SagaTokenMinter, SagaTokenVerifier, client_issuers
 from app.store.shard import (
     AccountBusy,
     Outcome,
@@ -52,6 +52,11 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
     hop_tokens = (
         HopTokenVerifier(load_public_keys(settings.hop_public_key, what="TXROUTE_HOP_PUBLIC_KEY"))
         if settings.hop_public_key
+        else None
+    )
+    clients = (
+        client_issuers(settings.client_issuers, lifetime_max_s=settings.client_token_lifetime_max_s)
+        if settings.client_issuers
         else None
     )
     saga_tokens = (
@@ -129,7 +134,7 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
         request_max_body_size=limits.REQUEST_BODY_BYTES_MAX,
         state=_state(
             topology=topology, region=region.name, request_bodies=REQUEST_BODIES, hop_tokens=hop_tokens,
-            saga_tokens=saga_tokens,
+            client_tokens=clients, saga_tokens=saga_tokens,
         ),
         logging_config=None,
         on_startup=[lambda: telemetry.configure(service="region", region=region.name)],

@@ -1,7 +1,11 @@
 """Who is calling: the one place the regional service learns its caller (DESIGN D8), for both trust domains.
 
-    public routes (/v1/...)      a hop token from a router: the client id and its scopes, bound to this very
-                                 request (method, target, body digest, Idempotency-Key) and living seconds
+    public routes (/v1/...)      a hop token from a router, bound to this very request (method, target, body
+                                 digest, Idempotency-Key) and living seconds, AND the client's own token that
+                                 the router forwarded (x-client-authorization), verified with the same client
+                                 issuers as the router's: the client id and scopes come from the client token,
+                                 and a hop token naming another client is refused. A router's key alone (a
+                                 compromised router) thus cannot act as a client it holds no token of
     /internal/shardmap           a hop token with the `internal` scope (the routers' own calls); regions
                                  never read it (they have the topology), so a saga token is refused there
     saga routes (/internal/saga) a saga token from another region, naming it (`sub`); a hop token, whatever
@@ -21,12 +25,15 @@ from litestar import Request
 from app.errors import Problem
 from app.security.scopes import INTERNAL, required_scope
 from app.security.tokens import (
+    CLIENT_TOKEN_HEADER,
     BoundRequest,
+    ClientIssuers,
     HopTokenVerifier,
     Principal,
     SagaTokenVerifier,
     TokenRefused,
     bearer,
+    client_behind_hop,
     request_target,
 )
 
@@ -64,9 +71,25 @@ async def principal(request: Request[Any, Any, Any]) -> Principal:
         raise Problem("unauthorized", f"hop token refused: {exc.reason}") from None
 
 
+def _client(request: Request[Any, Any, Any], hop: Principal) -> Principal:
+    """The client of a public API call: its own token, which the hop token must name (`client_behind_hop`)."""
+    clients: ClientIssuers | None = request.app.state.get("client_tokens")
+    if clients is None:
+        raise Problem("unauthorized", "this region has no client issuers configured")
+    try:
+        header = request.headers.get(CLIENT_TOKEN_HEADER)
+        if header is None:
+            raise TokenRefused(f"send the client's own token in {CLIENT_TOKEN_HEADER}: Bearer <token>")
+        token = bearer(header)
+        return client_behind_hop(hop, clients.verify(token))
+    except TokenRefused as exc:
+        raise Problem("unauthorized", f"client token refused: {exc.reason}") from None
+
+
 async def caller(request: Request[Any, Any, Any]) -> str:
-    """The client id of a public API call, after checking the token grants the route's scope."""
-    found = await principal(request)
+    """The client id of a public API call (hop token and client token), after checking the tokens grant the
+    route's scope."""
+    found = _client(request, await principal(request))
     scope = required_scope(request.method, request.url.path)
     assert scope is not None, f"{request.method} {request.url.path} is not a public route"
     if scope not in found.scopes:

@@ -34,22 +34,23 @@ from app.api.http import EXCEPTION_HANDLERS, json_response
 from app.api.openapi import OPENAPI_CONFIG, build_document, openapi_document
 from app.api.schemas import Health, RouterReadiness
 from app.api.upstreams import Answer, NoAnswer, NotConnected, UpstreamError, Upstreams
-from app.config import ClientIssuerSettings, RouterSettings
+from app.config import RouterSettings
 from app.errors import PROBLEM_CONTENT_TYPE, Problem, problem_body
 from app.router.docs import docs_asset, docs_page
 from app.router.ratelimit import ClientRateLimiter
 from app.router.routes import Kind, Route, decode_write, match, read_slot
 from app.router.shardmap import ShardMap, ShardMapCache
-from app.security.keys import load_private_key, load_public_keys
+from app.security.keys import load_private_key
 from app.security.scopes import INTERNAL
 from app.security.tls import client_context
 from app.security.tokens import (
+    CLIENT_TOKEN_HEADER,
     BoundRequest,
-    ClientIssuer,
     ClientIssuers,
     HopTokenMinter,
     TokenRefused,
     bearer,
+    client_issuers,
     request_target,
 )
 from app.topology.loader import load_topology
@@ -149,6 +150,9 @@ class Router:
         key = headers.get("idempotency-key", "") if body is not None else None
         hop = self.minter.for_client(principal, BoundRequest(method, request_target(path, query), body or b"", key))
         upstream_headers = self._upstream_headers(headers, rid, hop, key)
+        # The client's own token goes along: the region verifies it too and serves its client, never just
+        # the hop token's say-so (a router's key alone can act as no client).
+        upstream_headers[CLIENT_TOKEN_HEADER] = "Bearer " + bearer(headers.get("authorization"))
         return await self._forward(route, slot, named_region, method, path_qs, upstream_headers, body)
 
     def _authenticate(self, authorization: str | None) -> Any:
@@ -421,21 +425,6 @@ def create_app(settings: RouterSettings) -> telemetry.Instrumented:
         limiter=limiter, fallback=fallback, regions=tuple(r.name for r in topology.regions),
     )
     return telemetry.Instrumented(router, service="router", region=settings.region)
-
-
-def client_issuers(settings: dict[str, ClientIssuerSettings], *, lifetime_max_s: int) -> ClientIssuers:
-    """The router's client-token verifier from TXROUTE_CLIENT_ISSUERS (fails at start on a bad key, a shared
-    kid or a shared client prefix)."""
-    issuers = [
-        ClientIssuer(
-            name=name,
-            keys={kid: load_public_keys(pem, what=f"client issuer {name!r} key {kid!r}")
-                  for kid, pem in s.keys.items()},
-            client_prefix=s.client_prefix,
-        )
-        for name, s in settings.items()
-    ]
-    return ClientIssuers(issuers, lifetime_max_s=lifetime_max_s)
 
 
 def _state(**values: Any) -> Any:

@@ -11,7 +11,10 @@ is safe to show (it never echoes the token).
     hop token     router -> region. iss = txroute-router, aud = txroute-region, sub = client id (or the router
                   itself), scope, iat, exp (seconds), bound to one request: htm = method, htu = request target
                   (`request_target`), bdh = SHA-256 of the body, idk = the Idempotency-Key header. Signed by
-                  the hop key, which only routers hold; one token per request, never reused.
+                  the hop key, which only routers hold; one token per request, never reused. It travels
+                  WITH the client's own token (`CLIENT_TOKEN_HEADER`): a region checks both, takes the client
+                  id and scopes from the client token, and refuses a hop token whose sub is another client,
+                  so the hop key alone can never act as a client (`client_behind_hop`).
     saga token    region -> region. iss = txroute-saga, aud = txroute-saga/<destination region>, sub = the
                   calling region, bound to its request like a hop token. Signed by the saga key, which only
                   regions hold: a router's key can sign nothing a saga route accepts.
@@ -25,14 +28,17 @@ import re
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlencode
 
 import jwt
 
 from app import limits
-from app.security.keys import PrivateKey, PublicKey, algorithm_for
+from app.security.keys import PrivateKey, PublicKey, algorithm_for, load_public_keys
 from app.security.scopes import PUBLIC_SCOPES
+
+if TYPE_CHECKING:
+    from app.config import ClientIssuerSettings
 
 HOP_ISSUER = "txroute-router"
 HOP_AUDIENCE = "txroute-region"
@@ -43,6 +49,8 @@ CLIENT_PREFIX = re.compile(rf"^[A-Za-z0-9._-]{{0,{limits.CLIENT_ID_CHARS_MAX}}}$
 # A non-empty namespace ends at one of these, so that a prefix never owns lookalike ids ("acme" vs "acme2").
 PREFIX_SEPARATORS = ".-_"
 _BOUND_CLAIMS = ("htm", "htu", "bdh")
+# The header a router forwards the client's own bearer token in, next to its hop token in `authorization`.
+CLIENT_TOKEN_HEADER = "x-client-authorization"  # noqa: S105 (a header name)
 
 
 def saga_audience(region: str) -> str:
@@ -181,7 +189,7 @@ def _lifetime(claims: Mapping[str, object], *, lifetime_max_s: float, now: float
     return float(exp)
 
 
-# Client tokens (router) ------------------------------------------------------------------------------
+# Client tokens (router, and regions behind it) ----------------------------------------------------------
 
 
 class _VerifiedCache:
@@ -306,6 +314,21 @@ class ClientIssuers:
         return Principal(client=sub, scopes=frozenset(scope.split()), expires_at=exp + skew_s)
 
 
+def client_issuers(settings: Mapping[str, ClientIssuerSettings], *, lifetime_max_s: int) -> ClientIssuers:
+    """The client-token verifier from TXROUTE_CLIENT_ISSUERS, the same in routers and regions (fails at start
+    on a bad key, a shared kid or a shared client prefix)."""
+    issuers = [
+        ClientIssuer(
+            name=name,
+            keys={kid: load_public_keys(pem, what=f"client issuer {name!r} key {kid!r}")
+                  for kid, pem in s.keys.items()},
+            client_prefix=s.client_prefix,
+        )
+        for name, s in settings.items()
+    ]
+    return ClientIssuers(issuers, lifetime_max_s=lifetime_max_s)
+
+
 def mint_client_token(
     key: PrivateKey, *, issuer: str, client: str, scopes: Iterable[str], lifetime_s: int, kid: str | None = None
 ) -> str:
@@ -340,6 +363,15 @@ class HopTokenMinter:
     def for_client(self, principal: Principal, request: BoundRequest) -> str:
         """The hop token for a client's request: its id, and only its public scopes."""
         return self.token(principal.client, principal.scopes & PUBLIC_SCOPES, request)
+
+
+def client_behind_hop(hop: Principal, client: Principal) -> Principal:
+    """Who a region serves: the client of the client token the router forwarded, with the scopes both tokens
+    grant. The hop token must name that very client; the router's key alone thus asserts nobody."""
+    if hop.client != client.client:
+        raise TokenRefused("the hop token and the client token name different clients")
+    return Principal(client=client.client, scopes=client.scopes & hop.scopes,
+                     expires_at=min(hop.expires_at, client.expires_at))
 
 
 class HopTokenVerifier:

@@ -1,7 +1,9 @@
 """Authentication and authorization, end to end: each refusal has the right status and changes no balance.
 
-Client tokens are checked at the router (issuer, namespace, lifetime, kid); regions accept only a router's
-hop token bound to the very request (method, target, body digest, Idempotency-Key) for public routes.
+Client tokens are checked at the router (issuer, namespace, lifetime, kid); regions accept for public routes
+only a router's hop token bound to the very request (method, target, body digest, Idempotency-Key) AND the
+client's own token, which they verify too and which the hop token must name (issue 9: the hop key alone, a
+compromised router's, can act as no client).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from app.local.processes import ServiceProcess
 from app.security import scopes
-from app.security.tokens import HOP_AUDIENCE, HOP_ISSUER, BoundRequest, mint_client_token
+from app.security.tokens import CLIENT_TOKEN_HEADER, HOP_AUDIENCE, HOP_ISSUER, BoundRequest, mint_client_token
 from app.topology.ids import parse_account_id
 from app.topology.model import Shard, Topology
 from tests.e2e.conftest import ROUTER_REGION, RouterApi
@@ -224,10 +226,14 @@ def _hop(keys: SessionKeys, client: str, **override: Any) -> TokenFor:
 async def _send(
     http: httpx.AsyncClient, url: str, method: str, path: str, body: Any, token_for: TokenFor | None,
     *, key: str | None = None, rewrite: Callable[[httpx.Request], httpx.Request] | None = None,
+    client_token: str | None = None,
 ) -> httpx.Response:
     """A request whose token is made for it by `token_for` (then, if given, `rewrite` changes the request
-    the token was made for: a replay)."""
-    request = http.build_request(method, url + path, json=body, headers={"Idempotency-Key": key or new_key()})
+    the token was made for: a replay), with `client_token` as the client's own token (None: none sent)."""
+    headers = {"Idempotency-Key": key or new_key()}
+    if client_token is not None:
+        headers[CLIENT_TOKEN_HEADER] = "Bearer " + client_token
+    request = http.build_request(method, url + path, json=body, headers=headers)
     if token_for is not None:
         request.headers["Authorization"] = "Bearer " + token_for(bound(request))
     if rewrite is not None:
@@ -260,9 +266,10 @@ async def test_direct_calls_to_a_region_need_a_valid_hop_token(
                                                     scopes=scopes.PUBLIC_SCOPES, lifetime_s=600),
         "saga_token": lambda request: keys.saga_token("us-east-1", ROUTER_REGION, request),
     }
+    own = keys.client_token(client)  # the client's valid token: every refusal below is the hop token's
     for name, token_for in tokens.items():
         for method, path, body in _requests(debit, credit):
-            response = await _send(http, region, method, path, body, token_for)
+            response = await _send(http, region, method, path, body, token_for, client_token=own)
             assert response.status_code == 401, f"{name}: expected 401 for {method} {path}, got {response.text}"
         shardmap = await _send(http, region, "GET", "/internal/shardmap", None, token_for)
         assert shardmap.status_code == 401, f"{name}: expected 401 for the shard map, got {shardmap.status_code}"
@@ -285,6 +292,7 @@ async def test_a_hop_token_replayed_for_another_method_path_body_or_key_is_refus
     hop = _hop(keys, client_api.client_id)
     deposit = {"account": debit, "amount": 5, "currency": "EUR"}
     key = new_key()
+    own = keys.client_token(client_api.client_id)
 
     def moved(**change: Any) -> Callable[[httpx.Request], httpx.Request]:
         def rewrite(request: httpx.Request) -> httpx.Request:
@@ -304,21 +312,66 @@ async def test_a_hop_token_replayed_for_another_method_path_body_or_key_is_refus
         "another_query": moved(method="GET", url=region + f"/v1/accounts/{debit}/entries?limit=1", content=b""),
     }
     for name, rewrite in replays.items():
-        response = await _send(http, region, "POST", "/v1/deposits", deposit, hop, key=key, rewrite=rewrite)
+        response = await _send(http, region, "POST", "/v1/deposits", deposit, hop, key=key, rewrite=rewrite,
+                               client_token=own)
         assert response.status_code == 401, f"{name}: expected 401, got {response.status_code}: {response.text}"
         assert response.json()["code"] == "unauthorized" and "issued for another" in response.json()["detail"]
     # Another method on the same path and body: a token issued for GET /v1/deposits sent as a POST.
     as_get = _hop(keys, client_api.client_id, htm="GET")
-    response = await _send(http, region, "POST", "/v1/deposits", deposit, as_get)
+    response = await _send(http, region, "POST", "/v1/deposits", deposit, as_get, client_token=own)
     assert response.status_code == 401 and "another method" in response.json()["detail"], response.text
     # An expired hop token, bound to its request, is refused too.
     now = int(time.time())
     expired = _hop(keys, client_api.client_id, iat=now - 30, exp=now - 20)
-    response = await _send(http, region, "POST", "/v1/deposits", deposit, expired)
+    response = await _send(http, region, "POST", "/v1/deposits", deposit, expired, client_token=own)
     assert response.status_code == 401 and "expired" in response.json()["detail"], response.text
     assert await balances(client_api, debit, credit) == [1_000, 0], "expected no replay to move money"
     # The token on its own request works, and the same request again is an idempotent replay: one effect.
     for _ in range(2):
-        own = await _send(http, region, "POST", "/v1/deposits", deposit, hop, key=key)
-        assert own.status_code == 201, own.text
+        applied = await _send(http, region, "POST", "/v1/deposits", deposit, hop, key=key, client_token=own)
+        assert applied.status_code == 201, applied.text
     assert await balances(client_api, debit, credit) == [1_005, 0]
+
+
+async def test_the_hop_key_alone_cannot_act_as_a_client_so_a_compromised_router_mints_no_money(
+    client_api: RouterApi, funded_pair: tuple[str, str], keys: SessionKeys,
+    region_services: dict[str, ServiceProcess], http: httpx.AsyncClient, topology: Topology,
+) -> None:
+    """Issue 9: a deposit straight to the account's home region with a perfectly valid hop token (the router's
+    key, bound to the request) is refused unless the client's own token comes along and names that client."""
+    debit, credit = funded_pair
+    region = region_services[shard_for(topology, debit).region].url
+    victim = client_api.client_id
+    other = new_client_id("other")
+    deposit = {"account": debit, "amount": 500, "currency": "EUR"}
+    forger = ed25519.Ed25519PrivateKey.generate()
+    cases: dict[str, tuple[TokenFor, str | None]] = {
+        "no_client_token": (_hop(keys, victim), None),
+        "another_clients_token": (_hop(keys, victim), keys.client_token(other)),
+        "another_client_on_both": (_hop(keys, other), keys.client_token(other)),
+        "hop_names_another_client": (_hop(keys, other), keys.client_token(victim)),
+        "forged_with_a_stranger_key": (_hop(keys, victim), _signed_with(forger, _claims(victim))),
+        "forged_with_the_hop_key": (_hop(keys, victim), _signed_with(keys.hop_private, _claims(victim))),
+        "expired_client_token": (_hop(keys, victim), _signed(keys, _claims(victim, iat=int(time.time()) - 700,
+                                                                           exp=int(time.time()) - 100))),
+        "hop_token_as_client_token": (_hop(keys, victim), _hop(keys, victim)(BoundRequest("POST", "/", b""))),
+    }
+    for name, (hop, client_token) in cases.items():
+        response = await _send(http, region, "POST", "/v1/deposits", deposit, hop, client_token=client_token)
+        assert response.status_code == 401, f"{name}: expected 401, got {response.status_code}: {response.text}"
+        assert response.json()["code"] == "unauthorized", response.text
+    # The scopes are the client token's: a hop token granting funds:write does not widen a read-only client.
+    read_only = keys.client_token(victim, {scopes.ACCOUNTS_READ})
+    response = await _send(http, region, "POST", "/v1/deposits", deposit, _hop(keys, victim), client_token=read_only)
+    assert response.status_code == 403, response.text
+    assert await balances(client_api, debit, credit) == [1_000, 0], "expected no refused deposit to move money"
+    # The client's own token with the router's hop token (what a router forwards) is served.
+    applied = await _send(http, region, "POST", "/v1/deposits", deposit, _hop(keys, victim),
+                          client_token=keys.client_token(victim))
+    assert applied.status_code == 201, applied.text
+    assert await balances(client_api, debit, credit) == [1_500, 0]
+
+
+def _signed_with(key: ed25519.Ed25519PrivateKey, claims: dict[str, Any]) -> str:
+    """A client token with the test issuer's kid and claims, signed by some other key."""
+    return jwt.encode(claims, key, algorithm="EdDSA", headers={"kid": CLIENT_KID})

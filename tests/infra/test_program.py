@@ -284,7 +284,9 @@ def test_routers_receive_no_saga_key_and_regions_no_hop_private_key(program_run:
             assert {"TXROUTE_HOP_PRIVATE_KEY", "TXROUTE_CLIENT_ISSUERS"} <= names
         else:
             regions += 1
-            assert {"TXROUTE_HOP_PUBLIC_KEY", "TXROUTE_SAGA_PUBLIC_KEY", "TXROUTE_SAGA_PRIVATE_KEY"} <= names
+            # The client issuers too: a region serves the client token the router forwards, not its hop token.
+            assert {"TXROUTE_HOP_PUBLIC_KEY", "TXROUTE_SAGA_PUBLIC_KEY", "TXROUTE_SAGA_PRIVATE_KEY",
+                    "TXROUTE_CLIENT_ISSUERS"} <= names
             assert "TXROUTE_HOP_PRIVATE_KEY" not in names, "a region must not be able to sign hop tokens"
             assert "router-secret" not in sources, sources
     assert routers == regions == len(_regions(program_run)), (routers, regions)

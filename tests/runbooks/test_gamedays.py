@@ -17,7 +17,7 @@ import httpx
 from app.security.keys import load_private_key
 from app.security.scopes import PUBLIC_SCOPES
 from app.security.tls import client_context
-from app.security.tokens import BoundRequest, HopTokenMinter
+from app.security.tokens import CLIENT_TOKEN_HEADER, BoundRequest, HopTokenMinter
 from app.topology.ids import parse_account_id
 from app.topology.loader import load_topology
 from tests.runbooks import gameday
@@ -333,13 +333,15 @@ def test_deploy_behind_a_drain_refuses_writes_for_the_region_only_and_lets_sagas
         # A saga towards the drained region still completes (internal messages are applied).
         incoming = transfer(http, elsewhere, account, 50)
         assert incoming.status_code == 201, f"expected the saga into the drained region to post: {incoming.text}"
-        # A router that has not learnt the drain yet cannot write either: the region refuses by itself.
+        # A router that has not learnt the drain yet cannot write either: the region refuses by itself. The
+        # router forwards the client's own token with its hop token: the region serves that client only.
         hop_key = load_private_key(str(stack.state / "keys" / "hop.private.pem"), what="hop key")
         body, key = json.dumps({"account": account, "amount": 1, "currency": "EUR"}).encode(), new_key()
         token = HopTokenMinter(hop_key).token(
             "gd-deploy", PUBLIC_SCOPES, BoundRequest("POST", "/v1/deposits", body, key))
         direct = httpx.post(region_url(stack, region) + "/v1/deposits", content=body,
                             headers={"authorization": f"Bearer {token}", "idempotency-key": key,
+                                     CLIENT_TOKEN_HEADER: http.headers["authorization"],
                                      "content-type": "application/json"},
                             verify=client_context(stack.plan().tls.ca_file))  # the stack's own CA
         assert direct.status_code == 503 and direct.json()["code"] == "region_draining", direct.text

@@ -17,7 +17,7 @@ CA_BUNDLE = Path(ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-cer
 
 def region_env(**extra: str) -> dict[str, str]:
     return {"TXROUTE_REGION": "eu-west-1", "TXROUTE_HOP_PUBLIC_KEY": "unused", "TXROUTE_SAGA_PUBLIC_KEY": "unused",
-            **extra}
+            "TXROUTE_CLIENT_ISSUERS": '{"iss": {"keys": {"k": "x"}, "client_prefix": ""}}', **extra}
 
 
 def test_the_url_names_the_server_and_role_and_the_password_travels_apart() -> None:

@@ -75,7 +75,7 @@ def _router_env(urls: dict[str, str], **extra: str) -> dict[str, str]:
 def _region_env(urls: dict[str, str], **extra: str) -> dict[str, str]:
     return {"TXROUTE_REGION": "eu-west-1", "TXROUTE_DATABASE_URL": "postgresql://u@127.0.0.1:5432",
             "TXROUTE_HOP_PUBLIC_KEY": "x", "TXROUTE_SAGA_PUBLIC_KEY": "x", "TXROUTE_REGION_URLS": json.dumps(urls),
-            **extra}
+            "TXROUTE_CLIENT_ISSUERS": json.dumps({"iss": {"keys": {"k": "x"}, "client_prefix": ""}}), **extra}
 
 
 def test_settings_refuse_plaintext_or_schemeless_internal_urls_unless_the_benchmark_knob_is_set(

@@ -108,7 +108,8 @@ def test_a_regions_per_client_queue_share_comes_from_the_environment_within_the_
     from app.config import RegionSettings
 
     base = {"TXROUTE_REGION": "eu-west-1", "TXROUTE_DATABASE_URL": "postgresql://u@127.0.0.1:5432",
-            "TXROUTE_HOP_PUBLIC_KEY": "pem", "TXROUTE_SAGA_PUBLIC_KEY": "pem"}
+            "TXROUTE_HOP_PUBLIC_KEY": "pem", "TXROUTE_SAGA_PUBLIC_KEY": "pem",
+            "TXROUTE_CLIENT_ISSUERS": '{"iss": {"keys": {"k": "x"}, "client_prefix": ""}}'}
     assert RegionSettings.from_env(base).tenant_queue_postings_max == limits.TENANT_QUEUE_POSTINGS_MAX
     assert 1 <= limits.TENANT_QUEUE_POSTINGS_MAX < limits.POSTING_QUEUE_DEPTH_MAX, "expected a share, not the queue"
     assert RegionSettings.from_env({**base, "TXROUTE_TENANT_QUEUE_POSTINGS_MAX": "3"}).tenant_queue_postings_max == 3

@@ -49,9 +49,12 @@ REGION_SECRET_KEYS = {
     "hop_public_key": "PEM(s) verifying the routers' hop tokens",
     "saga_public_key": "PEM(s) verifying other regions' saga tokens",
     "saga_private_key": "PEM signing this region's saga calls",
+    # The same value as the router secret's (public keys only): a region verifies the client token the router
+    # forwards, so a router's hop key alone can act as no client.
+    "client_issuers": 'JSON {iss: {"keys": {kid: PEM}, "client_prefix": str}}, as the router secret\'s',
 }
 REGION_SECRET_ENV = {"hop_public_key": "TXROUTE_HOP_PUBLIC_KEY", "saga_public_key": "TXROUTE_SAGA_PUBLIC_KEY",
-                     "saga_private_key": "TXROUTE_SAGA_PRIVATE_KEY"}
+                     "saga_private_key": "TXROUTE_SAGA_PRIVATE_KEY", "client_issuers": "TXROUTE_CLIENT_ISSUERS"}
 ROUTER_SECRET_KEYS = {
     "client_issuers": 'JSON {iss: {"keys": {kid: PEM}, "client_prefix": str}}',
     "hop_private_key": "PEM signing hop tokens",
