@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import glob
 import hashlib
+import importlib.util
 import os
 import pwd
 import re
@@ -54,14 +55,16 @@ def find_pg_bin() -> Path:
             best = (major, Path(text))
     if best is not None:
         return best[1]
-    try:
-        import pgserver  # optional extra: embedded-pg (installed by ci/bootstrap.sh when needed)
-    except ImportError:
+    # The optional extra embedded-pg (installed by ci/bootstrap.sh). Found, not imported: importing pgserver
+    # runs its own server manager's setup, which warns on every command where XDG_RUNTIME_DIR is unset.
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
         raise PostgresError(
             "no PostgreSQL server binaries (>= 14) found: run `bash ci/bootstrap.sh`, which installs the "
             "embedded-pg extra, or set TXROUTE_PG_BIN"
-        ) from None
-    return _runnable(_checked_bin(Path(pgserver.__file__).parent / "pginstall" / "bin"))
+        )
+    package = Path(next(iter(spec.submodule_search_locations)))
+    return _runnable(_checked_bin(package / "pginstall" / "bin"))
 
 
 def _runnable(folder: Path) -> Path:
