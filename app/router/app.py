@@ -3,9 +3,9 @@ per region and closes them.
 
 The public API (`/v1/...`) is served by a bare ASGI handler, `Router`, because the router's cost is per
 request and Litestar's routing, request objects and responses cost about a quarter of a proxy's throughput
-here (NOTES: Forwarding). Everything else (`/healthz`, `/readyz`, `/openapi.json`, the API reference at
-`/docs`, unknown paths and the lifespan) goes to a small Litestar app, with the same problem+json handlers as
-the regions.
+here (measured: a bare ASGI proxy over aiohttp forwarded ~4,500 req/s, the same through Litestar ~3,300).
+Everything else (`/healthz`, `/readyz`, `/openapi.json`, the API reference at `/docs`, unknown paths and the
+lifespan) goes to a small Litestar app, with the same problem+json handlers as the regions.
 
 A request's path through `Router`: match the route (404/405) -> verify the client token (401) -> take
 a token from the client's bucket (429, app/router/ratelimit.py) -> check the route's scope (403) -> decode
