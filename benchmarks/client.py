@@ -67,15 +67,20 @@ class Direct(Auth):
     the router would mint it, and the client's own token (one for every request) next to it."""
 
     def __init__(self, client_id: str) -> None:
-        self._client_id = client_id
+        self.client_id = client_id
         self._minter = HopTokenMinter(_keys()[1])
-        self._client_header = "Bearer " + _client_token(client_id)
+        self.client_header = "Bearer " + _client_token(client_id)
 
     def headers(self, method: str, path: str, body: bytes, idempotency_key: str | None) -> dict[str, str]:
         path, _, query = path.partition("?")
         request = BoundRequest(method, request_target(path, query), body, idempotency_key)
-        return {"authorization": "Bearer " + self._minter.token(self._client_id, PUBLIC_SCOPES, request),
-                CLIENT_TOKEN_HEADER: self._client_header}
+        return {"authorization": "Bearer " + self._minter.token(self.client_id, PUBLIC_SCOPES, request),
+                CLIENT_TOKEN_HEADER: self.client_header}
+
+    @staticmethod
+    def hop_key() -> ed25519.Ed25519PrivateKey:
+        """The hop private key, for a compiled load generator that mints the same tokens (benchmarks/wrk.py)."""
+        return _keys()[1]
 
 
 class Routed(Auth):

@@ -2,8 +2,9 @@
 PostgreSQL's own pgbench tpcb-like on the same cluster with the same client count, in one run.
 
 Everything is started here: a fresh durable cluster (fsync and synchronous_commit on, as a real ledger runs),
-one regional service process (granian, one worker), and the load from this process (aiohttp, C concurrent
-clients, each a loop of one request at a time). All share this machine's cores: the figures say what the
+one regional service process (granian, one worker), and the load: wrk (benchmarks/wrk.py, compiled, as
+pgbench's client is) or, where wrk is missing, this process (aiohttp); C concurrent clients either way, each a
+loop of one request at a time. All share this machine's cores: the figures say what the
 stack does on it, not what it would do on separate hosts.
 """
 
@@ -25,20 +26,29 @@ from benchmarks.common import (
     fresh_cluster,
     open_accounts,
     pairs_within,
+    print_json,
     region_service,
     transfer_workload,
+    use_generator,
 )
 
 REGION = "eu-west-1"
 
 
-def run(*, clients: int, seconds: float, accounts: int) -> int:
+def run(*, clients: int, seconds: float, accounts: int, generator: str = "auto", as_json: bool = False) -> int:
     print(f"txroute bench ledger: {clients} clients, {seconds:.0f} s each, {accounts} accounts, one shard")
+    use_generator(generator)
     ours, pgbench, rss_mib = measure(clients=clients, seconds=seconds, accounts=accounts, with_pgbench=True)
     assert pgbench is not None
     print(ours.line() + f"  service RSS {rss_mib:.0f} MiB")
     print(pgbench.line())
-    print(f"ratio: txroute transfers/s = {ours.per_second / pgbench.per_second:.2f} x pgbench tpcb-like TPS")
+    ratio = ours.per_second / pgbench.per_second
+    print(f"ratio: txroute transfers/s = {ratio:.2f} x pgbench tpcb-like TPS")
+    if as_json:
+        print_json({"ratio": round(ratio, 3), "per_second": round(ours.per_second, 1),
+                    "pgbench_tps": round(pgbench.per_second, 1), "p50_ms": round(ours.percentile(0.50), 2),
+                    "p99_ms": round(ours.percentile(0.99), 2), "rss_mib": round(rss_mib, 1),
+                    "clients": clients, "errors": ours.errors})
     return 0 if ours.errors == 0 else 1
 
 

@@ -13,9 +13,10 @@ noise does not hide the hop's cost): the difference of the routed p50s is what i
 (`--internal-tls off` measures the plaintext pair alone).
 
 Everything is started here: a fresh durable cluster, the regional service(s) and router(s) (granian, one
-worker each), and the load from this process (aiohttp, C concurrent clients, one request at a time each).
-All share this machine's cores, so the router's CPU is taken from the region's and the load's: on separate
-hosts its cost would be the added latency only.
+worker each), and the load (wrk, or this process's aiohttp where wrk is missing; C concurrent clients, one
+request at a time each). All share this machine's cores, so the router's CPU is taken from the region's and
+the load's: on separate hosts its cost would be the added latency only. `--pin` puts the router and the
+region on different cores (taskset), the nearest this machine comes to separate hosts.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from app.local.processes import ROUTER_FACTORY, ServiceProcess, asgi_command
 from app.topology.loader import load_topology
 from benchmarks.client import Direct, Routed, router_env
 from benchmarks.common import (
+    GENERATORS,
     WARM_UP_S,
     Figures,
     bench_tls,
@@ -41,22 +43,29 @@ from benchmarks.common import (
     open_accounts,
     pairs_within,
     plain_region_service,
+    print_json,
     read_workload,
     region_service,
     transfer_workload,
+    use_generator,
 )
 
 REGION = "eu-west-1"
 ROUNDS = 5  # each measurement is split into this many interleaved rounds
 MODES = ("on", "off", "both")
+ROUTER_CPU, REGION_CPU = 0, 1  # `--pin`: the two cores of the machine this benchmark's figures come from
 
 
-def run(*, clients: int, seconds: float, accounts: int, internal_tls: str = "on") -> int:
+def run(*, clients: int, seconds: float, accounts: int, internal_tls: str = "on", pin: bool = False,
+        generator: str = "auto", as_json: bool = False) -> int:
     assert internal_tls in MODES
     modes = ("on", "off") if internal_tls == "both" else (internal_tls,)
     print(f"txroute bench router: {clients} clients, {seconds:.0f} s each, {accounts} accounts, one shard, "
-          f"internal TLS {' and '.join(modes)}")
-    measured = measure_modes(modes, clients=clients, seconds=seconds, accounts=accounts)
+          f"internal TLS {' and '.join(modes)}"
+          + (f", router pinned to CPU {ROUTER_CPU} and region to CPU {REGION_CPU} (taskset)" if pin else ""))
+    use_generator(generator)
+    measured = measure_modes(modes, clients=clients, seconds=seconds, accounts=accounts, pin=pin)
+    summary: dict[str, object] = {}
     for mode, paths in measured.items():
         direct, routed = paths.direct, paths.routed
         print(direct.line())
@@ -67,6 +76,12 @@ def run(*, clients: int, seconds: float, accounts: int, internal_tls: str = "on"
             f"+{routed.percentile(0.50) - direct.percentile(0.50):.2f} ms at p50, "
             f"+{routed.percentile(0.99) - direct.percentile(0.99):.2f} ms at p99"
         )
+        summary = summary or {  # the first mode's (TLS on, as deployed, unless --internal-tls off)
+            "ratio": round(ratio, 3), "internal_tls": mode,
+            "p50_added_ms": round(routed.percentile(0.50) - direct.percentile(0.50), 2),
+            "p99_added_ms": round(routed.percentile(0.99) - direct.percentile(0.99), 2),
+            "direct_per_s": round(direct.per_second, 1), "routed_per_s": round(routed.per_second, 1),
+        }
     if len(measured) == 2:
         on, off = measured["on"], measured["off"]
         for what, with_tls, without in (("transfers", on.routed, off.routed), ("reads", on.reads, off.reads)):
@@ -84,6 +99,8 @@ def run(*, clients: int, seconds: float, accounts: int, internal_tls: str = "on"
             f"CPU per request, TLS on vs off: router {on.router_cpu_ms:.3f} vs {off.router_cpu_ms:.3f} ms per "
             f"forwarded call; region {on.region_cpu_ms:.3f} vs {off.region_cpu_ms:.3f} ms per call"
         )
+    if as_json:
+        print_json({**summary, "pinned": pin, "clients": clients})
     return 0 if all(f.errors == 0 for paths in measured.values() for f in paths.all()) else 1
 
 
@@ -109,8 +126,12 @@ def measure(*, clients: int, seconds: float, accounts: int) -> tuple[Figures, Fi
     return paths.direct, paths.routed
 
 
-def measure_modes(modes: Sequence[str], *, clients: int, seconds: float, accounts: int) -> dict[str, Paths]:
-    """Per internal-TLS mode ("on", "off"): its paths' figures, all from one run."""
+def measure_modes(
+    modes: Sequence[str], *, clients: int, seconds: float, accounts: int, pin: bool = False
+) -> dict[str, Paths]:
+    """Per internal-TLS mode ("on", "off"): its paths' figures, all from one run. With `pin`, every router
+    runs on ROUTER_CPU and every region on REGION_CPU (taskset), so they no longer take each other's core;
+    PostgreSQL and the load generator still float over both."""
     assert 1 <= clients <= 256 and 1 <= seconds <= 600 and 2 <= accounts <= 10_000
     assert modes and set(modes) <= {"on", "off"}
     cluster = fresh_cluster("bench-router")
@@ -118,7 +139,11 @@ def measure_modes(modes: Sequence[str], *, clients: int, seconds: float, account
     for mode in modes:
         log_file = cluster.folder / f"region-tls-{mode}.log"
         region = (region_service if mode == "on" else plain_region_service)(REGION, cluster, log_file)
-        pairs[mode] = (region, _router(region, cluster.folder / f"router-tls-{mode}.log"))
+        router = _router(region, cluster.folder / f"router-tls-{mode}.log")
+        if pin:
+            region.argv = ["taskset", "--cpu-list", str(REGION_CPU), *region.argv]
+            router.argv = ["taskset", "--cpu-list", str(ROUTER_CPU), *router.argv]
+        pairs[mode] = (region, router)
     started: list[ServiceProcess] = []
     try:
         # Regions one after the other: the first provisions the shard databases, the second finds them (two
@@ -206,8 +231,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--accounts", type=int, default=100)
     parser.add_argument("--internal-tls", choices=MODES, default="on")
+    parser.add_argument("--pin", action="store_true")
+    parser.add_argument("--generator", choices=GENERATORS, default="auto")
+    parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    return run(clients=args.clients, seconds=args.seconds, accounts=args.accounts, internal_tls=args.internal_tls)
+    return run(clients=args.clients, seconds=args.seconds, accounts=args.accounts, internal_tls=args.internal_tls,
+               pin=args.pin, generator=args.generator, as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ from benchmarks.common import (
     fresh_cluster,
     open_accounts,
     pairs_within,
+    print_json,
     region_service,
     transfer_workload,
+    use_generator,
 )
 
 SOURCE, DESTINATION = "eu-west-1", "us-east-1"
@@ -38,9 +40,11 @@ DRAIN_POLL_S = 0.05
 DRAIN_TIMEOUT_S = 300.0
 
 
-def run(*, clients: int, seconds: float, accounts: int, rtt_ms: int, backlog: int) -> int:
+def run(*, clients: int, seconds: float, accounts: int, rtt_ms: int, backlog: int, generator: str = "auto",
+        as_json: bool = False) -> int:
     assert 1 <= clients <= 256 and 1 <= seconds <= 600 and 2 <= accounts <= 1_000
     assert 0 <= rtt_ms <= limits.WAN_LATENCY_MS_MAX and 1 <= backlog <= 100_000
+    use_generator(generator)
     clusters = {r: fresh_cluster(f"bench-saga-{r}") for r in (SOURCE, DESTINATION)}
     wan = {"TXROUTE_WAN_LATENCY_MS": str(rtt_ms)}
     services = {r: region_service(r, c, c.folder / "region.log", **wan) for r, c in clusters.items()}
@@ -65,6 +69,10 @@ def run(*, clients: int, seconds: float, accounts: int, rtt_ms: int, backlog: in
         print(f"{drained.name:<30} {drained.per_second:>9.0f}/s  ({drained.ops} messages in {drained.seconds:.1f} s, "
               f"each paying the {rtt_ms} ms RTT; up to {limits.SAGA_RELAY_IN_FLIGHT_PER_DESTINATION_MAX} "
               "in flight per shard and destination)")
+        if as_json:
+            print_json({"overhead_ms": round(added - rtt_ms, 2), "relay_per_s": round(drained.per_second, 1),
+                        "rtt_ms": rtt_ms, "cross_p50_ms": round(cross.percentile(0.5), 2),
+                        "same_p50_ms": round(same.percentile(0.5), 2), "clients": clients})
     finally:
         for service in services.values():
             service.stop()

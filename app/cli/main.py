@@ -88,7 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--entries", type=int, default=1_000_000, help="audit: entries seeded in the shard (1M)")
     bench.add_argument("--delta", type=int, default=10_000, help="audit: entries added before the incremental run")
-    bench.add_argument("--json", action="store_true", help="audit: the last line is one JSON object of figures")
+    bench.add_argument("--json", action="store_true",
+                       help="ledger, router, saga, audit: the last line is one JSON object of figures")
+    bench.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto",
+                       help="ledger, router, saga: the load generator: wrk (installed with apt-get when absent, "
+                       "as root), else the Python one with a warning (auto); or force one")
+    bench.add_argument("--pin", action="store_true",
+                       help="router: run the router and the region on different cores (taskset)")
     bench.add_argument("--rtt", type=_duration_ms, default=40, help="saga: simulated RTT between regions (40ms)")
     bench.add_argument("--backlog", type=int, default=2_000, help="saga: messages in the relay backlog (2000)")
     bench.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
@@ -263,7 +269,7 @@ def _bench(args: argparse.Namespace) -> int:
         from benchmarks import saga
 
         return saga.run(clients=args.clients, seconds=args.seconds, accounts=min(args.accounts, 1_000),
-                        rtt_ms=args.rtt, backlog=args.backlog)
+                        rtt_ms=args.rtt, backlog=args.backlog, generator=args.generator, as_json=args.json)
     if args.name == "ratelimit":
         from benchmarks import ratelimit
 
@@ -272,10 +278,11 @@ def _bench(args: argparse.Namespace) -> int:
         from benchmarks import router
 
         return router.run(clients=args.clients, seconds=args.seconds, accounts=args.accounts,
-                          internal_tls=args.internal_tls)
+                          internal_tls=args.internal_tls, pin=args.pin, generator=args.generator, as_json=args.json)
     from benchmarks import ledger
 
-    return ledger.run(clients=args.clients, seconds=args.seconds, accounts=args.accounts)
+    return ledger.run(clients=args.clients, seconds=args.seconds, accounts=args.accounts,
+                      generator=args.generator, as_json=args.json)
 
 
 if __name__ == "__main__":
