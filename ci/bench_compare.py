@@ -1,25 +1,29 @@
 """Compares benchmark figures to the stored baseline and fails on a regression beyond the tolerance.
 
-    python ci/bench_compare.py results.json [--baseline ci/bench_baseline.json] [--tolerance 0.10]
+    python ci/bench_compare.py results.json [--baseline ci/bench_baseline.json] [--tolerance 0.15]
 
-Both files are JSON objects: {"figures": {name: number}, "tolerance": 0.10 (optional)}. A figure's name
-says which way is better by its unit suffix: `*_per_s` (throughput) must not fall more than the tolerance
-below the baseline; `*_ms` / `*_s` (latency) must not rise more than the tolerance above it. Exit 0: no
-regression; 1: a regression (each listed); 2: unusable input (a missing figure, a bad file).
+Both files are JSON objects: {"figures": {name: number}, "tolerance": 0.15 (optional)}; the results file may
+carry more keys (`benchmarks/run.py` adds the absolute figures under "details", for a reader). Only ratios
+are compared, each measured against a reference in the same run on the same machine (`ledger_ratio`:
+transfers/s over pgbench's TPS; `router_ratio`: throughput through the router over straight to the region).
+Absolute times and rates depend on the runner and on whatever else it runs, so a figure whose name does not
+end in `_ratio` is refused. A ratio must not fall more than the tolerance below the baseline (higher is
+better). Exit 0: no regression; 1: a regression (each listed); 2: unusable input (a missing figure, a figure
+that is not a ratio, a bad file).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_BASELINE = Path(__file__).resolve().parent / "bench_baseline.json"
-DEFAULT_TOLERANCE = 0.10
-HIGHER_IS_BETTER = ("_per_s",)
-LOWER_IS_BETTER = ("_ms", "_s")
+DEFAULT_TOLERANCE = 0.15
+RATIO_SUFFIX = "_ratio"
 
 
 class BenchInputError(ValueError):
@@ -39,27 +43,28 @@ class Comparison:
         return f"{verdict:10} {self.name}: {self.current:g} vs baseline {self.baseline:g} ({self.change:+.1%})"
 
 
-def higher_is_better(name: str) -> bool:
-    if name.endswith(HIGHER_IS_BETTER):
-        return True
-    if name.endswith(LOWER_IS_BETTER):
-        return False
-    raise BenchInputError(f"{name}: a figure's name must end in {HIGHER_IS_BETTER + LOWER_IS_BETTER}")
+def check_ratio(name: str) -> None:
+    if not name.endswith(RATIO_SUFFIX):
+        raise BenchInputError(f"{name}: only ratios are compared (a name ending in {RATIO_SUFFIX!r}); absolute "
+                              "times and rates depend on the machine")
 
 
 def compare(baseline: dict[str, float], current: dict[str, float], tolerance: float) -> list[Comparison]:
     assert 0 <= tolerance < 1, tolerance
+    for name in [*baseline, *current]:
+        check_ratio(name)
     missing = sorted(set(baseline) - set(current))
     if missing:
         raise BenchInputError(f"figures missing from the results: {missing}")
     out = []
     for name in sorted(baseline):
         base, now = float(baseline[name]), float(current[name])
-        if base <= 0:
-            raise BenchInputError(f"{name}: baseline must be positive, got {base}")
+        if not base > 0 or not math.isfinite(base):
+            raise BenchInputError(f"{name}: baseline must be a positive number, got {base}")
+        if not math.isfinite(now):
+            raise BenchInputError(f"{name}: the result is not a number ({now})")
         change = (now - base) / base
-        regressed = change < -tolerance if higher_is_better(name) else change > tolerance
-        out.append(Comparison(name, base, now, change, regressed))
+        out.append(Comparison(name, base, now, change, regressed=change < -tolerance))
     return out
 
 
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", type=Path)
     parser.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE)
     parser.add_argument("--tolerance", type=float, default=None,
-                        help=f"relative, e.g. 0.10 (default: the baseline's, else {DEFAULT_TOLERANCE})")
+                        help=f"relative, e.g. 0.15 (default: the baseline's, else {DEFAULT_TOLERANCE})")
     args = parser.parse_args(argv)
     try:
         baseline, baseline_tolerance = load_figures(args.baseline)
