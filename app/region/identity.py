@@ -18,7 +18,7 @@ database or written.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from litestar import Request
 
@@ -59,16 +59,34 @@ def verified_body(request: Request[Any, Any, Any]) -> bytes:
     return body
 
 
-async def principal(request: Request[Any, Any, Any]) -> Principal:
-    """The verified hop token of this request."""
-    verifier: HopTokenVerifier | None = request.app.state.get("hop_tokens")
+_T = TypeVar("_T")
+_T_co = TypeVar("_T_co", covariant=True)
+
+
+class _RequestTokenVerifier(Protocol[_T_co]):
+    """A verifier of tokens bound to their request (`HopTokenVerifier`, `SagaTokenVerifier`)."""
+
+    def verify(self, token: str, request: BoundRequest, *, now: float | None = None) -> _T_co: ...
+
+
+async def _verified(
+    request: Request[Any, Any, Any], verifier: _RequestTokenVerifier[_T] | None, what: str
+) -> _T:
+    """What `verifier` finds in this request's bearer token, which must be bound to this very request; any
+    refusal (or no verifier configured) is a 401 naming `what` token and the reason."""
     if verifier is None:
-        raise Problem("unauthorized", "this region has no hop token key configured")
+        raise Problem("unauthorized", f"this region has no {what} token key configured")
     try:
         token = bearer(request.headers.get("authorization"))
         return verifier.verify(token, await _bound(request))
     except TokenRefused as exc:
-        raise Problem("unauthorized", f"hop token refused: {exc.reason}") from None
+        raise Problem("unauthorized", f"{what} token refused: {exc.reason}") from None
+
+
+async def principal(request: Request[Any, Any, Any]) -> Principal:
+    """The verified hop token of this request."""
+    verifier: HopTokenVerifier | None = request.app.state.get("hop_tokens")
+    return await _verified(request, verifier, "hop")
 
 
 def _client(request: Request[Any, Any, Any], hop: Principal) -> Principal:
@@ -106,10 +124,4 @@ async def require_internal(request: Request[Any, Any, Any]) -> None:
 async def saga_peer(request: Request[Any, Any, Any]) -> str:
     """The region calling a saga route, from its saga token."""
     verifier: SagaTokenVerifier | None = request.app.state.get("saga_tokens")
-    if verifier is None:
-        raise Problem("unauthorized", "this region has no saga token key configured")
-    try:
-        token = bearer(request.headers.get("authorization"))
-        return verifier.verify(token, await _bound(request))
-    except TokenRefused as exc:
-        raise Problem("unauthorized", f"saga token refused: {exc.reason}") from None
+    return await _verified(request, verifier, "saga")
