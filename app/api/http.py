@@ -1,4 +1,5 @@
-"""HTTP plumbing shared by both deployables: request ids, JSON and problem responses, exception handlers.
+"""HTTP plumbing shared by both deployables: request ids, JSON and problem responses, exception handlers, and
+the liveness route both serve (`healthz`).
 
 Errors are mapped to problem+json once, here. Nothing but a `Problem`'s own detail reaches a client: an
 unexpected exception answers `internal_error` with the request id, and is logged by type, never with its
@@ -13,10 +14,12 @@ import secrets
 from typing import Any
 
 import msgspec
-from litestar import Request, Response
+from litestar import Request, Response, get
 from litestar.exceptions import HTTPException
+from litestar.openapi.datastructures import ResponseSpec
 
 from app import telemetry
+from app.api.schemas import Health
 from app.errors import PROBLEM_CONTENT_TYPE, Problem, problem_body
 
 log = logging.getLogger("txroute.http")
@@ -52,6 +55,13 @@ def json_response(
     if headers:
         h.update(headers)
     return Response(msgspec.json.encode(body), status_code=status, media_type="application/json", headers=h)
+
+
+# The body is the msgspec struct the OpenAPI document describes, so the answer cannot drift from it.
+@get("/healthz", summary="Liveness: the process answers (no database work)",
+     responses={200: ResponseSpec(Health, description="alive")})
+async def healthz(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return json_response(request, 200, Health(status="ok"))
 
 
 def problem_response(request: Request[Any, Any, Any], problem: Problem) -> Response[bytes]:

@@ -17,9 +17,9 @@ from litestar.openapi.datastructures import ResponseSpec
 
 from app import limits, telemetry
 from app.api.decoding import decode_body
-from app.api.http import EXCEPTION_HANDLERS, json_response, problem_response
+from app.api.http import EXCEPTION_HANDLERS, healthz, json_response, problem_response
 from app.api.openapi import OPENAPI_CONFIG, openapi_document
-from app.api.schemas import Health, RegionReadiness, SagaMessage
+from app.api.schemas import RegionReadiness, SagaMessage
 from app.api.upstreams import Upstreams
 from app.config import RegionSettings
 from app.errors import Problem
@@ -201,12 +201,6 @@ async def _watch_drain(ledger: RegionLedger) -> None:
 
 
 # The bodies are the same msgspec structs the OpenAPI document describes, so an answer cannot drift from it.
-@get("/healthz", summary="Liveness: the process answers (no database work)",
-     responses={200: ResponseSpec(Health, description="alive")})
-async def healthz(request: Request[Any, Any, Any]) -> Response[bytes]:
-    return json_response(request, 200, Health(status="ok"))
-
-
 @get(
     "/readyz",
     summary="Readiness: every shard of the region answered its last check (cached, app/region/health.py)",

@@ -30,9 +30,9 @@ from litestar import Litestar, Request, Response, get
 from litestar.openapi.datastructures import ResponseSpec
 
 from app import limits, telemetry
-from app.api.http import EXCEPTION_HANDLERS, json_response
+from app.api.http import EXCEPTION_HANDLERS, healthz, json_response
 from app.api.openapi import OPENAPI_CONFIG, build_document, openapi_document
-from app.api.schemas import Health, RouterReadiness
+from app.api.schemas import RouterReadiness
 from app.api.upstreams import Answer, NoAnswer, NotConnected, UpstreamError, Upstreams
 from app.config import RouterSettings
 from app.errors import PROBLEM_CONTENT_TYPE, Problem, problem_body
@@ -291,11 +291,6 @@ def _template(route: Route, path: str) -> str:
 
 
 # The bodies are the same msgspec structs the OpenAPI document describes, so an answer cannot drift from it.
-@get("/healthz", summary="The process is alive", responses={200: ResponseSpec(Health, description="alive")})
-async def healthz(request: Request[Any, Any, Any]) -> Response[bytes]:
-    return json_response(request, 200, Health(status="ok"))
-
-
 @get(
     "/readyz",
     summary="The router's upstream clients are open; each region's reachability",
