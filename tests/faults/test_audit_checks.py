@@ -9,7 +9,7 @@ clean again. One world (clusters and services of its own) serves the module: eve
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import asyncpg
@@ -58,6 +58,33 @@ async def owner_sql(world: World, shard: str, statement: str, *args: object) -> 
         await conn.close()
 
 
+async def owner_sqls(world: World, shard: str, statements: Iterable[Sequence[object]]) -> None:
+    """`owner_sql` of each (statement, *args), in order."""
+    for statement, *args in statements:
+        assert isinstance(statement, str), statement
+        await owner_sql(world, shard, statement, *args)
+
+
+async def seeded_caught_repaired(
+    world: World,
+    shard: str,
+    check: str,
+    needle: str,
+    *,
+    seed: Iterable[Sequence[object]],
+    repair: Iterable[Sequence[object]],
+) -> tuple[AuditReport, AuditReport]:
+    """The sequence of most tests here: the audit is clean (leaving a checkpoint), `seed` corrupts `shard`,
+    the audit names `check` with `needle` (`caught`, a full run too), `repair` undoes it and a full audit is
+    clean again. (the clean report before, the report that caught it)"""
+    before = await assert_clean(world)
+    await owner_sqls(world, shard, seed)
+    report = await caught(world, check, needle)
+    await owner_sqls(world, shard, repair)
+    await assert_clean(world, full=True)
+    return before, report
+
+
 async def caught(world: World, check: str, needle: str) -> AuditReport:
     """Poll the default (incremental) audit until it reports `check` naming `needle`; a full run must too."""
     found: list[AuditReport] = []
@@ -94,13 +121,13 @@ async def test_balance_equals_entries_catches_a_balance_written_outside_the_jour
     async def body(west: ApiClient, east: ApiClient) -> None:
         account = await west.new_account()
         await west.funded(account, 100)
-        before = await assert_clean(world)
         shard = shard_of(topology, account)
-        await owner_sql(world, shard, "update accounts set balance = balance + 7 where id = $1", account)
-        report = await caught(world, "balance_equals_entries", account)
+        before, report = await seeded_caught_repaired(
+            world, shard, "balance_equals_entries", account,
+            seed=[("update accounts set balance = balance + 7 where id = $1", account)],
+            repair=[("update accounts set balance = balance - 7 where id = $1", account)],
+        )
         assert report.modes[shard] == INCREMENTAL and before.modes[shard] in (FULL, INCREMENTAL)
-        await owner_sql(world, shard, "update accounts set balance = balance - 7 where id = $1", account)
-        await assert_clean(world, full=True)
 
     await with_apis(world, body)
 
@@ -110,15 +137,12 @@ async def test_balance_after_chain_catches_an_entry_whose_balance_after_does_not
         account = await west.new_account()
         await west.funded(account, 100)
         await west.funded(account, 50)
-        await assert_clean(world)
-        shard = shard_of(topology, account)
         newest = "(select max(id) from entries where account_id = $1)"
-        await owner_sql(world, shard, f"update entries set balance_after = balance_after + 1 where id = {newest}",
-                        account)
-        await caught(world, "balance_after_chain", account)
-        await owner_sql(world, shard, f"update entries set balance_after = balance_after - 1 where id = {newest}",
-                        account)
-        await assert_clean(world, full=True)
+        await seeded_caught_repaired(
+            world, shard_of(topology, account), "balance_after_chain", account,
+            seed=[(f"update entries set balance_after = balance_after + 1 where id = {newest}", account)],
+            repair=[(f"update entries set balance_after = balance_after - 1 where id = {newest}", account)],
+        )
 
     await with_apis(world, body)
 
@@ -128,15 +152,14 @@ async def test_transfer_zero_sum_catches_an_entry_added_to_one_side(world, topol
         account = await west.new_account()
         deposit = await west.deposit(account, 100)
         transfer = deposit.json()["id"]
-        await assert_clean(world)
-        shard = shard_of(topology, account)
-        await owner_sql(world, shard, "insert into entries (transfer_id, account_id, amount, balance_after) "
-                        "values ($1, $2, 5, 105)", transfer, account)
-        await owner_sql(world, shard, "update accounts set balance = balance + 5 where id = $1", account)
-        await caught(world, "transfer_zero_sum", transfer)
-        await owner_sql(world, shard, "delete from entries where transfer_id = $1 and amount = 5", transfer)
-        await owner_sql(world, shard, "update accounts set balance = balance - 5 where id = $1", account)
-        await assert_clean(world, full=True)
+        await seeded_caught_repaired(
+            world, shard_of(topology, account), "transfer_zero_sum", transfer,
+            seed=[("insert into entries (transfer_id, account_id, amount, balance_after) values ($1, $2, 5, 105)",
+                   transfer, account),
+                  ("update accounts set balance = balance + 5 where id = $1", account)],
+            repair=[("delete from entries where transfer_id = $1 and amount = 5", transfer),
+                    ("update accounts set balance = balance - 5 where id = $1", account)],
+        )
 
     await with_apis(world, body)
 
@@ -145,13 +168,12 @@ async def test_entries_match_transfer_catches_a_transfer_whose_amount_was_change
     async def body(west: ApiClient, east: ApiClient) -> None:
         account = await west.new_account()
         transfer = (await west.deposit(account, 100)).json()["id"]
-        await assert_clean(world)
-        shard = shard_of(topology, account)
-        await owner_sql(world, shard, "update transfers set amount = amount + 1 where id = $1", transfer)
-        report = await caught(world, "entries_match_transfer", transfer)
+        _, report = await seeded_caught_repaired(
+            world, shard_of(topology, account), "entries_match_transfer", transfer,
+            seed=[("update transfers set amount = amount + 1 where id = $1", transfer)],
+            repair=[("update transfers set amount = amount - 1 where id = $1", transfer)],
+        )
         assert not any(v.check == "transfer_zero_sum" for v in report.violations), "its entries still sum to 0"
-        await owner_sql(world, shard, "update transfers set amount = amount - 1 where id = $1", transfer)
-        await assert_clean(world, full=True)
 
     await with_apis(world, body)
 
@@ -159,15 +181,14 @@ async def test_entries_match_transfer_catches_a_transfer_whose_amount_was_change
 async def test_idempotency_matches_catches_a_stored_response_that_disagrees_with_the_transfer(world, topology):
     async def body(west: ApiClient, east: ApiClient) -> None:
         transfer, debit, _ = await posted_saga(west, east)
-        await assert_clean(world)
-        shard = shard_of(topology, debit)
         stored = "client = $1 and body ->> 'id' = $2"
-        await owner_sql(world, shard, "update idempotency set body = jsonb_set(body, '{state}', '\"returned\"') "
-                        f"where {stored}", west.client_id, transfer)
-        await caught(world, "idempotency_matches", transfer)
-        await owner_sql(world, shard, "update idempotency set body = jsonb_set(body, '{state}', '\"posted\"') "
-                        f"where {stored}", west.client_id, transfer)
-        await assert_clean(world, full=True)
+        await seeded_caught_repaired(
+            world, shard_of(topology, debit), "idempotency_matches", transfer,
+            seed=[("update idempotency set body = jsonb_set(body, '{state}', '\"returned\"') "
+                   f"where {stored}", west.client_id, transfer)],
+            repair=[("update idempotency set body = jsonb_set(body, '{state}', '\"posted\"') "
+                     f"where {stored}", west.client_id, transfer)],
+        )
 
     await with_apis(world, body)
 
@@ -207,12 +228,11 @@ async def test_returned_not_credited_catches_a_returned_saga_the_credit_side_app
         response = await west.transfer(a, usd, 40)  # refused by the credit side: currency_mismatch
         assert response.json()["state"] == "returned", response.text
         transfer = response.json()["id"]
-        await assert_clean(world)
-        destination = shard_of(topology, usd)
-        await owner_sql(world, destination, "update inbox set outcome = 'applied' where transfer_id = $1", transfer)
-        await caught(world, "returned_not_credited", transfer)
-        await owner_sql(world, destination, "update inbox set outcome = 'refused' where transfer_id = $1", transfer)
-        await assert_clean(world, full=True)
+        await seeded_caught_repaired(
+            world, shard_of(topology, usd), "returned_not_credited", transfer,
+            seed=[("update inbox set outcome = 'applied' where transfer_id = $1", transfer)],
+            repair=[("update inbox set outcome = 'refused' where transfer_id = $1", transfer)],
+        )
 
     await with_apis(world, body)
 
@@ -222,7 +242,6 @@ async def test_credit_has_debit_catches_a_credit_whose_source_never_debited(worl
         credit = await east.new_account()
         source = topology.region(WEST).shards[0].name
         forged = new_transfer_id(topology.shard(source).slots[0].lo)
-        await assert_clean(world)
         destination = shard_of(topology, credit)
         transit = f"trn_{destination}_{source}_EUR"
         # A whole credit-side application, consistent in its own shard, of a message nobody sent.
@@ -241,18 +260,14 @@ async def test_credit_has_debit_catches_a_credit_whose_source_never_debited(worl
             ("insert into inbox (transfer_id, source_shard, outcome, credit_account, amount, currency) "
              "values ($1, $2, 'applied', $3, 10, 'EUR')", forged, source, credit),
         ]
-        for statement, *args in forge:
-            await owner_sql(world, destination, statement, *args)
-        await caught(world, "credit_has_debit", forged)
-        for statement, *args in [
+        repair = [
             ("delete from inbox where transfer_id = $1", forged),
             ("delete from entries where transfer_id = $1", forged),
             ("delete from transfers where id = $1", forged),
             ("update accounts set balance = balance - (case when id = $1 then -10 else 10 end) "
              "where id in ($1, $2)", transit, credit),
-        ]:
-            await owner_sql(world, destination, statement, *args)
-        await assert_clean(world, full=True)
+        ]
+        await seeded_caught_repaired(world, destination, "credit_has_debit", forged, seed=forge, repair=repair)
 
     await with_apis(world, body)
 
@@ -260,28 +275,27 @@ async def test_credit_has_debit_catches_a_credit_whose_source_never_debited(worl
 async def test_transit_matches_in_flight_catches_transit_money_no_message_carries(world, topology):
     async def body(west: ApiClient, east: ApiClient) -> None:
         transfer, debit, credit = await posted_saga(west, east)
-        await assert_clean(world)
         source, destination = shard_of(topology, debit), shard_of(topology, credit)
         # The credit side's transit entry vanishes with its account's balance: that shard still balances
         # (it sums to zero once its transit account follows), but the pair's transit no longer nets to 0.
         entry = await _fetch(world, destination, "select e.id, e.account_id, e.amount from entries e join accounts a "
                              "on a.id = e.account_id and a.kind = 'transit' where e.transfer_id = $1", transfer)
-        await owner_sql(world, destination, "update entries set amount = amount - 1, balance_after = balance_after - 1"
-                        " where id = $1", entry["id"])
-        await owner_sql(world, destination, "update entries set amount = amount + 1, balance_after = balance_after + 1"
-                        " where transfer_id = $1 and id <> $2", transfer, entry["id"])
-        await owner_sql(world, destination, "update accounts set balance = balance - 1 where id = $1",
-                        entry["account_id"])
-        await owner_sql(world, destination, "update accounts set balance = balance + 1 where id = $1", credit)
-        await caught(world, "transit_matches_in_flight", transfer)
-        await owner_sql(world, destination, "update entries set amount = amount + 1, balance_after = balance_after + 1"
-                        " where id = $1", entry["id"])
-        await owner_sql(world, destination, "update entries set amount = amount - 1, balance_after = balance_after - 1"
-                        " where transfer_id = $1 and id <> $2", transfer, entry["id"])
-        await owner_sql(world, destination, "update accounts set balance = balance + 1 where id = $1",
-                        entry["account_id"])
-        await owner_sql(world, destination, "update accounts set balance = balance - 1 where id = $1", credit)
-        await assert_clean(world, full=True)
+        assert entry is not None, f"expected a transit entry of {transfer} in {destination}"
+
+        def shift(sign: str) -> list[tuple[object, ...]]:
+            """Move 1 minor unit from the transit entry to the credit entry (sign '-') or back ('+')."""
+            back = "+" if sign == "-" else "-"
+            return [
+                (f"update entries set amount = amount {sign} 1, balance_after = balance_after {sign} 1 "
+                 "where id = $1", entry["id"]),
+                (f"update entries set amount = amount {back} 1, balance_after = balance_after {back} 1 "
+                 "where transfer_id = $1 and id <> $2", transfer, entry["id"]),
+                (f"update accounts set balance = balance {sign} 1 where id = $1", entry["account_id"]),
+                (f"update accounts set balance = balance {back} 1 where id = $1", credit),
+            ]
+
+        await seeded_caught_repaired(world, destination, "transit_matches_in_flight", transfer,
+                                     seed=shift("-"), repair=shift("+"))
         assert source != destination, "expected a saga between two shards"
 
     await with_apis(world, body)
@@ -401,17 +415,15 @@ async def test_credit_has_debit_catches_a_credit_applied_to_another_account_than
             ("update transfers set credit_account = $2 where id = $1", tid, other),
             ("update inbox set credit_account = $2 where transfer_id = $1", tid, other),
         ]
-        for statement, *args in redirect:
-            await owner_sql(world, destination, statement, *args)
+        await owner_sqls(world, destination, redirect)
         await caught(world, "credit_has_debit", tid)
-        for statement, *args in [
+        await owner_sqls(world, destination, [
             ("update entries set account_id = $3 where transfer_id = $1 and account_id = $2", tid, other, credit),
             ("update accounts set balance = balance - (case when id = $1 then -30 else 30 end) "
              "where id in ($1, $2)", credit, other),
             ("update transfers set credit_account = $2 where id = $1", tid, credit),
             ("update inbox set credit_account = $2 where transfer_id = $1", tid, credit),
-        ]:
-            await owner_sql(world, destination, statement, *args)
+        ])
         await assert_clean(world, full=True)
 
     await with_apis(world, body)
