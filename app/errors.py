@@ -55,6 +55,7 @@ CODES: Mapping[str, tuple[int, str]] = {
     "shard_unavailable": (503, "The account's database is unavailable"),
     "region_unavailable": (503, "The account's home region is unavailable"),
     "region_draining": (503, "The account's home region is drained for maintenance; writes wait"),
+    "slot_moving": (503, "The account's slot is moving to another shard; nothing was written, retry shortly"),
     "overloaded": (503, "The service is overloaded"),
     "ledger_limit_reached": (503, "A system account of the shard is at its limit; operators are alerted"),
 }

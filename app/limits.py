@@ -186,3 +186,27 @@ READINESS_CHECK_TIMEOUT_S = 2.0
 READINESS_RESULT_AGE_S_MAX = 10.0
 # Provisioning one region's shards (create, migrate, grant) from the local stack or the tests.
 PROVISION_TIMEOUT_S = 120.0
+
+# Slot moves (issue 11, DESIGN D13; app/placement/mover.py).
+# A request for a frozen slot is answered 503 slot_moving with this Retry-After (the freeze lasts about a second).
+SLOT_MOVING_RETRY_AFTER_S = 1
+# Regions re-read their shards' ownership this often (a same-region move is learnt within it; a request that
+# meets the database's fence first is refused 421/503 by the database itself, never misapplied).
+SLOT_OWNERSHIP_POLL_S = 1.0
+# Rows of one per-slot table copied per round trip, during the copy and each catch-up pass.
+MOVE_COPY_BATCH_ROWS = 2_000
+# The catch-up freezes once the change log holds at most this many unapplied changes, or after this many passes.
+MOVE_CATCH_UP_LAG_ROWS_MAX = 500
+MOVE_CATCH_UP_PASSES_MAX = 50
+# The freeze's UPDATE waits at most this long for the postings already past the ownership fence; tried again
+# this many times before the move gives up (nothing frozen).
+MOVE_FREEZE_LOCK_TIMEOUT_MS = 2_000
+MOVE_FREEZE_ATTEMPTS_MAX = 5
+# Under the freeze, sagas debited from the range must settle before the switch: the mover waits this long for
+# them (polling every MOVE_PENDING_SAGAS_POLL_MS), then aborts the move and unfreezes.
+MOVE_PENDING_SAGAS_WAIT_S = 10.0
+MOVE_PENDING_SAGAS_POLL_MS = 50
+# Every statement of the mover, per database.
+MOVE_STATEMENT_TIMEOUT_S = 60.0
+# A region asked for a slot it does not know as its own re-reads its shards' ownership at most this often.
+SLOT_OWNERSHIP_REFRESH_ON_MISS_MS = 100

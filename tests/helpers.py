@@ -256,7 +256,8 @@ async def assert_shard_conserved(dsn: str) -> None:
                 """select t.id, coalesce(sum(e.amount), 0) as total, count(e.id) as n
                    from transfers t left join entries e on e.transfer_id = t.id
                    group by t.id
-                   having coalesce(sum(e.amount), 0) <> 0 or (count(e.id) = 0 and bool_and(t.debit_shard is null))"""
+                   having coalesce(sum(e.amount), 0) <> 0
+                       or (count(e.id) = 0 and bool_and(t.debit_shard is null and t.moved_from is null))"""
             )
             below_limit = await conn.fetch(
                 "select id, balance, overdraft_limit from accounts "

@@ -110,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     from app.ops import cli as ops_cli  # `txroute ops ...`: the runbooks' commands (runbooks/)
 
     ops_cli.add_parser(sub)
+    from app.placement import cli as slots_cli  # `txroute slots ...`: slot moves (issue 11)
+
+    slots_cli.add_parser(sub)
     return parser
 
 

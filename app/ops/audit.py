@@ -12,10 +12,15 @@ Per shard (exact, in one REPEATABLE READ snapshot of that shard):
 
 Across shards, per saga (DESIGN D6): posted_has_credit, returned_not_credited, credit_has_debit (a credit
 matches its debit: source shard, amount, currency and credit account), and
-transit_matches_in_flight: a saga's transit entries on both shards add up to its amount while it is in
+transit_matches_in_flight: a saga's transit entries on every shard add up to its amount while it is in
 flight (neither applied by the credit side nor returned, whatever its state is called), else to zero.
 Summed over sagas, this and balance_equals_entries give the pairwise invariant of D6 (transit balances =
-messages in flight).
+messages in flight), plus what slot moves carried.
+
+Slot moves (issue 11, migration 0008) keep every check as it is: a move books balancing postings (kind `move`)
+on both shards against their transit accounts, so each shard's customers + transit still equal its own
+deposits - withdrawals; transfers copied to the new owner (`moved_from`) carry no entries there and are not
+counted again as its deposits; a saga re-addressed to a moved slot's new owner is summed over every shard.
 
 Live traffic: every shard is read in parallel, each in its own snapshot, so a saga may have moved between
 two reads. The audit therefore judges a saga only as of a watermark W = (the earliest shard clock at its
@@ -322,7 +327,7 @@ async def _check_money(
     if not incremental:  # from the transfers themselves; incrementally, from the settlement accounts' entries
         for r in await shard.conn.fetch(
             """select currency, kind, sum(amount)::bigint as total from transfers
-               where kind in ('deposit', 'withdrawal') group by currency, kind"""
+               where kind in ('deposit', 'withdrawal') and moved_from is null group by currency, kind"""
         ):
             figures[r["currency"]][r["kind"] + "s"] += int(r["total"])
     for currency, f in sorted(figures.items()):
@@ -355,11 +360,14 @@ async def _check_chain(shard: _Shard, report: AuditReport, since: int, use_check
                    f"{r['balance_after']} after {r['amount']}, but the balance before it was {r['before']}", shard.name)
 
 
-# What entries each transfer must have, as "account amount currency" lines. A same-shard transfer: its two
+# What entries each transfer must have, as "account amount currency" lines. A copy made by a slot move (issue 11,
+# `moved_from`): none (its journal stayed on the shard it came from). A same-shard transfer (or a move's balancing
+# posting, kind `move`): its two
 # accounts. A saga's debit side: the source and the transit account towards the credit shard (and both
 # reversed once returned). Its credit side: the transit account from the source shard and the credit.
 _EXPECTED_LINES = """
     case
+        when t.moved_from is not null then '{}'::text[]
         when t.debit_shard is null and t.credit_shard is null then array[
             t.debit_account || ' ' || -t.amount || ' ' || t.currency,
             t.credit_account || ' ' || t.amount || ' ' || t.currency]
@@ -570,7 +578,9 @@ def _judge_saga(
     # the name of a state, so a state added later (a dead-letter one) still counts as in flight.
     in_flight = not applied and row["state"] != "returned"
     expected = row["amount"] if in_flight else 0
-    held = source.transit.get(tid, 0) + by_name[row["credit_shard"]].transit.get(tid, 0)
+    # Summed over every shard: a message re-addressed after its credit slot moved (issue 11) is applied by the
+    # slot's new owner, against that shard's own transit account.
+    held = sum(s.transit.get(tid, 0) for s in by_name.values())
     if held != expected:
         report.add("transit_matches_in_flight", f"{source.name}->{row['credit_shard']} {row['currency']}: "
                    f"transfer {tid} ({row['state']}, {'applied' if applied else 'not applied'}) holds {held} in "

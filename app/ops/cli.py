@@ -93,6 +93,15 @@ def _target_options(p: argparse.ArgumentParser, run: Any) -> None:
     p.set_defaults(run=lambda args: _guarded(run, args))
 
 
+def target_options(p: argparse.ArgumentParser, run: Any) -> None:
+    """The target options of every `ops` command, for other command groups (`txroute slots`)."""
+    _target_options(p, run)
+
+
+def target_from_args(args: argparse.Namespace) -> Target:
+    return _target(args)
+
+
 def _guarded(run: Any, args: argparse.Namespace) -> int:
     try:
         return int(run(args))

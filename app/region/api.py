@@ -64,10 +64,15 @@ def outcome_response(
         return json_response(request, outcome.status, outcome.body, headers)
     body = dict(outcome.body)
     code, detail = body.pop("code"), body.pop("detail")
-    if code == "misdirected":
-        owner = request.app.state.topology.shard_for_slot(int(body["slot"]))
-        body.update(owner_region=owner.region, owner_shard=owner.name)
-    response = problem_response(request, Problem(code, detail, extra=body))
+    problem_headers = {}
+    if code == "misdirected" and "owner_shard" not in body:
+        region, shard = ledger(request).owner_of(int(body["slot"]))
+        body.update(owner_region=region, owner_shard=shard)
+    elif code == "misdirected":  # the shard's own record of where the slot moved: this region routes there now
+        ledger(request).learn(int(body["slot"]), str(body["owner_region"]), str(body["owner_shard"]))
+    elif code == "slot_moving":  # frozen by a move (issue 11): nothing was written; the switch lands shortly
+        problem_headers["retry-after"] = str(limits.SLOT_MOVING_RETRY_AFTER_S)
+    response = problem_response(request, Problem(code, detail, extra=body, headers=problem_headers))
     response.headers.update(headers)
     return response
 
@@ -117,7 +122,7 @@ async def transfer(request: Request[Any, Any, Any]) -> Response[bytes]:
 async def get_account(request: Request[Any, Any, Any], account_id: str) -> Response[bytes]:
     client = await caller(request)
     parsed = _path_id(parse_account_id, account_id, "account_not_found")
-    store = ledger(request).store_for_slot(parsed.slot)
+    store = await ledger(request).store_for_slot(parsed.slot)
     return outcome_response(request, await store.get_account(parsed.text, client, parsed.slot))
 
 
@@ -133,7 +138,7 @@ async def list_entries(
     parsed = _path_id(parse_account_id, account_id, "account_not_found")
     page_size = _page_size(request.query_params.get("limit"))
     before_id = _decode_cursor(request.query_params.get("cursor"))
-    store = ledger(request).store_for_slot(parsed.slot)
+    store = await ledger(request).store_for_slot(parsed.slot)
     account, items = await store.list_entries(
         parsed.text, client, parsed.slot, before_id=before_id, limit=page_size
     )
@@ -147,7 +152,7 @@ async def list_entries(
 async def get_transfer(request: Request[Any, Any, Any], transfer_id: str) -> Response[bytes]:
     client = await caller(request)
     parsed = _path_id(parse_transfer_id, transfer_id, "transfer_not_found")
-    store = ledger(request).store_for_slot(parsed.slot)
+    store = await ledger(request).store_for_slot(parsed.slot)
     return outcome_response(request, await store.get_transfer(parsed.text, client, parsed.slot))
 
 

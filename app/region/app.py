@@ -189,12 +189,15 @@ def _tenant_queue_full(request: Request[Any, Any, Any], exc: Exception) -> Respo
 
 
 async def _watch_drain(ledger: RegionLedger) -> None:
-    """Keeps the region's drain flag (`txroute ops drain`) within REGION_DRAIN_POLL_S of its databases."""
+    """Keeps the region's drain flag (`txroute ops drain`) within REGION_DRAIN_POLL_S of its databases, and its
+    view of slot ownership (slot moves, issue 11) within SLOT_OWNERSHIP_POLL_S."""
+    assert limits.SLOT_OWNERSHIP_POLL_S == limits.REGION_DRAIN_POLL_S, "one loop reads both"
     while True:
         try:
             before = ledger.draining
             if await ledger.refresh_drain() != before:
                 log.warning("region_drain_changed", extra={"region": ledger.region, "draining": ledger.draining})
+            await ledger.refresh_ownership()
         except Exception as exc:  # the watch must outlive any one failure; the flag stays as it was
             log.error("drain_watch_error", extra={"error_type": type(exc).__name__})
         await asyncio.sleep(limits.REGION_DRAIN_POLL_S)
@@ -248,10 +251,10 @@ async def saga_apply(request: Request[Any, Any, Any]) -> Response[bytes]:
                       f"destination_shard {message.destination_shard[:40]!r} is no shard of region {ledger.region}")
     if source.region != peer:
         raise Problem("forbidden", f"region {peer} does not own source shard {source.name}")
-    store = ledger.store_for_slot(message.credit_slot)
+    store = await ledger.store_for_slot(message.credit_slot)
     result = await store.saga_apply(msgspec.structs.asdict(message))
-    if result.get("status") == 421:
-        return outcome_response(request, Outcome(421, result["body"]))
+    if result.get("status") in (421, 503):  # the slot moved (naming its owner) or is frozen by a move
+        return outcome_response(request, Outcome(int(result["status"]), result["body"]))
     return json_response(request, 200, result)
 
 

@@ -110,7 +110,7 @@ class Saga:
                       "txroute.peer_region": str(message.get("destination_region", "")),
                       "txroute.transfer_id": str(message["transfer_id"])}
         with telemetry.linked_root_span("saga deliver", attributes, origin=origin):
-            result = await self._apply(message)
+            result = await self._apply(store, message)
             # Once the credit side has answered, the settlement must finish even if our caller stops waiting.
             try:
                 body = await asyncio.shield(
@@ -124,7 +124,21 @@ class Saga:
         telemetry.METRICS.saga_deliveries.labels(self.region, str(result["outcome"])).inc()
         return body
 
-    async def _apply(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def _apply(self, store: ShardStore, message: dict[str, Any]) -> dict[str, Any]:
+        """Apply at the credit shard; a 421 naming another owner (the slot moved, issue 11) re-addresses the
+        message there, in the outbox too, and tries once more."""
+        result = await self._apply_once(message)
+        owner = _moved_to(result)
+        if owner is not None and owner != (message["destination_region"], message["destination_shard"]):
+            region, shard = owner
+            await store.outbox_readdress(message["transfer_id"], shard=shard, region=region)
+            log.info("saga_readdressed", extra={"transfer_id": message["transfer_id"], "shard": shard,
+                                                "region": region})
+            message.update(destination_shard=shard, destination_region=region)
+            result = await self._apply_once(message)
+        return self._check(result)
+
+    async def _apply_once(self, message: dict[str, Any]) -> dict[str, Any]:
         local = self.stores.get(message["destination_shard"])
         if local is not None:
             try:
@@ -135,8 +149,8 @@ class Saga:
                 raise DeliveryFailed(f"credit shard: sqlstate {exc.sqlstate}") from None
             except asyncpg.PostgresError as exc:  # what the other region answers as 500
                 raise Undeliverable(f"credit shard failed: sqlstate {exc.sqlstate}") from None
-            return self._check(result)
-        return self._check(await self._apply_remote(message))
+            return result
+        return await self._apply_remote(message)
 
     async def _apply_remote(self, message: dict[str, Any]) -> dict[str, Any]:
         region = message["destination_region"]
@@ -154,6 +168,13 @@ class Saga:
             raise DeliveryFailed("fault injection: answer dropped")
         if answer.status in _POISON_STATUSES:
             raise Undeliverable(f"region {region} answered {answer.status}")
+        if answer.status == 421:  # the slot is not that region's: its problem names the owner when it moved
+            try:
+                problem = msgspec.json.decode(answer.body)
+            except msgspec.DecodeError:
+                problem = None
+            if isinstance(problem, dict):
+                return {"status": 421, "body": problem}
         if answer.status != 200:
             raise DeliveryFailed(f"region {region} answered {answer.status}")
         try:
@@ -275,6 +296,17 @@ class _Relay:
         self.tasks.discard(task)
         self.in_flight[region] -= 1
         self.wake.set()
+
+
+def _moved_to(result: dict[str, Any]) -> tuple[str, str] | None:
+    """(region, shard) a 421 answer names as the slot's owner, if any."""
+    body = result.get("body")
+    if result.get("status") != 421 or not isinstance(body, dict):
+        return None
+    region, shard = body.get("owner_region"), body.get("owner_shard")
+    if not isinstance(region, str) or not isinstance(shard, str):
+        return None
+    return region, shard
 
 
 def backoff_ms(attempts: int) -> int:

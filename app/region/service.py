@@ -6,6 +6,7 @@ does not own, builds the posting and hands it to the shard's store. Outcomes are
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ from app.ledger.postings import (
 from app.region.saga import Saga
 from app.store.shard import Outcome, ShardStore, ShardUnavailable
 from app.topology.ids import InvalidId, ParsedId, new_account_id, new_transfer_id, parse_account_id
-from app.topology.model import Shard, Topology
+from app.topology.model import Topology
 from app.topology.placement import owned_slots, placement_slot
 
 
@@ -45,6 +46,51 @@ class RegionLedger:
         self.shards = self.topology.region(self.region).shards
         self._owned = owned_slots(self.topology, self.region)
         assert {s.name for s in self.shards} == set(self.stores), "one store per shard of the region"
+        # The live ownership (issue 11): slot -> the local shard that owns it or has it frozen, and slot ->
+        # (region, shard) it moved to, as this region's shard databases record them. Until first read, the
+        # topology decides (the databases fence every request anyway).
+        self._local: dict[int, str] = {}
+        self._moved: dict[int, tuple[str, str]] = {}
+        self.ownership_known = False
+        self._refreshed_on_miss_at = float("-inf")
+
+    # Ownership --------------------------------------------------------------------------------------
+
+    async def refresh_ownership(self) -> None:
+        """Re-read the slot claims of every local shard; an unreachable shard keeps what was read before."""
+        local = dict(self._local)
+        moved = dict(self._moved)
+        for name, store in self.stores.items():
+            try:
+                claims = await store.slot_claims()
+            except ShardUnavailable:
+                continue
+            for slot in [s for s, owner in local.items() if owner == name]:
+                del local[slot]
+            for claim in claims:
+                for slot in range(claim["slot_lo"], claim["slot_hi"] + 1):
+                    if claim["state"] in ("owned", "moving"):
+                        local[slot] = name
+                        moved.pop(slot, None)
+                    elif claim["state"] == "moved" and local.get(slot) in (None, name):
+                        local.pop(slot, None)
+                        moved[slot] = (claim["owner_region"], claim["owner_shard"])
+        self._local, self._moved = local, moved
+        if local:
+            self._owned = tuple(slot in local for slot in range(len(self._owned)))
+        self.ownership_known = True
+
+    def owner_of(self, slot: int) -> tuple[str, str]:
+        """(region, shard) that owns `slot` as far as this region knows: its own shards' records first (a
+        slot moved away names its new owner), else the topology."""
+        local = self._local.get(slot)
+        if local is not None:
+            return self.region, local
+        moved = self._moved.get(slot)
+        if moved is not None:
+            return moved
+        shard = self.topology.shard_for_slot(slot)
+        return shard.region, shard.name
 
     # Draining ---------------------------------------------------------------------------------------
 
@@ -79,19 +125,36 @@ class RegionLedger:
 
     # Routing inside the region ----------------------------------------------------------------------
 
-    def store_for_slot(self, slot: int) -> ShardStore:
-        """The store of the shard owning `slot`, or 421 naming the owner when it is not in this region."""
-        shard = self.topology.shard_for_slot(slot)
-        if shard.region != self.region:
-            raise misdirected(slot, shard)
-        return self.stores[shard.name]
+    async def store_for_slot(self, slot: int) -> ShardStore:
+        """The store of the shard owning `slot`, or 421 naming the owner when it is not in this region. A slot
+        this region does not know as its own is looked up again in its databases first (at most once per
+        SLOT_OWNERSHIP_REFRESH_ON_MISS_MS): a router sent here by a just-switched move finds it owned."""
+        region, shard = self.owner_of(slot)
+        if region != self.region or shard not in self.stores:
+            now = time.monotonic()
+            if now - self._refreshed_on_miss_at >= limits.SLOT_OWNERSHIP_REFRESH_ON_MISS_MS / 1000:
+                self._refreshed_on_miss_at = now
+                await self.refresh_ownership()
+                region, shard = self.owner_of(slot)
+        if region != self.region or shard not in self.stores:
+            raise misdirected(slot, region, shard)
+        return self.stores[shard]
 
-    def _placement(self, client: str, key: str) -> tuple[Shard, int]:
+    def learn(self, slot: int, region: str, shard: str) -> None:
+        """A shard database answered that `slot` moved to (region, shard): route it there from now on."""
+        if region == self.region and shard in self.stores:
+            self._local[slot] = shard
+            self._moved.pop(slot, None)
+        else:
+            self._local.pop(slot, None)
+            self._moved[slot] = (region, shard)
+
+    def _placement(self, client: str, key: str) -> tuple[str, int]:
         """Where an account opened with this key lives: a pure function of (client, key) and the slots this
         region owns (app.topology.placement), so a retried request lands on the shard that holds its
         idempotency record and replays instead of opening twice, also after shards are added."""
         slot = placement_slot(client, key, self._owned)
-        return self.topology.shard_for_slot(slot), slot
+        return self.owner_of(slot)[1], slot
 
     # Commands ---------------------------------------------------------------------------------------
 
@@ -103,9 +166,9 @@ class RegionLedger:
                 f"accounts in {region} are opened by region {region}",
                 extra={"owner_region": region},
             )
-        shard, slot = self._placement(client, key)
+        _, slot = self._placement(client, key)
         body = {"currency": str(request.currency), "region": region, "overdraft_limit": request.overdraft_limit}
-        return await self.stores[shard.name].open_account(
+        return await (await self.store_for_slot(slot)).open_account(
             {
                 "client": client,
                 "key": key,
@@ -125,7 +188,7 @@ class RegionLedger:
 
     async def _funds(self, kind: PostingKind, client: str, key: str, request: FundsRequest) -> Outcome:
         account = _body_account(request.account)
-        store = self.store_for_slot(account.slot)
+        store = await self.store_for_slot(account.slot)
         settlement = settlement_account_id(store.name, str(request.currency))
         debit, credit = (settlement, account.text) if kind is PostingKind.DEPOSIT else (account.text, settlement)
         return await store.post(
@@ -149,15 +212,16 @@ class RegionLedger:
         credit = _body_account(request.credit_account)
         if debit.text == credit.text:
             raise Problem("same_account", "debit_account and credit_account must differ")
-        store = self.store_for_slot(debit.slot)
-        credit_shard = self.topology.shard_for_slot(credit.slot)
+        store = await self.store_for_slot(debit.slot)
+        credit_region, credit_shard = self.owner_of(credit.slot)
         saga = None
-        if credit_shard.name != store.name:
-            # A saga (DESIGN D6): the credit side is booked by its own shard, once this side has committed.
+        if credit_shard != store.name:
+            # A saga (DESIGN D6): the credit side is booked by its own shard, once this side has committed. If
+            # the credit slot has moved meanwhile, its old owner answers 421 and the relay re-addresses it.
             saga = SagaLeg(
-                transit=transit_account_id(store.name, credit_shard.name, str(request.currency)),
-                credit_shard=credit_shard.name,
-                credit_region=credit_shard.region,
+                transit=transit_account_id(store.name, credit_shard, str(request.currency)),
+                credit_shard=credit_shard,
+                credit_region=credit_region,
                 credit_slot=credit.slot,
                 relay_delay_ms=limits.SAGA_RELAY_FIRST_DELAY_MS,
             )
@@ -182,11 +246,11 @@ class RegionLedger:
         return outcome
 
 
-def misdirected(slot: int, owner: Shard) -> Problem:
+def misdirected(slot: int, region: str, shard: str) -> Problem:
     return Problem(
         "misdirected",
-        f"slot {slot} belongs to shard {owner.name} in region {owner.region}",
-        extra={"slot": slot, "owner_region": owner.region, "owner_shard": owner.name},
+        f"slot {slot} belongs to shard {shard} in region {region}",
+        extra={"slot": slot, "owner_region": region, "owner_shard": shard},
     )
 
 

@@ -264,6 +264,10 @@ class ShardStore:
             transfer_id, delay_ms, error, poison, limits.SAGA_POISON_FAILURES_MAX,
         ))
 
+    async def outbox_readdress(self, transfer_id: str, *, shard: str, region: str) -> None:
+        """Send a message's later deliveries to the shard its credit slot moved to (issue 11)."""
+        await self._fetchval("outbox_readdress", "select txr_outbox_readdress($1, $2, $3)", transfer_id, shard, region)
+
     async def outbox_backlog(self) -> dict[str, Any]:
         row = await self._fetchrow(
             "outbox_backlog",
@@ -465,9 +469,10 @@ class ShardStore:
     async def get_account(self, account_id: str, client: str, slot: int) -> Outcome:
         row = await self._fetchrow(
             "get_account",
-            """select txr_owns($3) as owned,
+            """select o.owned, case when not o.owned then txr_misdirected($3) end as refusal,
                       (select txr_account_body(a) from accounts a
-                       where a.id = $1 and a.owner_client = $2 and a.kind = 'customer') as body""",
+                       where a.id = $1 and a.owner_client = $2 and a.kind = 'customer') as body
+               from (select txr_owns($3) as owned) o""",
             account_id, client, slot,
         )
         return self._read_outcome(row, slot, "account_not_found", f"account {account_id} was not found")
@@ -475,14 +480,15 @@ class ShardStore:
     async def get_transfer(self, transfer_id: str, client: str, slot: int) -> Outcome:
         row = await self._fetchrow(
             "get_transfer",
-            """select txr_owns($3) as owned,
+            """select o.owned, case when not o.owned then txr_misdirected($3) end as refusal,
                       (select txr_transfer_body(t) || jsonb_build_object('history', coalesce(
                                   (select jsonb_agg(jsonb_build_object('state', e.state, 'reason', e.reason,
                                                                        'at', txr_ts(e.at)) order by e.seq)
                                    from transfer_events e where e.transfer_id = t.id),
                                   jsonb_build_array(jsonb_build_object('state', t.state, 'reason', t.reason,
                                                                        'at', txr_ts(t.created_at)))))
-                       from transfers t where t.id = $1 and t.client = $2) as body""",
+                       from transfers t where t.id = $1 and t.client = $2) as body
+               from (select txr_owns($3) as owned) o""",
             transfer_id, client, slot,
         )
         return self._read_outcome(row, slot, "transfer_not_found", f"transfer {transfer_id} was not found")
@@ -525,14 +531,16 @@ class ShardStore:
 
     async def slot_claims(self) -> list[dict[str, Any]]:
         rows = await self._fetch(
-            "slot_claims", "select slot_lo, slot_hi, epoch, state from slot_ownership order by slot_lo"
+            "slot_claims",
+            """select slot_lo, slot_hi, epoch, state, owner_shard, owner_region
+               from slot_ownership order by slot_lo""",
         )
         return [dict(r) for r in rows]
 
     @staticmethod
     def _read_outcome(row: asyncpg.Record, slot: int, code: str, detail: str) -> Outcome:
-        if not row["owned"]:
-            return Outcome(421, {"code": "misdirected", "detail": f"slot {slot} is not owned here", "slot": slot})
+        if not row["owned"]:  # 421 (naming the new owner once the slot moved) or 503 slot_moving while frozen
+            return Outcome.from_json(row["refusal"])
         if row["body"] is None:
             return Outcome(404, {"code": code, "detail": detail})
         return Outcome(200, row["body"])

@@ -1,0 +1,474 @@
+"""The slot mover (issue 11, DESIGN D13): a client-side process driving the state machine that migration 0008
+records in `slot_moves` on the source and the target shard database.
+
+    copy        the range's per-slot rows (app/store/slotdata.py), read in one snapshot of the source and
+                upserted into the target in batches, while writes continue
+    catch up    the change log (`slot_move_changes`, written by triggers in the writers' transactions): the
+                rows it names after the move's cursor are copied again, until the lag is small
+    freeze      the range's ownership becomes `moving` on the source (waits for the postings past the fence;
+                later ones are answered 503 slot_moving); the sagas debited from the range must settle (bounded
+                wait, else the move aborts); a last catch-up empties the log
+    verify      per table, row counts and checksums of the range equal on both sides; a difference aborts
+                the move and unfreezes the source
+    switch      source: every account of the range booked to zero against the transit account towards the
+                target, balances recorded (`switching`); target: the same balances booked in, the range owned
+                with epoch + 1 (`switched`); source: the range `moved`, naming the target
+    cleanup     the source's stored answers and inbox rows of the range are deleted (its journal stays, archived)
+
+Every step is idempotent and recorded before the next begins, so running the mover again after any crash (of
+the mover, a database, a regional service) continues from the recorded phase. Before `switching` a move can be
+cancelled (or is aborted by a failed verify): the source unfrozen, the target's copies dropped. From
+`switching` on it only goes forward: the source's balances are booked out, and the target books them in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from app import limits
+from app.ops.target import OpsError, Target
+from app.store.slotdata import SLOT_TABLES, SlotTable
+from app.topology.ids import new_ulid
+
+ACTIVE = ("copying", "catching_up", "frozen", "switching")
+CANCELLABLE = ("copying", "catching_up", "frozen")
+FINAL = ("done", "cancelled", "aborted")
+
+Progress = Callable[[str], None]
+
+
+class MoveRefused(OpsError):
+    """The move cannot start (or go on) as asked; nothing was changed by this call."""
+
+
+@dataclass(frozen=True)
+class MoveSpec:
+    id: str
+    slot_lo: int
+    slot_hi: int
+    source_shard: str
+    source_region: str
+    target_shard: str
+    target_region: str
+    epoch: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "slot_lo": self.slot_lo, "slot_hi": self.slot_hi, "source_shard": self.source_shard,
+            "source_region": self.source_region, "target_shard": self.target_shard,
+            "target_region": self.target_region, "epoch": self.epoch,
+        }
+
+    def plan(self) -> list[str]:
+        return [
+            f"move slots {self.slot_lo}-{self.slot_hi} from shard {self.source_shard} ({self.source_region}) to "
+            f"shard {self.target_shard} ({self.target_region}) as {self.id}",
+            "copy the range's accounts, transfers, stored answers and saga inbox rows while writes continue, "
+            "then catch up the changes made meanwhile",
+            f"freeze the range on {self.source_shard} (requests answered 503 slot_moving, Retry-After "
+            f"{limits.SLOT_MOVING_RETRY_AFTER_S} s), wait up to {limits.MOVE_PENDING_SAGAS_WAIT_S:g} s for sagas "
+            "debited from it, verify counts and checksums (a difference aborts and unfreezes)",
+            f"switch: balances booked out on {self.source_shard} and in on {self.target_shard}, which owns the "
+            f"range with epoch {self.epoch}; {self.source_shard} answers 421 naming it",
+            f"clean up: {self.source_shard} deletes the range's stored answers and inbox rows (its journal stays)",
+        ]
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    lo_text, sep, hi_text = text.partition("-")
+    try:
+        lo, hi = int(lo_text), int(hi_text if sep else lo_text)
+    except ValueError:
+        raise MoveRefused(f"expected a slot range LO-HI, got {text[:20]!r}") from None
+    if not 0 <= lo <= hi <= 4095:
+        raise MoveRefused(f"slot range {lo}-{hi} is not within 0-4095")
+    return lo, hi
+
+
+class Mover:
+    def __init__(self, target: Target, *, progress: Progress = print) -> None:
+        self.target = target
+        self.progress = progress
+
+    # Planning ---------------------------------------------------------------------------------------------
+
+    async def spec(self, slot_lo: int, slot_hi: int, to_shard: str) -> MoveSpec:
+        """The move that would take LO-HI to `to_shard`, or the one in progress for the same range and target
+        (re-running a move resumes it). Refuses a range no single shard owns, or one already moving elsewhere."""
+        topology = self.target.topology
+        try:
+            target_region = topology.shard(to_shard).region
+        except KeyError:
+            raise MoveRefused(f"no shard {to_shard[:40]!r} in the topology") from None
+        for move in await self.moves():
+            if move.get("phase") in (*ACTIVE, "switched") and (move["slots"], move["target_shard"]) == (
+                f"{slot_lo}-{slot_hi}", to_shard
+            ):
+                return await self.find(move["id"])  # re-running a move resumes it
+        claims: dict[str, list[asyncpg.Record]] = {}
+        for shard in sorted(self.target.shard_dsns):
+            async with self.connect(shard) as conn:
+                claims[shard] = list(await conn.fetch(
+                    """select slot_lo, slot_hi, epoch, state, move_id from slot_ownership
+                       where slot_lo <= $2 and slot_hi >= $1 and state in ('owned', 'moving')""", slot_lo, slot_hi))
+        if to_shard not in claims:
+            raise MoveRefused(f"no database given for shard {to_shard} (--dsn {to_shard}=...)")
+        holders = [s for s, rows in claims.items() if rows]
+        if len(holders) != 1:
+            raise MoveRefused(f"slots {slot_lo}-{slot_hi} are held by {len(holders)} shards "
+                              f"({', '.join(holders) or 'none reachable'}): move one shard's part at a time")
+        source = holders[0]
+        if source == to_shard:
+            raise MoveRefused(f"shard {to_shard} already owns slots {slot_lo}-{slot_hi}")
+        rows = claims[source]
+        covered = sum(min(r["slot_hi"], slot_hi) - max(r["slot_lo"], slot_lo) + 1 for r in rows)
+        if covered != slot_hi - slot_lo + 1:
+            raise MoveRefused(f"shard {source} owns only {covered} of slots {slot_lo}-{slot_hi}")
+        async with self.connect(source) as conn:
+            active = await conn.fetchrow(
+                "select * from slot_moves where role = 'source' and phase = any($1::text[])", list(ACTIVE))
+        if active is not None:
+            same = (active["slot_lo"], active["slot_hi"], active["target_shard"]) == (slot_lo, slot_hi, to_shard)
+            if not same:
+                raise MoveRefused(f"shard {source} has move {active['id']} in progress (slots "
+                                  f"{active['slot_lo']}-{active['slot_hi']} to {active['target_shard']}, phase "
+                                  f"{active['phase']}): finish or cancel it first")
+            return _spec(active)
+        return MoveSpec(
+            id="mv_" + new_ulid().lower(), slot_lo=slot_lo, slot_hi=slot_hi, source_shard=source,
+            source_region=topology.shard(source).region, target_shard=to_shard, target_region=target_region,
+            epoch=max(int(r["epoch"]) for r in rows) + 1,
+        )
+
+    async def begin(self, spec: MoveSpec) -> None:
+        """Record the move on the source, then on the target (each refuses what it cannot take)."""
+        for shard, role in ((spec.source_shard, "source"), (spec.target_shard, "target")):
+            async with self.connect(shard) as conn:
+                answer = json.loads(await conn.fetchval(
+                    "select txr_move_begin($1::jsonb)::text", json.dumps({**spec.as_json(), "role": role})))
+            if not answer["ok"]:
+                if role == "target":  # nothing is frozen yet: the source's record is closed again
+                    await self._close_source(spec, "cancelled", answer["detail"])
+                raise MoveRefused(f"{answer['code']}: {answer['detail']}")
+
+    # Running ----------------------------------------------------------------------------------------------
+
+    async def run(self, spec: MoveSpec) -> str:
+        """Drive the move from its recorded phase to `done`, or to `aborted` when its verify fails or its
+        sagas do not settle in time. Returns the final phase."""
+        phase = await self._phase(spec.source_shard, spec.id)
+        if phase == "copying":
+            await self._copy(spec)
+            await self._set_phase(spec.source_shard, spec.id, "catching_up")
+            phase = "catching_up"
+        if phase == "catching_up":
+            await self._catch_up(spec, until_lag=limits.MOVE_CATCH_UP_LAG_ROWS_MAX)
+            await self._freeze(spec)
+            phase = "frozen"
+        if phase == "frozen":
+            phase = await self._settle_verify_switch_out(spec)
+        if phase == "switching":
+            await self._switch_in(spec)
+            phase = "switched"
+        if phase == "switched":
+            await self._cleanup(spec)
+            phase = "done"
+        if phase == "done":  # the source's cleanup may have committed without the target's last step
+            await self._set_phase(spec.target_shard, spec.id, "done")
+        return phase
+
+    async def cancel(self, spec: MoveSpec, *, phase: str = "cancelled", reason: str = "cancelled by operator") -> None:
+        """Undo a move before its switch: the source unfrozen (nothing was written meanwhile), the target's
+        copies dropped, both records closed."""
+        current = await self._phase(spec.source_shard, spec.id)
+        if current not in (*CANCELLABLE, "cancelled", "aborted"):
+            raise MoveRefused(f"move {spec.id} is {current}: past the switch it can only complete (re-run it)")
+        await self._close_source(spec, phase, reason)
+        async with self.connect(spec.target_shard) as conn, conn.transaction():
+            exists = await conn.fetchval("select phase from slot_moves where id = $1 for update", spec.id)
+            if exists is not None and exists not in ("switched", "done"):
+                for table in reversed(SLOT_TABLES):
+                    await conn.execute(
+                        f"delete from {table.name} t where {table.slot_sql('t')} between $1 and $2 "  # noqa: S608
+                        f"and ({table.drop_where})", spec.slot_lo, spec.slot_hi)
+                await conn.execute("select txr_move_phase($1, $2, $3)", spec.id, phase, reason[:300])
+        self.progress(f"{spec.id}: {phase} ({reason}); slots {spec.slot_lo}-{spec.slot_hi} stay on {spec.source_shard}")
+
+    async def _close_source(self, spec: MoveSpec, phase: str, reason: str) -> None:
+        async with self.connect(spec.source_shard) as conn:
+            await conn.execute("select txr_move_unfreeze($1, $2, $3)", spec.id, phase, reason[:300])
+
+    # Phases -----------------------------------------------------------------------------------------------
+
+    async def _copy(self, spec: MoveSpec) -> None:
+        """Every per-slot row of the range, read in one snapshot of the source, upserted into the target."""
+        async with self.connect(spec.source_shard) as src, self.connect(spec.target_shard) as dst:
+            copied = 0
+            async with src.transaction(isolation="repeatable_read", readonly=True):
+                for table in SLOT_TABLES:
+                    columns = await _columns(dst, table.name)
+                    cursor = await src.cursor(
+                        f"select to_jsonb(t)::text from {table.name} t "  # noqa: S608 (registry constants)
+                        f"where {table.slot_sql('t')} between $1 and $2 and ({table.where})",
+                        spec.slot_lo, spec.slot_hi)
+                    while rows := await cursor.fetch(limits.MOVE_COPY_BATCH_ROWS):
+                        await _import(dst, table, columns, [json.loads(r[0]) for r in rows], spec.source_shard)
+                        copied += len(rows)
+                        self.progress(f"{spec.id}: copy {table.name}: {copied} rows copied")
+            await src.execute("update slot_moves set rows_copied = $2, updated_at = clock_timestamp() where id = $1",
+                              spec.id, copied)
+
+    async def _catch_up(self, spec: MoveSpec, *, until_lag: int) -> int:
+        """Copy again the rows the change log names after the cursor, pass after pass, until at most
+        `until_lag` changes are left (0: all). Returns the lag left."""
+        async with self.connect(spec.source_shard) as src, self.connect(spec.target_shard) as dst:
+            columns = {t.name: await _columns(dst, t.name) for t in SLOT_TABLES}
+            for attempt in range(1, limits.MOVE_CATCH_UP_PASSES_MAX + 1):
+                cursor = await src.fetchval("select log_cursor from slot_moves where id = $1", spec.id)
+                changes = await src.fetch(
+                    """select id, tbl, key::text from slot_move_changes where move_id = $1 and id > $2
+                       order by id limit $3""", spec.id, cursor, limits.MOVE_COPY_BATCH_ROWS)
+                if changes:
+                    by_table: dict[str, list[Any]] = {}
+                    for change in changes:
+                        by_table.setdefault(change["tbl"], []).append(json.loads(change["key"]))
+                    for table in SLOT_TABLES:
+                        keys = by_table.get(table.name)
+                        if not keys:
+                            continue
+                        rows = await src.fetch(
+                            f"select to_jsonb(t)::text from {table.name} t "  # noqa: S608 (registry constants)
+                            f"join jsonb_populate_recordset(null::{table.name}, $3::jsonb) k "
+                            f"using ({', '.join(table.key)}) "
+                            f"where {table.slot_sql('t')} between $1 and $2 and ({table.where})",
+                            spec.slot_lo, spec.slot_hi, json.dumps(keys))
+                        await _import(dst, table, columns[table.name], [json.loads(r[0]) for r in rows],
+                                      spec.source_shard)
+                    await src.execute(
+                        "update slot_moves set log_cursor = $2, updated_at = clock_timestamp() where id = $1",
+                        spec.id, changes[-1]["id"])
+                lag = int(await src.fetchval(
+                    """select count(*) from slot_move_changes
+                       where move_id = $1 and id > (select log_cursor from slot_moves where id = $1)""", spec.id))
+                self.progress(f"{spec.id}: catch-up pass {attempt}: {len(changes)} changes applied, lag {lag}")
+                if lag <= until_lag:
+                    return lag
+        raise MoveRefused(f"move {spec.id}: the catch-up did not get within {until_lag} changes in "
+                          f"{limits.MOVE_CATCH_UP_PASSES_MAX} passes (writes outpace it); run it again")
+
+    async def _freeze(self, spec: MoveSpec) -> None:
+        for attempt in range(1, limits.MOVE_FREEZE_ATTEMPTS_MAX + 1):
+            try:
+                async with self.connect(spec.source_shard) as conn, conn.transaction():
+                    await conn.execute(f"set local lock_timeout = {int(limits.MOVE_FREEZE_LOCK_TIMEOUT_MS)}")
+                    await conn.execute("select txr_move_freeze($1)", spec.id)
+                self.progress(f"{spec.id}: frozen: slots {spec.slot_lo}-{spec.slot_hi} answer 503 slot_moving")
+                return
+            except asyncpg.LockNotAvailableError:
+                self.progress(f"{spec.id}: freeze attempt {attempt}: postings still hold the range; trying again")
+        raise MoveRefused(f"move {spec.id}: could not freeze the range in {limits.MOVE_FREEZE_ATTEMPTS_MAX} "
+                          "attempts (nothing frozen); run it again")
+
+    async def _settle_verify_switch_out(self, spec: MoveSpec) -> str:
+        if not await self._sagas_settled(spec):
+            await self.cancel(spec, phase="aborted", reason=f"sagas debited from the range still pending after "
+                              f"{limits.MOVE_PENDING_SAGAS_WAIT_S:g} s")
+            return "aborted"
+        await self._catch_up(spec, until_lag=0)
+        differences = await self.verify(spec)
+        if differences:
+            await self.cancel(spec, phase="aborted", reason="verify: " + "; ".join(differences))
+            return "aborted"
+        async with self.connect(spec.source_shard) as conn:
+            answer = json.loads(await conn.fetchval("select txr_move_switch_out($1)::text", spec.id))
+        if not answer["ok"]:  # a saga debited from the range is pending again: cannot happen under the freeze
+            await self.cancel(spec, phase="aborted", reason=f"{answer['pending_sagas']} sagas pending at the switch")
+            return "aborted"
+        self.progress(f"{spec.id}: switching: {len(answer['balances'])} accounts booked out of {spec.source_shard}")
+        return "switching"
+
+    async def _sagas_settled(self, spec: MoveSpec) -> bool:
+        deadline = time.monotonic() + limits.MOVE_PENDING_SAGAS_WAIT_S
+        async with self.connect(spec.source_shard) as conn:
+            while True:
+                pending = await conn.fetchval(
+                    """select count(*) from transfers where state = 'pending' and debit_shard = $1
+                         and txr_id_slot(debit_account) between $2 and $3""",
+                    spec.source_shard, spec.slot_lo, spec.slot_hi)
+                if pending == 0:
+                    return True
+                if time.monotonic() >= deadline:
+                    return False
+                self.progress(f"{spec.id}: waiting for {pending} sagas debited from the range to settle")
+                await _pause(limits.MOVE_PENDING_SAGAS_POLL_MS / 1000)
+
+    async def verify(self, spec: MoveSpec) -> list[str]:
+        """Per table, the range's row count and checksum on both sides (columns the copy sets aside)."""
+        differences = []
+        async with self.connect(spec.source_shard) as src, self.connect(spec.target_shard) as dst:
+            for table in SLOT_TABLES:
+                sql = (f"select count(*), coalesce(sum(hashtextextended((to_jsonb(t) - $3::text[])::text, 0)), 0) "  # noqa: S608
+                       f"from {table.name} t where {table.slot_sql('t')} between $1 and $2 and ({table.where})")
+                args = (spec.slot_lo, spec.slot_hi, list(table.unchecked))
+                mine, theirs = await src.fetchrow(sql, *args), await dst.fetchrow(sql, *args)
+                if tuple(mine) != tuple(theirs):
+                    differences.append(f"{table.name}: {mine[0]} rows on {spec.source_shard}, {theirs[0]} on "
+                                       f"{spec.target_shard}" + (" (checksums differ)" if mine[0] == theirs[0] else ""))
+        self.progress(f"{spec.id}: verify: " + ("; ".join(differences) if differences else "equal"))
+        return differences
+
+    async def _switch_in(self, spec: MoveSpec) -> None:
+        async with self.connect(spec.source_shard) as src:
+            balances = await src.fetchval("select balances::text from slot_moves where id = $1", spec.id)
+        async with self.connect(spec.target_shard) as dst:
+            # The balances are checked only by the call that books them: once switched, the target takes writes.
+            booking = await dst.fetchval("select phase from slot_moves where id = $1", spec.id) == "copying"
+            answer = json.loads(await dst.fetchval("select txr_move_switch_in($1, $2::jsonb)::text",
+                                                   spec.id, balances))
+            if not answer["ok"]:
+                raise MoveRefused(f"move {spec.id}: the target refused the switch ({answer['detail']}); the source "
+                                  "has booked the balances out: repair the target and run the move again")
+            recorded = json.loads(balances)
+            rows = await dst.fetch("select id, balance from accounts where id = any($1::text[])", list(recorded))
+        wrong = [r["id"] for r in rows if r["balance"] != recorded[r["id"]]]
+        if booking and (wrong or len(rows) != len(recorded)):
+            raise MoveRefused(f"move {spec.id}: balances differ on the target after the switch ({len(wrong)} "
+                              "accounts): this is a bug; the move stays `switching` on the source")
+        async with self.connect(spec.source_shard) as src:
+            await src.execute("select txr_move_switch_done($1)", spec.id)
+        self.progress(f"{spec.id}: switched: {spec.target_shard} owns slots {spec.slot_lo}-{spec.slot_hi} "
+                      f"(epoch {spec.epoch})")
+
+    async def _cleanup(self, spec: MoveSpec) -> None:
+        async with self.connect(spec.source_shard) as src, src.transaction():
+            for table in SLOT_TABLES:
+                if table.source_after_switch == "delete":
+                    await src.execute(
+                        f"delete from {table.name} t where {table.slot_sql('t')} between $1 and $2",  # noqa: S608
+                        spec.slot_lo, spec.slot_hi)
+            await src.execute("select txr_move_phase($1, 'done')", spec.id)
+        await self._set_phase(spec.target_shard, spec.id, "done")
+        self.progress(f"{spec.id}: done")
+
+    # Reading ----------------------------------------------------------------------------------------------
+
+    async def moves(self) -> list[dict[str, Any]]:
+        """Every move recorded on a reachable shard, newest first, with its lag and freeze duration."""
+        found: dict[str, dict[str, Any]] = {}
+        for shard in sorted(self.target.shard_dsns):
+            try:
+                async with self.connect(shard) as conn:
+                    rows = await conn.fetch(
+                        """select m.*, (select count(*) from slot_move_changes c
+                                        where c.move_id = m.id and c.id > m.log_cursor) as lag
+                           from slot_moves m order by created_at desc""")
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                continue
+            for r in rows:
+                doc = found.setdefault(r["id"], {"id": r["id"]})
+                side = {"phase": r["phase"], "updated_at": r["updated_at"]}
+                doc[r["role"]] = side
+                doc.update(slots=f"{r['slot_lo']}-{r['slot_hi']}", source_shard=r["source_shard"],
+                           target_shard=r["target_shard"], created_at=r["created_at"])
+                if r["role"] == "source":
+                    doc.update(phase=r["phase"], rows_copied=r["rows_copied"], lag=r["lag"], reason=r["reason"],
+                               freeze_s=_seconds(r["frozen_at"], r["switched_at"]), next=_next_step(r["phase"]))
+        return sorted(found.values(), key=lambda d: d["created_at"], reverse=True)
+
+    async def find(self, move_id: str) -> MoveSpec:
+        for shard in sorted(self.target.shard_dsns):
+            try:
+                async with self.connect(shard) as conn:
+                    row = await conn.fetchrow("select * from slot_moves where id = $1 and role = 'source'", move_id)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                continue
+            if row is not None:
+                return _spec(row)
+        raise MoveRefused(f"no move {move_id[:40]!r} on any reachable source shard")
+
+    async def _phase(self, shard: str, move_id: str) -> str:
+        async with self.connect(shard) as conn:
+            phase = await conn.fetchval("select phase from slot_moves where id = $1", move_id)
+        if phase is None:
+            raise MoveRefused(f"shard {shard} has no record of move {move_id}")
+        return str(phase)
+
+    async def _set_phase(self, shard: str, move_id: str, phase: str) -> None:
+        async with self.connect(shard) as conn:
+            await conn.execute("select txr_move_phase($1, $2)", move_id, phase)
+
+    @contextlib.asynccontextmanager
+    async def connect(self, shard: str) -> AsyncIterator[asyncpg.Connection]:
+        dsn = self.target.shard_dsns.get(shard)
+        if dsn is None:
+            raise MoveRefused(f"no database given for shard {shard} (--dsn {shard}=...)")
+        conn = await asyncpg.connect(
+            dsn, timeout=limits.DB_CONNECT_TIMEOUT_S, command_timeout=limits.MOVE_STATEMENT_TIMEOUT_S,
+            server_settings={"timezone": "UTC", "application_name": "txroute-mover"},
+        )
+        try:
+            yield conn
+        finally:
+            await conn.close()
+
+
+async def _columns(conn: asyncpg.Connection, table: str) -> list[str]:
+    rows = await conn.fetch(
+        """select column_name from information_schema.columns
+           where table_schema = 'public' and table_name = $1 order by ordinal_position""", table)
+    return [r[0] for r in rows]
+
+
+async def _import(conn: asyncpg.Connection, table: SlotTable, columns: list[str], rows: list[Any],
+                  source_shard: str) -> None:
+    """Upsert rows (as JSON objects) into `table`, overriding the columns the registry says."""
+    if not rows:
+        return
+    values = ", ".join(table.overrides.get(c, f"r.{c}") for c in columns)
+    keys = ", ".join(table.key)
+    if table.on_conflict == "nothing":
+        conflict = "do nothing"
+    else:
+        others = [c for c in columns if c not in table.key]
+        conflict = (f"do update set ({', '.join(others)}) = row({', '.join('excluded.' + c for c in others)}) "
+                    f"where {table.update_where}")
+    await conn.execute(
+        f"insert into {table.name} ({', '.join(columns)}) "  # noqa: S608 (registry constants)
+        f"select {values} from jsonb_populate_recordset(null::{table.name}, $1::jsonb) r "
+        f"where $2::text is not null on conflict ({keys}) {conflict}",
+        json.dumps(rows), source_shard)
+
+
+def _spec(row: asyncpg.Record) -> MoveSpec:
+    return MoveSpec(
+        id=row["id"], slot_lo=row["slot_lo"], slot_hi=row["slot_hi"], source_shard=row["source_shard"],
+        source_region=row["source_region"], target_shard=row["target_shard"], target_region=row["target_region"],
+        epoch=row["epoch"],
+    )
+
+
+def _seconds(start: dt.datetime | None, end: dt.datetime | None) -> float | None:
+    return None if start is None or end is None else (end - start).total_seconds()
+
+
+def _next_step(phase: str) -> str:
+    return {
+        "copying": "re-run `txroute slots move` to copy again and go on, or `txroute slots cancel`",
+        "catching_up": "re-run `txroute slots move` to catch up and freeze, or `txroute slots cancel`",
+        "frozen": "re-run `txroute slots move` to verify and switch, or `txroute slots cancel` (unfreezes)",
+        "switching": "re-run `txroute slots move`: past the switch the move only completes",
+        "switched": "re-run `txroute slots move` to clean up the source",
+    }.get(phase, "nothing: the move is over")
+
+
+async def _pause(seconds: float) -> None:
+    await asyncio.sleep(seconds)

@@ -1,0 +1,74 @@
+"""The per-slot tables: the one list of what a slot move carries (issue 11, DESIGN D13).
+
+A table whose rows belong to a slot is added to SLOT_TABLES here, in the order rows are imported (a table after those
+its foreign keys name), and its migration adds the change-log trigger the catch-up reads:
+
+    create trigger <table>_move_log after insert or update on <table>
+        for each row execute function txr_move_log('column' | 'id', <slot column>, <key columns>...);
+
+('column': the slot is an integer column; 'id': it is embedded in an account or transfer id column.)
+tests/integration/test_slot_moves.py checks that every table registered has that trigger with these
+arguments. Money is not copied: balances move by balancing postings at the switch (migration 0008), so
+`entries` and the outbox are not here (sagas debited from a moving range settle before the switch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class SlotTable:
+    name: str
+    key: tuple[str, ...]  # primary key columns
+    slot_by: str  # 'column' or 'id' (as the trigger's first argument)
+    slot_column: str
+    # Which of the table's rows in the range move (SQL over alias t), beyond the slot.
+    where: str = "true"
+    # Columns whose copy on the target takes another value (SQL over the source row's alias r; $2 is the
+    # move's source shard).
+    overrides: dict[str, str] = field(default_factory=dict)
+    # Columns left out of the verify checksum (those overridden, and any the copy sets on its own).
+    unchecked: tuple[str, ...] = ()
+    # On a conflict with a row the target has already: 'update' (the copy follows the source's row) or
+    # 'nothing' (the target's own row stands); `update_where` narrows which rows may be updated.
+    on_conflict: str = "update"
+    update_where: str = "true"
+    # After the switch: 'delete' the source's rows, or 'keep' them as archived history (never served, since
+    # the slot is `moved`; kept because the source's journal refers to them).
+    source_after_switch: str = "keep"
+    # Which target rows a cancelled move drops (SQL over alias t), beyond the slot.
+    drop_where: str = "true"
+
+    def slot_sql(self, alias: str) -> str:
+        column = f"{alias}.{self.slot_column}"
+        return f"txr_id_slot({column})" if self.slot_by == "id" else column
+
+
+SLOT_TABLES: tuple[SlotTable, ...] = (
+    SlotTable(
+        "accounts", ("id",), "column", "slot",
+        # Customer accounts only: a shard's settlement and transit accounts stay, whatever their slot column.
+        where="t.kind = 'customer'",
+        # The balance arrives by the switch's balancing postings, never by copy.
+        overrides={"balance": "0", "version": "0"},
+        unchecked=("balance", "version"),
+        drop_where="not exists (select 1 from entries e where e.account_id = t.id)",
+    ),
+    SlotTable(
+        "transfers", ("id",), "id", "id",
+        # A copy keeps naming the shard whose journal holds its entries ($2: the move's source shard).
+        overrides={"moved_from": "coalesce(r.moved_from, $2)"},
+        unchecked=("moved_from",),
+        update_where="transfers.moved_from is not null",
+        drop_where="t.moved_from is not null",
+    ),
+    SlotTable(
+        "transfer_events", ("transfer_id", "seq"), "id", "transfer_id",
+        on_conflict="nothing",
+        drop_where="exists (select 1 from transfers x where x.id = t.transfer_id and x.moved_from is not null)",
+    ),
+    SlotTable("idempotency", ("client", "key"), "column", "slot", source_after_switch="delete"),
+    SlotTable("inbox", ("transfer_id",), "id", "credit_account", on_conflict="nothing", source_after_switch="delete"),
+)
+

@@ -1,0 +1,70 @@
+"""The freeze of a slot move (issue 11, migration 0008) as a region answers it: while a range is `moving`, every
+request for it is answered 503 `slot_moving` with Retry-After and writes nothing; once unfrozen, the same request
+succeeds. And every per-slot table of the registry (app/store/slotdata.py) has its change-log trigger."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import asyncpg
+
+from app.store.slotdata import SLOT_TABLES
+from app.topology.ids import parse_account_id
+from app.topology.model import Topology
+from tests.helpers import ApiClient, new_key, shard_of
+
+
+async def test_a_frozen_slot_answers_503_slot_moving_writes_nothing_and_takes_the_retry_once_unfrozen(
+    api: ApiClient, topology: Topology, shard_dsn: Callable[[str], str]
+) -> None:
+    account = await api.new_account()
+    slot = parse_account_id(account).slot
+    shard = shard_of(topology, account)
+    other = next(s for s in topology.shards if s.name != shard)
+    move = "mv_freezetest" + new_key()[-12:]
+    spec = {"id": move, "slot_lo": slot, "slot_hi": slot, "source_shard": shard,
+            "source_region": topology.shard(shard).region, "target_shard": other.name,
+            "target_region": other.region, "epoch": 2, "role": "source"}
+    conn = await asyncpg.connect(shard_dsn(shard))
+    try:
+        begun = json.loads(await conn.fetchval("select txr_move_begin($1::jsonb)::text", json.dumps(spec)))
+        assert begun["ok"], begun
+        await conn.execute("select txr_move_freeze($1)", move)
+        key = new_key()
+        frozen = await api.deposit(account, 500, key=key)
+        read = await api.account(account)
+        written = await conn.fetchval("select count(*) from transfers where credit_account = $1", account)
+        await conn.execute("select txr_move_unfreeze($1, 'cancelled', 'test')", move)
+        after = await api.deposit(account, 500, key=key)
+        ownership = await conn.fetch(
+            "select state from slot_ownership where $1 between slot_lo and slot_hi", slot)
+    finally:
+        await conn.close()
+    assert frozen.status_code == 503, f"expected 503 while frozen, got {frozen.status_code} {frozen.text}"
+    assert frozen.json()["code"] == "slot_moving", frozen.text
+    assert frozen.headers["retry-after"] == "1", frozen.headers
+    assert read.status_code == 503 and read.json()["code"] == "slot_moving", f"expected reads frozen too: {read.text}"
+    assert written == 0, f"expected nothing written for a frozen slot, found {written} transfers"
+    assert after.status_code == 201, f"expected the retry to succeed once unfrozen, got {after.text}"
+    assert await api.balance(account) == 500
+    assert [r["state"] for r in ownership] == ["owned"], ownership
+
+
+async def test_every_per_slot_table_writes_the_change_log_the_catch_up_reads(
+    topology: Topology, shard_dsn: Callable[[str], str]
+) -> None:
+    conn = await asyncpg.connect(shard_dsn(topology.region("eu-west-1").shards[0].name))
+    try:
+        rows = await conn.fetch(
+            """select c.relname as table_name, t.tgname, encode(t.tgargs, 'escape') as args
+               from pg_trigger t join pg_class c on c.oid = t.tgrelid
+               join pg_proc p on p.oid = t.tgfoid where p.proname = 'txr_move_log'""")
+    finally:
+        await conn.close()
+    triggers = {r["table_name"]: r["args"].split("\\000")[:-1] for r in rows}
+    for table in SLOT_TABLES:
+        expected = [table.slot_by, table.slot_column, *table.key]
+        assert triggers.get(table.name) == expected, (
+            f"expected {table.name} to log its changes with txr_move_log{tuple(expected)}, got "
+            f"{triggers.get(table.name)}")
