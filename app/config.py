@@ -187,6 +187,9 @@ class RouterSettings:
     # and the burst above it that a client may send at once. Over it: 429 rate_limited with Retry-After.
     client_rate_per_s: float = limits.CLIENT_RATE_PER_S_DEFAULT
     client_burst: int = limits.CLIENT_BURST_DEFAULT
+    # How long a request whose slot is moving (503 slot_moving from its region) is held and retried before
+    # the client is answered 503 slot_moving with Retry-After (app/router/hold.py). 0: never held.
+    slot_moving_hold_s: float = limits.SLOT_MOVING_HOLD_S_DEFAULT
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> RouterSettings:
@@ -194,7 +197,7 @@ class RouterSettings:
         object iss -> {"keys": {kid: PEM or path}, "client_prefix": str}), TXROUTE_HOP_PRIVATE_KEY (PEM or
         path), optional TXROUTE_CLIENT_TOKEN_LIFETIME_MAX_S, TXROUTE_REGIONS_DIR, TXROUTE_INTERNAL_CA_FILE and
         TXROUTE_UPSTREAM_{CONNECTIONS_MAX,CONNECT_TIMEOUT_S,READ_TIMEOUT_S}, TXROUTE_CLIENT_RATE_PER_S and
-        TXROUTE_CLIENT_BURST."""
+        TXROUTE_CLIENT_BURST, TXROUTE_SLOT_MOVING_HOLD_S."""
         e = os.environ if env is None else env
         connections = int(e.get("TXROUTE_UPSTREAM_CONNECTIONS_MAX", limits.UPSTREAM_CONNECTIONS_MAX))
         connect_s = float(e.get("TXROUTE_UPSTREAM_CONNECT_TIMEOUT_S", limits.UPSTREAM_CONNECT_TIMEOUT_S))
@@ -212,6 +215,9 @@ class RouterSettings:
         burst = _integer(e, "TXROUTE_CLIENT_BURST", limits.CLIENT_BURST_DEFAULT)
         if not 1 <= burst <= limits.CLIENT_BURST_MAX:
             raise SettingsError(f"TXROUTE_CLIENT_BURST must be in 1..{limits.CLIENT_BURST_MAX}")
+        hold_s = _number(e, "TXROUTE_SLOT_MOVING_HOLD_S", limits.SLOT_MOVING_HOLD_S_DEFAULT)
+        if not 0 <= hold_s <= limits.SLOT_MOVING_HOLD_S_MAX:
+            raise SettingsError(f"TXROUTE_SLOT_MOVING_HOLD_S must be in [0, {limits.SLOT_MOVING_HOLD_S_MAX:g}]")
         region_urls = _json_object(e, "TXROUTE_REGION_URLS")
         plaintext = _internal_tls(e, region_urls)
         lifetime_max_s = _client_token_lifetime_max_s(e)
@@ -231,6 +237,7 @@ class RouterSettings:
             shardmap_refresh_period_s=refresh_s,
             client_rate_per_s=rate_per_s,
             client_burst=burst,
+            slot_moving_hold_s=hold_s,
         )
 
 

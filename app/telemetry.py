@@ -131,6 +131,7 @@ def configure_logging(*, service: str, region: str | None = None) -> None:
 # Metrics ------------------------------------------------------------------------------------------------
 
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_HOLD_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
@@ -161,6 +162,31 @@ class Metrics:
                               "Requests refused 429 rate_limited, by limit: client_rate (a router's per-client "
                               "token bucket) or shard_queue (a client's share of a shard's posting queue)",
                               ["reason", "region"], registry=r)
+        self.held_requests = c("txroute_router_held_requests_total",
+                               "Requests a router held because their slot was moving (503 slot_moving), by "
+                               "outcome: released (answered by the owner), timeout (answered 503 slot_moving "
+                               "after the hold), overflow (too many held already), error (region unreachable)",
+                               ["outcome", "region"], registry=r)
+        self.held_now = g("txroute_router_requests_on_hold", "Requests a router holds right now for a moving slot",
+                          ["region"], registry=r)
+        self.hold_duration = h("txroute_router_hold_duration_seconds",
+                               "How long a router held a request for a moving slot, by outcome",
+                               ["outcome", "region"], buckets=_HOLD_BUCKETS_S, registry=r)
+        # Slot moves (DESIGN D13), read from each shard's slot_moves rows when a region is scraped (bounded by
+        # METRICS_DB_TIMEOUT_S, like the saga gauges); a move is counted by the shard it leaves.
+        self.moves_in_progress = g("txroute_slot_moves_in_progress",
+                                   "Slot moves leaving a shard that have not finished, by phase",
+                                   ["region", "shard", "phase"], registry=r)
+        self.move_phase_age = g("txroute_slot_move_phase_age_seconds",
+                                "How long the oldest unfinished move leaving a shard has been in its phase",
+                                ["region", "shard", "phase"], registry=r)
+        self.move_lag = g("txroute_slot_move_lag_rows",
+                          "Rows of unfinished moves leaving a shard not yet copied (copy) or changes not yet "
+                          "applied to the target (catch-up), by phase", ["region", "shard", "phase"], registry=r)
+        self.move_freeze = h("txroute_slot_move_freeze_duration_seconds",
+                             "How long a move kept its slot range frozen (writes answered 503 slot_moving), "
+                             "observed once per move leaving a shard of this region when its freeze ended",
+                             ["region"], buckets=_HOLD_BUCKETS_S, registry=r)
         self.saga_backlog = g("txroute_saga_backlog", "Saga messages in a shard's outbox not yet delivered",
                               ["region", "shard"], registry=r)
         self.saga_oldest_s = g("txroute_saga_oldest_pending_age_seconds",
@@ -233,7 +259,8 @@ def _sample_sum(metric: Any, sample: str, keep: Callable[[dict[str, str]], bool]
 
 class CloudWatchEmf:
     """One JSON line per interval that CloudWatch Logs turns into metrics (dimension `Region`). A region's
-    (`line`): the outbox's oldest message age, the last audit's result and, over the interval, writes,
+    (`line`): the outbox's oldest message age, the last audit's result, the longest time an unfinished slot move
+    has spent in its phase and, over the interval, writes,
     idempotency conflicts and postings refused 429 for a client's share of a shard's queue. A router's
     (`router_line`): only the requests it refused 429 for a client's rate, so the two add up in `RateLimited`
     and nothing else is counted twice."""
@@ -257,7 +284,8 @@ class CloudWatchEmf:
         limited = _sample_sum(METRICS.rate_limited, "txroute_rate_limited_total", lambda labels: True)
         return conflicts, writes, limited
 
-    def line(self, *, outbox_oldest_s: float | None, audit_clean: bool | None) -> str:
+    def line(self, *, outbox_oldest_s: float | None, audit_clean: bool | None,
+             move_phase_age_s: float | None = None) -> str:
         totals = self._read_totals()
         conflicts, writes, limited = (now - before for now, before in zip(totals, self._totals, strict=True))
         values: dict[str, float] = {"IdempotencyConflicts": conflicts, "Writes": writes, "RateLimited": limited}
@@ -269,6 +297,9 @@ class CloudWatchEmf:
         if audit_clean is not None:
             values["LastAuditClean"] = 1 if audit_clean else 0
             units["LastAuditClean"] = "None"
+        if move_phase_age_s is not None:
+            values["SlotMoveOldestPhaseAgeSeconds"] = round(move_phase_age_s, 3)
+            units["SlotMoveOldestPhaseAgeSeconds"] = "Seconds"
         return self._document(values, units)
 
     def _document(self, values: dict[str, float], units: dict[str, str]) -> str:

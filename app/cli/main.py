@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from app import limits
 from app.cli.durations import duration_s
@@ -203,21 +204,52 @@ def _down(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     stack = _stack(args)
     if args.json:
-        print(json.dumps(local_stack.status(stack), indent=2))
+        rows, _ = _status_rows(stack)
+        print(json.dumps(rows, indent=2))
     else:
         _print_status(stack)
     return 0
 
 
+def _status_rows(stack: local_stack.Stack) -> tuple[list[dict[str, Any]], Any]:
+    """`local_stack.status` with each shard's recorded slots (`recorded`: its slot_ownership rows, None when
+    its database cannot be read) beside the slots regions/ gives it, and the drift between the two."""
+    import asyncio
+
+    from app.ops import placement
+    from app.ops.target import local_target
+
+    rows = local_stack.status(stack)
+    if not any(row.get("postgres", {}).get("running") for row in rows):
+        return rows, None
+    claims, unreadable = asyncio.run(placement.recorded_claims(local_target(stack)))
+    for row in rows:
+        for shard in row.get("shards", []):
+            recorded = claims.get(shard["shard"])
+            shard["recorded"] = None if recorded is None else [
+                f"{r['slot_lo']}-{r['slot_hi']} {r['state']}" for r in recorded]
+    return rows, placement.plan(stack.topology, claims, unreadable)
+
+
 def _print_status(stack: local_stack.Stack) -> None:
-    for row in local_stack.status(stack):
+    from app.ops import placement
+
+    rows, drift = _status_rows(stack)
+    for row in rows:
         health = "ready" if row["ready"] else ("running" if row["pid"] else "stopped")
         print(f"{row['name']:<24} {row['url']:<24} pid={row['pid'] or '-':<8} {health}")
         if "postgres" in row:
             pg = row["postgres"]
             print(f"  postgres 127.0.0.1:{pg['port']:<6} {'running' if pg['running'] else 'stopped'}")
             for shard in row["shards"]:
-                print(f"  shard {shard['shard']:<10} db={shard['database']:<16} slots={','.join(shard['slots'])}")
+                recorded = shard.get("recorded")
+                seen = "" if "recorded" not in shard else (
+                    " recorded=" + (",".join(recorded) or "none") if recorded is not None else " recorded=?")
+                desired = ",".join(shard["slots"]) or "none"
+                print(f"  shard {shard['shard']:<10} db={shard['database']:<16} slots={desired}{seen}")
+    if drift is not None:
+        print("placement (regions/ against the shard databases):")
+        print("\n".join("  " + line for line in placement.text(drift).splitlines()))
 
 
 def _token(args: argparse.Namespace) -> int:

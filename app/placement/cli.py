@@ -4,6 +4,7 @@
                                                    in progress for that range and shard) to its end
     txroute slots moves [--json]                   every recorded move: phase, rows copied, lag, freeze, next step
     txroute slots cancel ID [--yes]                undo a move before its switch (the source unfrozen)
+    txroute slots plan [--json]                    the moves that would make the databases match regions/
 
 Target: the local stack, or a deployed one with --dsn SHARD=DSN (as `txroute ops`): the mover needs the
 source's and the target's databases (as their owner: it runs the move functions of migration 0008).
@@ -39,6 +40,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("id", help="the move's id (mv_...)")
     p.add_argument("--yes", action="store_true")
     target_options(p, _cancel)
+
+    from app.ops.slots_cli import add_plan_parser  # `txroute slots plan`: regions/ against the databases
+
+    add_plan_parser(commands)
 
 
 def _move(args: argparse.Namespace) -> int:

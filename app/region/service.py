@@ -166,6 +166,8 @@ class RegionLedger:
                 f"accounts in {region} are opened by region {region}",
                 extra={"owner_region": region},
             )
+        if not any(self._owned):
+            raise Problem("invalid_request", f"region {region} owns no slots yet and opens no accounts")
         _, slot = self._placement(client, key)
         body = {"currency": str(request.currency), "region": region, "overdraft_limit": request.overdraft_limit}
         return await (await self.store_for_slot(slot)).open_account(

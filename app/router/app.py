@@ -11,7 +11,9 @@ A request's path through `Router`: match the route (404/405) -> verify the clien
 a token from the client's bucket (429, app/router/ratelimit.py) -> check the route's scope (403) -> decode
 the body as strictly as the region will (400) -> slot -> region from the shard map -> forward with a hop
 token bound to this request (method, target, body digest, Idempotency-Key; DESIGN D8) -> on 421 refresh the
-map and forward once more; a region that cannot be reached answers 503 `region_unavailable` with Retry-After.
+map and forward once more; a region that cannot be reached answers 503 `region_unavailable` with Retry-After;
+a region answering 503 `slot_moving` (its slot is frozen for a move) has the request held and sent again
+until the move's switch lands or a bound passes (app/router/hold.py).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from app.api.upstreams import Answer, NoAnswer, NotConnected, UpstreamError, Ups
 from app.config import RouterSettings
 from app.errors import PROBLEM_CONTENT_TYPE, Problem, problem_body
 from app.router.docs import docs_asset, docs_page
+from app.router.hold import SlotMovingHold, is_slot_moving
 from app.router.ratelimit import ClientRateLimiter
 from app.router.routes import Kind, Route, decode_write, match, read_slot
 from app.router.shardmap import ShardMap, ShardMapCache
@@ -82,15 +85,19 @@ class Router:
         limiter: ClientRateLimiter,
         fallback: Litestar,
         regions: tuple[str, ...],
+        hold: SlotMovingHold,
     ) -> None:
         self.region = region
-        self.regions = regions  # every region of regions/, for the default region of a new account
+        # The regions of regions/ that own slots: the default region of a new account is one of them, and an
+        # account opened in a region that owns none is refused here (app.topology.placement).
+        self.regions = regions
         self.clients = clients
         self.minter = minter
         self.upstreams = upstreams
         self.shardmap = shardmap
         self.limiter = limiter
         self.fallback = fallback
+        self.hold = hold
         self._retry_after = str(limits.REGION_UNAVAILABLE_RETRY_AFTER_S)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -148,12 +155,16 @@ class Router:
             raise Problem("invalid_request", f"the query string may hold at most {limits.QUERY_STRING_BYTES_MAX} bytes")
         path_qs = path + "?" + query.decode("latin-1") if query else path
         key = headers.get("idempotency-key", "") if body is not None else None
-        hop = self.minter.for_client(principal, BoundRequest(method, request_target(path, query), body or b"", key))
-        upstream_headers = self._upstream_headers(headers, rid, hop, key)
+        bound = BoundRequest(method, request_target(path, query), body or b"", key)
+
+        def mint() -> str:
+            return self.minter.for_client(principal, bound)
+
+        upstream_headers = self._upstream_headers(headers, rid, mint(), key)
         # The client's own token goes along: the region verifies it too and serves its client, never just
         # the hop token's say-so (a router's key alone can act as no client).
         upstream_headers[CLIENT_TOKEN_HEADER] = "Bearer " + bearer(headers.get("authorization"))
-        return await self._forward(route, slot, named_region, method, path_qs, upstream_headers, body)
+        return await self._forward(route, slot, named_region, method, path_qs, upstream_headers, body, mint)
 
     def _authenticate(self, authorization: str | None) -> Any:
         try:
@@ -182,14 +193,39 @@ class Router:
         path_qs: str,
         headers: dict[str, str],
         body: bytes | None,
+        mint: Callable[[], str],
     ) -> Answer:
         if slot is None:  # an account is opened in the region its body names, else in its default region
             assert named_region is not None
             region = named_region
             if not self.upstreams.knows(region):
                 raise Problem("invalid_request", f"no region named {region!r}")
+            if region not in self.regions:
+                raise Problem("invalid_request", f"region {region} owns no slots yet and opens no accounts")
             self._refuse_if_draining(region)
-            return await self._drain_aware(await self._send(region, method, path_qs, headers, body))
+
+            async def attempt() -> Answer:
+                return await self._drain_aware(await self._send(region, method, path_qs, headers, body))
+        else:
+            owned_slot = slot
+
+            async def attempt() -> Answer:
+                return await self._to_owner(owned_slot, method, path_qs, headers, body)
+
+        answer = await attempt()
+        if not is_slot_moving(answer):
+            return answer
+
+        async def again() -> Answer:
+            headers["authorization"] = "Bearer " + mint()  # a token of its own for every attempt
+            return await attempt()
+
+        return await self.hold.hold(again)
+
+    async def _to_owner(
+        self, slot: int, method: str, path_qs: str, headers: dict[str, str], body: bytes | None
+    ) -> Answer:
+        """Send to the slot's region from the map; on 421 refresh the map and send to the new owner once."""
         seen = self.shardmap.current.version
         region = self.shardmap.region_for_slot(slot)
         if body is not None:
@@ -417,7 +453,8 @@ def create_app(settings: RouterSettings) -> telemetry.Instrumented:
     )
     router = Router(
         region=settings.region, clients=clients, minter=minter, upstreams=upstreams, shardmap=shardmap,
-        limiter=limiter, fallback=fallback, regions=tuple(r.name for r in topology.regions),
+        limiter=limiter, fallback=fallback, regions=topology.placing_regions,
+        hold=SlotMovingHold(shardmap=shardmap, hold_s=settings.slot_moving_hold_s, region=settings.region),
     )
     return telemetry.Instrumented(router, service="router", region=settings.region)
 

@@ -8,6 +8,7 @@ by a region that claims it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -69,9 +70,19 @@ class ShardMapCache:
         self._fetch = fetch
         self._lock = asyncio.Lock()
         self._refreshed_at = float("-inf")
+        # Set (and replaced) by every refresh: requests held for a moving slot wait on it (app/router/hold.py).
+        self._refreshed = asyncio.Event()
 
     def region_for_slot(self, slot: int) -> str:
         return self.current.region_for_slot(slot)
+
+    async def wait_refreshed(self, seen_version: int, timeout_s: float) -> None:
+        """Return when the map is newer than `seen_version` (a refresh landed), or after `timeout_s`."""
+        if self.current.version != seen_version:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._refreshed.wait()
 
     async def refresh_forever(self, period_s: float) -> None:
         """Re-read every region's claims each `period_s`, so a drain (which no request to this router need
@@ -103,5 +114,7 @@ class ShardMapCache:
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("shardmap_claims_invalid", extra={"error_type": type(exc).__name__})
             self._refreshed_at = time.monotonic()
+            woken, self._refreshed = self._refreshed, asyncio.Event()
+            woken.set()
             log.debug("shardmap_refreshed", extra={"version": self.current.version, "regions": len(claims)})
             return self.current

@@ -116,9 +116,11 @@ def _shard(path: Path, index: int, region: str, raw: Any) -> Shard:
     name = _str(path, f"{where}.name", raw.get("name"))
     if not _SHARD_NAME.match(name):
         raise TopologyError(f"{path}: {where}.name: {name!r} must look like 'euw1-a' (lowercase, one dash)")
+    # A shard may own no slots yet (`slots = []`): a new region's shards exist before slots are moved to
+    # them (`txroute slots plan`); such a shard is provisioned and served, and takes no new accounts.
     slots = raw.get("slots")
-    if not isinstance(slots, list) or not slots:
-        raise TopologyError(f"{path}: {where}.slots: a non-empty list of 'lo-hi' ranges is required")
+    if not isinstance(slots, list):
+        raise TopologyError(f"{path}: {where}.slots: a list of 'lo-hi' ranges is required ([] for none yet)")
     ranges = []
     for j, text in enumerate(slots):
         m = _RANGE.match(text) if isinstance(text, str) else None

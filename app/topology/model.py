@@ -68,6 +68,11 @@ class Region:
     shards: tuple[Shard, ...]
     source: str = ""  # the file it came from, for error messages
 
+    @property
+    def owns_slots(self) -> bool:
+        """False for a region whose shards own no slots yet (added, waiting for moves): it opens no accounts."""
+        return any(shard.slots for shard in self.shards)
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -86,6 +91,11 @@ class Topology:
     @property
     def shards(self) -> tuple[Shard, ...]:
         return tuple(s for r in self.regions for s in r.shards)
+
+    @property
+    def placing_regions(self) -> tuple[str, ...]:
+        """The regions a new account may be opened in: those that own slots (app.topology.placement)."""
+        return tuple(r.name for r in self.regions if r.owns_slots)
 
     def region(self, name: str) -> Region:
         for r in self.regions:

@@ -4,10 +4,12 @@ A retried `POST /v1/accounts` must reach the shard that holds its idempotency re
 account. So both choices below depend only on the request's (client, key) and on data every router and
 region reads alike (`regions/`), never on which router or region process happened to take the request.
 
-- The region, when the body names none: rendezvous (highest random weight) hashing over the region names.
-  Every router computes the same answer, so a retry through another region's router lands in the same
-  region. Adding a region moves only the keys that the new region wins (about 1/N of them), and a body that
-  names its region (which a client with a jurisdiction should do) is never affected.
+- The region, when the body names none: rendezvous (highest random weight) hashing over the names of the
+  regions that own slots in `regions/` (`Topology.placing_regions`). Every router computes the same answer,
+  so a retry through another region's router lands in the same region. A region file whose shards own no
+  slots yet takes part in nothing: adding one changes no placement until the file gives it slots. Then only
+  the keys that the new region wins move (about 1/N of them), and a body that names its region (which a
+  client with a jurisdiction should do) is never affected.
 - The slot inside the region: a per-key probe sequence over all 4096 slots; the first probe that the region
   owns wins. The choice is a function of the slot set the region owns, not of how its shards divide it, so
   adding or splitting shards inside a region changes no placement at all (the slot's new shard inherits its

@@ -56,15 +56,17 @@ RUNBOOK_SAGA_BACKLOG = "runbooks/saga-backlog.md"
 RUNBOOK_RECONCILIATION_MISMATCH = "runbooks/reconciliation-mismatch.md"
 RUNBOOK_IDEMPOTENCY_CONFLICTS = "runbooks/idempotency-conflict-spike.md"
 RUNBOOK_TENANT_THROTTLED = "runbooks/tenant-throttled.md"
+RUNBOOK_MOVE_SLOTS = "runbooks/move-slots.md"
 RUNBOOKS = (
     RUNBOOK_REGION_UNAVAILABLE, RUNBOOK_LATENCY_OR_ERRORS, RUNBOOK_DATABASE_FAILOVER,
     RUNBOOK_DATABASE_CAPACITY, RUNBOOK_SAGA_BACKLOG, RUNBOOK_RECONCILIATION_MISMATCH,
-    RUNBOOK_IDEMPOTENCY_CONFLICTS, RUNBOOK_TENANT_THROTTLED,
+    RUNBOOK_IDEMPOTENCY_CONFLICTS, RUNBOOK_TENANT_THROTTLED, RUNBOOK_MOVE_SLOTS,
 )
 
 # The custom metrics each region service publishes, per region (dimension `Region`), as CloudWatch embedded
 # metric format lines in its log (app/telemetry.py: emf_line, every EMF_INTERVAL_S): the age of the oldest
-# undelivered outbox message; 1 when the last recorded `txroute audit` was clean (0 when not); and, over the
+# undelivered outbox message; 1 when the last recorded `txroute audit` was clean (0 when not); the longest time
+# an unfinished slot move has spent in its phase; and, over the
 # interval, public writes and those answered 409/422 for a reused or in-flight Idempotency-Key, and requests
 # refused 429 rate_limited: by a region for a client's share of a shard's posting queue, and by the region's
 # routers (which publish only this one) for a client's rate.
@@ -74,6 +76,10 @@ AUDIT_CLEAN_METRIC_NAME = "LastAuditClean"
 IDEMPOTENCY_CONFLICTS_METRIC_NAME = "IdempotencyConflicts"
 WRITES_METRIC_NAME = "Writes"
 RATE_LIMITED_METRIC_NAME = "RateLimited"
+# The longest any unfinished slot move leaving the region's shards has been in its current phase (0 when none).
+SLOT_MOVE_PHASE_AGE_METRIC_NAME = "SlotMoveOldestPhaseAgeSeconds"
+# A move in one phase longer than this is stuck (a freeze is seconds, a copy of millions of rows minutes).
+SLOT_MOVE_PHASE_AGE_S_MAX = 1800
 # Requests per minute a region's routers and services may refuse 429 before someone looks (runbook).
 RATE_LIMITED_PER_MIN_MAX = 60
 # Above this share of writes refused for their Idempotency-Key a client (or our retries) misbehaves.

@@ -205,6 +205,22 @@ def four_regions_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def empty_region_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The three real region files plus a fourth whose shards own no slots yet (a region being added)."""
+    folder = tmp_path_factory.mktemp("regions-empty")
+    for path in sorted((REPO / "regions").glob("*.toml")):
+        shutil.copy(path, folder / path.name)
+    text = FOURTH_REGION.replace('slots = ["3414-4095"]', "slots = []")
+    (folder / "ap-southeast-2.toml").write_text(text + '\n[[shards]]\nname = "apse2-b"\nslots = []\n')
+    return folder
+
+
+@pytest.fixture(scope="session")
+def program_run_empty(empty_region_dir: Path) -> Run:
+    return run_program(empty_region_dir)
+
+
+@pytest.fixture(scope="session")
 def program_run() -> Run:
     return run_program(None)
 

@@ -23,7 +23,7 @@ PER_REGION = {  # type -> how many each region gets (one cluster hosts every sha
     "aws:ecs/service:Service": 2,
     "aws:lb/loadBalancer:LoadBalancer": 2,
     "aws:sns/topic:Topic": 1,
-    "aws:cloudwatch/metricAlarm:MetricAlarm": 14,
+    "aws:cloudwatch/metricAlarm:MetricAlarm": 15,
     "aws:acm/certificate:Certificate": 2,  # the public API's, and the internal APIs' (*.internal.<apiDomain>)
     "aws:ec2/vpcEndpoint:VpcEndpoint": 1,  # the S3 gateway endpoint (interface endpoints are opt-in)
 }

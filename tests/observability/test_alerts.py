@@ -139,7 +139,8 @@ def test_rules_and_dashboard_use_only_exposed_metrics_and_the_dashboard_shows_ev
 
 
 def test_regions_publish_every_custom_cloudwatch_metric_an_alarm_watches(cloudwatch_alarms) -> None:
-    line = json.loads(telemetry.CloudWatchEmf("eu-west-1").line(outbox_oldest_s=1.5, audit_clean=True))
+    line = json.loads(telemetry.CloudWatchEmf("eu-west-1").line(outbox_oldest_s=1.5, audit_clean=True,
+                                                                     move_phase_age_s=0.0))
     (directive,) = line["_aws"]["CloudWatchMetrics"]
     published = {(directive["Namespace"], m["Name"]) for m in directive["Metrics"]}
     assert directive["Dimensions"] == [["Region"]] and line["Region"] == "eu-west-1"

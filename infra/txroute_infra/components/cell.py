@@ -119,6 +119,13 @@ class RegionalCell(RegionalComponent):
                 {"id": "ratio", "label": "idempotency conflict ratio", "return_data": True,
                  "expression": "IF(writes > 0, FILL(conflicts, 0) / writes, 0)"},
             ])
+        stuck = layout.SLOT_MOVE_PHASE_AGE_S_MAX
+        o.alarm(
+            "slot-move-stuck", runbook=layout.RUNBOOK_MOVE_SLOTS,
+            comparison="GreaterThanThreshold", threshold=stuck, treat_missing_data="notBreaching",
+            summary=f"A slot move leaving a shard of {self.region} has been in one phase for more than {stuck} s.",
+            metric={"namespace": ns, "metric_name": layout.SLOT_MOVE_PHASE_AGE_METRIC_NAME, "dimensions": dims,
+                    "statistic": "Maximum"})
         limited = layout.RATE_LIMITED_PER_MIN_MAX
         o.alarm(
             "tenant-throttled", runbook=layout.RUNBOOK_TENANT_THROTTLED,
