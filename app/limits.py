@@ -129,9 +129,9 @@ REGION_DRAINING_RETRY_AFTER_S = 30
 # (writing nothing); a router holds such a request and sends it again after a backoff (doubling from MIN to
 # MAX) and on every shard map refresh, for at most the hold (settable per router, TXROUTE_SLOT_MOVING_HOLD_S,
 # up to the cap), then answers 503 slot_moving with SLOT_MOVING_RETRY_AFTER_S (below) as Retry-After. The cap
-# stays well below the hop token's lifetime, and every attempt of a held request carries a token minted for it. At most this many requests are
-# held at once per router process (each keeps its body, up to REQUEST_BODY_BYTES_MAX); the next is answered
-# 503 slot_moving at once.
+# stays well below the hop token's lifetime, and every attempt of a held request carries a token minted for
+# it. At most this many requests are held at once per router process (each keeps its body, up to
+# REQUEST_BODY_BYTES_MAX); the next is answered 503 slot_moving at once.
 SLOT_MOVING_HOLD_S_DEFAULT = 2.0
 SLOT_MOVING_HOLD_S_MAX = 10.0
 SLOT_MOVING_BACKOFF_MS_MIN = 20
