@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from app.local.postgres import Cluster
@@ -31,15 +32,21 @@ from benchmarks.common import (
     transfer_workload,
     use_generator,
 )
+from benchmarks.profile import Profiler
 
 REGION = "eu-west-1"
 
 
-def run(*, clients: int, seconds: float, accounts: int, generator: str = "auto", as_json: bool = False) -> int:
+def run(*, clients: int, seconds: float, accounts: int, generator: str = "auto", as_json: bool = False,
+        profile: Path | None = None) -> int:
     print(f"txroute bench ledger: {clients} clients, {seconds:.0f} s each, {accounts} accounts, one shard")
     use_generator(generator)
-    ours, pgbench, rss_mib = measure(clients=clients, seconds=seconds, accounts=accounts, with_pgbench=True)
+    profiler = Profiler(profile) if profile else None
+    ours, pgbench, rss_mib = measure(clients=clients, seconds=seconds, accounts=accounts, with_pgbench=True,
+                                     profiler=profiler)
     assert pgbench is not None
+    if profiler:
+        print(f"(profiled by py-spy, collapsed stacks in {profile}: the sampler's CPU lowers these figures)")
     print(ours.line() + f"  service RSS {rss_mib:.0f} MiB")
     print(pgbench.line())
     ratio = ours.per_second / pgbench.per_second
@@ -53,9 +60,10 @@ def run(*, clients: int, seconds: float, accounts: int, generator: str = "auto",
 
 
 def measure(
-    *, clients: int, seconds: float, accounts: int, with_pgbench: bool
+    *, clients: int, seconds: float, accounts: int, with_pgbench: bool, profiler: Profiler | None = None
 ) -> tuple[Figures, Figures | None, float]:
-    """(txroute's figures, pgbench's on the same cluster or None, the service's RSS in MiB)."""
+    """(txroute's figures, pgbench's on the same cluster or None, the service's RSS in MiB). With `profiler`,
+    the service is sampled during the measured stretch and the top functions printed."""
     assert 1 <= clients <= 256 and 1 <= seconds <= 600 and 2 <= accounts <= 10_000
     cluster = fresh_cluster("bench-ledger")
     service = region_service(REGION, cluster, cluster.folder / "region.log")
@@ -63,7 +71,15 @@ def measure(
         service.start()
         service.wait_ready()
         print(f"PostgreSQL {cluster.bin_dir}, fsync on, synchronous_commit on, shared_buffers 256MB")
-        ours = asyncio.run(_http_workload(service.url, clients=clients, seconds=seconds, accounts=accounts))
+        def measuring() -> None:
+            if profiler:
+                assert service.process is not None
+                profiler.start(service.process.pid, seconds)
+
+        ours = asyncio.run(_http_workload(service.url, clients=clients, seconds=seconds, accounts=accounts,
+                                          measuring=measuring))
+        if profiler:
+            print(profiler.report())
         rss_mib = _rss_mib(service)
         pgbench = _pgbench(cluster, clients=clients, seconds=seconds) if with_pgbench else None
     finally:
@@ -72,11 +88,14 @@ def measure(
     return ours, pgbench, rss_mib
 
 
-async def _http_workload(url: str, *, clients: int, seconds: float, accounts: int) -> Figures:
+async def _http_workload(
+    url: str, *, clients: int, seconds: float, accounts: int, measuring: Callable[[], None]
+) -> Figures:
     client_id = "bench-" + uuid.uuid4().hex[:8]
     ids = await open_accounts(url, client_id, accounts)
     auth = Direct(client_id)
     await transfer_workload("warm-up", url, auth, pairs_within(ids), clients=clients, seconds=WARM_UP_S)
+    measuring()
     return await transfer_workload(
         "txroute transfers (HTTP)", url, auth, pairs_within(ids), clients=clients, seconds=seconds
     )
