@@ -17,6 +17,18 @@ REQUEST_BODY_BYTES_MAX = 16 * 1024
 REFERENCE_CHARS_MAX = 140
 IDEMPOTENCY_KEY_CHARS_MAX = 128
 CLIENT_ID_CHARS_MAX = 64
+# Metadata on accounts and transfers (issue 12): a few labels, not a document store. Migration 0009 holds the
+# same bounds (txr_metadata_ok).
+METADATA_KEYS_MAX = 20
+METADATA_KEY_CHARS_MAX = 40
+METADATA_VALUE_CHARS_MAX = 500
+
+# Holds (DESIGN D14): a hold lives at most a week (card authorisations last days, not months).
+HOLD_EXPIRES_IN_S_MAX = 604_800
+# The sweeper records `expired` for holds whose time has come (their expiry has taken effect already): per shard,
+# at most this many per transaction, looking again after this pause when a round found fewer.
+HOLD_SWEEP_BATCH_MAX = 500
+HOLD_SWEEP_INTERVAL_MS = 1_000
 
 # Pagination.
 ENTRIES_PAGE_SIZE_DEFAULT = 50

@@ -120,8 +120,33 @@ class ApiClient:
             body["reference"] = reference
         return await self.post("/v1/transfers", body, key=key)
 
-    async def account(self, account_id: str) -> httpx.Response:
-        return await self.get(f"/v1/accounts/{account_id}")
+    async def hold(
+        self, debit: str, credit: str, amount: int, currency: str = "EUR", *, expires_in_s: int = 3600,
+        key: str | None = None, metadata: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        """A transfer created as a hold (DESIGN D14)."""
+        body: dict[str, Any] = {
+            "debit_account": debit, "credit_account": credit, "amount": amount, "currency": currency,
+            "hold": {"expires_in_s": expires_in_s},
+        }
+        if metadata is not None:
+            body["metadata"] = metadata
+        return await self.post("/v1/transfers", body, key=key)
+
+    async def capture(self, transfer_id: str, amount: int | None = None, *, key: str | None = None) -> httpx.Response:
+        path = f"/v1/transfers/{transfer_id}/capture"
+        if amount is None:  # the body may be left out: the whole hold is captured
+            return await self.post_raw(path, b"", key=key or new_key())
+        return await self.post(path, {"amount": amount}, key=key)
+
+    async def void(self, transfer_id: str, *, key: str | None = None) -> httpx.Response:
+        return await self.post_raw(f"/v1/transfers/{transfer_id}/void", b"", key=key or new_key())
+
+    async def close(self, account_id: str, *, key: str | None = None) -> httpx.Response:
+        return await self.post_raw(f"/v1/accounts/{account_id}/close", b"", key=key or new_key())
+
+    async def account(self, account_id: str, *, as_of: str | None = None) -> httpx.Response:
+        return await self.get(f"/v1/accounts/{account_id}", params={"as_of": as_of} if as_of is not None else None)
 
     async def entries(self, account_id: str, *, limit: int | None = None, cursor: str | None = None) -> httpx.Response:
         params: dict[str, Any] = {}
@@ -232,7 +257,8 @@ async def assert_shard_conserved(dsn: str) -> None:
 
     per currency, all accounts (customer and settlement) sum to zero; every balance equals the sum of its
     entries (and its newest entry's balance_after); every transfer's entries sum to zero and every transfer
-    has entries.
+    has entries (but a hold: it moves nothing until captured); every account's `held` is the sum of its open
+    holds.
     """
     conn = await asyncpg.connect(dsn)
     try:
@@ -257,7 +283,13 @@ async def assert_shard_conserved(dsn: str) -> None:
                    from transfers t left join entries e on e.transfer_id = t.id
                    group by t.id
                    having coalesce(sum(e.amount), 0) <> 0
-                       or (count(e.id) = 0 and bool_and(t.debit_shard is null and t.moved_from is null))"""
+                       or (count(e.id) = 0 and bool_and(t.debit_shard is null and t.moved_from is null)
+                           and bool_and(t.state not in ('held', 'voided', 'expired')))"""
+            )
+            held_drifted = await conn.fetch(
+                """select a.id, a.held, coalesce(sum(t.amount), 0) as open
+                   from accounts a left join transfers t on t.debit_account = a.id and t.state = 'held'
+                   group by a.id, a.held having a.held <> coalesce(sum(t.amount), 0)"""
             )
             below_limit = await conn.fetch(
                 "select id, balance, overdraft_limit from accounts "
@@ -271,6 +303,7 @@ async def assert_shard_conserved(dsn: str) -> None:
         "each newest balance_after to equal the balance": stale_after,
         "every transfer's entries to sum to zero (and a local transfer to have entries)": lopsided,
         "no customer balance below its limit": below_limit,
+        "every account's held to equal the sum of its open holds": held_drifted,
     }
     for expected, rows in problems.items():
         assert not rows, f"expected {expected}, got {[dict(r) for r in rows][:10]}"

@@ -13,7 +13,7 @@ from app.errors import Problem
 T = TypeVar("T")
 
 _IDEMPOTENCY_KEY = re.compile(rf"^[\x21-\x7e]{{1,{limits.IDEMPOTENCY_KEY_CHARS_MAX}}}$")
-_FIELD = re.compile(r"at `\$\.([a-z_]+)")
+_FIELD = re.compile(r"(?:at|in) `\$\.([a-z_]+)")
 _FIELD_CODES = {
     "amount": "invalid_amount",
     "overdraft_limit": "invalid_amount",
@@ -21,6 +21,7 @@ _FIELD_CODES = {
     "account": "invalid_account_id",
     "debit_account": "invalid_account_id",
     "credit_account": "invalid_account_id",
+    "metadata": "invalid_metadata",
 }
 _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
@@ -43,6 +44,13 @@ def decode_body(body: bytes, content_type: str, target: type[T]) -> T:
         raise Problem(code, message) from None
     except msgspec.DecodeError:
         raise Problem("malformed_json", "the body is not a valid JSON document") from None
+
+
+def decode_optional_body(body: bytes, content_type: str, target: type[T]) -> T:
+    """Like `decode_body`, for a route whose body may be left out: an empty body is the target's defaults."""
+    if not body.strip():
+        return target()
+    return decode_body(body, content_type, target)
 
 
 def idempotency_key(value: str | None) -> str:

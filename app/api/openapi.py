@@ -23,6 +23,9 @@ OPENAPI_CONFIG = OpenAPIConfig(
 )
 
 
+OPTIONAL_BODIES = frozenset({"CaptureRequest"})
+
+
 def build_document(application: Litestar, bodies: dict[str, type[Any]]) -> dict[str, Any]:
     document: dict[str, Any] = application.openapi_schema.to_schema()
     _, components = msgspec.json.schema_components(
@@ -31,19 +34,22 @@ def build_document(application: Litestar, bodies: dict[str, type[Any]]) -> dict[
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     schemas.update(components)
     for path, struct in bodies.items():
-        operation = document["paths"][path]["post"]
-        operation["requestBody"] = {
-            "required": True,
+        document["paths"][path]["post"]["requestBody"] = {
+            # A capture's body may be left out (the whole hold is captured); every other body is required.
+            "required": struct.__name__ not in OPTIONAL_BODIES,
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{struct.__name__}"}}},
         }
-        operation.setdefault("parameters", []).append(
-            {
-                "name": "Idempotency-Key",
-                "in": "header",
-                "required": True,
-                "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[\\x21-\\x7e]+$"},
-            }
-        )
+    # Every public POST, with a body or without (a void, a close), needs its Idempotency-Key.
+    for path, item in document["paths"].items():
+        if path.startswith("/v1/") and "post" in item:
+            item["post"].setdefault("parameters", []).append(
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": True,
+                    "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[\\x21-\\x7e]+$"},
+                }
+            )
     document["info"]["x-problem-codes"] = {code: {"status": s, "title": t} for code, (s, t) in CODES.items()}
     return document
 

@@ -26,12 +26,28 @@ AmountMinor = Annotated[
 OverdraftMinor = Annotated[int, msgspec.Meta(ge=0, le=limits.OVERDRAFT_LIMIT_MINOR_MAX)]
 Reference = Annotated[str, msgspec.Meta(min_length=1, max_length=limits.REFERENCE_CHARS_MAX)]
 RegionName = Annotated[str, msgspec.Meta(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$", max_length=32)]
+MetadataKey = Annotated[str, msgspec.Meta(min_length=1, max_length=limits.METADATA_KEY_CHARS_MAX)]
+MetadataValue = Annotated[str, msgspec.Meta(max_length=limits.METADATA_VALUE_CHARS_MAX)]
+Metadata = Annotated[
+    dict[MetadataKey, MetadataValue],
+    msgspec.Meta(
+        max_length=limits.METADATA_KEYS_MAX,
+        description=f"Up to {limits.METADATA_KEYS_MAX} string labels of the client's own, returned on reads.",
+    ),
+]
+
+
+class HoldRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Reserve the amount instead of moving it (DESIGN D14): captured, voided or expired later, at most once."""
+
+    expires_in_s: Annotated[int, msgspec.Meta(ge=1, le=limits.HOLD_EXPIRES_IN_S_MAX)]
 
 
 class OpenAccountRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     currency: Currency
     region: RegionName | None = None
     overdraft_limit: OverdraftMinor = 0
+    metadata: Metadata | None = None
 
 
 class FundsRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -41,6 +57,8 @@ class FundsRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     amount: AmountMinor
     currency: Currency
     reference: Reference | None = None
+    metadata: Metadata | None = None
+    hold: HoldRequest | None = None  # withdrawals only
 
 
 class TransferRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -49,17 +67,34 @@ class TransferRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     amount: AmountMinor
     currency: Currency
     reference: Reference | None = None
+    metadata: Metadata | None = None
+    hold: HoldRequest | None = None
+
+
+class CaptureRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """`POST /v1/transfers/{id}/capture`: the body is optional; without `amount` the whole hold is captured."""
+
+    amount: AmountMinor | None = None
 
 
 class Account(msgspec.Struct, kw_only=True):
     id: AccountId
     currency: str
     balance: int
+    held: int
     available: int
     overdraft_limit: int
     status: str
     region: str
     created_at: str
+    metadata: dict[str, str] = msgspec.field(default_factory=dict)
+    closed_at: str | None = None
+    as_of: str | None = None
+
+
+class Hold(msgspec.Struct, kw_only=True):
+    amount: int
+    expires_at: str
 
 
 class Transfer(msgspec.Struct, kw_only=True):
@@ -73,6 +108,9 @@ class Transfer(msgspec.Struct, kw_only=True):
     debit_account: str | None = None
     credit_account: str | None = None
     account: str | None = None
+    reason: str | None = None
+    metadata: dict[str, str] = msgspec.field(default_factory=dict)
+    hold: Hold | None = None
 
 
 class Entry(msgspec.Struct, kw_only=True):

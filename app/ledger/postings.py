@@ -55,12 +55,20 @@ class Posting:
     currency: str
     reference: str | None
     saga: SagaLeg | None = None
+    metadata: dict[str, str] | None = None
+    # A hold (DESIGN D14): reserve the amount on the debit account for this long instead of moving it.
+    hold_expires_in_s: int | None = None
+    # A hold whose credit account lives on another shard: checked when the capture's saga applies it.
+    credit_remote: bool = False
 
     def __post_init__(self) -> None:
         assert money.is_amount(self.amount), self.amount
         assert money.is_currency(self.currency), self.currency
         assert self.debit != self.credit
         assert self.saga is None or self.kind is PostingKind.TRANSFER
+        if self.hold_expires_in_s is not None:
+            assert self.saga is None and self.kind is not PostingKind.DEPOSIT, "a hold never starts a saga"
+        assert not self.credit_remote or self.hold_expires_in_s is not None, "only a hold names a remote credit"
 
     def as_json(self) -> dict[str, object]:
         """The posting as `txr_post` reads it (the saga leg's fields flattened in). Built field by field:

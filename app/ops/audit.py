@@ -8,6 +8,8 @@ Per shard (exact, in one REPEATABLE READ snapshot of that shard):
                              amounts, count, and the transfer's currency on every account
     idempotency_matches      a stored success response agrees with its transfer's (or account's) state now
     transit_account_name     a transit account is named trn_<this shard>_<peer shard>_<its currency>
+    held_equals_open_holds   each account's `held` is the sum of its open holds (DESIGN D14, migration 0009)
+    available_not_negative   each customer's balance - what its unexpired holds reserve + overdraft >= 0
     shard_zero_sum, balance_within_limit, money_conserved (customers + transit = deposits - withdrawals)
 
 Across shards, per saga (DESIGN D6): posted_has_credit, returned_not_credited, credit_has_debit (a credit
@@ -61,6 +63,7 @@ INCREMENTAL = "incremental"
 _TRANSIT = re.compile(r"^trn_([a-z0-9]+-[a-z0-9]+)_([a-z0-9]+-[a-z0-9]+)_([A-Z]{3})$")
 # Checks whose violations keep a shard's checkpoint where it was (the next run reads the same delta again).
 _LOCAL_CHECKS = frozenset({
+    "held_equals_open_holds", "available_not_negative",
     "balance_equals_entries", "balance_after_chain", "transfer_zero_sum", "entries_match_transfer",
     "idempotency_matches", "transit_account_name", "shard_zero_sum", "balance_within_limit", "money_conserved",
 })
@@ -205,13 +208,40 @@ async def _read_local(shard: _Shard, report: AuditReport, *, full: bool, margin_
         touched = await conn.fetch("select distinct transfer_id from entries where id > $1", since)
         deferred = await conn.fetch("select transfer_id from audit_deferred")
         in_flight = await conn.fetch("select id from transfers where state = 'pending'")  # a partial index
-        others = sorted(shard.nonterminal - {"pending"})
+        # Open holds have no entries and no saga yet: nothing to look at until they are resolved.
+        others = sorted(shard.nonterminal - {"pending", "held"})
         if others:
             in_flight += await conn.fetch("select id from transfers where state = any($1::text[])", others)
         ids = {r[0] for r in touched} | {r[0] for r in deferred} | {r[0] for r in in_flight}
         shard.check_ids = ids
     await _check_transfers(shard, report, ids)
     await _check_idempotency(shard, report, ids)
+    await _check_holds(shard, report)
+
+
+async def _check_holds(shard: _Shard, report: AuditReport) -> None:
+    """Every account's `held` against its open holds (by state, expired or not yet swept), and what a customer
+    can still spend (counting only the holds whose time has not come, as postings do) against zero."""
+    rows = await shard.conn.fetch(
+        """select a.id, a.kind, a.balance, a.held, a.overdraft_limit,
+                  coalesce(h.total, 0) as open_total, coalesce(h.live, 0) as live
+           from accounts a
+           left join (select debit_account, sum(amount) as total,
+                             coalesce(sum(amount) filter (where hold_expires_at > now()), 0) as live
+                      from transfers where state = 'held' group by debit_account) h on h.debit_account = a.id
+           where a.held <> coalesce(h.total, 0)
+              or (a.kind = 'customer' and a.balance - coalesce(h.live, 0) + a.overdraft_limit < 0)
+           order by a.id limit $1""",
+        limits.AUDIT_VIOLATIONS_PER_CHECK_MAX,
+    )
+    for r in rows:
+        if r["held"] != r["open_total"]:
+            report.add("held_equals_open_holds", f"{shard.name}: account {r['id']} holds {r['held']} but its open "
+                       f"holds sum to {r['open_total']}", shard.name)
+        else:
+            report.add("available_not_negative", f"{shard.name}: account {r['id']} has {r['balance']} with "
+                       f"{r['live']} held and a limit of {r['overdraft_limit']}: less than nothing available",
+                       shard.name)
 
 
 # Every account against its journal (checkpoint + entries since), in one pass on the server: only what the
@@ -361,13 +391,14 @@ async def _check_chain(shard: _Shard, report: AuditReport, since: int, use_check
 
 
 # What entries each transfer must have, as "account amount currency" lines. A copy made by a slot move (issue 11,
-# `moved_from`): none (its journal stayed on the shard it came from). A same-shard transfer (or a move's balancing
-# posting, kind `move`): its two
+# `moved_from`): none (its journal stayed on the shard it came from). A hold: none while it is held, nor once voided
+# or expired (a hold moves nothing). A same-shard transfer (or a move's balancing posting, kind `move`): its two
 # accounts. A saga's debit side: the source and the transit account towards the credit shard (and both
 # reversed once returned). Its credit side: the transit account from the source shard and the credit.
 _EXPECTED_LINES = """
     case
         when t.moved_from is not null then '{}'::text[]
+        when t.state in ('held', 'voided', 'expired') then '{}'::text[]
         when t.debit_shard is null and t.credit_shard is null then array[
             t.debit_account || ' ' || -t.amount || ' ' || t.currency,
             t.credit_account || ' ' || t.amount || ' ' || t.currency]
@@ -447,7 +478,8 @@ _RESPONSE_DISAGREES = """
 
 async def _check_idempotency(shard: _Shard, report: AuditReport, ids: set[str] | None) -> None:
     """A stored success response says what its transfer is now: a saga's is rewritten when it settles."""
-    nonterminal = sorted(shard.nonterminal)
+    # 202 answers a transfer in flight between shards; an open hold was answered 201.
+    nonterminal = sorted(shard.nonterminal - {"held"})
     if ids is None:
         rows = await shard.conn.fetch(
             f"""select i.client, i.key, i.status_code, i.body ->> 'state' as said, i.body ->> 'id' as id,

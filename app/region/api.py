@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import re
 from typing import Any
 
@@ -11,10 +12,11 @@ from litestar import Request, Response, get, post
 from litestar.openapi.datastructures import ResponseSpec
 
 from app import limits, telemetry
-from app.api.decoding import decode_body, idempotency_key
+from app.api.decoding import decode_body, decode_optional_body, idempotency_key
 from app.api.http import json_response, problem_response
 from app.api.schemas import (
     Account,
+    CaptureRequest,
     EntriesPage,
     FundsRequest,
     OpenAccountRequest,
@@ -35,6 +37,7 @@ REQUEST_BODIES: dict[str, type[Any]] = {
     "/v1/deposits": FundsRequest,
     "/v1/withdrawals": FundsRequest,
     "/v1/transfers": TransferRequest,
+    "/v1/transfers/{transfer_id}/capture": CaptureRequest,
 }
 _PROBLEM = ResponseSpec(
     data_container=ProblemDetails, description="problem+json", media_type="application/problem+json"
@@ -77,13 +80,20 @@ def outcome_response(
     return response
 
 
-async def _body(request: Request[Any, Any, Any], target: type[Any]) -> Any:
+async def _body(request: Request[Any, Any, Any], target: type[Any], *, optional: bool = False) -> Any:
     # After `caller`: the bytes decoded are those the hop token's body digest was checked against.
     # Every public write comes through here: a drained region refuses it before reading the body.
     ledger(request).refuse_writes_if_draining()
     key = idempotency_key(request.headers.get("idempotency-key"))
-    data = decode_body(verified_body(request), request.headers.get("content-type", ""), target)
+    decode = decode_optional_body if optional else decode_body
+    data = decode(verified_body(request), request.headers.get("content-type", ""), target)
     return key, data
+
+
+async def _key(request: Request[Any, Any, Any]) -> str:
+    """The Idempotency-Key of a write that takes no body (a void, a close): any body sent is ignored."""
+    ledger(request).refuse_writes_if_draining()
+    return idempotency_key(request.headers.get("idempotency-key"))
 
 
 @post("/v1/accounts", summary="Open an account", responses={201: ResponseSpec(Account), **_ERRORS}, status_code=201)
@@ -118,11 +128,58 @@ async def transfer(request: Request[Any, Any, Any]) -> Response[bytes]:
     return outcome_response(request, outcome, location="/v1/transfers/{id}")
 
 
-@get("/v1/accounts/{account_id:str}", summary="Read an account", responses={200: ResponseSpec(Account), **_ERRORS})
-async def get_account(request: Request[Any, Any, Any], account_id: str) -> Response[bytes]:
+@post(
+    "/v1/transfers/{transfer_id:str}/capture",
+    summary="Capture a hold, all or part (the rest is released)",
+    responses={201: ResponseSpec(Transfer), 202: ResponseSpec(Transfer), **_ERRORS},
+    status_code=201,
+)
+async def capture(request: Request[Any, Any, Any], transfer_id: str) -> Response[bytes]:
+    client = await caller(request)
+    parsed = _path_id(parse_transfer_id, transfer_id, "transfer_not_found")
+    key, data = await _body(request, CaptureRequest, optional=True)
+    outcome = _counted("capture", request, await ledger(request).capture(client, key, parsed, data))
+    return outcome_response(request, outcome)
+
+
+@post(
+    "/v1/transfers/{transfer_id:str}/void",
+    summary="Void a hold (release it all)",
+    responses={200: ResponseSpec(Transfer), **_ERRORS},
+    status_code=200,
+)
+async def void(request: Request[Any, Any, Any], transfer_id: str) -> Response[bytes]:
+    client = await caller(request)
+    parsed = _path_id(parse_transfer_id, transfer_id, "transfer_not_found")
+    key = await _key(request)
+    outcome = _counted("void", request, await ledger(request).void(client, key, parsed))
+    return outcome_response(request, outcome)
+
+
+@post(
+    "/v1/accounts/{account_id:str}/close",
+    summary="Close an empty account",
+    responses={200: ResponseSpec(Account), **_ERRORS},
+    status_code=200,
+)
+async def close_account(request: Request[Any, Any, Any], account_id: str) -> Response[bytes]:
     client = await caller(request)
     parsed = _path_id(parse_account_id, account_id, "account_not_found")
+    key = await _key(request)
+    return outcome_response(request, await ledger(request).close_account(client, key, parsed))
+
+
+@get("/v1/accounts/{account_id:str}", summary="Read an account", responses={200: ResponseSpec(Account), **_ERRORS})
+async def get_account(
+    request: Request[Any, Any, Any], account_id: str, as_of: str | None = None
+) -> Response[bytes]:
+    """With `as_of` (RFC 3339), the balance, held and available amounts at that instant, from the journal."""
+    client = await caller(request)
+    parsed = _path_id(parse_account_id, account_id, "account_not_found")
+    at = _as_of(request.query_params.get("as_of"))
     store = await ledger(request).store_for_slot(parsed.slot)
+    if at is not None:
+        return outcome_response(request, await store.get_account_as_of(parsed.text, client, parsed.slot, at))
     return outcome_response(request, await store.get_account(parsed.text, client, parsed.slot))
 
 
@@ -171,6 +228,21 @@ def _path_id(parse: Any, text: str, code: str) -> Any:
         raise Problem(code, f"{text[:40]!r} is not a valid id") from None
 
 
+def _as_of(text: str | None) -> datetime.datetime | None:
+    """An RFC 3339 time with its offset ('Z' or +hh:mm), not in the future."""
+    if text is None:
+        return None
+    try:
+        at = datetime.datetime.fromisoformat(text) if len(text) <= 40 and "T" in text.upper() else None
+    except ValueError:
+        at = None
+    if at is None or at.tzinfo is None:
+        raise Problem("invalid_as_of", "as_of must be an RFC 3339 time with its offset, e.g. 2026-11-28T06:00:00Z")
+    if at > datetime.datetime.now(datetime.UTC):
+        raise Problem("invalid_as_of", "as_of is in the future")
+    return at
+
+
 def _page_size(text: str | None) -> int:
     if text is None:
         return limits.ENTRIES_PAGE_SIZE_DEFAULT
@@ -196,4 +268,6 @@ def _decode_cursor(text: str | None) -> int | None:
     return int(m.group(1))
 
 
-PUBLIC_ROUTES = [open_account, deposit, withdraw, transfer, get_account, list_entries, get_transfer]
+PUBLIC_ROUTES = [
+    open_account, deposit, withdraw, transfer, capture, void, close_account, get_account, list_entries, get_transfer,
+]

@@ -28,6 +28,7 @@ from app.region.health import Readiness
 from app.region.identity import require_internal, saga_peer, verified_body
 from app.region.saga import Saga
 from app.region.service import RegionLedger
+from app.region.sweeper import sweep_forever
 from app.security.keys import load_private_key, load_public_keys
 from app.security.tls import client_context
 from app.security.tokens import HopTokenVerifier, SagaTokenMinter, SagaTokenVerifier, client_issuers
@@ -83,6 +84,7 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
         drain_watch: asyncio.Task[None] | None = None
         emf: asyncio.Task[None] | None = None
         readiness: asyncio.Task[None] | None = None
+        sweeper: asyncio.Task[None] | None = None
         try:
             for shard in region.shards:
                 pool = await open_pool(settings.database, shard.database, size_max=settings.db_pool_size_max)
@@ -108,10 +110,11 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
             relay = asyncio.create_task(saga.relay_forever(), name="saga-relay")
             drain_watch = asyncio.create_task(_watch_drain(application.state.ledger), name="drain-watch")
             emf = asyncio.create_task(_publish_cloudwatch_metrics(application.state.ledger), name="emf")
+            sweeper = asyncio.create_task(sweep_forever(stores), name="hold-sweeper")
             log.info("region_started", extra={"region": region.name, "shards": len(stores)})
             yield
         finally:
-            for task in (readiness, relay, drain_watch, emf):
+            for task in (readiness, relay, drain_watch, emf, sweeper):
                 if task is not None:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)

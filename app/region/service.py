@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 
 from app import limits
-from app.api.schemas import FundsRequest, OpenAccountRequest, TransferRequest
+from app.api.schemas import CaptureRequest, FundsRequest, OpenAccountRequest, TransferRequest
 from app.errors import Problem
 from app.ledger.postings import (
     Posting,
@@ -169,7 +169,11 @@ class RegionLedger:
         if not any(self._owned):
             raise Problem("invalid_request", f"region {region} owns no slots yet and opens no accounts")
         _, slot = self._placement(client, key)
-        body = {"currency": str(request.currency), "region": region, "overdraft_limit": request.overdraft_limit}
+        body: dict[str, Any] = {
+            "currency": str(request.currency), "region": region, "overdraft_limit": request.overdraft_limit,
+        }
+        if request.metadata is not None:  # so a request without metadata keeps its fingerprint of before
+            body["metadata"] = request.metadata
         return await (await self.store_for_slot(slot)).open_account(
             {
                 "client": client,
@@ -179,6 +183,7 @@ class RegionLedger:
                 "slot": slot,
                 "currency": body["currency"],
                 "overdraft_limit": request.overdraft_limit,
+                "metadata": request.metadata,
             }
         )
 
@@ -189,6 +194,8 @@ class RegionLedger:
         return await self._funds(PostingKind.WITHDRAWAL, client, key, request)
 
     async def _funds(self, kind: PostingKind, client: str, key: str, request: FundsRequest) -> Outcome:
+        if request.hold is not None and kind is PostingKind.DEPOSIT:
+            raise Problem("hold_not_supported", "a deposit cannot be held; hold a transfer or a withdrawal")
         account = _body_account(request.account)
         store = await self.store_for_slot(account.slot)
         settlement = settlement_account_id(store.name, str(request.currency))
@@ -206,6 +213,8 @@ class RegionLedger:
                 amount=request.amount,
                 currency=str(request.currency),
                 reference=request.reference,
+                metadata=request.metadata,
+                hold_expires_in_s=request.hold.expires_in_s if request.hold is not None else None,
             )
         )
 
@@ -217,7 +226,8 @@ class RegionLedger:
         store = await self.store_for_slot(debit.slot)
         credit_region, credit_shard = self.owner_of(credit.slot)
         saga = None
-        if credit_shard != store.name:
+        hold_expires_in_s = request.hold.expires_in_s if request.hold is not None else None
+        if credit_shard != store.name and hold_expires_in_s is None:
             # A saga (DESIGN D6): the credit side is booked by its own shard, once this side has committed. If
             # the credit slot has moved meanwhile, its old owner answers 421 and the relay re-addresses it.
             saga = SagaLeg(
@@ -241,11 +251,57 @@ class RegionLedger:
                 currency=str(request.currency),
                 reference=request.reference,
                 saga=saga,
+                metadata=request.metadata,
+                hold_expires_in_s=hold_expires_in_s,
+                # A hold moves nothing yet: a credit on another shard is checked when its capture is applied.
+                credit_remote=hold_expires_in_s is not None and credit_shard != store.name,
             )
         )
         if outcome.message is not None and self.saga is not None:
             return await self.saga.fast_path(store, outcome, outcome.message)
         return outcome
+
+    # Holds and closing (DESIGN D14) -----------------------------------------------------------------
+
+    async def capture(self, client: str, key: str, transfer: ParsedId, request: CaptureRequest) -> Outcome:
+        """Post all or part of a hold. Its credit on another shard (where it lives now: slots move) makes the
+        capture the debit side of a saga, answered like a cross-shard transfer (201 posted or 202 pending)."""
+        store = await self.store_for_slot(transfer.slot)
+        doc: dict[str, Any] = {
+            "client": client, "key": key, "id": transfer.text, "slot": transfer.slot, "amount": request.amount,
+            "fingerprint": fingerprint("capture", {"id": transfer.text, "amount": request.amount}),
+        }
+        hold = await store.hold_of(transfer.text, client)
+        if hold is not None and hold["kind"] == PostingKind.TRANSFER.value:
+            credit = parse_account_id(hold["credit_account"])
+            credit_region, credit_shard = self.owner_of(credit.slot)
+            if credit_shard != store.name:
+                doc.update(
+                    credit=credit.text,
+                    transit=transit_account_id(store.name, credit_shard, hold["currency"]),
+                    credit_shard=credit_shard,
+                    credit_region=credit_region,
+                    credit_slot=credit.slot,
+                    relay_delay_ms=limits.SAGA_RELAY_FIRST_DELAY_MS,
+                )
+        outcome = await store.capture(doc)
+        if outcome.message is not None and self.saga is not None:
+            return await self.saga.fast_path(store, outcome, outcome.message)
+        return outcome
+
+    async def void(self, client: str, key: str, transfer: ParsedId) -> Outcome:
+        store = await self.store_for_slot(transfer.slot)
+        return await store.void({
+            "client": client, "key": key, "id": transfer.text, "slot": transfer.slot,
+            "fingerprint": fingerprint("void", {"id": transfer.text}),
+        })
+
+    async def close_account(self, client: str, key: str, account: ParsedId) -> Outcome:
+        store = await self.store_for_slot(account.slot)
+        return await store.close_account({
+            "client": client, "key": key, "id": account.text, "slot": account.slot,
+            "fingerprint": fingerprint("close_account", {"id": account.text}),
+        })
 
 
 def misdirected(slot: int, region: str, shard: str) -> Problem:
@@ -265,5 +321,15 @@ def _body_account(text: str) -> ParsedId:
         raise Problem("invalid_account_id", f"{text[:40]!r} is not a valid account id") from None
 
 
+# Fields added after requests were first stored: left out of the fingerprint while unset, so a request stored
+# before they existed still replays instead of reading as another request under the same key.
+_OPTIONAL_FIELDS = frozenset({"metadata", "hold"})
+
+
 def _fields(request: Any) -> dict[str, Any]:
-    return {f: str(v) if f == "currency" else v for f in request.__struct_fields__ for v in [getattr(request, f)]}
+    return {
+        f: str(v) if f == "currency" else v
+        for f in request.__struct_fields__
+        for v in [getattr(request, f)]
+        if not (v is None and f in _OPTIONAL_FIELDS)
+    }

@@ -320,6 +320,12 @@ def _template(route: Route, path: str) -> str:
         return "/v1/transfers/{transfer_id}"
     if route.kind is Kind.READ_ACCOUNT:
         return "/v1/accounts/{account_id}/entries" if path.endswith("/entries") else "/v1/accounts/{account_id}"
+    if route.kind is Kind.CAPTURE:
+        return "/v1/transfers/{transfer_id}/capture"
+    if route.kind is Kind.VOID:
+        return "/v1/transfers/{transfer_id}/void"
+    if route.kind is Kind.CLOSE_ACCOUNT:
+        return "/v1/accounts/{account_id}/close"
     return path  # a POST route's path is its template
 
 

@@ -10,8 +10,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-from app.api.decoding import decode_body, idempotency_key
-from app.api.schemas import FundsRequest, OpenAccountRequest, TransferRequest
+from app.api.decoding import decode_body, decode_optional_body, idempotency_key
+from app.api.schemas import CaptureRequest, FundsRequest, OpenAccountRequest, TransferRequest
 from app.errors import Problem
 from app.security import scopes
 from app.topology.ids import InvalidId, parse_account_id, parse_transfer_id
@@ -23,13 +23,17 @@ class Kind(enum.Enum):
     TRANSFER = "transfer"
     READ_ACCOUNT = "read_account"
     READ_TRANSFER = "read_transfer"
+    # Writes on one resource, routed by the slot of the id in their path (DESIGN D1).
+    CAPTURE = "capture"
+    VOID = "void"
+    CLOSE_ACCOUNT = "close_account"
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
     kind: Kind
     scope: str
-    path_id: str | None = None  # the id in the path, for reads
+    path_id: str | None = None  # the id in the path, for reads and writes on one resource
 
 
 _POSTS = {
@@ -53,6 +57,12 @@ def match(method: str, path: str) -> Route:
             raise Problem("method_not_allowed", headers={"allow": "POST"})
         return post
     parts = path.split("/")  # ['', 'v1', 'accounts', id] or [..., id, 'entries']
+    resource_post = _resource_post(parts)
+    if resource_post is not None:
+        if method != "POST":
+            raise Problem("method_not_allowed", headers={"allow": "POST"})
+        assert scopes.required_scope("POST", path) == resource_post.scope
+        return resource_post
     route: Route | None = None
     if len(parts) == 4 and parts[2] == "accounts" and parts[3]:
         route = Route(Kind.READ_ACCOUNT, scopes.ACCOUNTS_READ, parts[3])
@@ -68,15 +78,31 @@ def match(method: str, path: str) -> Route:
     return route
 
 
+def _resource_post(parts: list[str]) -> Route | None:
+    if len(parts) != 5 or not parts[3]:
+        return None
+    if parts[2] == "transfers" and parts[4] == "capture":
+        return Route(Kind.CAPTURE, scopes.TRANSFERS_WRITE, parts[3])
+    if parts[2] == "transfers" and parts[4] == "void":
+        return Route(Kind.VOID, scopes.TRANSFERS_WRITE, parts[3])
+    if parts[2] == "accounts" and parts[4] == "close":
+        return Route(Kind.CLOSE_ACCOUNT, scopes.ACCOUNTS_WRITE, parts[3])
+    return None
+
+
+_ON_ACCOUNT = frozenset({Kind.READ_ACCOUNT, Kind.CLOSE_ACCOUNT})
+
+
 def read_slot(route: Route) -> int:
-    """The slot of a read's path id; a malformed id reads as not found, as at the region."""
+    """The slot of the id in the path (a read's, or a write's on one resource); a malformed id reads as not
+    found, as at the region."""
     assert route.path_id is not None
     try:
-        if route.kind is Kind.READ_ACCOUNT:
+        if route.kind in _ON_ACCOUNT:
             return parse_account_id(route.path_id).slot
         return parse_transfer_id(route.path_id).slot
     except InvalidId:
-        code = "account_not_found" if route.kind is Kind.READ_ACCOUNT else "transfer_not_found"
+        code = "account_not_found" if route.kind in _ON_ACCOUNT else "transfer_not_found"
         raise Problem(code, f"{route.path_id[:40]!r} is not a valid id") from None
 
 
@@ -89,6 +115,11 @@ class Write:
 def decode_write(route: Route, body: bytes, content_type: str, key_header: str | None) -> Write:
     """Checks a POST as strictly as the region will (key, media type, schema) and finds its home."""
     idempotency_key(key_header)
+    if route.path_id is not None:  # a write on one resource lives where the id in its path says
+        slot = read_slot(route)
+        if route.kind is Kind.CAPTURE:
+            decode_optional_body(body, content_type, CaptureRequest)
+        return Write(slot=slot, region=None)
     data: Any = decode_body(body, content_type, _BODIES[route.kind])
     if isinstance(data, OpenAccountRequest):
         return Write(slot=None, region=data.region)

@@ -20,9 +20,21 @@ _POSTS = {
 }
 
 
+# POSTs on one resource, by the path's last segment: /v1/transfers/{id}/capture, /v1/accounts/{id}/close.
+# A hold's capture or void needs transfers:write whatever it holds (a transfer or a withdrawal).
+_RESOURCE_POSTS = {
+    ("transfers", "capture"): TRANSFERS_WRITE,
+    ("transfers", "void"): TRANSFERS_WRITE,
+    ("accounts", "close"): ACCOUNTS_WRITE,
+}
+
+
 def required_scope(method: str, path: str) -> str | None:
     """The scope a public route needs, or None when `method path` is not a public route."""
     if method == "POST":
+        parts = path.split("/")
+        if len(parts) == 5 and parts[1] == "v1" and parts[3]:
+            return _RESOURCE_POSTS.get((parts[2], parts[4]))
         return _POSTS.get(path)
     if method in ("GET", "HEAD") and (path.startswith("/v1/accounts/") or path.startswith("/v1/transfers/")):
         return ACCOUNTS_READ

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -235,6 +236,32 @@ class ShardStore:
     async def open_account(self, request: dict[str, Any]) -> Outcome:
         doc = await self._call("open_account", "select txr_open_account($1::jsonb)", request)
         return Outcome.from_json(doc)
+
+    # Holds and closing (DESIGN D14, issue 12) --------------------------------------------------------------
+    # Not group-committed: each locks the hold's transfer row before its accounts (migration 0009), which the
+    # batch's one ordered pass over accounts does not do. A lock still held past the pool's lock_timeout
+    # answers 503 (ShardUnavailable): nothing was written, and a retry with the same key is safe.
+
+    async def hold_of(self, transfer_id: str, client: str) -> asyncpg.Record | None:
+        """The accounts of a hold, to find where its capture's credit lives (None: no such transfer)."""
+        rows = await self._fetch(
+            "hold_of", "select kind, credit_account, currency from transfers where id = $1 and client = $2",
+            transfer_id, client,
+        )
+        return rows[0] if rows else None
+
+    async def capture(self, request: dict[str, Any]) -> Outcome:
+        return Outcome.from_json(await self._call("capture", "select txr_hold_capture($1::jsonb)", request))
+
+    async def void(self, request: dict[str, Any]) -> Outcome:
+        return Outcome.from_json(await self._call("void", "select txr_hold_void($1::jsonb)", request))
+
+    async def close_account(self, request: dict[str, Any]) -> Outcome:
+        return Outcome.from_json(await self._call("close_account", "select txr_close_account($1::jsonb)", request))
+
+    async def expire_holds(self, *, limit: int) -> int:
+        """Record `expired` for at most `limit` holds whose time has come; returns how many."""
+        return int(await self._call("expire_holds", "select txr_holds_expire($1)", limit))
 
     # Saga (DESIGN D6) -------------------------------------------------------------------------------
 
@@ -492,6 +519,14 @@ class ShardStore:
             transfer_id, client, slot,
         )
         return self._read_outcome(row, slot, "transfer_not_found", f"transfer {transfer_id} was not found")
+
+    async def get_account_as_of(self, account_id: str, client: str, slot: int, at: datetime.datetime) -> Outcome:
+        """The account's balance and held amount at `at`, from its journal (migration 0009)."""
+        row = await self._fetchrow(
+            "get_account_as_of", "select txr_owns($3) as owned, txr_account_as_of($1, $2, $4) as body",
+            account_id, client, slot, at,
+        )
+        return self._read_outcome(row, slot, "account_not_found", f"account {account_id} was not found")
 
     async def list_entries(
         self, account_id: str, client: str, slot: int, *, before_id: int | None, limit: int
