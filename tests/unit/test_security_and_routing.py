@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from app.errors import Problem
 from app.router.routes import Kind, match, read_slot
 from app.router.shardmap import ShardMap
+from app.security import scopes
 from app.security.scopes import PUBLIC_SCOPES
 from app.security.tokens import (
     BoundRequest,
@@ -24,6 +25,7 @@ from app.security.tokens import (
     mint_client_token,
     request_target,
 )
+from app.topology.ids import new_account_id, new_transfer_id
 from app.topology.loader import load_topology
 
 
@@ -124,6 +126,28 @@ def test_routes_match_the_public_api_and_refuse_the_rest() -> None:
     with pytest.raises(Problem) as caught:
         read_slot(match("GET", "/v1/accounts/not-an-id"))
     assert caught.value.code == "account_not_found"
+
+
+def test_writes_on_one_resource_route_by_the_slot_of_the_id_in_their_path() -> None:
+    account = new_account_id(1500)
+    transfer = new_transfer_id(2100)
+    for path, kind, scope, slot in (
+        (f"/v1/transfers/{transfer}/capture", Kind.CAPTURE, scopes.TRANSFERS_WRITE, 2100),
+        (f"/v1/transfers/{transfer}/void", Kind.VOID, scopes.TRANSFERS_WRITE, 2100),
+        (f"/v1/accounts/{account}/close", Kind.CLOSE_ACCOUNT, scopes.ACCOUNTS_WRITE, 1500),
+    ):
+        route = match("POST", path)
+        assert (route.kind, route.scope, read_slot(route)) == (kind, scope, slot), path
+        assert scopes.required_scope("POST", path) == scope, path
+        with pytest.raises(Problem) as caught:
+            match("GET", path)
+        assert caught.value.status == 405, f"expected 405 for GET {path}"
+    with pytest.raises(Problem) as caught:
+        read_slot(match("POST", "/v1/transfers/trf_bad/capture"))
+    assert caught.value.code == "transfer_not_found"
+    with pytest.raises(Problem) as caught:
+        match("POST", f"/v1/transfers/{transfer}/refund")
+    assert caught.value.status == 404
 
 
 def test_shard_map_claims_move_only_the_slots_a_region_claims() -> None:
