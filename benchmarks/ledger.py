@@ -4,8 +4,9 @@ PostgreSQL's own pgbench tpcb-like on the same cluster with the same client coun
 Everything is started here: a fresh durable cluster (fsync and synchronous_commit on, as a real ledger runs),
 one regional service process (granian, one worker), and the load: wrk (benchmarks/wrk.py, compiled, as
 pgbench's client is) or, where wrk is missing, this process (aiohttp); C concurrent clients either way, each a
-loop of one request at a time. All share this machine's cores: the figures say what the
-stack does on it, not what it would do on separate hosts.
+loop of one request at a time. The two alternate in ROUNDS interleaved rounds, so load from elsewhere falls
+on both alike. All share this machine's cores: the figures say what the stack does on it, not what it would
+do on separate hosts.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from benchmarks.common import (
 from benchmarks.profile import Profiler
 
 REGION = "eu-west-1"
+ROUNDS = 5  # txroute and pgbench alternate, each measurement split into this many rounds
 
 
 def run(*, clients: int, seconds: float, accounts: int, generator: str = "auto", as_json: bool = False,
@@ -62,59 +64,75 @@ def run(*, clients: int, seconds: float, accounts: int, generator: str = "auto",
 def measure(
     *, clients: int, seconds: float, accounts: int, with_pgbench: bool, profiler: Profiler | None = None
 ) -> tuple[Figures, Figures | None, float]:
-    """(txroute's figures, pgbench's on the same cluster or None, the service's RSS in MiB). With `profiler`,
-    the service is sampled during the measured stretch and the top functions printed."""
+    """(txroute's figures, pgbench's on the same cluster or None, the service's RSS in MiB). The two run in
+    ROUNDS interleaved rounds, so load from elsewhere on the machine falls on both alike. With `profiler`,
+    the service is sampled during the measured rounds and the top functions printed."""
     assert 1 <= clients <= 256 and 1 <= seconds <= 600 and 2 <= accounts <= 10_000
     cluster = fresh_cluster("bench-ledger")
     service = region_service(REGION, cluster, cluster.folder / "region.log")
+    rounds = ROUNDS if seconds >= ROUNDS else 1
+    step_s = max(1, round(seconds / rounds))  # pgbench and wrk take whole seconds
     try:
         service.start()
         service.wait_ready()
-        print(f"PostgreSQL {cluster.bin_dir}, fsync on, synchronous_commit on, shared_buffers 256MB")
-        def measuring() -> None:
-            if profiler:
-                assert service.process is not None
-                profiler.start(service.process.pid, seconds)
-
-        ours = asyncio.run(_http_workload(service.url, clients=clients, seconds=seconds, accounts=accounts,
-                                          measuring=measuring))
+        print(f"PostgreSQL {cluster.bin_dir}, fsync on, synchronous_commit on, shared_buffers 256MB; "
+              f"{rounds} interleaved rounds of {step_s} s each")
+        url, pick, auth = asyncio.run(_prepared(service.url, clients=clients, accounts=accounts))
+        pgbench = _PgBench(cluster, clients=clients) if with_pgbench else None
+        if profiler:
+            assert service.process is not None
+            profiler.start(service.process.pid, (step_s + (step_s if pgbench else 0)) * rounds)
+        ours: list[Figures] = []
+        theirs: list[Figures] = []
+        for _ in range(rounds):
+            ours.append(asyncio.run(transfer_workload("", url, auth, pick, clients=clients, seconds=step_s)))
+            if pgbench:
+                theirs.append(pgbench.run(step_s))
         if profiler:
             print(profiler.report())
         rss_mib = _rss_mib(service)
-        pgbench = _pgbench(cluster, clients=clients, seconds=seconds) if with_pgbench else None
     finally:
         service.stop()
         cluster.stop()
-    return ours, pgbench, rss_mib
+    merged_pgbench = None
+    if pgbench:
+        merged_pgbench = Figures.merged("pgbench tpcb-like (built-in)", theirs)
+        merged_pgbench.latencies_ms = _pgbench_latencies(Path(cluster.folder))
+    return Figures.merged("txroute transfers (HTTP)", ours), merged_pgbench, rss_mib
 
 
-async def _http_workload(
-    url: str, *, clients: int, seconds: float, accounts: int, measuring: Callable[[], None]
-) -> Figures:
+async def _prepared(url: str, *, clients: int, accounts: int) -> tuple[str, Callable[[int], tuple[str, str]], Direct]:
+    """Accounts opened and funded, and a warm-up run: (url, pairs to transfer between, credentials)."""
     client_id = "bench-" + uuid.uuid4().hex[:8]
     ids = await open_accounts(url, client_id, accounts)
     auth = Direct(client_id)
     await transfer_workload("warm-up", url, auth, pairs_within(ids), clients=clients, seconds=WARM_UP_S)
-    measuring()
-    return await transfer_workload(
-        "txroute transfers (HTTP)", url, auth, pairs_within(ids), clients=clients, seconds=seconds
-    )
+    return url, pairs_within(ids), auth
 
 
-def _pgbench(cluster: Cluster, *, clients: int, seconds: float) -> Figures:
-    env = {**os.environ, "PGPASSWORD": cluster.password()}
-    base = [str(cluster.bin_dir / "pgbench"), "-h", "127.0.0.1", "-p", str(cluster.port), "-U", "postgres"]
-    subprocess.run([str(cluster.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(cluster.port),
-                    "-U", "postgres", "pgbench"], env=env, check=True, capture_output=True, timeout=60)
-    subprocess.run([*base, "-i", "-s", "10", "-q", "pgbench"], env=env, check=True, capture_output=True, timeout=300)
-    out = subprocess.run(
-        [*base, "-b", "tpcb-like", "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(int(seconds)),
-         "-r", "--log", "--log-prefix", str(Path(cluster.folder) / "pgbench"), "pgbench"],
-        env=env, check=True, capture_output=True, text=True, timeout=seconds + 120, cwd=str(cluster.folder),
-    ).stdout
-    tps = float(re.search(r"tps = ([0-9.]+)", out).group(1))  # type: ignore[union-attr]
-    latencies = _pgbench_latencies(Path(cluster.folder))
-    return Figures("pgbench tpcb-like (built-in)", int(tps * seconds), 0, seconds, latencies)
+class _PgBench:
+    """pgbench tpcb-like (scale 10) on the benchmark's cluster, initialised once, then run for a few seconds
+    at a time (its per-transaction log files are read at the end)."""
+
+    def __init__(self, cluster: Cluster, *, clients: int) -> None:
+        self._cluster, self._clients = cluster, clients
+        self._env = {**os.environ, "PGPASSWORD": cluster.password()}
+        self._base = [str(cluster.bin_dir / "pgbench"), "-h", "127.0.0.1", "-p", str(cluster.port), "-U", "postgres"]
+        subprocess.run([str(cluster.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(cluster.port),
+                        "-U", "postgres", "pgbench"], env=self._env, check=True, capture_output=True, timeout=60)
+        subprocess.run([*self._base, "-i", "-s", "10", "-q", "pgbench"], env=self._env, check=True,
+                       capture_output=True, timeout=300)
+
+    def run(self, seconds: int) -> Figures:
+        out = subprocess.run(
+            [*self._base, "-b", "tpcb-like", "-c", str(self._clients), "-j", str(min(self._clients, 2)),
+             "-T", str(seconds), "-r", "--log", "--log-prefix", str(Path(self._cluster.folder) / "pgbench"),
+             "pgbench"],
+            env=self._env, check=True, capture_output=True, text=True, timeout=seconds + 120,
+            cwd=str(self._cluster.folder),
+        ).stdout
+        tps = float(re.search(r"tps = ([0-9.]+)", out).group(1))  # type: ignore[union-attr]
+        return Figures("", int(tps * seconds), 0, seconds, [])
 
 
 def _pgbench_latencies(folder: Path) -> list[float]:
