@@ -33,6 +33,27 @@ HOLD_SWEEP_INTERVAL_MS = 1_000
 # Pagination.
 ENTRIES_PAGE_SIZE_DEFAULT = 50
 ENTRIES_PAGE_SIZE_MAX = 200
+# An account's transfers (GET /v1/accounts/{id}/transfers) and a reference lookup (GET /v1/transfers?reference=).
+TRANSFERS_PAGE_SIZE_DEFAULT = 50
+TRANSFERS_PAGE_SIZE_MAX = 100
+
+# Batches (POST /v1/batches, DESIGN D15). A batch body may be larger than any other request's: about 350
+# bytes per item at most (two ids, an amount, a 140-character reference, an item key), for 1,000 items.
+BATCH_ITEMS_MAX = 1_000
+BATCH_BODY_BYTES_MAX = 512 * 1024
+# A non-atomic batch's items of one region are posted through the shard's group-commit queue, at most this
+# many at once (well inside one client's share of a shard queue, TENANT_QUEUE_POSTINGS_MAX).
+BATCH_ITEMS_IN_FLIGHT_MAX = 64
+# An atomic batch (or a posting with a unique reference) locks its accounts in its own transaction, waiting at
+# most this long for each; an account still locked answers 409 account_busy (nothing posted, nothing stored).
+BATCH_LOCK_WAIT_MS = 1_000
+# An atomic batch is one statement; 1,000 postings that update the same two rows cost ~3.4 s on a loaded 2-core
+# machine (each update adds a row version the next lookup in the transaction walks past), so it may run this
+# long instead of DB_STATEMENT_TIMEOUT_MS. Below UPSTREAM_READ_TIMEOUT_S, so the region answers first.
+BATCH_STATEMENT_TIMEOUT_MS = 12_000
+# The router's fan-out of a reference lookup to every region: each region's answer waited for this long; a
+# region that does not answer in time is named in the answer's `unavailable_regions`.
+LOOKUP_FANOUT_TIMEOUT_S = 2.0
 
 # Database pools, per shard, per regional process.
 DB_POOL_SIZE_MAX = 8
@@ -127,6 +148,7 @@ UPSTREAM_KEEPALIVE_S = 15.0  # idle pooled connections are closed after this
 UPSTREAM_CONNECT_TIMEOUT_S = 1.0  # includes waiting for a free pooled connection
 UPSTREAM_READ_TIMEOUT_S = 15.0  # above the region's own database timeouts, so the region answers first
 assert HOP_TOKEN_LIFETIME_S >= UPSTREAM_READ_TIMEOUT_S, "a hop token outlives its router's wait"
+assert BATCH_STATEMENT_TIMEOUT_MS < UPSTREAM_READ_TIMEOUT_S * 1000, "a region answers its atomic batch first"
 REGION_UNAVAILABLE_RETRY_AFTER_S = 2
 # Shard map refreshes (on 421): at most one in flight, at most one per interval, each call bounded.
 SHARDMAP_REFRESH_INTERVAL_S_MIN = 0.5

@@ -13,7 +13,8 @@ from app.errors import Problem
 T = TypeVar("T")
 
 _IDEMPOTENCY_KEY = re.compile(rf"^[\x21-\x7e]{{1,{limits.IDEMPOTENCY_KEY_CHARS_MAX}}}$")
-_FIELD = re.compile(r"(?:at|in) `\$\.([a-z_]+)")
+# The field in msgspec's message ("at `$.amount`", "in `$.metadata`"), also in a batch item ("at `$.items[3].amount`").
+_FIELD = re.compile(r"(?:at|in) `\$(?:\.items\[[0-9]+\])?\.([a-z_]+)")
 _FIELD_CODES = {
     "amount": "invalid_amount",
     "overdraft_limit": "invalid_amount",
@@ -26,10 +27,12 @@ _FIELD_CODES = {
 _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
 
-def decode_body(body: bytes, content_type: str, target: type[T]) -> T:
+def decode_body(
+    body: bytes, content_type: str, target: type[T], *, bytes_max: int = limits.REQUEST_BODY_BYTES_MAX
+) -> T:
     """Decode `body` into `target`, or raise a `Problem` naming what is wrong."""
-    if len(body) > limits.REQUEST_BODY_BYTES_MAX:
-        raise Problem("payload_too_large", f"the body may hold at most {limits.REQUEST_BODY_BYTES_MAX} bytes")
+    if len(body) > bytes_max:
+        raise Problem("payload_too_large", f"the body may hold at most {bytes_max} bytes")
     if content_type.split(";", 1)[0].strip().lower() != "application/json":
         raise Problem("unsupported_media_type", "send the body as application/json")
     decoder = _decoders.get(target)

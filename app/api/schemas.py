@@ -59,6 +59,8 @@ class FundsRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     reference: Reference | None = None
     metadata: Metadata | None = None
     hold: HoldRequest | None = None  # withdrawals only
+    # The reference may be used by no other transfer of this client on this account (409 reference_in_use).
+    unique_reference: bool = False
 
 
 class TransferRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -69,12 +71,62 @@ class TransferRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     reference: Reference | None = None
     metadata: Metadata | None = None
     hold: HoldRequest | None = None
+    # The reference may be used by no other transfer of this client debiting this account (409 reference_in_use).
+    unique_reference: bool = False
 
 
 class CaptureRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """`POST /v1/transfers/{id}/capture`: the body is optional; without `amount` the whole hold is captured."""
 
     amount: AmountMinor | None = None
+
+
+# Batch items (DESIGN D15) take exactly the fields of the single request (they inherit them), plus the item's
+# own optional Idempotency-Key; without one an item's key is derived from the batch's key and its index.
+ItemKey = Annotated[
+    str, msgspec.Meta(pattern=r"^[\x21-\x7e]+$", min_length=1, max_length=limits.IDEMPOTENCY_KEY_CHARS_MAX)
+]
+
+
+class TransferItem(TransferRequest, tag_field="type", tag="transfer", forbid_unknown_fields=True, kw_only=True):
+    idempotency_key: ItemKey | None = None
+
+
+class DepositItem(FundsRequest, tag_field="type", tag="deposit", forbid_unknown_fields=True, kw_only=True):
+    idempotency_key: ItemKey | None = None
+
+
+class WithdrawalItem(FundsRequest, tag_field="type", tag="withdrawal", forbid_unknown_fields=True, kw_only=True):
+    idempotency_key: ItemKey | None = None
+
+
+BatchItem = TransferItem | DepositItem | WithdrawalItem
+
+
+class BatchRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """`POST /v1/batches`. Atomic: one shard, every item posted or none. Non-atomic: any accounts, each item
+    answered on its own, in order. `indexes` is set only by a router on the part of a batch it sends to one
+    region: each item's index in the client's batch, from which its derived key is made."""
+
+    atomic: bool
+    items: Annotated[list[BatchItem], msgspec.Meta(min_length=1, max_length=limits.BATCH_ITEMS_MAX)]
+    indexes: Annotated[list[Annotated[int, msgspec.Meta(ge=0, lt=limits.BATCH_ITEMS_MAX)]], msgspec.Meta(
+        max_length=limits.BATCH_ITEMS_MAX)] | None = None
+
+
+class BatchItemResult(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One item's outcome: its status and transfer, or its status and problem code."""
+
+    status: int
+    transfer: Transfer | None = None
+    code: str | None = None
+    detail: str | None = None
+    replayed: bool = False
+
+
+class BatchResult(msgspec.Struct, kw_only=True):
+    atomic: bool
+    items: list[BatchItemResult]
 
 
 class Account(msgspec.Struct, kw_only=True):
@@ -124,6 +176,21 @@ class Entry(msgspec.Struct, kw_only=True):
 class EntriesPage(msgspec.Struct, kw_only=True):
     items: list[Entry]
     next_cursor: str | None
+
+
+class TransfersPage(msgspec.Struct, kw_only=True):
+    """An account's transfers, newest first; `next_cursor` is opaque (null on the last page)."""
+
+    items: list[Transfer]
+    next_cursor: str | None
+
+
+class ReferenceLookup(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The client's transfers with a reference, newest first, from every region that answered; a region that
+    did not is named in `unavailable_regions` (the list is then possibly incomplete)."""
+
+    items: list[Transfer]
+    unavailable_regions: list[str] = msgspec.field(default_factory=list)
 
 
 class Health(msgspec.Struct, kw_only=True):

@@ -60,6 +60,8 @@ class Posting:
     hold_expires_in_s: int | None = None
     # A hold whose credit account lives on another shard: checked when the capture's saga applies it.
     credit_remote: bool = False
+    # The reference may be used by no other transfer of the client on its customer account (migration 0010).
+    unique_reference: bool = False
 
     def __post_init__(self) -> None:
         assert money.is_amount(self.amount), self.amount
@@ -69,6 +71,7 @@ class Posting:
         if self.hold_expires_in_s is not None:
             assert self.saga is None and self.kind is not PostingKind.DEPOSIT, "a hold never starts a saga"
         assert not self.credit_remote or self.hold_expires_in_s is not None, "only a hold names a remote credit"
+        assert not self.unique_reference or self.reference is not None
 
     def as_json(self) -> dict[str, object]:
         """The posting as `txr_post` reads it (the saga leg's fields flattened in). Built field by field:

@@ -2,32 +2,40 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import datetime
 import re
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Request, Response, get, post
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Parameter
 
 from app import limits, telemetry
 from app.api.decoding import decode_body, decode_optional_body, idempotency_key
 from app.api.http import json_response, problem_response
 from app.api.schemas import (
     Account,
+    BatchRequest,
+    BatchResult,
     CaptureRequest,
     EntriesPage,
     FundsRequest,
     OpenAccountRequest,
     ProblemDetails,
+    ReferenceLookup,
     Transfer,
     TransferRequest,
+    TransfersPage,
 )
 from app.errors import Problem
-from app.region.identity import caller, verified_body
+from app.ledger.states import TransferState
+from app.region.batches import post_batch
+from app.region.identity import caller, caller_principal, verified_body
 from app.region.service import RegionLedger
-from app.store.shard import Outcome
+from app.store.shard import Outcome, TransfersQuery
 from app.topology.ids import InvalidId, parse_account_id, parse_transfer_id
 
 REPLAYED_HEADER = "idempotent-replayed"
@@ -38,6 +46,7 @@ REQUEST_BODIES: dict[str, type[Any]] = {
     "/v1/withdrawals": FundsRequest,
     "/v1/transfers": TransferRequest,
     "/v1/transfers/{transfer_id}/capture": CaptureRequest,
+    "/v1/batches": BatchRequest,
 }
 _PROBLEM = ResponseSpec(
     data_container=ProblemDetails, description="problem+json", media_type="application/problem+json"
@@ -45,6 +54,13 @@ _PROBLEM = ResponseSpec(
 # An entry id in a cursor: ASCII digits only (str.isdigit also accepts '²', which int() refuses) and at most
 # 18 of them, so it always fits the bigint it is compared with.
 _CURSOR_ENTRY_ID = re.compile(r"^e([0-9]{1,18})$")
+# A transfer cursor: microseconds since the epoch (at most 17 digits, year 5138) and a transfer id.
+_CURSOR_TRANSFER = re.compile(r"^t([0-9]{1,17})\.(trf_[0-9A-Za-z]{1,40})$")
+_RFC3339 = re.compile(
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?([Zz]|[+-][0-9]{2}:[0-9]{2})$"
+)
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+TRANSFER_STATES = frozenset(state.value for state in TransferState)
 _ERRORS = {status: _PROBLEM for status in (400, 401, 404, 409, 413, 415, 421, 422, 429, 503)}
 
 
@@ -85,9 +101,11 @@ async def _body(request: Request[Any, Any, Any], target: type[Any], *, optional:
     # Every public write comes through here: a drained region refuses it before reading the body.
     ledger(request).refuse_writes_if_draining()
     key = idempotency_key(request.headers.get("idempotency-key"))
-    decode = decode_optional_body if optional else decode_body
-    data = decode(verified_body(request), request.headers.get("content-type", ""), target)
-    return key, data
+    content_type = request.headers.get("content-type", "")
+    if optional:
+        return key, decode_optional_body(verified_body(request), content_type, target)
+    bytes_max = limits.BATCH_BODY_BYTES_MAX if target is BatchRequest else limits.REQUEST_BODY_BYTES_MAX
+    return key, decode_body(verified_body(request), content_type, target, bytes_max=bytes_max)
 
 
 async def _key(request: Request[Any, Any, Any]) -> str:
@@ -126,6 +144,77 @@ async def transfer(request: Request[Any, Any, Any]) -> Response[bytes]:
     key, data = await _body(request, TransferRequest)
     outcome = _counted("transfer", request, await ledger(request).transfer(client, key, data))
     return outcome_response(request, outcome, location="/v1/transfers/{id}")
+
+
+@post(
+    "/v1/batches",
+    summary="Post up to 1,000 transfers, deposits and withdrawals in one request (atomic: all or none, one shard)",
+    responses={
+        200: ResponseSpec(BatchResult, description="non-atomic: each item's own outcome, in order"),
+        201: ResponseSpec(BatchResult, description="atomic: every item posted"),
+        **_ERRORS,
+    },
+    status_code=201,
+    request_max_body_size=limits.BATCH_BODY_BYTES_MAX,
+)
+async def batch(request: Request[Any, Any, Any]) -> Response[bytes]:
+    found = await caller_principal(request)
+    key, data = await _body(request, BatchRequest)
+    status, body, replayed = await post_batch(ledger(request), found.client, key, data, found.scopes)
+    return outcome_response(request, Outcome(status, body, replayed=replayed))
+
+
+@get(
+    "/v1/transfers",
+    summary="Find the client's transfers by their reference, newest first",
+    responses={200: ResponseSpec(ReferenceLookup), **_ERRORS},
+)
+async def transfers_by_reference(
+    request: Request[Any, Any, Any], reference: str, limit: int | None = None
+) -> Response[bytes]:
+    """This region's answer; the router asks every region and merges (`unavailable_regions` names any that did
+    not answer)."""
+    client = await caller(request)
+    text = request.query_params.get("reference", "")
+    if not 1 <= len(text) <= limits.REFERENCE_CHARS_MAX:
+        raise Problem("invalid_request", f"reference must have 1..{limits.REFERENCE_CHARS_MAX} characters")
+    page_size = _page_size(request.query_params.get("limit"), limits.TRANSFERS_PAGE_SIZE_DEFAULT,
+                           limits.TRANSFERS_PAGE_SIZE_MAX)
+    stores = list(ledger(request).stores.values())
+    found = await asyncio.gather(*(s.transfers_by_reference(client, text, limit=page_size) for s in stores))
+    rows = sorted((row for rows in found for row in rows), key=lambda r: (r["created_at"], r["id"]), reverse=True)
+    return json_response(request, 200, {"items": [r["body"] for r in rows[:page_size]]})
+
+
+@get(
+    "/v1/accounts/{account_id:str}/transfers",
+    summary="List an account's transfers, newest first (from/to RFC 3339, state, limit, cursor)",
+    responses={200: ResponseSpec(TransfersPage), **_ERRORS},
+)
+async def list_account_transfers(
+    request: Request[Any, Any, Any], account_id: str, cursor: str | None = None, limit: int | None = None,
+    state_: Annotated[str | None, Parameter(query="state")] = None,
+    from_: Annotated[str | None, Parameter(query="from")] = None, to: str | None = None,
+) -> Response[bytes]:
+    client = await caller(request)
+    parsed = _path_id(parse_account_id, account_id, "account_not_found")
+    params = request.query_params
+    page_size = _page_size(params.get("limit"), limits.TRANSFERS_PAGE_SIZE_DEFAULT, limits.TRANSFERS_PAGE_SIZE_MAX)
+    state_text = params.get("state")
+    if state_text is not None and state_text not in TRANSFER_STATES:
+        raise Problem("invalid_request", f"state must be one of {', '.join(sorted(TRANSFER_STATES))}")
+    before = decode_transfers_cursor(params.get("cursor"))
+    page = TransfersQuery(
+        limit=page_size, from_at=_instant(params.get("from"), "from"), to_at=_instant(params.get("to"), "to"),
+        state=state_text, before_at=before[0] if before else None, before_id=before[1] if before else None,
+    )
+    store = await ledger(request).store_for_slot(parsed.slot)
+    account, rows = await store.account_transfers(parsed.text, client, parsed.slot, page)
+    if account.status != 200:
+        return outcome_response(request, account)
+    last = rows[-1] if len(rows) == page_size else None
+    next_cursor = encode_transfers_cursor(last["created_at"], last["id"]) if last else None
+    return json_response(request, 200, {"items": [r["body"] for r in rows], "next_cursor": next_cursor})
 
 
 @post(
@@ -193,7 +282,8 @@ async def list_entries(
 ) -> Response[bytes]:
     client = await caller(request)
     parsed = _path_id(parse_account_id, account_id, "account_not_found")
-    page_size = _page_size(request.query_params.get("limit"))
+    page_size = _page_size(request.query_params.get("limit"), limits.ENTRIES_PAGE_SIZE_DEFAULT,
+                           limits.ENTRIES_PAGE_SIZE_MAX)
     before_id = _decode_cursor(request.query_params.get("cursor"))
     store = await ledger(request).store_for_slot(parsed.slot)
     account, items = await store.list_entries(
@@ -243,12 +333,46 @@ def _as_of(text: str | None) -> datetime.datetime | None:
     return at
 
 
-def _page_size(text: str | None) -> int:
+def _page_size(text: str | None, default: int, size_max: int) -> int:
     if text is None:
-        return limits.ENTRIES_PAGE_SIZE_DEFAULT
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= limits.ENTRIES_PAGE_SIZE_MAX:
-        raise Problem("invalid_request", f"limit must be an integer in 1..{limits.ENTRIES_PAGE_SIZE_MAX}")
+        return default
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= size_max:
+        raise Problem("invalid_request", f"limit must be an integer in 1..{size_max}")
     return int(text)
+
+
+def _instant(text: str | None, name: str) -> datetime.datetime | None:
+    """An RFC 3339 instant with its offset (a time without one is ambiguous and refused)."""
+    if text is None:
+        return None
+    at = None
+    if _RFC3339.match(text):
+        try:
+            at = datetime.datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+        except ValueError:
+            at = None
+    if at is None:
+        raise Problem("invalid_request", f"{name} must be an RFC 3339 time with an offset, e.g. 2026-11-28T06:00:00Z")
+    return at
+
+
+def encode_transfers_cursor(created_at: datetime.datetime, transfer_id: str) -> str:
+    """Opaque to clients: the last listed transfer's creation instant (microseconds) and id."""
+    micros = (created_at - _EPOCH) // datetime.timedelta(microseconds=1)
+    return base64.urlsafe_b64encode(f"t{micros}.{transfer_id}".encode()).decode().rstrip("=")
+
+
+def decode_transfers_cursor(text: str | None) -> tuple[datetime.datetime, str] | None:
+    if text is None:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raw = ""
+    m = _CURSOR_TRANSFER.match(raw)
+    if m is None:
+        raise Problem("invalid_cursor", "use the next_cursor of a previous page as it was given")
+    return _EPOCH + datetime.timedelta(microseconds=int(m.group(1))), m.group(2)
 
 
 def _encode_cursor(entry_id: int) -> str:
@@ -269,5 +393,6 @@ def _decode_cursor(text: str | None) -> int | None:
 
 
 PUBLIC_ROUTES = [
-    open_account, deposit, withdraw, transfer, capture, void, close_account, get_account, list_entries, get_transfer,
+    open_account, deposit, withdraw, transfer, capture, void, close_account, batch, get_account, list_entries,
+    list_account_transfers, get_transfer, transfers_by_reference,
 ]

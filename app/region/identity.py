@@ -107,12 +107,17 @@ def _client(request: Request[Any, Any, Any], hop: Principal) -> Principal:
 async def caller(request: Request[Any, Any, Any]) -> str:
     """The client id of a public API call (hop token and client token), after checking the tokens grant the
     route's scope."""
+    return (await caller_principal(request)).client
+
+
+async def caller_principal(request: Request[Any, Any, Any]) -> Principal:
+    """The client of a public API call with its scopes (a batch checks more than its route's scope)."""
     found = _client(request, await principal(request))
     scope = required_scope(request.method, request.url.path)
     assert scope is not None, f"{request.method} {request.url.path} is not a public route"
     if scope not in found.scopes:
         raise Problem("forbidden", f"the token does not grant {scope}")
-    return found.client
+    return found
 
 
 async def require_internal(request: Request[Any, Any, Any]) -> None:

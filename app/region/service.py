@@ -194,31 +194,45 @@ class RegionLedger:
         return await self._funds(PostingKind.WITHDRAWAL, client, key, request)
 
     async def _funds(self, kind: PostingKind, client: str, key: str, request: FundsRequest) -> Outcome:
+        store, posting = await self.funds_posting(kind, client, key, request)
+        return await _post(store, posting)
+
+    async def funds_posting(
+        self, kind: PostingKind, client: str, key: str, request: FundsRequest
+    ) -> tuple[ShardStore, Posting]:
+        """The posting of a deposit or withdrawal and the store of its shard (a single request or a batch item)."""
         if request.hold is not None and kind is PostingKind.DEPOSIT:
             raise Problem("hold_not_supported", "a deposit cannot be held; hold a transfer or a withdrawal")
         account = _body_account(request.account)
         store = await self.store_for_slot(account.slot)
         settlement = settlement_account_id(store.name, str(request.currency))
         debit, credit = (settlement, account.text) if kind is PostingKind.DEPOSIT else (account.text, settlement)
-        return await store.post(
-            Posting(
-                kind=kind,
-                id=new_transfer_id(account.slot),
-                slot=account.slot,
-                client=client,
-                key=key,
-                fingerprint=fingerprint(kind.value, _fields(request)),
-                debit=debit,
-                credit=credit,
-                amount=request.amount,
-                currency=str(request.currency),
-                reference=request.reference,
-                metadata=request.metadata,
-                hold_expires_in_s=request.hold.expires_in_s if request.hold is not None else None,
-            )
+        return store, Posting(
+            kind=kind,
+            id=new_transfer_id(account.slot),
+            slot=account.slot,
+            client=client,
+            key=key,
+            fingerprint=fingerprint(kind.value, _fields(request)),
+            debit=debit,
+            credit=credit,
+            amount=request.amount,
+            currency=str(request.currency),
+            reference=request.reference,
+            metadata=request.metadata,
+            hold_expires_in_s=request.hold.expires_in_s if request.hold is not None else None,
+            unique_reference=_unique_reference(request),
         )
 
     async def transfer(self, client: str, key: str, request: TransferRequest) -> Outcome:
+        store, posting = await self.transfer_posting(client, key, request)
+        outcome = await _post(store, posting)
+        if outcome.message is not None and self.saga is not None:
+            return await self.saga.fast_path(store, outcome, outcome.message)
+        return outcome
+
+    async def transfer_posting(self, client: str, key: str, request: TransferRequest) -> tuple[ShardStore, Posting]:
+        """The posting of a transfer and the store of its debit shard (a single request or a batch item)."""
         debit = _body_account(request.debit_account)
         credit = _body_account(request.credit_account)
         if debit.text == credit.text:
@@ -237,29 +251,25 @@ class RegionLedger:
                 credit_slot=credit.slot,
                 relay_delay_ms=limits.SAGA_RELAY_FIRST_DELAY_MS,
             )
-        outcome = await store.post(
-            Posting(
-                kind=PostingKind.TRANSFER,
-                id=new_transfer_id(debit.slot),
-                slot=debit.slot,
-                client=client,
-                key=key,
-                fingerprint=fingerprint("transfer", _fields(request)),
-                debit=debit.text,
-                credit=credit.text,
-                amount=request.amount,
-                currency=str(request.currency),
-                reference=request.reference,
-                saga=saga,
-                metadata=request.metadata,
-                hold_expires_in_s=hold_expires_in_s,
-                # A hold moves nothing yet: a credit on another shard is checked when its capture is applied.
-                credit_remote=hold_expires_in_s is not None and credit_shard != store.name,
-            )
+        return store, Posting(
+            kind=PostingKind.TRANSFER,
+            id=new_transfer_id(debit.slot),
+            slot=debit.slot,
+            client=client,
+            key=key,
+            fingerprint=fingerprint("transfer", _fields(request)),
+            debit=debit.text,
+            credit=credit.text,
+            amount=request.amount,
+            currency=str(request.currency),
+            reference=request.reference,
+            saga=saga,
+            metadata=request.metadata,
+            hold_expires_in_s=hold_expires_in_s,
+            # A hold moves nothing yet: a credit on another shard is checked when its capture is applied.
+            credit_remote=hold_expires_in_s is not None and credit_shard != store.name,
+            unique_reference=_unique_reference(request),
         )
-        if outcome.message is not None and self.saga is not None:
-            return await self.saga.fast_path(store, outcome, outcome.message)
-        return outcome
 
     # Holds and closing (DESIGN D14) -----------------------------------------------------------------
 
@@ -302,6 +312,20 @@ class RegionLedger:
             "client": client, "key": key, "id": account.text, "slot": account.slot,
             "fingerprint": fingerprint("close_account", {"id": account.text}),
         })
+
+
+async def _post(store: ShardStore, posting: Posting) -> Outcome:
+    """Group commit, or a transaction of its own for a posting whose reference must be unique (its check and
+    its posting share the account's lock; migration 0010)."""
+    if posting.unique_reference:
+        return await store.post_exclusive(posting)
+    return await store.post(posting)
+
+
+def _unique_reference(request: TransferRequest | FundsRequest) -> bool:
+    if request.unique_reference and request.reference is None:
+        raise Problem("invalid_request", "unique_reference needs a reference")
+    return request.unique_reference
 
 
 def misdirected(slot: int, region: str, shard: str) -> Problem:

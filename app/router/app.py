@@ -39,7 +39,9 @@ from app.api.upstreams import Answer, NoAnswer, NotConnected, UpstreamError, Ups
 from app.config import RouterSettings
 from app.errors import PROBLEM_CONTENT_TYPE, Problem, problem_body
 from app.router.docs import docs_asset, docs_page
+from app.router.batches import post_split_batch
 from app.router.hold import SlotMovingHold, is_slot_moving
+from app.router.lookups import find_by_reference
 from app.router.ratelimit import ClientRateLimiter
 from app.router.routes import Kind, Route, decode_write, match, read_slot
 from app.router.shardmap import ShardMap, ShardMapCache
@@ -137,22 +139,38 @@ class Router:
         if route.scope not in principal.scopes:
             raise Problem("forbidden", f"the token does not grant {route.scope}")
         body: bytes | None = None
+        query = scope.get("query_string", b"")
+        if len(query) > limits.QUERY_STRING_BYTES_MAX:
+            raise Problem("invalid_request", f"the query string may hold at most {limits.QUERY_STRING_BYTES_MAX} bytes")
+        if route.kind is Kind.FIND_BY_REFERENCE:
+            return await find_by_reference(self, principal, path, query, self._client_headers(headers, rid))
         if route.kind is Kind.READ_ACCOUNT or route.kind is Kind.READ_TRANSFER:
             slot: int | None = read_slot(route)
             named_region = None
         else:
-            body = await _read_body(receive, headers)
+            bytes_max = limits.BATCH_BODY_BYTES_MAX if route.kind is Kind.BATCH else limits.REQUEST_BODY_BYTES_MAX
+            body = await _read_body(receive, headers, bytes_max)
             if body is None:
                 return None  # the client went away
-            write = decode_write(route, body, headers.get("content-type", ""), headers.get("idempotency-key"))
+            write = decode_write(
+                route, body, headers.get("content-type", ""), headers.get("idempotency-key"), principal.scopes
+            )
             slot, named_region = write.slot, write.region
-            if slot is None and named_region is None:
+            if write.batch is not None:
+                assert write.slots is not None
+                if not write.batch.atomic:
+                    return await post_split_batch(
+                        self, principal, headers["idempotency-key"], write.batch, write.slots,
+                        self._client_headers(headers, rid),
+                    )
+                regions = {self.shardmap.region_for_slot(s) for item in write.slots for s in item}
+                if len(regions) > 1:
+                    raise Problem("batch_spans_shards", "an atomic batch keeps every account on one shard; these "
+                                  f"accounts live in {len(regions)} regions", extra={"regions": sorted(regions)})
+            elif slot is None and named_region is None:
                 # The same region for (client, key) on every router, so a retry through another region's
                 # router replays instead of opening a second account (app.topology.placement).
                 named_region = default_region(principal.client, headers["idempotency-key"], self.regions)
-        query = scope.get("query_string", b"")
-        if len(query) > limits.QUERY_STRING_BYTES_MAX:
-            raise Problem("invalid_request", f"the query string may hold at most {limits.QUERY_STRING_BYTES_MAX} bytes")
         path_qs = path + "?" + query.decode("latin-1") if query else path
         key = headers.get("idempotency-key", "") if body is not None else None
         bound = BoundRequest(method, request_target(path, query), body or b"", key)
@@ -161,10 +179,19 @@ class Router:
             return self.minter.for_client(principal, bound)
 
         upstream_headers = self._upstream_headers(headers, rid, mint(), key)
-        # The client's own token goes along: the region verifies it too and serves its client, never just
-        # the hop token's say-so (a router's key alone can act as no client).
-        upstream_headers[CLIENT_TOKEN_HEADER] = "Bearer " + bearer(headers.get("authorization"))
+        upstream_headers[CLIENT_TOKEN_HEADER] = self._client_headers(headers, rid)[CLIENT_TOKEN_HEADER]
         return await self._forward(route, slot, named_region, method, path_qs, upstream_headers, body, mint)
+
+    def _client_headers(self, headers: dict[str, str], rid: str) -> dict[str, str]:
+        """What every call to a region carries besides its hop token: the request id, the trace state, the
+        body's media type and the client's own token (the region verifies it too and serves its client, never
+        just the hop token's say-so: a router's key alone can act as no client)."""
+        out = {"x-request-id": rid, CLIENT_TOKEN_HEADER: "Bearer " + bearer(headers.get("authorization"))}
+        if "tracestate" in headers:
+            out["tracestate"] = headers["tracestate"][:512]
+        if "content-type" in headers:
+            out["content-type"] = headers["content-type"]
+        return out
 
     def _authenticate(self, authorization: str | None) -> Any:
         try:
@@ -202,10 +229,10 @@ class Router:
                 raise Problem("invalid_request", f"no region named {region!r}")
             if region not in self.regions:
                 raise Problem("invalid_request", f"region {region} owns no slots yet and opens no accounts")
-            self._refuse_if_draining(region)
+            self.refuse_if_draining(region)
 
             async def attempt() -> Answer:
-                return await self._drain_aware(await self._send(region, method, path_qs, headers, body))
+                return await self._drain_aware(await self.send_to_region(region, method, path_qs, headers, body))
         else:
             owned_slot = slot
 
@@ -229,16 +256,16 @@ class Router:
         seen = self.shardmap.current.version
         region = self.shardmap.region_for_slot(slot)
         if body is not None:
-            self._refuse_if_draining(region)
-        answer = await self._drain_aware(await self._send(region, method, path_qs, headers, body))
+            self.refuse_if_draining(region)
+        answer = await self._drain_aware(await self.send_to_region(region, method, path_qs, headers, body))
         if answer.status != 421:
             return answer
         telemetry.METRICS.misdirected.labels("router", self.region).inc()
         # The map is stale (slots moved): a refusal with 421 wrote nothing, so sending again is safe.
         await self.shardmap.refresh(seen_version=seen)
-        return await self._send(self.shardmap.region_for_slot(slot), method, path_qs, headers, body)
+        return await self.send_to_region(self.shardmap.region_for_slot(slot), method, path_qs, headers, body)
 
-    def _refuse_if_draining(self, region: str) -> None:
+    def refuse_if_draining(self, region: str) -> None:
         """A write for a drained region (`txroute ops drain`) is answered here; reads still go through."""
         if region in self.shardmap.current.draining:
             retry_after = str(limits.REGION_DRAINING_RETRY_AFTER_S)
@@ -256,7 +283,7 @@ class Router:
             await self.shardmap.refresh(seen_version=self.shardmap.current.version)
         return answer
 
-    async def _send(
+    async def send_to_region(
         self, region: str, method: str, path_qs: str, headers: dict[str, str], body: bytes | None
     ) -> Answer:
         attempt = 0
@@ -295,11 +322,11 @@ async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], bod
     await send({"type": "http.response.body", "body": body})
 
 
-async def _read_body(receive: Receive, headers: dict[str, str]) -> bytes | None:
-    """The whole body, refused early when it is larger than any request may be."""
+async def _read_body(receive: Receive, headers: dict[str, str], bytes_max: int) -> bytes | None:
+    """The whole body, refused early when it is larger than the route's requests may be."""
     declared = headers.get("content-length", "0")
-    if not declared.isdigit() or int(declared) > limits.REQUEST_BODY_BYTES_MAX:
-        raise Problem("payload_too_large", f"the body may hold at most {limits.REQUEST_BODY_BYTES_MAX} bytes")
+    if not declared.isdigit() or int(declared) > bytes_max:
+        raise Problem("payload_too_large", f"the body may hold at most {bytes_max} bytes")
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -308,8 +335,8 @@ async def _read_body(receive: Receive, headers: dict[str, str]) -> bytes | None:
             return None
         chunk: bytes = message.get("body", b"")
         size += len(chunk)
-        if size > limits.REQUEST_BODY_BYTES_MAX:
-            raise Problem("payload_too_large", f"the body may hold at most {limits.REQUEST_BODY_BYTES_MAX} bytes")
+        if size > bytes_max:
+            raise Problem("payload_too_large", f"the body may hold at most {bytes_max} bytes")
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
@@ -319,7 +346,10 @@ def _template(route: Route, path: str) -> str:
     if route.kind is Kind.READ_TRANSFER:
         return "/v1/transfers/{transfer_id}"
     if route.kind is Kind.READ_ACCOUNT:
-        return "/v1/accounts/{account_id}/entries" if path.endswith("/entries") else "/v1/accounts/{account_id}"
+        for tail in ("/entries", "/transfers"):
+            if path.endswith(tail):
+                return "/v1/accounts/{account_id}" + tail
+        return "/v1/accounts/{account_id}"
     if route.kind is Kind.CAPTURE:
         return "/v1/transfers/{transfer_id}/capture"
     if route.kind is Kind.VOID:

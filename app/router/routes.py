@@ -10,8 +10,10 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from app import limits
+from app.api import batches
 from app.api.decoding import decode_body, decode_optional_body, idempotency_key
-from app.api.schemas import CaptureRequest, FundsRequest, OpenAccountRequest, TransferRequest
+from app.api.schemas import BatchRequest, CaptureRequest, FundsRequest, OpenAccountRequest, TransferRequest
 from app.errors import Problem
 from app.security import scopes
 from app.topology.ids import InvalidId, parse_account_id, parse_transfer_id
@@ -21,12 +23,14 @@ class Kind(enum.Enum):
     OPEN_ACCOUNT = "open_account"
     FUNDS = "funds"
     TRANSFER = "transfer"
+    BATCH = "batch"
     READ_ACCOUNT = "read_account"
     READ_TRANSFER = "read_transfer"
     # Writes on one resource, routed by the slot of the id in their path (DESIGN D1).
     CAPTURE = "capture"
     VOID = "void"
     CLOSE_ACCOUNT = "close_account"
+    FIND_BY_REFERENCE = "find_by_reference"  # every region is asked (app/router/lookups.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +45,7 @@ _POSTS = {
     "/v1/deposits": Route(Kind.FUNDS, scopes.FUNDS_WRITE),
     "/v1/withdrawals": Route(Kind.FUNDS, scopes.FUNDS_WRITE),
     "/v1/transfers": Route(Kind.TRANSFER, scopes.TRANSFERS_WRITE),
+    "/v1/batches": Route(Kind.BATCH, scopes.TRANSFERS_WRITE),
 }
 _BODIES: dict[Kind, type[Any]] = {
     Kind.OPEN_ACCOUNT: OpenAccountRequest,
@@ -52,6 +57,8 @@ _BODIES: dict[Kind, type[Any]] = {
 def match(method: str, path: str) -> Route:
     """The route of `method path`, or the problem a region would answer for it (404, 405)."""
     post = _POSTS.get(path)
+    if post is not None and path == "/v1/transfers" and method in ("GET", "HEAD"):
+        return Route(Kind.FIND_BY_REFERENCE, scopes.ACCOUNTS_READ)
     if post is not None:
         if method != "POST":
             raise Problem("method_not_allowed", headers={"allow": "POST"})
@@ -66,7 +73,7 @@ def match(method: str, path: str) -> Route:
     route: Route | None = None
     if len(parts) == 4 and parts[2] == "accounts" and parts[3]:
         route = Route(Kind.READ_ACCOUNT, scopes.ACCOUNTS_READ, parts[3])
-    elif len(parts) == 5 and parts[2] == "accounts" and parts[3] and parts[4] == "entries":
+    elif len(parts) == 5 and parts[2] == "accounts" and parts[3] and parts[4] in ("entries", "transfers"):
         route = Route(Kind.READ_ACCOUNT, scopes.ACCOUNTS_READ, parts[3])
     elif len(parts) == 4 and parts[2] == "transfers" and parts[3]:
         route = Route(Kind.READ_TRANSFER, scopes.ACCOUNTS_READ, parts[3])
@@ -108,13 +115,19 @@ def read_slot(route: Route) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Write:
-    slot: int | None  # where the write lands, or None for an account opened by region
+    slot: int | None  # where the write lands, or None for an account opened by region (or a split batch)
     region: str | None  # the region named in an open-account body
+    batch: BatchRequest | None = None  # a non-atomic batch, split by region (app/router/batches.py)
+    slots: list[list[int]] | None = None  # a batch's items' account slots (home account first)
 
 
-def decode_write(route: Route, body: bytes, content_type: str, key_header: str | None) -> Write:
+def decode_write(
+    route: Route, body: bytes, content_type: str, key_header: str | None, granted: frozenset[str] = frozenset()
+) -> Write:
     """Checks a POST as strictly as the region will (key, media type, schema) and finds its home."""
-    idempotency_key(key_header)
+    key = idempotency_key(key_header)
+    if route.kind is Kind.BATCH:
+        return _decode_batch(key, body, content_type, granted)
     if route.path_id is not None:  # a write on one resource lives where the id in its path says
         slot = read_slot(route)
         if route.kind is Kind.CAPTURE:
@@ -127,3 +140,19 @@ def decode_write(route: Route, body: bytes, content_type: str, key_header: str |
         return Write(slot=parse_account_id(data.account).slot, region=None)
     assert isinstance(data, TransferRequest)
     return Write(slot=parse_account_id(data.debit_account).slot, region=None)
+
+
+def _decode_batch(key: str, body: bytes, content_type: str, granted: frozenset[str]) -> Write:
+    """A batch checked as the region will check it. An atomic one is forwarded whole to the home of its first
+    item (the router checks that its accounts share a region; the region, that they share a shard)."""
+    batch = decode_body(body, content_type, BatchRequest, bytes_max=limits.BATCH_BODY_BYTES_MAX)
+    if batch.indexes is not None:
+        raise Problem("invalid_request", "indexes is set by routers only")
+    batches.check(key, batch, granted)
+    try:
+        slots = [[parse_account_id(a).slot for a in batches.accounts(item)] for item in batch.items]
+    except InvalidId as exc:
+        raise Problem("invalid_account_id", str(exc)[:100]) from None
+    if batch.atomic:
+        return Write(slot=slots[0][0], region=None, batch=batch, slots=slots)
+    return Write(slot=None, region=None, batch=batch, slots=slots)

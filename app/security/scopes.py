@@ -17,6 +17,8 @@ _POSTS = {
     "/v1/transfers": TRANSFERS_WRITE,
     "/v1/deposits": FUNDS_WRITE,
     "/v1/withdrawals": FUNDS_WRITE,
+    # A batch with deposits or withdrawals needs funds:write as well (checked on its items).
+    "/v1/batches": TRANSFERS_WRITE,
 }
 
 
@@ -36,6 +38,8 @@ def required_scope(method: str, path: str) -> str | None:
         if len(parts) == 5 and parts[1] == "v1" and parts[3]:
             return _RESOURCE_POSTS.get((parts[2], parts[4]))
         return _POSTS.get(path)
-    if method in ("GET", "HEAD") and (path.startswith("/v1/accounts/") or path.startswith("/v1/transfers/")):
+    if method in ("GET", "HEAD") and (
+        path.startswith("/v1/accounts/") or path.startswith("/v1/transfers/") or path == "/v1/transfers"
+    ):
         return ACCOUNTS_READ
     return None

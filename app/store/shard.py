@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -134,6 +135,47 @@ SERVER_SETTINGS = {
 
 
 # A queued posting: its JSON, the future its request awaits, and its request's span (None when untraced).
+@dataclass(frozen=True, slots=True)
+class TransfersQuery:
+    """A page of an account's transfers: created in [from_at, to_at), in `state`, before the cursor."""
+
+    limit: int
+    from_at: datetime | None = None
+    to_at: datetime | None = None
+    state: str | None = None
+    before_at: datetime | None = None  # the cursor: the last listed transfer's (created_at, id)
+    before_id: str | None = None
+
+
+def account_transfers_sql(account_id: str, client: str, page: TransfersQuery) -> tuple[str, list[Any]]:
+    """The listing's SQL with only the conditions the page uses (so each is an index condition of a plan made
+    for it, not an `$n is null or ...` filter a generic plan keeps): each side of the account is one range scan
+    of its index in (created_at desc, id desc) order, cut at the limit; the two are merged and cut again."""
+    args: list[Any] = []
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    conditions = [f"t.client = {arg(client)}"]
+    if page.from_at is not None:
+        conditions.append(f"t.created_at >= {arg(page.from_at)}")
+    if page.to_at is not None:
+        conditions.append(f"t.created_at < {arg(page.to_at)}")
+    if page.state is not None:
+        conditions.append(f"t.state = {arg(page.state)}")
+    if page.before_at is not None:
+        conditions.append(f"(t.created_at, t.id) < ({arg(page.before_at)}, {arg(page.before_id)})")
+    account, limit = arg(account_id), arg(page.limit)
+    where = " and ".join(conditions)
+    # Only constant text and $n placeholders are joined here; every value is a bound argument.
+    side = ("(select t.id, t.created_at, txr_transfer_body(t) as body from transfers t where t.{col} = "  # noqa: S608
+            + account + " and " + where + f" order by t.created_at desc, t.id desc limit {limit})")
+    sql = (f"select id, created_at, body from ({side.format(col='debit_account')} union all "  # noqa: S608
+           f"{side.format(col='credit_account')}) both_sides order by created_at desc, id desc limit {limit}")
+    return sql, args
+
+
 _Queued = tuple[dict[str, Any], "asyncio.Future[Outcome]", SpanContext | None]
 
 
@@ -232,6 +274,44 @@ class ShardStore:
             self._throttle_logged_s.clear()  # bounded; at worst a client is logged again sooner
         self._throttle_logged_s[client] = now
         log.warning("client_throttled", extra={"shard": self.name, "client": client, "limit": "shard_queue"})
+
+    async def post_exclusive(self, posting: Posting) -> Outcome:
+        """Post one posting in a transaction of its own (not group commit): a posting whose reference is declared
+        unique is checked and posted under its account's lock (migration 0010). An account locked longer than
+        BATCH_LOCK_WAIT_MS answers `AccountBusy`, unless the key already has its outcome (then that, replayed)."""
+        telemetry.annotate(shard=self.name)
+        item = _with_trace(posting.as_json(), telemetry.current_span_context())
+        results = await self._call(
+            "post_exclusive", "select txr_post_together($1::jsonb, $2)", [item], limits.BATCH_LOCK_WAIT_MS
+        )
+        if isinstance(results, dict) and results.get("busy"):
+            return await self._busy_outcome(item)
+        return Outcome.from_json(results[0])
+
+    async def post_atomic(self, client: str, key: str, fingerprint: str, items: list[Posting]) -> Outcome:
+        """An atomic batch (DESIGN D15): every posting in one transaction or none, one idempotent outcome under
+        the batch's key. An account locked longer than BATCH_LOCK_WAIT_MS answers `AccountBusy` (nothing posted,
+        nothing stored) unless the batch's key already has its outcome."""
+        telemetry.annotate(shard=self.name)
+        doc = await self._call_long(
+            "post_atomic", "select txr_post_atomic($1, $2, $3, $4::jsonb, $5)",
+            client, key, fingerprint, [p.as_json() for p in items], limits.BATCH_LOCK_WAIT_MS,
+            timeout_ms=limits.BATCH_STATEMENT_TIMEOUT_MS, batch_size=len(items),
+        )
+        if doc.get("busy"):
+            return await self._busy_outcome({"client": client, "key": key, "fingerprint": fingerprint})
+        return Outcome.from_json(doc)
+
+    async def _busy_outcome(self, item: dict[str, Any]) -> Outcome:
+        """The stored outcome of a key whose posting found an account busy, or `AccountBusy` when it has none:
+        never "nothing was posted" for a request that did post (see `_answer_busy`)."""
+        prior = await self._fetchval(
+            "idempotency_check", "select txr_idempotency_check($1, $2, $3)",
+            item["client"], item["key"], item["fingerprint"],
+        )
+        if prior is None:
+            raise AccountBusy(self.name)
+        return Outcome.from_json(prior)
 
     async def open_account(self, request: dict[str, Any]) -> Outcome:
         doc = await self._call("open_account", "select txr_open_account($1::jsonb)", request)
@@ -488,6 +568,20 @@ class ShardStore:
                 await asyncio.sleep(limits.POSTING_RETRY_BACKOFF_MS * attempt / 1000)
         raise AssertionError("unreachable")
 
+    async def _call_long(self, op: str, sql: str, *args: Any, timeout_ms: int, **span: Any) -> Any:
+        """`_call` for one statement allowed `timeout_ms` instead of the pool's statement timeout (set for its
+        own transaction only): an atomic batch of 1,000 postings is one statement."""
+        for attempt in range(1, limits.POSTING_RETRIES_MAX + 1):
+            try:
+                async with self._connection(op, **span) as conn, conn.transaction():
+                    await conn.execute(f"set local statement_timeout = {int(timeout_ms)}")
+                    return await conn.fetchval(sql, *args, timeout=timeout_ms / 1000 + 1)
+            except _RETRYABLE:
+                if attempt == limits.POSTING_RETRIES_MAX:
+                    raise
+                await asyncio.sleep(limits.POSTING_RETRY_BACKOFF_MS * attempt / 1000)
+        raise AssertionError("unreachable")
+
     # Reads ------------------------------------------------------------------------------------------
 
     async def owns(self, slot: int) -> bool:
@@ -543,6 +637,33 @@ class ShardStore:
                order by id desc limit $3""",
             account_id, before_id, limit,
         )
+        return account, [dict(r) for r in rows]
+
+    async def transfers_by_reference(self, client: str, reference: str, *, limit: int) -> list[dict[str, Any]]:
+        """The client's transfers with this reference that this shard answers for, newest first. A saga's
+        credit-side copy (on the credit shard) is left out: its debit shard answers for the transfer and its
+        state (a transfer id embeds its debit slot)."""
+        rows = await self._fetch(
+            "transfers_by_reference",
+            """select txr_transfer_body(t) as body, t.created_at, t.id from transfers t
+               where t.client = $1 and t.reference = $2
+                 and (t.debit_shard is null or t.debit_shard = (select shard from shard_info))
+               order by t.created_at desc, t.id desc limit $3""",
+            client, reference, limit,
+        )
+        return [dict(r) for r in rows]
+
+    async def account_transfers(
+        self, account_id: str, client: str, slot: int, page: TransfersQuery
+    ) -> tuple[Outcome, list[dict[str, Any]]]:
+        """An account's transfers, newest first, keyset-paginated on (created_at, id): one index range scan per
+        side (transfers_debit_account, transfers_credit_account), merged."""
+        assert 1 <= page.limit <= limits.TRANSFERS_PAGE_SIZE_MAX
+        account = await self.get_account(account_id, client, slot)
+        if account.status != 200:
+            return account, []
+        sql, args = account_transfers_sql(account_id, client, page)
+        rows = await self._fetch("account_transfers", sql, *args)
         return account, [dict(r) for r in rows]
 
     async def ready(self) -> bool:

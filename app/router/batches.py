@@ -1,0 +1,100 @@
+"""A non-atomic batch through the router (DESIGN D15): split by the region of each item's home account, the
+parts sent concurrently, the answers merged in the client's order.
+
+Each part is a request of the router's own making: its body is the region's items plus their indexes in the
+client's batch (`indexes`), so the region derives each item's key from the batch's key and the item's index in
+the client's batch, whatever the split (a replay after the shard map changed finds the same keys). Each part
+carries its own hop token, bound to that part's body, and the batch's Idempotency-Key, which the region uses only
+to derive item keys: a non-atomic batch stores nothing under the batch's key, only each item's outcome under its
+own. A region that cannot be reached answers its items 503 with the code it would answer a single request
+(`region_unavailable`, `region_draining`) while the other parts are answered as usual; an item answered 421
+(its slot moved) is sent once more after the shard map is refreshed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from app import telemetry
+from app.api.schemas import BatchItem, BatchRequest
+from app.api.upstreams import Answer
+from app.errors import Problem
+from app.security.tokens import BoundRequest, Principal
+
+if TYPE_CHECKING:
+    from app.router.app import Router
+
+BATCHES_PATH = "/v1/batches"
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+async def post_split_batch(
+    router: Router, principal: Principal, key: str, batch: BatchRequest, slots: list[list[int]],
+    client_headers: dict[str, str],
+) -> Answer:
+    results: list[dict[str, Any] | None] = [None] * len(batch.items)
+
+    async def send(indexes: list[int]) -> None:
+        await asyncio.gather(*(
+            _send_part(router, principal, key, region, part, batch.items, client_headers, results)
+            for region, part in _by_region(router, indexes, slots).items()
+        ))
+
+    seen = router.shardmap.current.version
+    await send(list(range(len(batch.items))))
+    moved = [i for i, result in enumerate(results) if result is not None and result["status"] == 421]
+    if moved:
+        # Their slots moved (DESIGN D13): a 421 posted nothing, so sending them again is safe.
+        telemetry.METRICS.misdirected.labels("router", router.region).inc()
+        await router.shardmap.refresh(seen_version=seen)
+        await send(moved)
+    assert all(result is not None for result in results)
+    body = {"atomic": False, "items": results}
+    headers = list(_JSON_HEADERS)
+    if all(result is not None and result.get("replayed") for result in results):
+        headers.append((b"idempotent-replayed", b"true"))
+    return Answer(200, headers, msgspec.json.encode(body))
+
+
+def _by_region(router: Router, indexes: list[int], slots: list[list[int]]) -> dict[str, list[int]]:
+    parts: dict[str, list[int]] = {}
+    for index in indexes:
+        parts.setdefault(router.shardmap.region_for_slot(slots[index][0]), []).append(index)
+    return parts
+
+
+async def _send_part(
+    router: Router, principal: Principal, key: str, region: str, indexes: list[int], items: list[BatchItem],
+    client_headers: dict[str, str], results: list[dict[str, Any] | None],
+) -> None:
+    """Send one region its items and write each item's answer into `results` (never raises for the region)."""
+    body = msgspec.json.encode(BatchRequest(atomic=False, items=[items[i] for i in indexes], indexes=indexes))
+    hop = router.minter.for_client(principal, BoundRequest("POST", BATCHES_PATH, body, key))
+    headers = {**client_headers, "authorization": "Bearer " + hop, "idempotency-key": key,
+               "content-type": "application/json"}
+    try:
+        router.refuse_if_draining(region)
+        answer = await router.send_to_region(region, "POST", BATCHES_PATH, headers, body)
+    except Problem as problem:  # the region is down or drained: its items say so, the others are answered
+        for index in indexes:
+            results[index] = {"status": problem.status, "code": problem.code, "detail": problem.detail,
+                              "region": region}
+        return
+    doc: Any = None
+    try:
+        doc = msgspec.json.decode(answer.body)
+    except msgspec.DecodeError:
+        pass
+    if answer.status == 200 and isinstance(doc, dict) and len(doc.get("items", ())) == len(indexes):
+        for index, result in zip(indexes, doc["items"], strict=True):
+            results[index] = result
+        return
+    # The region refused the part as a whole (a problem it would answer each item alone too).
+    code = doc.get("code", "internal_error") if isinstance(doc, dict) else "internal_error"
+    detail = doc.get("detail", "the region's answer could not be read") if isinstance(doc, dict) else (
+        "the region's answer could not be read")
+    for index in indexes:
+        results[index] = {"status": answer.status, "code": code, "detail": detail}

@@ -1,0 +1,186 @@
+"""Batches through the global endpoint (issue 12, DESIGN D15): three regions as processes, each with its own
+PostgreSQL, and a router in front. Atomic batches keep to one shard and post all or nothing; non-atomic
+batches span regions and answer each item on its own, also while a region is down."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from app.local.processes import ServiceProcess
+from app.topology.model import Topology
+from tests.e2e.conftest import ROUTER_REGION, RouterApi
+from tests.helpers import accounts_in_one_shard, new_key, shard_of
+
+DOWN = "eu-north-1"
+
+
+async def post_batch(api: RouterApi, items: list[dict[str, Any]], *, atomic: bool, key: str) -> httpx.Response:
+    return await api.post("/v1/batches", {"atomic": atomic, "items": items}, key=key)
+
+
+def transfer(debit: str, credit: str, amount: int, **extra: Any) -> dict[str, Any]:
+    return {"type": "transfer", "debit_account": debit, "credit_account": credit, "amount": amount,
+            "currency": "EUR", **extra}
+
+
+def funds(kind: str, account: str, amount: int, **extra: Any) -> dict[str, Any]:
+    return {"type": kind, "account": account, "amount": amount, "currency": "EUR", **extra}
+
+
+async def balances(api: RouterApi, accounts: list[str]) -> dict[str, tuple[int, int]]:
+    """Each account's balance and number of entries."""
+    return {a: (await api.balance(a), len(await api.all_entries(a))) for a in accounts}
+
+
+async def test_an_atomic_batch_with_one_refused_item_leaves_every_balance_unchanged(
+    client_api: RouterApi, topology: Topology
+) -> None:
+    _, (a, b, c) = await accounts_in_one_shard(client_api, topology, 3)
+    await client_api.funded(a, 1_000)
+    before = await balances(client_api, [a, b, c])
+    items = [transfer(a, b, 300), funds("deposit", c, 50), transfer(b, c, 100), funds("withdrawal", a, 701)]
+    refused = await post_batch(client_api, items, atomic=True, key=new_key())
+    assert refused.status_code == 422, f"expected 422 batch_refused, got {refused.status_code} {refused.text}"
+    body = refused.json()
+    assert body["code"] == "batch_refused", body
+    codes = [item["code"] for item in body["items"]]
+    # Judged in order: the withdrawal finds 700 left after the first transfer, and asks 701.
+    assert codes == ["batch_item_not_posted"] * 3 + ["insufficient_funds"], codes
+    assert await balances(client_api, [a, b, c]) == before, "expected no item of a refused atomic batch to post"
+
+
+async def test_an_atomic_batch_posts_every_item_and_its_replay_is_exact(
+    client_api: RouterApi, topology: Topology
+) -> None:
+    _, (a, b) = await accounts_in_one_shard(client_api, topology, 2)
+    items = [funds("deposit", a, 500), transfer(a, b, 200, reference="r-1"), funds("withdrawal", b, 50)]
+    key = new_key()
+    first = await post_batch(client_api, items, atomic=True, key=key)
+    assert first.status_code == 201, first.text
+    assert [i["status"] for i in first.json()["items"]] == [201, 201, 201], first.text
+    again = await post_batch(client_api, items, atomic=True, key=key)
+    assert again.status_code == 201 and again.headers.get("idempotent-replayed") == "true", again.text
+    assert again.json() == first.json(), "expected the replay to answer the stored batch exactly"
+    assert (await client_api.balance(a), await client_api.balance(b)) == (300, 150), "expected each item once"
+    other = await post_batch(client_api, items[:2], atomic=True, key=key)
+    assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused", other.text
+
+
+async def test_a_thousand_item_atomic_batch_posts_in_one_request(client_api: RouterApi, topology: Topology) -> None:
+    _, (a, b) = await accounts_in_one_shard(client_api, topology, 2)
+    items = [funds("deposit", a, 3)] + [transfer(a, b, 1) if i % 2 else transfer(b, a, 1) for i in range(1, 999)]
+    items.append(transfer(a, b, 2))
+    assert len(items) == 1_000
+    response = await post_batch(client_api, items, atomic=True, key=new_key())
+    assert response.status_code == 201, response.text[:500]
+    assert len(response.json()["items"]) == 1_000
+    ids = {item["transfer"]["id"] for item in response.json()["items"]}
+    assert len(ids) == 1_000, "expected 1000 distinct transfers"
+    # 3 in; 499 units each way alternately; 2 more to b.
+    assert (await client_api.balance(a), await client_api.balance(b)) == (1, 2)
+    assert len(await client_api.all_entries(b)) == 998 + 1, "expected one entry of b per item that names it"
+
+
+async def test_a_batch_with_a_duplicate_item_key_is_refused_before_anything_posts(
+    client_api: RouterApi, topology: Topology
+) -> None:
+    _, (a, b) = await accounts_in_one_shard(client_api, topology, 2)
+    items = [funds("deposit", a, 10, idempotency_key="dup"), funds("deposit", b, 10, idempotency_key="dup")]
+    for atomic in (True, False):
+        response = await post_batch(client_api, items, atomic=atomic, key=new_key())
+        assert response.status_code == 422, response.text
+        assert response.json()["code"] == "batch_duplicate_item_key", response.text
+    key = new_key()
+    response = await post_batch(client_api, [funds("deposit", a, 10, idempotency_key=key)], atomic=False, key=key)
+    assert response.status_code == 422 and response.json()["code"] == "batch_duplicate_item_key", response.text
+    unique = [funds("deposit", a, 1, reference="inv-9", unique_reference=True)] * 2
+    response = await post_batch(client_api, unique, atomic=False, key=new_key())
+    assert response.status_code == 422 and response.json()["code"] == "batch_duplicate_reference", response.text
+    assert (await client_api.balance(a), await client_api.balance(b)) == (0, 0)
+
+
+async def test_an_atomic_batch_across_shards_is_refused_and_a_non_atomic_one_runs_a_saga(
+    client_api: RouterApi, topology: Topology
+) -> None:
+    here = (await client_api.open_account(region=ROUTER_REGION)).json()["id"]
+    there = (await client_api.open_account(region="us-east-1")).json()["id"]
+    await client_api.funded(here, 100)
+    spans = await post_batch(client_api, [transfer(here, there, 10)], atomic=True, key=new_key())
+    assert spans.status_code == 422 and spans.json()["code"] == "batch_spans_shards", spans.text
+    saga = await post_batch(client_api, [transfer(here, there, 10)], atomic=False, key=new_key())
+    assert saga.status_code == 200, saga.text
+    item = saga.json()["items"][0]
+    assert item["status"] in (201, 202) and item["transfer"]["state"] in ("pending", "posted"), item
+    assert await client_api.balance(here) == 90
+
+
+async def test_a_non_atomic_batch_across_three_regions_answers_the_live_ones_while_one_is_down(
+    client_api: RouterApi, topology: Topology, region_services: dict[str, ServiceProcess]
+) -> None:
+    accounts = {}
+    for region in topology.regions:
+        opened = await client_api.open_account(region=region.name)
+        assert opened.status_code == 201, opened.text
+        accounts[region.name] = opened.json()["id"]
+    order = [r.name for r in topology.regions] * 3
+    items = [funds("deposit", accounts[region], 10 + i) for i, region in enumerate(order)]
+    key = new_key()
+    victim = region_services[DOWN]
+    victim.kill()
+    try:
+        response = await post_batch(client_api, items, atomic=False, key=key)
+        assert response.status_code == 200, response.text
+        results = response.json()["items"]
+        assert len(results) == len(items)
+        for region, result in zip(order, results, strict=True):
+            if region == DOWN:
+                assert (result["status"], result["code"]) == (503, "region_unavailable"), result
+            else:
+                assert result["status"] == 201 and result["transfer"]["amount"] > 0, result
+        for region, account in accounts.items():
+            if region != DOWN:
+                expected = sum(10 + i for i, r in enumerate(order) if r == region)
+                assert await client_api.balance(account) == expected, f"expected {region}'s deposits once"
+    finally:
+        victim.start()
+        victim.wait_ready()
+    # The client retries the same batch with the same key: the live regions' items replay, the others post.
+    retried = await post_batch(client_api, items, atomic=False, key=key)
+    assert retried.status_code == 200, retried.text
+    for region, first, again in zip(order, results, retried.json()["items"], strict=True):
+        assert again["status"] == 201, again
+        if region != DOWN:
+            assert again.get("replayed") is True and again["transfer"]["id"] == first["transfer"]["id"], again
+    for region, account in accounts.items():
+        expected = sum(10 + i for i, r in enumerate(order) if r == region)
+        assert await client_api.balance(account) == expected, f"expected every deposit of {region} exactly once"
+
+
+async def test_a_unique_reference_is_refused_when_taken_on_the_same_account(
+    client_api: RouterApi, topology: Topology
+) -> None:
+    shard, (a, b) = await accounts_in_one_shard(client_api, topology, 2)
+    await client_api.funded(a, 100)
+    body = {"debit_account": a, "credit_account": b, "amount": 5, "currency": "EUR", "reference": "payout-7",
+            "unique_reference": True}
+    key = new_key()
+    first = await client_api.post("/v1/transfers", body, key=key)
+    assert first.status_code == 201, first.text
+    replay = await client_api.post("/v1/transfers", body, key=key)
+    assert replay.status_code == 201 and replay.headers.get("idempotent-replayed") == "true", replay.text
+    taken = await client_api.post("/v1/transfers", body)
+    assert taken.status_code == 409 and taken.json()["code"] == "reference_in_use", taken.text
+    assert taken.json()["transfer_id"] == first.json()["id"], taken.text
+    # Another account's payments may use the same reference, and without the flag any reference may repeat.
+    await client_api.funded(b, 5)
+    other = await client_api.post("/v1/transfers", {**body, "debit_account": b, "credit_account": a})
+    assert other.status_code == 201, other.text
+    plain = await client_api.post("/v1/transfers", {**body, "unique_reference": False})
+    assert plain.status_code == 201, plain.text
+    in_batch = await post_batch(client_api, [transfer(a, b, 1, reference="payout-7", unique_reference=True)],
+                                atomic=True, key=new_key())
+    assert in_batch.status_code == 422 and in_batch.json()["items"][0]["code"] == "reference_in_use", in_batch.text
+    assert await client_api.balance(a) == 100 - 5 + 5 - 5, "expected the refused postings to move nothing"
+    assert shard_of(topology, a) == shard
