@@ -61,7 +61,8 @@ def match(method: str, path: str) -> Route:
         return Route(Kind.FIND_BY_REFERENCE, scopes.ACCOUNTS_READ)
     if post is not None:
         if method != "POST":
-            raise Problem("method_not_allowed", headers={"allow": "POST"})
+            allow = "GET, POST" if path == "/v1/transfers" else "POST"
+            raise Problem("method_not_allowed", headers={"allow": allow})
         return post
     parts = path.split("/")  # ['', 'v1', 'accounts', id] or [..., id, 'entries']
     resource_post = _resource_post(parts)

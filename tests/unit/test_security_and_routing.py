@@ -118,8 +118,11 @@ def test_client_issuers_keep_to_their_namespace_and_refuse_ambiguous_configurati
 def test_routes_match_the_public_api_and_refuse_the_rest() -> None:
     assert match("POST", "/v1/transfers").kind is Kind.TRANSFER
     assert match("GET", "/v1/accounts/acc_x/entries").kind is Kind.READ_ACCOUNT
+    assert match("GET", "/v1/transfers").kind is Kind.FIND_BY_REFERENCE  # ?reference=, asked of every region
+    assert match("POST", "/v1/batches").kind is Kind.BATCH
+    assert match("GET", "/v1/accounts/acc_x/transfers").kind is Kind.READ_ACCOUNT
     for method, path, status in (("GET", "/v1/nope", 404), ("DELETE", "/v1/accounts/acc_x", 405),
-                                 ("GET", "/v1/transfers", 405)):
+                                 ("DELETE", "/v1/transfers", 405), ("GET", "/v1/batches", 405)):
         with pytest.raises(Problem) as caught:
             match(method, path)
         assert caught.value.status == status, f"expected {status} for {method} {path}"
