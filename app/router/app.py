@@ -38,8 +38,8 @@ from app.api.schemas import RouterReadiness
 from app.api.upstreams import Answer, NoAnswer, NotConnected, UpstreamError, Upstreams
 from app.config import RouterSettings
 from app.errors import PROBLEM_CONTENT_TYPE, Problem, problem_body
-from app.router.docs import docs_asset, docs_page
 from app.router.batches import post_split_batch
+from app.router.docs import docs_asset, docs_page
 from app.router.hold import SlotMovingHold, is_slot_moving
 from app.router.lookups import find_by_reference
 from app.router.ratelimit import ClientRateLimiter

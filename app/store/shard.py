@@ -19,7 +19,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -140,10 +139,10 @@ class TransfersQuery:
     """A page of an account's transfers: created in [from_at, to_at), in `state`, before the cursor."""
 
     limit: int
-    from_at: datetime | None = None
-    to_at: datetime | None = None
+    from_at: datetime.datetime | None = None
+    to_at: datetime.datetime | None = None
     state: str | None = None
-    before_at: datetime | None = None  # the cursor: the last listed transfer's (created_at, id)
+    before_at: datetime.datetime | None = None  # the cursor: the last listed transfer's (created_at, id)
     before_id: str | None = None
 
 
