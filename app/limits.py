@@ -197,6 +197,10 @@ SAGA_DELIVERY_TIMEOUT_S = 5.0
 WAN_LATENCY_MS_MAX = 2_000
 
 # Observability (app/telemetry.py)
+# A scrape observes at most this many ended freezes of slot moves per shard (each once per region process,
+# which remembers at most MOVE_FREEZES_REMEMBERED_MAX of them, then forgets them all at once).
+MOVE_FREEZES_OBSERVED_MAX = 100
+MOVE_FREEZES_REMEMBERED_MAX = 10_000
 METRICS_DB_TIMEOUT_S = 1.0  # a scrape's outbox and audit read, per shard; a slow shard leaves its gauges stale
 SPAN_ATTRIBUTE_CHARS_MAX = 128  # no span attribute value is longer (they carry names and codes, nothing else)
 EMF_INTERVAL_S = 60.0  # how often a region or router writes its CloudWatch metrics (embedded metric format)

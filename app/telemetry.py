@@ -210,8 +210,9 @@ class Metrics:
                                 "How long the oldest unfinished move leaving a shard has been in its phase",
                                 ["region", "shard", "phase"], registry=r)
         self.move_lag = g("txroute_slot_move_lag_rows",
-                          "Rows of unfinished moves leaving a shard not yet copied (copy) or changes not yet "
-                          "applied to the target (catch-up), by phase", ["region", "shard", "phase"], registry=r)
+                          "Changes to the range of an unfinished move leaving a shard (its change log) not yet "
+                          "applied to the target: the catch-up's lag, by phase",
+                          ["region", "shard", "phase"], registry=r)
         self.move_freeze = h("txroute_slot_move_freeze_duration_seconds",
                              "How long a move kept its slot range frozen (writes answered 503 slot_moving), "
                              "observed once per move leaving a shard of this region when its freeze ended",

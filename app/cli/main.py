@@ -117,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     from app.placement import cli as slots_cli  # `txroute slots ...`: slot moves (issue 11)
 
     slots_cli.add_parser(sub)
+    from app.ops import placement_cli  # `txroute regions evacuate`: a region's slots to another region
+
+    placement_cli.add_regions_parser(sub)
     return parser
 
 

@@ -41,7 +41,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--yes", action="store_true")
     target_options(p, _cancel)
 
-    from app.ops.slots_cli import add_plan_parser  # `txroute slots plan`: regions/ against the databases
+    from app.ops.placement_cli import add_plan_parser  # `txroute slots plan`: regions/ against the databases
 
     add_plan_parser(commands)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -290,6 +291,39 @@ async def _observe_shard(region: str, store: ShardStore) -> None:
     if seen["audit_clean"] is not None:
         m.audit_clean.labels(region, store.name).set(1 if seen["audit_clean"] else 0)
         m.audit_time.labels(region, store.name).set(seen["audit_at"])
+    await _observe_moves(region, store)
+
+
+# Slot moves (DESIGN D13) are read from the shards' `slot_moves` rows at each scrape. A freeze is observed
+# in the histogram once per process: the moves whose freeze ended after the process started, remembered by id.
+_MOVE_PHASES = ("copying", "catching_up", "frozen", "switching")  # unfinished, as migration 0008 names them
+_STARTED_AT = datetime.datetime.now(datetime.UTC)
+_freezes_seen: set[str] = set()
+
+
+async def _observe_moves(region: str, store: ShardStore) -> float | None:
+    """Set the shard's move gauges and observe new freezes; returns the unfinished move's phase age (0 when
+    none), or None when the shard could not be read in time."""
+    m = telemetry.METRICS
+    try:
+        async with asyncio.timeout(limits.METRICS_DB_TIMEOUT_S):
+            seen = await store.observe_moves(ended_since=_STARTED_AT)
+    except (TimeoutError, ShardUnavailable):
+        m.scrape_errors.labels(region, store.name).inc()
+        return None
+    active = seen["active"] or {}
+    for phase in _MOVE_PHASES:
+        here = active.get("phase") == phase
+        m.moves_in_progress.labels(region, store.name, phase).set(1 if here else 0)
+        m.move_phase_age.labels(region, store.name, phase).set(active["phase_age_s"] if here else 0)
+        m.move_lag.labels(region, store.name, phase).set(active["lag"] if here else 0)
+    if len(_freezes_seen) >= limits.MOVE_FREEZES_REMEMBERED_MAX:
+        _freezes_seen.clear()  # bounded memory; a freeze seen again is one more sample, never a lost one
+    for move_id, freeze_s in seen["freezes"]:
+        if move_id not in _freezes_seen:
+            _freezes_seen.add(move_id)
+            m.move_freeze.labels(region).observe(max(freeze_s, 0.0))
+    return float(active["phase_age_s"]) if active else 0.0
 
 
 async def _publish_cloudwatch_metrics(ledger: RegionLedger) -> None:
@@ -298,17 +332,22 @@ async def _publish_cloudwatch_metrics(ledger: RegionLedger) -> None:
     while True:
         await asyncio.sleep(limits.EMF_INTERVAL_S)
         seen = []
+        move_ages: list[float] = []
         for store in ledger.stores.values():
             try:
                 async with asyncio.timeout(limits.METRICS_DB_TIMEOUT_S):
                     seen.append(await store.observe())
+                age = await _observe_moves(ledger.region, store)
+                if age is not None:
+                    move_ages.append(age)
             except (TimeoutError, ShardUnavailable):
                 pass  # that shard's figures are missing from this interval; the alarms treat missing data
             except Exception as exc:  # the publisher must outlive any one failure
                 log.error("cloudwatch_metrics_error", extra={"shard": store.name, "error_type": type(exc).__name__})
         audits = [s["audit_clean"] for s in seen if s["audit_clean"] is not None]
         oldest_s = max((s["oldest_s"] for s in seen), default=None)
-        print(emf.line(outbox_oldest_s=oldest_s, audit_clean=all(audits) if audits else None),
+        print(emf.line(outbox_oldest_s=oldest_s, audit_clean=all(audits) if audits else None,
+                       move_phase_age_s=max(move_ages, default=None)),
               file=sys.stderr, flush=True)
 
 

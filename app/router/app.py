@@ -90,9 +90,11 @@ class Router:
         hold: SlotMovingHold,
     ) -> None:
         self.region = region
-        # The regions of regions/ that own slots: the default region of a new account is one of them, and an
-        # account opened in a region that owns none is refused here (app.topology.placement).
+        # The regions of regions/ that own slots: the default region of a new account is one of them, the same
+        # on every router (app.topology.placement). An account opened in a region that the live shard map
+        # gives no slot is refused here (a region file being added; or a region evacuated).
         self.regions = regions
+        self._owning: tuple[int, frozenset[str]] = (0, frozenset())  # (map version, regions owning a slot)
         self.clients = clients
         self.minter = minter
         self.upstreams = upstreams
@@ -227,7 +229,7 @@ class Router:
             region = named_region
             if not self.upstreams.knows(region):
                 raise Problem("invalid_request", f"no region named {region!r}")
-            if region not in self.regions:
+            if region not in self._owning_regions():
                 raise Problem("invalid_request", f"region {region} owns no slots yet and opens no accounts")
             self.refuse_if_draining(region)
 
@@ -264,6 +266,12 @@ class Router:
         # The map is stale (slots moved): a refusal with 421 wrote nothing, so sending again is safe.
         await self.shardmap.refresh(seen_version=seen)
         return await self.send_to_region(self.shardmap.region_for_slot(slot), method, path_qs, headers, body)
+
+    def _owning_regions(self) -> frozenset[str]:
+        current = self.shardmap.current
+        if self._owning[0] != current.version:
+            self._owning = (current.version, frozenset(current.regions))
+        return self._owning[1]
 
     def refuse_if_draining(self, region: str) -> None:
         """A write for a drained region (`txroute ops drain`) is answered here; reads still go through."""

@@ -402,6 +402,34 @@ class ShardStore:
         )
         return dict(row)
 
+    async def observe_moves(self, *, ended_since: datetime.datetime) -> dict[str, Any]:
+        """One round trip for the slot-move metrics (DESIGN D13) of the moves leaving this shard (its
+        `slot_moves` rows with role `source`, at most one unfinished by a unique index): the unfinished one's
+        phase, how long it has been in it (since `frozen_at` while frozen or switching: the write freeze; else
+        since its last recorded progress), rows copied and changes not yet applied to the target; and the
+        freezes that ended since `ended_since` (at most MOVE_FREEZES_OBSERVED_MAX, newest first)."""
+        async with self._connection("observe_moves") as conn:
+            active = await conn.fetchrow(
+                """select m.id, m.phase, m.rows_copied,
+                          extract(epoch from clock_timestamp()
+                                  - case when m.phase in ('frozen', 'switching') then m.frozen_at
+                                         else m.updated_at end)::float as phase_age_s,
+                          (select count(*) from slot_move_changes c
+                           where c.move_id = m.id and c.id > m.log_cursor) as lag
+                   from slot_moves m
+                   where m.role = 'source' and m.phase in ('copying', 'catching_up', 'frozen', 'switching')
+                   order by m.created_at limit 1""")
+            freezes = await conn.fetch(
+                """select id, extract(epoch from coalesce(switched_at, updated_at) - frozen_at)::float as freeze_s
+                   from slot_moves
+                   where role = 'source' and frozen_at is not null
+                     and phase in ('switched', 'done', 'cancelled', 'aborted')
+                     and coalesce(switched_at, updated_at) >= $1
+                   order by coalesce(switched_at, updated_at) desc limit $2""",
+                ended_since, limits.MOVE_FREEZES_OBSERVED_MAX)
+        return {"active": dict(active) if active is not None else None,
+                "freezes": [(r["id"], r["freeze_s"]) for r in freezes]}
+
     async def _outcome(self, future: asyncio.Future[Outcome]) -> Outcome:
         """Wait for a queued posting's outcome, at most POSTING_ANSWER_TIMEOUT_S. On timeout the future is
         cancelled: a worker that has not sent it yet drops it; one that has may still commit it, so the
