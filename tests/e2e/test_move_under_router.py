@@ -142,11 +142,7 @@ async def test_an_accounts_slot_moves_to_another_region_under_deposits_through_t
 
         writer = asyncio.create_task(deposits())
         await poll_until(lambda: _answered(answers, 3), timeout_s=30, what="deposits flowing before the move")
-        target_of_move = Target(topology=world.topology, shard_dsns=world.shard_dsns(),
-                                router_urls=[world_router.url],
-                                region_urls={r: s.url for r, s in world.services.items()},
-                                ca_file=session_tls().ca_file)
-        mover = Mover(target_of_move, progress=lambda line: None)
+        mover = Mover(_target(world, world_router), progress=lambda line: None)
         spec = await mover.spec(slot, slot, target)
         await mover.begin(spec)
         assert await mover.run(spec) == "done"
@@ -173,3 +169,55 @@ async def test_an_accounts_slot_moves_to_another_region_under_deposits_through_t
 
 async def _answered(answers: list[tuple[int, float]], count: int) -> bool:
     return len(answers) >= count
+
+
+async def test_evacuating_a_region_moves_each_shard_range_and_its_accounts_stay_served_with_their_balances(
+    world: World, world_router: ServiceProcess, keys: SessionKeys,
+) -> None:
+    from app.ops.evacuate import evacuate, plan_evacuation
+    from app.ops.placement import plan, recorded_claims
+
+    client = new_client_id()
+    target = _target(world, world_router)
+    async with httpx.AsyncClient(base_url=world_router.url, timeout=HTTP_TIMEOUT_S) as http:
+        api = RouterApi(http, client, keys.client_token(client))
+        accounts = [(await api.open_account("EUR", region="eu-north-1")).json()["id"] for _ in range(6)]
+        # The receiving shards already serve EUR accounts (their EUR settlement accounts exist): a deposit to a
+        # moved account on a shard that never opened one in its currency fails today (reported, not fixed here).
+        shards_served: set[str] = set()
+        for _ in range(100):
+            opened = (await api.open_account("EUR", region="eu-west-1")).json()["id"]
+            shards_served.add(shard_of(world.topology, opened))
+            if shards_served == {"euw1-a", "euw1-b"}:
+                break
+        assert shards_served == {"euw1-a", "euw1-b"}, shards_served
+        for i, account in enumerate(accounts):
+            await api.funded(account, 100 + i)
+        evacuation = await plan_evacuation(target, "eu-north-1", "eu-west-1")
+        assert evacuation.moves == ((0, 682, "eun1-a", "euw1-a"), (683, 1365, "eun1-b", "euw1-b")), evacuation
+        assert evacuation.plan()[0].startswith("txroute slots move 0-682 --to euw1-a")
+        assert await evacuate(target, evacuation, progress=lambda line: None)
+        for i, account in enumerate(accounts):
+            assert await api.balance(account) == 100 + i, f"expected {account} served with its balance"
+        paid = await api.deposit(accounts[0], 1)
+        assert paid.status_code == 201, f"expected writes for an evacuated account at its new home: {paid.text}"
+        refused = await api.open_account("EUR", region="eu-north-1")
+
+        async def learnt() -> bool:  # the router learns the evacuated region owns nothing at its next refresh
+            return (await api.open_account("EUR", region="eu-north-1")).status_code == 400
+
+        await poll_until(learnt, timeout_s=10, what="the router to refuse accounts in the evacuated region")
+    claims, unreadable = await recorded_claims(target)
+    drift = plan(world.topology, claims, unreadable)
+    assert [(m.lo, m.hi, m.source, m.target) for m in drift.moves] == [
+        (0, 682, "euw1-a", "eun1-a"), (683, 1365, "euw1-b", "eun1-b")], "expected the files' drift named"
+    again = await plan_evacuation(target, "eu-north-1", "eu-west-1")
+    assert again.moves == () and "owns no slots" in again.plan()[0], "expected nothing left to evacuate"
+    report = await world.audit()
+    assert report.clean, report.text()
+    print(f"evacuated eu-north-1; an account open there right after answered {refused.status_code}")
+
+
+def _target(world: World, router: ServiceProcess) -> Target:
+    return Target(topology=world.topology, shard_dsns=world.shard_dsns(), router_urls=[router.url],
+                  region_urls={r: s.url for r, s in world.services.items()}, ca_file=session_tls().ca_file)
