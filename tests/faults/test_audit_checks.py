@@ -427,3 +427,43 @@ async def test_credit_has_debit_catches_a_credit_applied_to_another_account_than
         await assert_clean(world, full=True)
 
     await with_apis(world, body)
+
+
+async def test_the_audit_is_clean_after_holds_of_every_fate_and_catches_held_that_drifted(world, topology):
+    async def body(west: ApiClient, east: ApiClient) -> None:
+        a, b = await west.new_account(), await west.new_account()
+        far = await east.new_account()
+        await west.funded(a, 1_000)
+        open_hold = (await west.hold(a, b, 100)).json()["id"]
+        voided = (await west.hold(a, b, 50)).json()["id"]
+        assert (await west.void(voided)).status_code == 200
+        partial = (await west.hold(a, b, 80)).json()["id"]
+        assert (await west.capture(partial, 30)).status_code == 201
+        saga = (await west.hold(a, far, 70)).json()["id"]  # its capture is a saga to us-east-1
+        captured = await west.capture(saga, 60)
+        assert captured.status_code in (201, 202), captured.text
+        expired = (await west.hold(a, b, 20, expires_in_s=1)).json()["id"]
+
+        async def settled() -> bool:
+            reads = [(await west.get(f"/v1/transfers/{t}")).json()["state"] for t in (saga, expired)]
+            return reads == ["posted", "expired"]
+
+        await poll_until(settled, timeout_s=CAUGHT_WITHIN_S, what="the captured saga to post and a hold to expire")
+        await assert_clean(world, full=True)
+        shard = shard_of(topology, a)
+        await seeded_caught_repaired(
+            world, shard, "held_equals_open_holds", a,
+            seed=[("update accounts set held = held + 3 where id = $1", a)],
+            repair=[("update accounts set held = held - 3 where id = $1", a)],
+        )
+        await seeded_caught_repaired(
+            world, shard, "available_not_negative", a,
+            seed=[("update transfers set amount = amount + 5000, hold_amount = hold_amount + 5000 where id = $1",
+                   open_hold),
+                  ("update accounts set held = held + 5000 where id = $1", a)],
+            repair=[("update transfers set amount = amount - 5000, hold_amount = hold_amount - 5000 where id = $1",
+                     open_hold),
+                    ("update accounts set held = held - 5000 where id = $1", a)],
+        )
+
+    await with_apis(world, body)
