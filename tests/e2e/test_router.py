@@ -162,3 +162,31 @@ async def test_transfers_between_every_pair_of_regions_post_through_the_global_e
     for region, account in accounts.items():
         # Each region sent 10 to, and received 10 from, each of the others.
         assert await client_api.balance(account) == 1_000, f"expected {region}'s balance unchanged net"
+
+
+async def test_holds_closing_and_as_of_go_through_the_router_by_the_id_in_their_path(
+    client_api: RouterApi, topology: Topology
+) -> None:
+    """Capture, void and close carry their id in the path, not the body: the router routes them by its slot
+    (the accounts here are in other regions than the router's, so each write is forwarded)."""
+    far = next(r.name for r in topology.regions if r.name != ROUTER_REGION)
+    debit = (await client_api.open_account("EUR", region=far)).json()["id"]
+    credit = (await client_api.open_account("EUR", region=far)).json()["id"]
+    await client_api.funded(debit, 100)
+    first = (await client_api.hold(debit, credit, 40)).json()
+    second = (await client_api.hold(debit, credit, 60)).json()
+    assert (first["state"], second["state"]) == ("held", "held"), (first, second)
+    key = new_key()
+    captured = await client_api.capture(first["id"], 25, key=key)
+    assert captured.status_code in (201, 202) and captured.json()["amount"] == 25, captured.text
+    replay = await client_api.capture(first["id"], 25, key=key)
+    assert replay.headers.get("idempotent-replayed") == "true", replay.text
+    voided = await client_api.void(second["id"])
+    assert voided.status_code == 200 and voided.json()["state"] == "voided", voided.text
+    closed = await client_api.close(debit)
+    assert closed.status_code == 409 and closed.json()["code"] == "account_not_empty", closed.text
+    then = (await client_api.get(f"/v1/transfers/{second['id']}")).json()["history"][0]["at"]
+    as_of = await client_api.account(debit, as_of=then)
+    assert (as_of.json()["balance"], as_of.json()["held"]) == (100, 100), as_of.text
+    empty = await client_api.capture(second["id"])
+    assert empty.status_code == 409 and empty.json()["code"] == "transfer_not_held", empty.text
