@@ -66,6 +66,14 @@ class RegionSettings:
     # One client's postings queued or in commit on one shard; beyond it that client gets 429 rate_limited
     # while the others keep posting (app/store/shard.py).
     tenant_queue_postings_max: int = limits.TENANT_QUEUE_POSTINGS_MAX
+    # Events are deleted this many days after they were written (TXROUTE_EVENTS_RETENTION_DAYS, 1..365).
+    events_retention_days: int = limits.EVENTS_RETENTION_DAYS_DEFAULT
+    # TXROUTE_WEBHOOK_ALLOW_LOOPBACK=1 (the local stack only; never deployed, infra tests check): webhook urls
+    # may be http:// and loopback, so a developer receives on 127.0.0.1. Otherwise https and public addresses.
+    webhook_allow_loopback: bool = False
+    # Seconds between a failed webhook attempt and the next (TXROUTE_WEBHOOK_RETRY_SCHEDULE_S, comma-separated;
+    # tests shorten it); once it is over the endpoint is disabled.
+    webhook_retry_schedule_s: tuple[float, ...] = limits.WEBHOOK_RETRY_SCHEDULE_S
     faults: FaultSettings = field(default_factory=lambda: FaultSettings())
 
     @classmethod
@@ -98,8 +106,31 @@ class RegionSettings:
             internal_plaintext=plaintext,
             wan_latency_ms=_wan_latency_ms(e),
             tenant_queue_postings_max=tenant_queue,
+            events_retention_days=_events_retention_days(e),
+            webhook_allow_loopback=e.get("TXROUTE_WEBHOOK_ALLOW_LOOPBACK", "") == "1",
+            webhook_retry_schedule_s=_retry_schedule_s(e),
             faults=FaultSettings.from_env(e),
         )
+
+
+def _events_retention_days(e: os._Environ[str] | dict[str, str]) -> int:
+    days = _integer(e, "TXROUTE_EVENTS_RETENTION_DAYS", limits.EVENTS_RETENTION_DAYS_DEFAULT)
+    if not 1 <= days <= limits.EVENTS_RETENTION_DAYS_MAX:
+        raise SettingsError(f"TXROUTE_EVENTS_RETENTION_DAYS must be in 1..{limits.EVENTS_RETENTION_DAYS_MAX}")
+    return days
+
+
+def _retry_schedule_s(e: os._Environ[str] | dict[str, str]) -> tuple[float, ...]:
+    text = e.get("TXROUTE_WEBHOOK_RETRY_SCHEDULE_S")
+    if not text:
+        return limits.WEBHOOK_RETRY_SCHEDULE_S
+    try:
+        schedule = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise SettingsError("TXROUTE_WEBHOOK_RETRY_SCHEDULE_S is a comma-separated list of seconds") from None
+    if not 1 <= len(schedule) <= 32 or not all(0 <= s <= 7 * 86_400 for s in schedule):
+        raise SettingsError("TXROUTE_WEBHOOK_RETRY_SCHEDULE_S: 1..32 delays of 0..604800 s")
+    return schedule
 
 
 @dataclass(frozen=True)

@@ -261,3 +261,34 @@ MOVE_PENDING_SAGAS_POLL_MS = 50
 MOVE_STATEMENT_TIMEOUT_S = 60.0
 # A region asked for a slot it does not know as its own re-reads its shards' ownership at most this often.
 SLOT_OWNERSHIP_REFRESH_ON_MISS_MS = 100
+
+# Events and webhooks (DESIGN D16, issue 13).
+EVENTS_PAGE_SIZE_DEFAULT = 50
+EVENTS_PAGE_SIZE_MAX = 100
+EVENT_TYPES_PER_QUERY_MAX = 16  # `types=a,b` of the feed, `event_types` of an endpoint
+EVENTS_CURSOR_CHARS_MAX = 800  # an opaque cursor: per-shard positions, base64 JSON (the query string is 1 KiB)
+# Events are kept this long (Stripe keeps 30 days); settable per deployment (TXROUTE_EVENTS_RETENTION_DAYS).
+EVENTS_RETENTION_DAYS_DEFAULT = 30
+EVENTS_RETENTION_DAYS_MAX = 365
+EVENTS_CLEANUP_BATCH_MAX = 1_000  # rows one cleanup statement deletes; it runs again while it finds more
+EVENTS_CLEANUP_BATCHES_PER_RUN_MAX = 20
+EVENTS_CLEANUP_INTERVAL_S = 300.0
+EVENTS_FEED_DB_TIMEOUT_S = 5.0  # one shard's page of the feed
+WEBHOOK_ENDPOINTS_PER_CLIENT_MAX = 16
+WEBHOOK_URL_CHARS_MAX = 2_048
+WEBHOOK_DESCRIPTION_CHARS_MAX = 256
+WEBHOOK_SECRET_BYTES = 32  # `whsec_` + base64 of this many random bytes (Standard Webhooks asks >= 24)
+WEBHOOK_SECRET_OVERLAP_S = 24 * 3600  # after a rotation the previous secret signs too, this long
+WEBHOOK_TIMEOUT_S = 10.0  # one delivery attempt, connect to last byte of the answer
+WEBHOOK_RESPONSE_BYTES_MAX = 4_096  # of a receiver's answer body we read (and drop): a receiver cannot flood us
+# Backoff after each failed attempt (then the endpoint is disabled: at most ~3 days of tries), +- jitter.
+WEBHOOK_RETRY_SCHEDULE_S = (5, 300, 1_800, 7_200, 18_000, 36_000, 86_400, 86_400, 86_400)
+WEBHOOK_RETRY_JITTER_RATIO = 0.1
+WEBHOOK_IN_FLIGHT_PER_ENDPOINT_MAX = 4  # so one slow endpoint holds at most this many of the worker's sends
+WEBHOOK_IN_FLIGHT_MAX = 64  # per region worker, all endpoints
+WEBHOOK_CLAIM_LEASE_MS = 30_000  # a claimed delivery is due again after this (a crash mid-send), > the timeout
+WEBHOOK_IDLE_POLL_MS = 200
+WEBHOOK_INGEST_PAGE_MAX = 100  # events read from one shard's feed per endpoint per pass
+WEBHOOK_PEER_TIMEOUT_S = 5.0  # reading another region's feed for an endpoint
+WEBHOOK_DNS_TIMEOUT_S = 5.0
+WEBHOOK_DELIVERIES_PAGE_MAX = 100  # GET /v1/webhook-endpoints/{id}/deliveries

@@ -244,6 +244,27 @@ class Metrics:
                              ["region", "shard"], registry=r)
         self.audit_time = g("txroute_last_audit_timestamp_seconds", "When the last recorded audit ran (Unix time)",
                             ["region", "shard"], registry=r)
+        # Webhooks (issue 13). `reason` is a bounded set: status_4xx, status_5xx, gone, timeout, connection,
+        # url_refused; `endpoint` labels are bounded by WEBHOOK_ENDPOINTS_PER_CLIENT_MAX per client.
+        self.webhook_attempts = c("txroute_webhook_attempts_total", "Webhook delivery attempts, by result",
+                                  ["region", "result"], registry=r)
+        self.webhook_failures = c("txroute_webhook_failures_total", "Failed webhook delivery attempts, by reason",
+                                  ["region", "reason"], registry=r)
+        self.webhook_latency = h("txroute_webhook_attempt_duration_seconds",
+                                 "One webhook delivery attempt, connect to answer", ["region"],
+                                 buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.webhook_backlog_age = g("txroute_webhook_backlog_age_seconds",
+                                     "Age of the oldest event not yet delivered to an endpoint (0: none waiting)",
+                                     ["region", "endpoint"], registry=r)
+        self.webhook_endpoints_disabled = g("txroute_webhook_endpoints_disabled",
+                                            "Webhook endpoints of a shard disabled after failing deliveries or 410",
+                                            ["region", "shard"], registry=r)
+        self.webhook_endpoints_disabled_total = c(
+            "txroute_webhook_endpoint_disabled_total",
+            "Endpoints this process disabled, by why: gone (410) or failing (the retry schedule ran out)",
+            ["region", "reason"], registry=r)
+        self.events_deleted = c("txroute_events_deleted_total", "Events deleted past their retention",
+                                ["region", "shard"], registry=r)
         self.scrape_errors = c("txroute_metrics_shard_read_errors_total",
                                "Scrapes that could not read a shard's outbox or audit record in time",
                                ["region", "shard"], registry=r)

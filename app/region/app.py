@@ -24,7 +24,10 @@ from app.api.schemas import RegionReadiness, SagaMessage
 from app.api.upstreams import Upstreams
 from app.config import RegionSettings
 from app.errors import Problem
+from app.events.delivery import WebhookWorker
+from app.events.urls import UrlPolicy
 from app.region.api import PUBLIC_ROUTES, REQUEST_BODIES, outcome_response
+from app.region.events_api import EVENT_ROUTES
 from app.region.health import Readiness
 from app.region.identity import require_internal, saga_peer, verified_body
 from app.region.saga import Saga
@@ -76,6 +79,7 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
         else None
     )
     peer_tls = client_context(settings.internal_ca_file)  # an unreadable CA bundle fails here, at start
+    webhook_policy = UrlPolicy(allow_loopback=settings.webhook_allow_loopback)
 
     @contextlib.asynccontextmanager
     async def lifespan(application: Litestar) -> AsyncIterator[None]:
@@ -86,6 +90,8 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
         emf: asyncio.Task[None] | None = None
         readiness: asyncio.Task[None] | None = None
         sweeper: asyncio.Task[None] | None = None
+        webhooks: asyncio.Task[None] | None = None
+        retention: asyncio.Task[None] | None = None
         try:
             for shard in region.shards:
                 pool = await open_pool(settings.database, shard.database, size_max=settings.db_pool_size_max)
@@ -112,10 +118,17 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
             drain_watch = asyncio.create_task(_watch_drain(application.state.ledger), name="drain-watch")
             emf = asyncio.create_task(_publish_cloudwatch_metrics(application.state.ledger), name="emf")
             sweeper = asyncio.create_task(sweep_forever(stores), name="hold-sweeper")
+            worker = WebhookWorker(
+                region=region.name, topology=topology, stores=stores, peers=peers, minter=saga_minter,
+                policy=webhook_policy, schedule_s=settings.webhook_retry_schedule_s,
+            )
+            webhooks = asyncio.create_task(worker.run_forever(), name="webhooks")
+            retention = asyncio.create_task(
+                _events_retention(application.state.ledger, settings.events_retention_days), name="retention")
             log.info("region_started", extra={"region": region.name, "shards": len(stores)})
             yield
         finally:
-            for task in (readiness, relay, drain_watch, emf, sweeper):
+            for task in (readiness, relay, drain_watch, emf, sweeper, webhooks, retention):
                 if task is not None:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
@@ -125,7 +138,9 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
                 await store.close()
 
     app = Litestar(
-        route_handlers=[*PUBLIC_ROUTES, healthz, readyz, shardmap, saga_apply, openapi_document, metrics],
+        route_handlers=[
+            *PUBLIC_ROUTES, *EVENT_ROUTES, healthz, readyz, shardmap, saga_apply, openapi_document, metrics,
+        ],
         lifespan=[lifespan],
         exception_handlers={
             **EXCEPTION_HANDLERS,
@@ -138,7 +153,7 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
         request_max_body_size=limits.REQUEST_BODY_BYTES_MAX,
         state=_state(
             topology=topology, region=region.name, request_bodies=REQUEST_BODIES, hop_tokens=hop_tokens,
-            client_tokens=clients, saga_tokens=saga_tokens,
+            client_tokens=clients, saga_tokens=saga_tokens, webhook_policy=webhook_policy,
         ),
         logging_config=None,
         on_startup=[lambda: telemetry.configure(service="region", region=region.name)],
@@ -190,6 +205,29 @@ def _tenant_queue_full(request: Request[Any, Any, Any], exc: Exception) -> Respo
         extra={"limit": "shard_queue", "shard": exc.shard},
         headers={"retry-after": retry_after},
     ))
+
+
+async def _events_retention(ledger: RegionLedger, retention_days: int) -> None:
+    """Deletes events (and finished webhook deliveries) older than the retention, every
+    EVENTS_CLEANUP_INTERVAL_S, at most EVENTS_CLEANUP_BATCH_MAX rows a statement and
+    EVENTS_CLEANUP_BATCHES_PER_RUN_MAX statements a run per shard: a backlog is worked off over several runs."""
+    before_s = retention_days * 86_400.0
+    while True:
+        for store in ledger.stores.values():
+            try:
+                for _ in range(limits.EVENTS_CLEANUP_BATCHES_PER_RUN_MAX):
+                    deleted = await store.events_cleanup(before_s, limit=limits.EVENTS_CLEANUP_BATCH_MAX)
+                    await store.webhook_call(
+                        "webhook_cleanup",
+                        "select txr_webhook_cleanup(clock_timestamp() - make_interval(secs => $1), $2)",
+                        before_s, limits.EVENTS_CLEANUP_BATCH_MAX,
+                    )
+                    telemetry.METRICS.events_deleted.labels(ledger.region, store.name).inc(deleted)
+                    if deleted < limits.EVENTS_CLEANUP_BATCH_MAX:
+                        break
+            except Exception as exc:  # the job outlives any one failure; the next run deletes what is left
+                log.error("events_retention_error", extra={"shard": store.name, "error_type": type(exc).__name__})
+        await asyncio.sleep(limits.EVENTS_CLEANUP_INTERVAL_S)
 
 
 async def _watch_drain(ledger: RegionLedger) -> None:

@@ -6,7 +6,9 @@ ACCOUNTS_READ = "accounts:read"
 ACCOUNTS_WRITE = "accounts:write"
 TRANSFERS_WRITE = "transfers:write"
 FUNDS_WRITE = "funds:write"  # deposits and withdrawals
-PUBLIC_SCOPES = frozenset({ACCOUNTS_READ, ACCOUNTS_WRITE, TRANSFERS_WRITE, FUNDS_WRITE})
+EVENTS_READ = "events:read"  # GET /v1/events
+WEBHOOKS_MANAGE = "webhooks:manage"  # /v1/webhook-endpoints: register, list, rotate, delete, deliveries
+PUBLIC_SCOPES = frozenset({ACCOUNTS_READ, ACCOUNTS_WRITE, TRANSFERS_WRITE, FUNDS_WRITE, EVENTS_READ, WEBHOOKS_MANAGE})
 
 # Only the routers' own hop tokens carry this (e.g. /internal/shardmap); a client token's scopes
 # are filtered to PUBLIC_SCOPES before the router passes them on, so no client can obtain it.
@@ -33,11 +35,15 @@ _RESOURCE_POSTS = {
 
 def required_scope(method: str, path: str) -> str | None:
     """The scope a public route needs, or None when `method path` is not a public route."""
+    if path == "/v1/webhook-endpoints" or path.startswith("/v1/webhook-endpoints/"):
+        return WEBHOOKS_MANAGE if method in ("GET", "HEAD", "POST", "DELETE") else None
     if method == "POST":
         parts = path.split("/")
         if len(parts) == 5 and parts[1] == "v1" and parts[3]:
             return _RESOURCE_POSTS.get((parts[2], parts[4]))
         return _POSTS.get(path)
+    if method in ("GET", "HEAD") and path == "/v1/events":
+        return EVENTS_READ
     if method in ("GET", "HEAD") and (
         path.startswith("/v1/accounts/") or path.startswith("/v1/transfers/") or path == "/v1/transfers"
     ):

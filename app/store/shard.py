@@ -383,6 +383,46 @@ class ShardStore:
         )
         return dict(row)
 
+    # Events and webhooks (DESIGN D16, migration 0011) ----------------------------------------------
+
+    async def events_page(
+        self, client: str, position: str, types: list[str] | None, limit: int
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """The client's events after `position` ("xid.seq"), in (xid, seq) order, at most `limit`: only those
+        whose transaction ended before this statement's snapshot, so none can later appear before them."""
+        xid, seq = position.split(".")
+        rows = await self._fetch(
+            "events_page",
+            """select xid::text || '.' || seq as position, id, type, client, slot, data,
+                      txr_ts(created_at) as created_at
+               from events
+               where client = $1 and (xid, seq) > ($2::text::xid8, $3::bigint)
+                 and xid < pg_snapshot_xmin(pg_current_snapshot())
+                 and ($4::text[] is null or type = any($4::text[]))
+               order by xid, seq
+               limit $5""",
+            client, xid, int(seq), types, limit,
+        )
+        return [
+            (r["position"], {"id": r["id"], "type": r["type"], "created_at": r["created_at"], "client": r["client"],
+                             "slot": r["slot"], "data": r["data"]})
+            for r in rows
+        ]
+
+    async def events_cleanup(self, before_s: float, *, limit: int) -> int:
+        """Delete at most `limit` events older than `before_s` seconds (retention); returns how many."""
+        return int(await self._fetchval(
+            "events_cleanup",
+            "select txr_events_cleanup(clock_timestamp() - make_interval(secs => $1), $2)", before_s, limit,
+        ))
+
+    async def webhook_call(self, op: str, sql: str, *args: Any) -> Any:
+        """One webhook function's round trip (app/events/webhooks.py names the SQL)."""
+        return await self._fetchval(op, sql, *args)
+
+    async def webhook_rows(self, op: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+        return await self._fetch(op, sql, *args)
+
     async def observe(self) -> dict[str, Any]:
         """One round trip for the metrics: the saga backlog and its oldest message's age (DESIGN D6), the
         dead letters, how close the fullest system account is to its bound (issue 10), and the last audit
