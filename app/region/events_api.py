@@ -59,16 +59,16 @@ async def internal_events(request: Request[Any, Any, Any]) -> Response[bytes]:
     return await _region_events(request, client)
 
 
-def _home_store(request: Request[Any, Any, Any], client: str) -> tuple[ShardStore, int]:
+async def _home_store(request: Request[Any, Any, Any], client: str) -> tuple[ShardStore, int]:
     slot = home_slot(client)
-    return ledger(request).store_for_slot(slot), slot
+    return await ledger(request).store_for_slot(slot), slot
 
 
-def _endpoint_store(request: Request[Any, Any, Any], endpoint_id: str) -> ShardStore:
+async def _endpoint_store(request: Request[Any, Any, Any], endpoint_id: str) -> ShardStore:
     slot = endpoint_slot(endpoint_id)
     if slot is None:
         raise Problem("webhook_endpoint_not_found", f"{endpoint_id[:40]!r} is not a valid webhook endpoint id")
-    return ledger(request).store_for_slot(slot)
+    return await ledger(request).store_for_slot(slot)
 
 
 def _not_found(endpoint_id: str) -> Problem:
@@ -90,7 +90,7 @@ async def create_endpoint(request: Request[Any, Any, Any]) -> Response[bytes]:
         await check_url(data.url, policy)
     except UrlRefused as exc:
         raise Problem("invalid_webhook_url", str(exc)) from None
-    store, slot = _home_store(request, client)
+    store, slot = await _home_store(request, client)
     doc = await store.webhook_call("webhook_create", "select txr_webhook_create($1::jsonb)", {
         "client": client, "key": key, "fingerprint": create_fingerprint(data), "slot": slot,
         "id": new_endpoint_id(slot), "url": data.url, "event_types": data.event_types,
@@ -106,7 +106,7 @@ _SELECT = """select txr_webhook_body(w) as body from webhook_endpoints w where w
 @get("/v1/webhook-endpoints", summary="List the client's webhook endpoints", responses=_ERRORS)
 async def list_endpoints(request: Request[Any, Any, Any]) -> Response[bytes]:
     client = await caller(request)
-    store, _ = _home_store(request, client)
+    store, _ = await _home_store(request, client)
     rows = await store.webhook_rows("webhook_list", _SELECT + " order by w.created_at, w.id", client)
     return json_response(request, 200, {"items": [r["body"] for r in rows]})
 
@@ -114,7 +114,7 @@ async def list_endpoints(request: Request[Any, Any, Any]) -> Response[bytes]:
 @get("/v1/webhook-endpoints/{endpoint_id:str}", summary="Read a webhook endpoint", responses=_ERRORS)
 async def get_endpoint(request: Request[Any, Any, Any], endpoint_id: str) -> Response[bytes]:
     client = await caller(request)
-    rows = await _endpoint_store(request, endpoint_id).webhook_rows(
+    rows = await (await _endpoint_store(request, endpoint_id)).webhook_rows(
         "webhook_get", _SELECT + " and w.id = $2", client, endpoint_id)
     if not rows:
         raise _not_found(endpoint_id)
@@ -126,7 +126,7 @@ async def get_endpoint(request: Request[Any, Any, Any], endpoint_id: str) -> Res
 async def delete_endpoint(request: Request[Any, Any, Any], endpoint_id: str) -> Response[None]:
     client = await caller(request)
     ledger(request).refuse_writes_if_draining()
-    found = await _endpoint_store(request, endpoint_id).webhook_call(
+    found = await (await _endpoint_store(request, endpoint_id)).webhook_call(
         "webhook_delete", "select txr_webhook_delete($1, $2)", endpoint_id, client)
     if not found:
         raise _not_found(endpoint_id)
@@ -139,7 +139,7 @@ async def rotate_secret(request: Request[Any, Any, Any], endpoint_id: str) -> Re
     client = await caller(request)
     ledger(request).refuse_writes_if_draining()
     key = idempotency_key(request.headers.get("idempotency-key"))
-    store = _endpoint_store(request, endpoint_id)
+    store = await _endpoint_store(request, endpoint_id)
     doc = await store.webhook_call("webhook_rotate", "select txr_webhook_rotate($1::jsonb)", {
         "client": client, "key": key, "fingerprint": fingerprint("webhook_rotate", {"id": endpoint_id}),
         "id": endpoint_id, "secret": signing.new_secret(), "overlap_s": limits.WEBHOOK_SECRET_OVERLAP_S,
@@ -151,7 +151,7 @@ async def rotate_secret(request: Request[Any, Any, Any], endpoint_id: str) -> Re
      summary="The endpoint's latest delivery attempts, newest first", responses=_ERRORS)
 async def list_deliveries(request: Request[Any, Any, Any], endpoint_id: str) -> Response[bytes]:
     client = await caller(request)
-    store = _endpoint_store(request, endpoint_id)
+    store = await _endpoint_store(request, endpoint_id)
     owned = await store.webhook_rows("webhook_get", _SELECT + " and w.id = $2", client, endpoint_id)
     if not owned:
         raise _not_found(endpoint_id)

@@ -40,10 +40,11 @@ from app.config import RouterSettings
 from app.errors import PROBLEM_CONTENT_TYPE, Problem, problem_body
 from app.router.batches import post_split_batch
 from app.router.docs import docs_asset, docs_page
+from app.router.events import merged_page
 from app.router.hold import SlotMovingHold, is_slot_moving
 from app.router.lookups import find_by_reference
 from app.router.ratelimit import ClientRateLimiter
-from app.router.routes import Kind, Route, decode_write, match, read_slot
+from app.router.routes import Kind, Route, decode_webhook_write, decode_write, match, read_slot, webhook_slot
 from app.router.shardmap import ShardMap, ShardMapCache
 from app.security.keys import load_private_key
 from app.security.scopes import INTERNAL
@@ -146,9 +147,19 @@ class Router:
             raise Problem("invalid_request", f"the query string may hold at most {limits.QUERY_STRING_BYTES_MAX} bytes")
         if route.kind is Kind.FIND_BY_REFERENCE:
             return await find_by_reference(self, principal, path, query, self._client_headers(headers, rid))
+        slot: int | None = None
+        named_region = None
         if route.kind is Kind.READ_ACCOUNT or route.kind is Kind.READ_TRANSFER:
-            slot: int | None = read_slot(route)
-            named_region = None
+            slot = read_slot(route)
+        elif route.kind is Kind.EVENTS:
+            pass  # every region (merged_page below)
+        elif route.kind is Kind.WEBHOOKS or route.kind is Kind.WEBHOOK:
+            slot = webhook_slot(route, principal.client)
+            if method == "POST":
+                body = await _read_body(receive, headers, limits.REQUEST_BODY_BYTES_MAX)
+                if body is None:
+                    return None
+                decode_webhook_write(route, body, headers.get("content-type", ""), headers.get("idempotency-key"))
         else:
             bytes_max = limits.BATCH_BODY_BYTES_MAX if route.kind is Kind.BATCH else limits.REQUEST_BODY_BYTES_MAX
             body = await _read_body(receive, headers, bytes_max)
@@ -182,6 +193,12 @@ class Router:
 
         upstream_headers = self._upstream_headers(headers, rid, mint(), key)
         upstream_headers[CLIENT_TOKEN_HEADER] = self._client_headers(headers, rid)[CLIENT_TOKEN_HEADER]
+        if route.kind is Kind.EVENTS:
+            return await merged_page(
+                query.decode("latin-1"), tuple(self.upstreams.urls),
+                lambda region: self.send_to_region(
+                    region, method, path_qs, {**upstream_headers, "authorization": "Bearer " + mint()}, None),
+            )
         return await self._forward(route, slot, named_region, method, path_qs, upstream_headers, body, mint)
 
     def _client_headers(self, headers: dict[str, str], rid: str) -> dict[str, str]:
@@ -364,6 +381,10 @@ def _template(route: Route, path: str) -> str:
         return "/v1/transfers/{transfer_id}/void"
     if route.kind is Kind.CLOSE_ACCOUNT:
         return "/v1/accounts/{account_id}/close"
+    if route.kind is Kind.WEBHOOK:
+        tail = path.rsplit("/", 1)[1]
+        suffix = "/" + tail if tail in ("rotate-secret", "deliveries") else ""
+        return "/v1/webhook-endpoints/{endpoint_id}" + suffix
     return path  # a POST route's path is its template
 
 

@@ -15,6 +15,7 @@ from app.api import batches
 from app.api.decoding import decode_body, decode_optional_body, idempotency_key
 from app.api.schemas import BatchRequest, CaptureRequest, FundsRequest, OpenAccountRequest, TransferRequest
 from app.errors import Problem
+from app.events.webhooks import EndpointRequest, endpoint_slot, home_slot
 from app.security import scopes
 from app.topology.ids import InvalidId, parse_account_id, parse_transfer_id
 
@@ -31,6 +32,9 @@ class Kind(enum.Enum):
     VOID = "void"
     CLOSE_ACCOUNT = "close_account"
     FIND_BY_REFERENCE = "find_by_reference"  # every region is asked (app/router/lookups.py)
+    EVENTS = "events"  # GET /v1/events: every region's part, merged (app/router/events.py)
+    WEBHOOKS = "webhooks"  # /v1/webhook-endpoints: the client's home slot (app/events/webhooks.py)
+    WEBHOOK = "webhook"  # /v1/webhook-endpoints/{id}[/rotate-secret|/deliveries]: the id's slot
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +58,50 @@ _BODIES: dict[Kind, type[Any]] = {
 }
 
 
+def _webhook_route(method: str, parts: list[str]) -> Route:
+    """/v1/webhook-endpoints[/{id}[/rotate-secret|/deliveries]] (parts after the split of the path)."""
+    allowed: tuple[str, ...]
+    path_id: str | None
+    if len(parts) == 3:
+        allowed, kind, path_id = ("GET", "HEAD", "POST"), Kind.WEBHOOKS, None
+    elif len(parts) == 4 and parts[3]:
+        allowed, kind, path_id = ("GET", "HEAD", "DELETE"), Kind.WEBHOOK, parts[3]
+    elif len(parts) == 5 and parts[3] and parts[4] == "rotate-secret":
+        allowed, kind, path_id = ("POST",), Kind.WEBHOOK, parts[3]
+    elif len(parts) == 5 and parts[3] and parts[4] == "deliveries":
+        allowed, kind, path_id = ("GET", "HEAD"), Kind.WEBHOOK, parts[3]
+    else:
+        raise Problem("not_found", "no such route")
+    if method not in allowed:
+        raise Problem("method_not_allowed", headers={"allow": ", ".join(a for a in allowed if a != "HEAD")})
+    return Route(kind, scopes.WEBHOOKS_MANAGE, path_id)
+
+
+def webhook_slot(route: Route, client: str) -> int:
+    """The slot of the shard holding the endpoint(s) of a webhook route."""
+    if route.path_id is None:
+        return home_slot(client)
+    slot = endpoint_slot(route.path_id)
+    if slot is None:
+        raise Problem("webhook_endpoint_not_found", f"{route.path_id[:40]!r} is not a valid webhook endpoint id")
+    return slot
+
+
+def decode_webhook_write(route: Route, body: bytes, content_type: str, key_header: str | None) -> None:
+    """Checks a webhook POST as strictly as the region will: a key always, a body for a registration."""
+    idempotency_key(key_header)
+    if route.kind is Kind.WEBHOOKS:
+        decode_body(body, content_type, EndpointRequest)
+
+
 def match(method: str, path: str) -> Route:
     """The route of `method path`, or the problem a region would answer for it (404, 405)."""
+    if path == "/v1/events":
+        if method not in ("GET", "HEAD"):
+            raise Problem("method_not_allowed", headers={"allow": "GET"})
+        return Route(Kind.EVENTS, scopes.EVENTS_READ)
+    if path == "/v1/webhook-endpoints" or path.startswith("/v1/webhook-endpoints/"):
+        return _webhook_route(method, path.split("/"))
     post = _POSTS.get(path)
     if post is not None and path == "/v1/transfers" and method in ("GET", "HEAD"):
         return Route(Kind.FIND_BY_REFERENCE, scopes.ACCOUNTS_READ)
