@@ -311,8 +311,8 @@ def _sample_sum(metric: Any, sample: str, keep: Callable[[dict[str, str]], bool]
 class CloudWatchEmf:
     """One JSON line per interval that CloudWatch Logs turns into metrics (dimension `Region`). A region's
     (`line`): the outbox's oldest message age, the last audit's result, the longest time an unfinished slot move
-    has spent in its phase and, over the interval, writes,
-    idempotency conflicts and postings refused 429 for a client's share of a shard's queue. A router's
+    has spent in its phase and, over the interval, writes, idempotency conflicts, postings refused 429 for a
+    client's share of a shard's queue and webhook endpoints disabled (410 or failing deliveries). A router's
     (`router_line`): only the requests it refused 429 for a client's rate, so the two add up in `RateLimited`
     and nothing else is counted twice."""
 
@@ -327,21 +327,26 @@ class CloudWatchEmf:
         return self._document({"RateLimited": limited}, {"RateLimited": "Count"})
 
     @staticmethod
-    def _read_totals() -> tuple[float, float, float]:
+    def _read_totals() -> tuple[float, float, float, float]:
         conflicts = _sample_sum(METRICS.problems, "txroute_http_problems_total",
                                 lambda labels: labels["code"] in _IDEMPOTENCY_CODES)
         writes = _sample_sum(METRICS.requests, "txroute_http_request_duration_seconds_count",
                              lambda labels: labels["route"].startswith("POST /v1/"))
         limited = _sample_sum(METRICS.rate_limited, "txroute_rate_limited_total", lambda labels: True)
-        return conflicts, writes, limited
+        disabled = _sample_sum(METRICS.webhook_endpoints_disabled_total, "txroute_webhook_endpoint_disabled_total",
+                               lambda labels: True)
+        return conflicts, writes, limited, disabled
 
     def line(self, *, outbox_oldest_s: float | None, audit_clean: bool | None,
              move_phase_age_s: float | None = None) -> str:
         totals = self._read_totals()
-        conflicts, writes, limited = (now - before for now, before in zip(totals, self._totals, strict=True))
-        values: dict[str, float] = {"IdempotencyConflicts": conflicts, "Writes": writes, "RateLimited": limited}
+        conflicts, writes, limited, disabled = (
+            now - before for now, before in zip(totals, self._totals, strict=True))
+        values: dict[str, float] = {"IdempotencyConflicts": conflicts, "Writes": writes, "RateLimited": limited,
+                                    "WebhookEndpointsDisabled": disabled}
         self._totals = totals
-        units = {"IdempotencyConflicts": "Count", "Writes": "Count", "RateLimited": "Count"}
+        units = {"IdempotencyConflicts": "Count", "Writes": "Count", "RateLimited": "Count",
+                 "WebhookEndpointsDisabled": "Count"}
         if outbox_oldest_s is not None:
             values["OutboxOldestAgeSeconds"] = round(outbox_oldest_s, 3)
             units["OutboxOldestAgeSeconds"] = "Seconds"

@@ -102,6 +102,8 @@ def plan(config: StackConfig) -> Stack:
             # The router's client issuers (public keys): a region serves the client token, not the hop's say-so.
             "TXROUTE_CLIENT_ISSUERS": _client_issuers(keys),
             "TXROUTE_DATABASE_PASSWORD_FILE": str(cluster.service_password_file),
+            # A developer receives webhooks on http://127.0.0.1 (deployed: https and public addresses only).
+            "TXROUTE_WEBHOOK_ALLOW_LOOPBACK": "1",
         }
         if config.regions_dir is not None:
             env["TXROUTE_REGIONS_DIR"] = str(config.regions_dir)

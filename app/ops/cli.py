@@ -47,6 +47,20 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--yes", action="store_true", help="do it (without: print the plan only)")
     _target_options(p, _sagas_retry)
 
+    hooks = commands.add_parser("webhooks", help="webhook endpoints: backlog, disabled ones, retry, re-enable")
+    hooks_sub = hooks.add_subparsers(title="webhooks commands")
+    p = hooks_sub.add_parser("list", help="endpoints with their pending and failed deliveries, and why disabled")
+    p.add_argument("--client", default=None)
+    p.add_argument("--disabled", action="store_true", help="only the disabled endpoints")
+    p.add_argument("--json", action="store_true")
+    _target_options(p, _webhooks_list)
+    for verb, helptext in (("retry", "make an endpoint's pending and failed deliveries due now; --yes"),
+                           ("enable", "enable a disabled endpoint and retry its failed deliveries; --yes")):
+        p = hooks_sub.add_parser(verb, help=helptext)
+        p.add_argument("endpoint_id")
+        p.add_argument("--yes", action="store_true", help="do it (without: print the plan only)")
+        _target_options(p, _webhooks_retry if verb == "retry" else _webhooks_enable)
+
     p = commands.add_parser("audit", help="txroute audit, recorded in every shard; exits 1 on any violation")
     p.add_argument("--json", action="store_true")
     p.add_argument("--full", action="store_true", help="recompute whole histories (default: from checkpoints)")
@@ -163,6 +177,29 @@ def _sagas_retry(args: argparse.Namespace) -> int:
         raise OpsError("name transfer ids, or give --all-stuck (not both)")
     asyncio.run(sagas.retry(_target(args), transfer_ids=args.transfer_ids, all_stuck=args.all_stuck,
                             older_than_s=args.stuck_older_than, yes=args.yes))
+    return 0
+
+
+def _webhooks_list(args: argparse.Namespace) -> int:
+    from app.ops import webhooks
+
+    rows, unreadable = asyncio.run(webhooks.endpoints(_target(args), client=args.client,
+                                                      disabled_only=args.disabled))
+    _print({"endpoints": rows, "unreadable": unreadable}, args.json, webhooks.list_text(rows, unreadable))
+    return 0
+
+
+def _webhooks_retry(args: argparse.Namespace) -> int:
+    from app.ops import webhooks
+
+    asyncio.run(webhooks.retry(_target(args), args.endpoint_id, enable=False, yes=args.yes))
+    return 0
+
+
+def _webhooks_enable(args: argparse.Namespace) -> int:
+    from app.ops import webhooks
+
+    asyncio.run(webhooks.retry(_target(args), args.endpoint_id, enable=True, yes=args.yes))
     return 0
 
 

@@ -305,6 +305,7 @@ async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Prometheus exposition: the process's counters, and per shard its saga backlog, pool and last audit."""
     ledger: RegionLedger | None = request.app.state.get("ledger")
     if ledger is not None:
+        telemetry.METRICS.webhook_backlog_age.clear()  # endpoints deleted since the last scrape leave no series
         await asyncio.gather(*(_observe_shard(ledger.region, store) for store in ledger.stores.values()))
     body, content_type = telemetry.exposition()
     return Response(body, media_type=content_type)
@@ -318,9 +319,13 @@ async def _observe_shard(region: str, store: ShardStore) -> None:
     try:
         async with asyncio.timeout(limits.METRICS_DB_TIMEOUT_S):
             seen = await store.observe()
+            backlog, disabled = await store.webhook_observe()
     except (TimeoutError, ShardUnavailable):
         m.scrape_errors.labels(region, store.name).inc()
         return
+    for endpoint in backlog:
+        m.webhook_backlog_age.labels(region, endpoint["id"]).set(endpoint["age_s"])
+    m.webhook_endpoints_disabled.labels(region, store.name).set(disabled)
     m.saga_backlog.labels(region, store.name).set(seen["pending"])
     m.saga_oldest_s.labels(region, store.name).set(seen["oldest_s"])
     m.saga_dead_letters.labels(region, store.name).set(seen["dead_letters"])

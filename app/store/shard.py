@@ -416,6 +416,19 @@ class ShardStore:
             "select txr_events_cleanup(clock_timestamp() - make_interval(secs => $1), $2)", before_s, limit,
         ))
 
+    async def webhook_observe(self) -> tuple[list[asyncpg.Record], int]:
+        """Per enabled endpoint homed here, the age of its oldest undelivered event (0: none); and how many
+        endpoints are disabled."""
+        rows = await self._fetch(
+            "webhook_observe",
+            """select w.id, w.state,
+                      coalesce(extract(epoch from clock_timestamp() - min(d.event_created_at)), 0)::float as age_s
+               from webhook_endpoints w
+               left join webhook_deliveries d on d.endpoint_id = w.id and d.state = 'pending'
+               group by w.id, w.state""",
+        )
+        return [r for r in rows if r["state"] == "enabled"], sum(1 for r in rows if r["state"] == "disabled")
+
     async def webhook_call(self, op: str, sql: str, *args: Any) -> Any:
         """One webhook function's round trip (app/events/webhooks.py names the SQL)."""
         return await self._fetchval(op, sql, *args)

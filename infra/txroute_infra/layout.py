@@ -57,10 +57,11 @@ RUNBOOK_RECONCILIATION_MISMATCH = "runbooks/reconciliation-mismatch.md"
 RUNBOOK_IDEMPOTENCY_CONFLICTS = "runbooks/idempotency-conflict-spike.md"
 RUNBOOK_TENANT_THROTTLED = "runbooks/tenant-throttled.md"
 RUNBOOK_MOVE_SLOTS = "runbooks/move-slots.md"
+RUNBOOK_WEBHOOK_FAILURES = "runbooks/webhook-failures.md"
 RUNBOOKS = (
     RUNBOOK_REGION_UNAVAILABLE, RUNBOOK_LATENCY_OR_ERRORS, RUNBOOK_DATABASE_FAILOVER,
     RUNBOOK_DATABASE_CAPACITY, RUNBOOK_SAGA_BACKLOG, RUNBOOK_RECONCILIATION_MISMATCH,
-    RUNBOOK_IDEMPOTENCY_CONFLICTS, RUNBOOK_TENANT_THROTTLED, RUNBOOK_MOVE_SLOTS,
+    RUNBOOK_IDEMPOTENCY_CONFLICTS, RUNBOOK_TENANT_THROTTLED, RUNBOOK_MOVE_SLOTS, RUNBOOK_WEBHOOK_FAILURES,
 )
 
 # The custom metrics each region service publishes, per region (dimension `Region`), as CloudWatch embedded
@@ -69,7 +70,7 @@ RUNBOOKS = (
 # an unfinished slot move has spent in its phase; and, over the
 # interval, public writes and those answered 409/422 for a reused or in-flight Idempotency-Key, and requests
 # refused 429 rate_limited: by a region for a client's share of a shard's posting queue, and by the region's
-# routers (which publish only this one) for a client's rate.
+# routers (which publish only this one) for a client's rate; and webhook endpoints disabled.
 OUTBOX_METRIC_NAMESPACE = "txroute"
 OUTBOX_METRIC_NAME = "OutboxOldestAgeSeconds"
 AUDIT_CLEAN_METRIC_NAME = "LastAuditClean"
@@ -80,6 +81,8 @@ RATE_LIMITED_METRIC_NAME = "RateLimited"
 SLOT_MOVE_PHASE_AGE_METRIC_NAME = "SlotMoveOldestPhaseAgeSeconds"
 # A move in one phase longer than this is stuck (a freeze is seconds, a copy of millions of rows minutes).
 SLOT_MOVE_PHASE_AGE_S_MAX = 1800
+# Webhook endpoints the region's delivery worker disabled over the interval (a 410, or the retry schedule over).
+WEBHOOK_DISABLED_METRIC_NAME = "WebhookEndpointsDisabled"
 # Requests per minute a region's routers and services may refuse 429 before someone looks (runbook).
 RATE_LIMITED_PER_MIN_MAX = 60
 # Above this share of writes refused for their Idempotency-Key a client (or our retries) misbehaves.

@@ -537,3 +537,13 @@ def test_services_log_in_as_the_service_role_over_verified_tls_and_only_the_migr
             assert env["TXROUTE_DATABASE_URL"].startswith("postgresql://txroute_service@")
             assert env["TXROUTE_DATABASE_SECRET_ID"] == f"arn:aws:mock:{program_run.region_of(td)}-db-service-secret"
             assert env["TXROUTE_DATABASE_SSLMODE"] == "verify-full"
+
+
+def test_no_deployed_region_relaxes_the_webhook_url_rules_or_the_retry_schedule(program_run: Run) -> None:
+    import json
+
+    for td in _service_task_definitions(program_run):
+        (container,) = json.loads(td.inputs["containerDefinitions"])
+        env = {e["name"] for e in container["environment"]}
+        # Loopback and http receivers are for the local stack; a short schedule is for tests (issue 13).
+        assert not env & {"TXROUTE_WEBHOOK_ALLOW_LOOPBACK", "TXROUTE_WEBHOOK_RETRY_SCHEDULE_S"}, td.name

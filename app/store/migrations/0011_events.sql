@@ -197,7 +197,8 @@ begin
     end if;
     insert into webhook_endpoints (id, slot, client, url, event_types, description, secret)
     values (p ->> 'id', v_slot, p ->> 'client', p ->> 'url',
-            (select array_agg(t order by t) from jsonb_array_elements_text(p -> 'event_types') t),
+            case when jsonb_typeof(p -> 'event_types') = 'array' then
+                (select array_agg(t order by t) from jsonb_array_elements_text(p -> 'event_types') t) end,
             p ->> 'description', p ->> 'secret')
     returning * into v_endpoint;
     return txr_idempotency_store(p ->> 'client', p ->> 'key', p ->> 'fingerprint',

@@ -134,6 +134,13 @@ class RegionalCell(RegionalComponent):
                     "is over its rate at the routers or its share of a shard's posting queue.",
             metric={"namespace": ns, "metric_name": layout.RATE_LIMITED_METRIC_NAME, "dimensions": dims,
                     "statistic": "Sum"})
+        o.alarm(
+            "webhook-endpoint-disabled", runbook=layout.RUNBOOK_WEBHOOK_FAILURES,
+            comparison="GreaterThanThreshold", threshold=0, treat_missing_data="notBreaching",
+            summary=f"The webhook worker of {self.region} disabled an endpoint: it answered 410, or its deliveries "
+                    "failed for the whole retry schedule; its client receives nothing until it is re-enabled.",
+            metric={"namespace": ns, "metric_name": layout.WEBHOOK_DISABLED_METRIC_NAME, "dimensions": dims,
+                    "statistic": "Sum"})
 
     def _load_balancer_alarms(self, tier: str, lb_suffix: pulumi.Output[str],
                               tg_suffix: pulumi.Output[str]) -> None:
