@@ -59,16 +59,32 @@ async def internal_events(request: Request[Any, Any, Any]) -> Response[bytes]:
     return await _region_events(request, client)
 
 
+async def _owned_store(request: Request[Any, Any, Any], slot: int) -> ShardStore:
+    """The shard owning `slot`, asked of its database: right after a slot move this region's view may still name
+    the old shard for a moment, whose answer would be a stale 404; a misdirected problem (421, or 503 while the
+    slot is frozen) sends the router to look again."""
+    store = await ledger(request).store_for_slot(slot)
+    if not await store.webhook_call("webhook_owns", "select txr_event_slot_owned($1)", slot):
+        doc = await store.webhook_call("misdirected", "select txr_misdirected($1)", slot)
+        body = dict(doc["body"])
+        code, detail = body.pop("code"), body.pop("detail")
+        if code == "misdirected" and "owner_shard" in body:  # the shard's record of where the slot went
+            ledger(request).learn(slot, str(body["owner_region"]), str(body["owner_shard"]))
+        retry = {"retry-after": str(limits.SLOT_MOVING_RETRY_AFTER_S)} if code == "slot_moving" else {}
+        raise Problem(code, detail, extra=body, headers=retry)
+    return store
+
+
 async def _home_store(request: Request[Any, Any, Any], client: str) -> tuple[ShardStore, int]:
     slot = home_slot(client)
-    return await ledger(request).store_for_slot(slot), slot
+    return await _owned_store(request, slot), slot
 
 
 async def _endpoint_store(request: Request[Any, Any, Any], endpoint_id: str) -> ShardStore:
     slot = endpoint_slot(endpoint_id)
     if slot is None:
         raise Problem("webhook_endpoint_not_found", f"{endpoint_id[:40]!r} is not a valid webhook endpoint id")
-    return await ledger(request).store_for_slot(slot)
+    return await _owned_store(request, slot)
 
 
 def _not_found(endpoint_id: str) -> Problem:
@@ -142,7 +158,8 @@ async def rotate_secret(request: Request[Any, Any, Any], endpoint_id: str) -> Re
     store = await _endpoint_store(request, endpoint_id)
     doc = await store.webhook_call("webhook_rotate", "select txr_webhook_rotate($1::jsonb)", {
         "client": client, "key": key, "fingerprint": fingerprint("webhook_rotate", {"id": endpoint_id}),
-        "id": endpoint_id, "secret": signing.new_secret(), "overlap_s": limits.WEBHOOK_SECRET_OVERLAP_S,
+        "id": endpoint_id, "slot": endpoint_slot(endpoint_id), "secret": signing.new_secret(),
+        "overlap_s": limits.WEBHOOK_SECRET_OVERLAP_S,
     })
     return outcome_response(request, Outcome.from_json(doc))
 
@@ -159,7 +176,7 @@ async def list_deliveries(request: Request[Any, Any, Any], endpoint_id: str) -> 
     rows = await store.webhook_rows(
         "webhook_attempts",
         """select event_id, attempt, txr_ts(at) as at, status, latency_ms, error from webhook_attempts
-           where endpoint_id = $1 order by id desc limit $2""",
+           where endpoint_id = $1 order by at desc limit $2""",
         endpoint_id, min(limit, limits.WEBHOOK_DELIVERIES_PAGE_MAX),
     )
     return json_response(request, 200, {"items": [attempt_view(r) for r in rows]})

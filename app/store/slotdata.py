@@ -70,5 +70,12 @@ SLOT_TABLES: tuple[SlotTable, ...] = (
     ),
     SlotTable("idempotency", ("client", "key"), "column", "slot", source_after_switch="delete"),
     SlotTable("inbox", ("transfer_id",), "id", "credit_account", on_conflict="nothing", source_after_switch="delete"),
+    # Webhook endpoints live on their client's home slot (issue 13) and move with it, with their deliveries
+    # (the schedule and feed position go along: the new shard's worker goes on where the old one stopped; the
+    # old one delivers only endpoints whose slot it owns) and attempts. `events` is not here: events stay in the
+    # stream of the shard that wrote them, which the feed reads until retention (migration 0011).
+    SlotTable("webhook_endpoints", ("id",), "column", "slot", source_after_switch="delete"),
+    SlotTable("webhook_deliveries", ("endpoint_id", "event_id"), "column", "slot", source_after_switch="delete"),
+    SlotTable("webhook_attempts", ("id",), "column", "slot", source_after_switch="delete"),
 )
 

@@ -58,6 +58,16 @@ begin
     values (txr_event_id(p_slot), p_type, p_client, p_slot, p_resource, p_data);
 end $$;
 
+-- Only the owner of a slot announces its changes. A slot move (migration 0008, app/store/slotdata.py) copies
+-- accounts and transfers into a target shard that does not own their slot yet: those copies are no change, and
+-- write no event (nor do the move's balancing postings, kind `move`, which no client made). Events stay on the
+-- shard that wrote them (the table is not moved with its slot): the feed reads every shard, so a move neither
+-- skips nor repeats an event, and the new owner's later events come from its own stream.
+create function txr_event_slot_owned(p_slot integer) returns boolean language plpgsql stable as $$
+begin
+    return exists (select 1 from slot_ownership where p_slot between slot_lo and slot_hi and state = 'owned');
+end $$;
+
 -- A transfer's event type from its change. Insert: its first state (posted, pending, held). Update:
 -- pending -> posted is `transfer.posted`; out of `held` into posted or pending is `transfer.captured`; any
 -- other new state names its event (`returned`, `voided`, `expired`). The credit side of a cross-shard transfer
@@ -66,7 +76,11 @@ end $$;
 create function txr_transfer_event() returns trigger language plpgsql as $$
 declare
     v_type text;
+    v_slot integer := txr_id_slot(new.id);
 begin
+    if new.kind = 'move' or not txr_event_slot_owned(v_slot) then
+        return null;
+    end if;
     if tg_op = 'INSERT' then
         if new.debit_shard is not null and new.state = 'posted'
            and new.debit_shard is distinct from (select shard from shard_info) then
@@ -78,8 +92,7 @@ begin
     else
         v_type := 'transfer.' || new.state;
     end if;
-    perform txr_event_write(v_type, new.client, ('x' || substr(new.id, 5, 3))::bit(12)::integer, new.id,
-                            txr_transfer_body(new));
+    perform txr_event_write(v_type, new.client, v_slot, new.id, txr_transfer_body(new));
     return null;
 end $$;
 create trigger transfers_event_insert after insert on transfers
@@ -89,6 +102,9 @@ create trigger transfers_event_state after update of state on transfers
 
 create function txr_account_event() returns trigger language plpgsql as $$
 begin
+    if not txr_event_slot_owned(new.slot) then
+        return null;
+    end if;
     perform txr_event_write(
         case when tg_op = 'INSERT' then 'account.opened' else 'account.' || new.status end,
         new.owner_client, new.slot, new.id, txr_account_body(new));
@@ -140,6 +156,7 @@ create index webhook_endpoints_client on webhook_endpoints (client, created_at);
 -- the same bytes under the same webhook-id.
 create table webhook_deliveries (
     endpoint_id text not null references webhook_endpoints (id) on delete cascade,
+    slot integer not null check (slot between 0 and 4095),  -- the endpoint's: they move together
     event_id text not null,
     event_type text not null,
     body text not null,
@@ -156,8 +173,9 @@ create table webhook_deliveries (
 create index webhook_deliveries_due on webhook_deliveries (next_attempt_at) where state = 'pending';
 
 create table webhook_attempts (
-    id bigserial primary key,
+    id uuid primary key default gen_random_uuid(),  -- not a sequence: rows keep their id when their slot moves
     endpoint_id text not null references webhook_endpoints (id) on delete cascade,
+    slot integer not null check (slot between 0 and 4095),
     event_id text not null,
     attempt integer not null,
     at timestamptz not null default clock_timestamp(),
@@ -165,7 +183,15 @@ create table webhook_attempts (
     latency_ms integer not null,
     error text
 );
-create index webhook_attempts_endpoint on webhook_attempts (endpoint_id, id desc);
+create index webhook_attempts_endpoint on webhook_attempts (endpoint_id, at desc);
+
+-- Endpoints, their deliveries and attempts move with the home slot (app/store/slotdata.py registers them).
+create trigger webhook_endpoints_move_log after insert or update on webhook_endpoints
+    for each row execute function txr_move_log('column', 'slot', 'id');
+create trigger webhook_deliveries_move_log after insert or update on webhook_deliveries
+    for each row execute function txr_move_log('column', 'slot', 'endpoint_id', 'event_id');
+create trigger webhook_attempts_move_log after insert or update on webhook_attempts
+    for each row execute function txr_move_log('column', 'slot', 'id');
 
 create function txr_webhook_body(e webhook_endpoints) returns jsonb language plpgsql stable as $$
 begin
@@ -219,6 +245,9 @@ declare
     v_prior jsonb;
     v_endpoint webhook_endpoints;
 begin
+    if not txr_owns((p ->> 'slot')::integer) then
+        return txr_misdirected((p ->> 'slot')::integer);
+    end if;
     v_prior := txr_idempotency_check(p ->> 'client', p ->> 'key', p ->> 'fingerprint');
     if v_prior is not null then
         return v_prior;
@@ -256,9 +285,10 @@ language plpgsql as $$
 declare
     v_added integer;
 begin
-    insert into webhook_deliveries (endpoint_id, event_id, event_type, body, event_created_at)
-    select p_id, e ->> 'id', e ->> 'type', e ->> 'body', (e ->> 'created_at')::timestamptz
-    from jsonb_array_elements(p_events) e
+    insert into webhook_deliveries (endpoint_id, slot, event_id, event_type, body, event_created_at)
+    select p_id, w.slot, e ->> 'id', e ->> 'type', e ->> 'body', (e ->> 'created_at')::timestamptz
+    from jsonb_array_elements(p_events) e, webhook_endpoints w
+    where w.id = p_id and txr_event_slot_owned(w.slot)
     on conflict do nothing;
     get diagnostics v_added = row_count;
     update webhook_endpoints set feed_position = feed_position || p_position where id = p_id;
@@ -278,6 +308,7 @@ begin
                row_number() over (partition by d.endpoint_id order by d.next_attempt_at) as n
         from webhook_deliveries d join webhook_endpoints w on w.id = d.endpoint_id
         where d.state = 'pending' and d.next_attempt_at <= clock_timestamp() and w.state = 'enabled'
+          and txr_event_slot_owned(w.slot)  -- a moved endpoint is delivered by its new shard only
         order by d.next_attempt_at
         limit p_limit * 4
     ), chosen as (
@@ -303,9 +334,9 @@ create function txr_webhook_attempted(
 ) returns void language plpgsql as $$
 begin
     assert p_outcome in ('delivered', 'retry', 'failed'), p_outcome;
-    insert into webhook_attempts (endpoint_id, event_id, attempt, status, latency_ms, error)
-    select p_endpoint, p_event, p_attempt, p_status, p_latency_ms, p_error
-    where exists (select 1 from webhook_endpoints where id = p_endpoint);
+    insert into webhook_attempts (endpoint_id, slot, event_id, attempt, status, latency_ms, error)
+    select p_endpoint, w.slot, p_event, p_attempt, p_status, p_latency_ms, p_error
+    from webhook_endpoints w where w.id = p_endpoint;
     update webhook_deliveries
     set state = case p_outcome when 'retry' then 'pending' else p_outcome end,
         next_attempt_at = case when p_outcome = 'retry'
@@ -343,6 +374,6 @@ begin
         select endpoint_id, event_id from webhook_deliveries
         where state <> 'pending' and created_at < p_before limit p_limit);
     get diagnostics v_deleted = row_count;
-    delete from webhook_attempts where id in (select id from webhook_attempts where at < p_before limit p_limit);
+    delete from webhook_attempts where id in (select a.id from webhook_attempts a where a.at < p_before limit p_limit);
     return v_deleted;
 end $$;
