@@ -139,7 +139,7 @@ def measure_modes(
     for mode in modes:
         log_file = cluster.folder / f"region-tls-{mode}.log"
         region = (region_service if mode == "on" else plain_region_service)(REGION, cluster, log_file)
-        router = _router(region, cluster.folder / f"router-tls-{mode}.log")
+        router = router_for(region, cluster.folder / f"router-tls-{mode}.log")
         if pin:
             region.argv = ["taskset", "--cpu-list", str(REGION_CPU), *region.argv]
             router.argv = ["taskset", "--cpu-list", str(ROUTER_CPU), *router.argv]
@@ -164,8 +164,9 @@ def measure_modes(
         cluster.stop()
 
 
-def _router(region: ServiceProcess, log_file: Path) -> ServiceProcess:
-    # Every region of the topology points at the one service: the workload only touches REGION's shards.
+def router_for(region: ServiceProcess, log_file: Path) -> ServiceProcess:
+    """A router in front of `region` (every region of the topology points at it; the workloads touch only
+    REGION's shards), over TLS when the region serves it."""
     urls = {r.name: region.url for r in load_topology().regions}
     tls_env = ({"TXROUTE_INTERNAL_CA_FILE": str(bench_tls().ca_file)} if region.tls
                else {"TXROUTE_INTERNAL_PLAINTEXT": "1"})

@@ -81,8 +81,9 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks that print figures beside a baseline")
     bench.add_argument(
-        "name", choices=["ledger", "router", "saga", "ratelimit", "audit"],
+        "name", choices=["ledger", "router", "saga", "ratelimit", "audit", "batch"],
         help="ledger: transfers/s and latency vs pgbench tpcb-like; router: transfers via the router vs direct; "
+        "batch: transfers/s in batches of 100 through the router (atomic and not) vs pgbench tpcb-like; "
         "saga: cross-region vs same-shard latency under a simulated RTT, and the relay's drain rate; "
         "ratelimit: the router's per-client rate-limit check, ns per request; "
         "audit: txroute audit's run time on one shard of --entries entries, full and incremental",
@@ -90,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--entries", type=int, default=1_000_000, help="audit: entries seeded in the shard (1M)")
     bench.add_argument("--delta", type=int, default=10_000, help="audit: entries added before the incremental run")
     bench.add_argument("--json", action="store_true",
-                       help="ledger, router, saga, audit: the last line is one JSON object of figures")
+                       help="ledger, router, saga, audit, batch: the last line is one JSON object of figures")
     bench.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto",
                        help="ledger, router, saga: the load generator: wrk (installed with apt-get when absent, "
                        "as root), else the Python one with a warning (auto); or force one")
@@ -302,6 +303,10 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.name == "batch":
+        from benchmarks import batch
+
+        return batch.run(clients=args.clients, seconds=args.seconds, accounts=args.accounts, as_json=args.json)
     if args.name == "audit":
         from benchmarks import audit as audit_bench
 
