@@ -62,8 +62,8 @@ def run(*, clients: int, seconds: float, accounts: int, as_json: bool = False) -
         share = len(ids) // clients
         owned = [ids[c * share:(c + 1) * share] for c in range(clients)]
         auth = Routed(client_id)
-        for atomic in (True, False):
-            asyncio.run(_batches("warm-up", router.url, auth, owned, atomic=atomic, seconds=WARM_UP_S))
+        for warm_atomic in (True, False):
+            asyncio.run(_batches("warm-up", router.url, auth, owned, atomic=warm_atomic, seconds=WARM_UP_S))
         pgbench = _PgBench(cluster, clients=clients)
         atomic_rounds: list[Figures] = []
         loose_rounds: list[Figures] = []
