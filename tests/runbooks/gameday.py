@@ -17,7 +17,7 @@ from pathlib import Path
 from app.config import REPO_ROOT
 
 RUNBOOKS = REPO_ROOT / "runbooks"
-PLACEHOLDERS = ("<region>", "<transfer_id>", "<client>", "<account>")
+PLACEHOLDERS = ("<region>", "<transfer_id>", "<client>", "<account>", "<range>", "<shard>", "<region2>")
 COMMAND_TIMEOUT_S = 120
 _FENCE = re.compile(r"^```(\w+) gameday\s*$")
 
@@ -42,7 +42,7 @@ def fill(text: str, values: dict[str, str], runbook: str) -> str:
     for name, value in values.items():
         assert f"<{name}>" in PLACEHOLDERS, f"<{name}> is not a documented placeholder"
         text = text.replace(f"<{name}>", value)
-    left = re.findall(r"<[a-z_]+>", text)
+    left = re.findall(r"<[a-z0-9_]+>", text)
     assert not left, f"{runbook}: placeholder(s) {left} left unfilled in a game-day block"
     return text
 
