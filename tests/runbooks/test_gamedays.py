@@ -25,7 +25,7 @@ from tests.runbooks.conftest import GameDayStack, new_key, open_account, poll, t
 
 INCIDENT_RUNBOOKS = [
     "region-unavailable.md", "saga-backlog.md", "database-failover.md", "high-latency-or-errors.md",
-    "reconciliation-mismatch.md", "idempotency-conflict-spike.md",
+    "reconciliation-mismatch.md", "idempotency-conflict-spike.md", "move-slots.md",
 ]
 PROCEDURE_RUNBOOKS = ["key-rotation.md", "deploy-and-rollback.md"]
 TOPOLOGY = load_topology()
