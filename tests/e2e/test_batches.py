@@ -184,3 +184,25 @@ async def test_a_unique_reference_is_refused_when_taken_on_the_same_account(
     assert in_batch.status_code == 422 and in_batch.json()["items"][0]["code"] == "reference_in_use", in_batch.text
     assert await client_api.balance(a) == 100 - 5 + 5 - 5, "expected the refused postings to move nothing"
     assert shard_of(topology, a) == shard
+
+
+async def test_batch_items_follow_the_single_requests_rules_holds_and_closed_accounts(
+    client_api: RouterApi, topology: Topology
+) -> None:
+    _, (a, b, closed) = await accounts_in_one_shard(client_api, topology, 3)
+    await client_api.funded(a, 100)
+    shut = await client_api.post(f"/v1/accounts/{closed}/close", {})
+    assert shut.status_code == 200, shut.text
+    items = [transfer(a, b, 30, hold={"expires_in_s": 600}), transfer(a, b, 80), funds("deposit", closed, 5)]
+    response = await post_batch(client_api, items, atomic=False, key=new_key())
+    assert response.status_code == 200, response.text
+    held, short, refused = response.json()["items"]
+    assert held["status"] == 201 and held["transfer"]["state"] == "held", held
+    # The hold reserves 30 of the 100: 80 more is not available (the same per-posting SQL as a single request).
+    assert (short["status"], short["code"]) == (422, "insufficient_funds"), short
+    assert (refused["status"], refused["code"]) == (422, "account_closed"), refused
+    atomic = await post_batch(client_api, [transfer(a, b, 10), funds("deposit", closed, 5)], atomic=True,
+                              key=new_key())
+    assert atomic.status_code == 422 and [i["code"] for i in atomic.json()["items"]] == [
+        "batch_item_not_posted", "account_closed"], atomic.text
+    assert (await client_api.balance(a), await client_api.balance(b)) == (100, 0)
