@@ -132,8 +132,8 @@ def measured_latencies(histogram: str, *, requests: int, duration_us: int, conne
     only; the sum of the result is checked against wrk's request count."""
     corrected: dict[int, int] = {}
     for line in histogram.splitlines():
-        value_us, count = line.split()
-        corrected[int(value_us)] = int(count)
+        value_text, count_text = line.split()
+        corrected[int(value_text)] = int(count_text)
     interval_us = duration_us // (requests // connections) if requests // connections else 0
     latencies: list[float] = []
     for value_us, count in corrected.items():
