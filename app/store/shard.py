@@ -133,6 +133,32 @@ SERVER_SETTINGS = {
 }
 
 
+# GET /v1/accounts/{id}?as_of=T (DESIGN D14): the balance is the account's last entry at or before T, one probe of
+# entries_account_time (entries are stamped when written, so per account their times follow their ids); held is
+# the sum of the holds open at T: created by T, not past their time, not resolved by T (the resolution's
+# transfer_events row). A hold lives at most HOLD_EXPIRES_IN_S_MAX ($5), so only holds created in that window
+# before T can be open at T: the range scan of transfers_holds_by_account is bounded by a week of holds, not by
+# the account's history. (This replaces txr_account_as_of of migration 0009, which scans every hold created
+# before T; a later migration may drop it.)
+AS_OF_SQL = """
+    select txr_owns($3) as owned,
+           (select txr_account_body(a) || jsonb_build_object(
+                       'balance', coalesce(b.balance_after, 0), 'held', h.held,
+                       'available', coalesce(b.balance_after, 0) - h.held + a.overdraft_limit, 'as_of', txr_ts($4))
+            from accounts a
+            left join lateral (
+                select e.balance_after from entries e
+                where e.account_id = a.id and e.created_at <= $4
+                order by e.created_at desc, e.id desc limit 1) b on true
+            cross join lateral (
+                select coalesce(sum(t.hold_amount), 0) as held from transfers t
+                where t.debit_account = a.id and t.hold_amount is not null
+                  and t.created_at <= $4 and t.created_at > $4 - make_interval(secs => $5)
+                  and t.hold_expires_at > $4
+                  and not exists (select 1 from transfer_events ev
+                                  where ev.transfer_id = t.id and ev.seq > 1 and ev.at <= $4)) h
+            where a.id = $1 and a.owner_client = $2 and a.kind = 'customer') as body"""
+
 # A queued posting: its JSON, the future its request awaits, and its request's span (None when untraced).
 @dataclass(frozen=True, slots=True)
 class TransfersQuery:
@@ -695,10 +721,9 @@ class ShardStore:
         return self._read_outcome(row, slot, "transfer_not_found", f"transfer {transfer_id} was not found")
 
     async def get_account_as_of(self, account_id: str, client: str, slot: int, at: datetime.datetime) -> Outcome:
-        """The account's balance and held amount at `at`, from its journal (migration 0009)."""
+        """The account's balance and held amount at `at`, from its journal, in one statement (AS_OF_SQL)."""
         row = await self._fetchrow(
-            "get_account_as_of", "select txr_owns($3) as owned, txr_account_as_of($1, $2, $4) as body",
-            account_id, client, slot, at,
+            "get_account_as_of", AS_OF_SQL, account_id, client, slot, at, limits.HOLD_EXPIRES_IN_S_MAX
         )
         return self._read_outcome(row, slot, "account_not_found", f"account {account_id} was not found")
 
