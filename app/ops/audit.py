@@ -221,7 +221,8 @@ async def _read_local(shard: _Shard, report: AuditReport, *, full: bool, margin_
 
 async def _check_holds(shard: _Shard, report: AuditReport) -> None:
     """Every account's `held` against its open holds (by state, expired or not yet swept), and what a customer
-    can still spend (counting only the holds whose time has not come, as postings do) against zero."""
+    can still spend (counting only the holds whose time has not come, as postings do) against zero; for the
+    accounts of the slots this shard serves."""
     rows = await shard.conn.fetch(
         """select a.id, a.kind, a.balance, a.held, a.overdraft_limit,
                   coalesce(h.total, 0) as open_total, coalesce(h.live, 0) as live
@@ -229,8 +230,12 @@ async def _check_holds(shard: _Shard, report: AuditReport) -> None:
            left join (select debit_account, sum(amount) as total,
                              coalesce(sum(amount) filter (where hold_expires_at > now()), 0) as live
                       from transfers where state = 'held' group by debit_account) h on h.debit_account = a.id
-           where a.held <> coalesce(h.total, 0)
-              or (a.kind = 'customer' and a.balance - coalesce(h.live, 0) + a.overdraft_limit < 0)
+           where (a.held <> coalesce(h.total, 0)
+                  or (a.kind = 'customer' and a.balance - coalesce(h.live, 0) + a.overdraft_limit < 0))
+             -- Only accounts this shard serves: a slot move copies an account before its holds and books its
+             -- balance at the switch (migration 0008), and the source keeps the moved account at zero.
+             and exists (select 1 from slot_ownership o
+                         where a.slot between o.slot_lo and o.slot_hi and o.state <> 'moved')
            order by a.id limit $1""",
         limits.AUDIT_VIOLATIONS_PER_CHECK_MAX,
     )
