@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.local.processes import ServiceProcess
 from app.topology.model import Topology
 from tests.e2e.conftest import ROUTER_REGION, RouterApi
 from tests.helpers import accounts_in_one_shard, new_key
+
+DOWN = "us-east-1"
 
 
 async def transfer_pages(api: RouterApi, account: str, **params: Any) -> list[dict[str, Any]]:
@@ -126,3 +129,26 @@ async def test_an_accounts_transfers_refuse_malformed_queries_and_other_clients(
     assert hidden.status_code == 404 and hidden.json()["code"] == "account_not_found", hidden.text
     empty = await client_api.get(path, params={"from": "2026-01-01T00:00:00Z", "to": "2026-01-02T00:00:00+01:00"})
     assert empty.status_code == 200 and empty.json() == {"items": [], "next_cursor": None}, empty.text
+
+
+async def test_a_reference_lookup_names_a_region_that_is_down_instead_of_passing_for_complete(
+    client_api: RouterApi, topology: Topology, region_services: dict[str, ServiceProcess]
+) -> None:
+    reference = "down-" + new_key()[-12:]
+    found_in = {}
+    for region in topology.regions:
+        account = (await client_api.open_account(region=region.name)).json()["id"]
+        found_in[region.name] = (await client_api.deposit(account, 7, reference=reference)).json()["id"]
+    victim = region_services[DOWN]
+    victim.kill()
+    try:
+        partial = await client_api.get("/v1/transfers", params={"reference": reference})
+    finally:
+        victim.start()
+        victim.wait_ready()
+    assert partial.status_code == 200, partial.text
+    assert partial.json()["unavailable_regions"] == [DOWN], partial.json()
+    expected = {tid for region, tid in found_in.items() if region != DOWN}
+    assert {t["id"] for t in partial.json()["items"]} == expected, partial.json()
+    whole = await client_api.get("/v1/transfers", params={"reference": reference})
+    assert {t["id"] for t in whole.json()["items"]} == set(found_in.values()), whole.json()
