@@ -172,6 +172,13 @@ class TransfersQuery:
     before_id: str | None = None
 
 
+# One range of transfers_client_reference, in its order (no sort).
+REFERENCE_SQL = """select txr_transfer_body(t) as body, t.created_at, t.id from transfers t
+                   where t.client = $1 and t.reference = $2
+                     and (t.debit_shard is null or t.debit_shard = (select shard from shard_info))
+                   order by t.created_at desc, t.id desc limit $3"""
+
+
 def account_transfers_sql(account_id: str, client: str, page: TransfersQuery) -> tuple[str, list[Any]]:
     """The listing's SQL with only the conditions the page uses (so each is an index condition of a plan made
     for it, not an `$n is null or ...` filter a generic plan keeps): each side of the account is one range scan
@@ -748,14 +755,7 @@ class ShardStore:
         """The client's transfers with this reference that this shard answers for, newest first. A saga's
         credit-side copy (on the credit shard) is left out: its debit shard answers for the transfer and its
         state (a transfer id embeds its debit slot)."""
-        rows = await self._fetch(
-            "transfers_by_reference",
-            """select txr_transfer_body(t) as body, t.created_at, t.id from transfers t
-               where t.client = $1 and t.reference = $2
-                 and (t.debit_shard is null or t.debit_shard = (select shard from shard_info))
-               order by t.created_at desc, t.id desc limit $3""",
-            client, reference, limit,
-        )
+        rows = await self._fetch("transfers_by_reference", REFERENCE_SQL, client, reference, limit)
         return [dict(r) for r in rows]
 
     async def account_transfers(
