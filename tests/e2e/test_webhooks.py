@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from app import limits
+from app.events.feed import EVENT_TYPES
 from app.events.webhooks import home_slot
 from app.local.processes import ServiceProcess
 from app.ops import webhooks as ops_webhooks
@@ -127,9 +128,9 @@ async def test_webhooks_deliver_signed_events_retry_across_a_restart_and_stop_at
         assert {e["id"] for e in listed} == {ok["id"], flaky["id"], gone["id"]}, "expected A's endpoints only"
         assert all("secret" not in e for e in listed), "expected the secret in the registration answer only"
 
-        # Every event type the API can cause today (holds and closing are not on this branch's main).
+        # Every event type the API can cause.
         regions = [r.name for r in topology.regions]
-        home, (source, peer) = await accounts_in_one_shard(api, topology, 2)
+        home, (source, peer, spare) = await accounts_in_one_shard(api, topology, 3)
         remote_region = next(r for r in regions if r != topology.shard(home).region)
         remote = (await api.open_account("EUR", region=remote_region)).json()["id"]
         remote_usd = (await api.open_account("USD", region=remote_region)).json()["id"]
@@ -137,13 +138,17 @@ async def test_webhooks_deliver_signed_events_retry_across_a_restart_and_stop_at
         assert (await api.transfer(source, peer, 100)).status_code == 201
         assert (await api.transfer(source, remote, 200)).status_code in (201, 202)
         assert (await api.transfer(source, remote_usd, 300)).status_code in (201, 202)
+        holds = [(await api.hold(source, peer, 10, expires_in_s=s)).json()["id"] for s in (3600, 3600, 1)]
+        assert (await api.capture(holds[0])).status_code == 201
+        assert (await api.void(holds[1])).status_code == 200
+        assert (await api.close(spare)).status_code == 200
         await other.new_account()
 
         async def feed_types() -> set[str]:
             return {e["type"] for e in (await walk_feed(api))[0]}
 
         async def all_types() -> bool:
-            return await feed_types() >= {"account.opened", "transfer.posted", "transfer.pending", "transfer.returned"}
+            return await feed_types() >= set(EVENT_TYPES)
 
         await poll_until(all_types, timeout_s=30, what="every event type in the feed")
         events = (await walk_feed(api))[0]
