@@ -18,6 +18,7 @@ webhook-id (the event id) and the same body; the schedule lives in the database 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -88,6 +89,8 @@ class WebhookWorker:
         self._in_flight: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
+        # Set when an attempt ends or events were queued: the sender claims again at once instead of polling.
+        self._wake = asyncio.Event()
 
     # Ingest -----------------------------------------------------------------------------------------
 
@@ -179,6 +182,7 @@ class WebhookWorker:
 
     def _done(self, endpoint: str, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self._wake.set()
         left = self._in_flight.get(endpoint, 1) - 1
         if left > 0:
             self._in_flight[endpoint] = left
@@ -262,22 +266,41 @@ class WebhookWorker:
     # Loops ------------------------------------------------------------------------------------------
 
     async def run_forever(self) -> None:
+        """Two loops: ingest reads the feeds, send claims and sends; a slow feed read never delays sending."""
+        ingest = asyncio.create_task(self._ingest_forever(), name="webhook-ingest")
         try:
-            while True:
-                busy = 0
-                try:
-                    await self.ingest_once()
-                    busy = await self.send_once()
-                except Exception as exc:  # the worker outlives any one failure; the database keeps the state
-                    log.error("webhook_worker_error", extra={"error_type": type(exc).__name__})
-                if not busy:
-                    await asyncio.sleep(limits.WEBHOOK_IDLE_POLL_MS / 1000)
+            await self._send_forever()
         finally:
+            ingest.cancel()
+            await asyncio.gather(ingest, return_exceptions=True)
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             if self._session is not None:
                 await self._session.close()
+
+    async def _ingest_forever(self) -> None:
+        while True:
+            queued = 0
+            try:
+                queued = await self.ingest_once()
+                if queued:
+                    self._wake.set()
+            except Exception as exc:  # the worker outlives any one failure; the database keeps the state
+                log.error("webhook_ingest_error", extra={"error_type": type(exc).__name__})
+            if not queued:  # a pass that queued events reads on at once: there may be more
+                await asyncio.sleep(limits.WEBHOOK_IDLE_POLL_MS / 1000)
+
+    async def _send_forever(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self.send_once()
+            except Exception as exc:  # the worker outlives any one failure; the database keeps the state
+                log.error("webhook_send_error", extra={"error_type": type(exc).__name__})
+            # Until an attempt ends or events are queued, at most the idle poll (retries fall due by time).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), limits.WEBHOOK_IDLE_POLL_MS / 1000)
 
 
 def _parse_ts(text: str) -> float:
