@@ -6,8 +6,9 @@ to another shard would be a saga, which cannot be all-or-nothing with the rest: 
 
 Non-atomic: each item is exactly the single request it stands for, under its own (derived) key: the same
 command (`RegionLedger.transfer`, `deposit`, `withdraw`), the same group commit, the same per-posting SQL and
-rules, a saga for a transfer to another shard (201 when the fast path settles it in time, else 202 pending). At most BATCH_ITEMS_IN_FLIGHT_MAX items are in
-flight at once. Each item's failure is its own answer (a status and a code), never the batch's.
+rules, a saga for a transfer to another shard (201 when the fast path settles it in time, else 202 pending).
+At most BATCH_ITEMS_IN_FLIGHT_MAX items are in flight at once. Each item's failure is its own answer (a status
+and a code), never the batch's.
 """
 
 from __future__ import annotations
