@@ -429,8 +429,12 @@ async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
 def _document(bodies: dict[str, type[Any]]) -> bytes:
     """The regions' OpenAPI surface (the same controllers' declarations), plus bearer authentication."""
     from app.region.api import PUBLIC_ROUTES
+    from app.region.events_api import EVENT_ROUTES
 
-    schema_app = Litestar(route_handlers=[*PUBLIC_ROUTES, healthz, readyz], openapi_config=OPENAPI_CONFIG)
+    # The events feed and webhook endpoints are public routes too; their internal route stays out.
+    public_events = [r for r in EVENT_ROUTES if all(path.startswith("/v1/") for path in r.paths)]
+    schema_app = Litestar(route_handlers=[*PUBLIC_ROUTES, *public_events, healthz, readyz],
+                          openapi_config=OPENAPI_CONFIG)
     document = build_document(schema_app, bodies)
     document.setdefault("components", {})["securitySchemes"] = {
         "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT (EdDSA or ES256)"}
