@@ -251,10 +251,13 @@ MOVE_COPY_BATCH_ROWS = 2_000
 # The catch-up freezes once the change log holds at most this many unapplied changes, or after this many passes.
 MOVE_CATCH_UP_LAG_ROWS_MAX = 500
 MOVE_CATCH_UP_PASSES_MAX = 50
-# The freeze's UPDATE waits at most this long for the postings already past the ownership fence; tried again
-# this many times before the move gives up (nothing frozen).
-MOVE_FREEZE_LOCK_TIMEOUT_MS = 2_000
-MOVE_FREEZE_ATTEMPTS_MAX = 5
+# The freeze's UPDATE waits at most this long for the postings already past the ownership fence, then lets go
+# and tries again, at most this many times before the move gives up (nothing frozen). Short on purpose: while
+# it waits, new postings for the range queue behind it, and a batch that already holds account locks may be among
+# them while a posting it blocks holds the row (a cycle PostgreSQL would only break after deadlock_timeout, 1 s,
+# with other postings answered account_busy meanwhile). 50 ms breaks any such cycle first.
+MOVE_FREEZE_LOCK_TIMEOUT_MS = 50
+MOVE_FREEZE_ATTEMPTS_MAX = 200
 # Under the freeze, sagas debited from the range must settle before the switch: the mover waits this long for
 # them (polling every MOVE_PENDING_SAGAS_POLL_MS), then aborts the move and unfreezes.
 MOVE_PENDING_SAGAS_WAIT_S = 10.0

@@ -399,7 +399,8 @@ async def _check_chain(shard: _Shard, report: AuditReport, since: int, use_check
 # `moved_from`): none (its journal stayed on the shard it came from). A hold: none while it is held, nor once voided
 # or expired (a hold moves nothing). A same-shard transfer (or a move's balancing posting, kind `move`): its two
 # accounts. A saga's debit side: the source and the transit account towards the credit shard (and both
-# reversed once returned). Its credit side: the transit account from the source shard and the credit.
+# reversed once returned; and, applied by its own source shard after its credit slot moved there, the credit
+# against that transit account). Its credit side: the transit account from the source shard and the credit.
 _EXPECTED_LINES = """
     case
         when t.moved_from is not null then '{}'::text[]
@@ -413,6 +414,10 @@ _EXPECTED_LINES = """
             || case when t.state = 'returned' then array[
             'trn_' || s.shard || '_' || t.credit_shard || '_' || t.currency || ' ' || -t.amount || ' ' || t.currency,
             t.debit_account || ' ' || t.amount || ' ' || t.currency] else '{}'::text[] end
+            || case when exists (select 1 from inbox i where i.transfer_id = t.id and i.applied_by_source
+                                 and i.outcome = 'applied') then array[
+            'trn_' || s.shard || '_' || t.credit_shard || '_' || t.currency || ' ' || -t.amount || ' ' || t.currency,
+            t.credit_account || ' ' || t.amount || ' ' || t.currency] else '{}'::text[] end
         when t.credit_shard = s.shard and t.debit_shard <> s.shard then array[
             'trn_' || s.shard || '_' || t.debit_shard || '_' || t.currency || ' ' || -t.amount || ' ' || t.currency,
             t.credit_account || ' ' || t.amount || ' ' || t.currency]

@@ -94,10 +94,22 @@ def parse_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+class MoverStopped(Exception):
+    """Fault injection: the mover stopped as if killed right after recording a phase (`stop_after`)."""
+
+
 class Mover:
-    def __init__(self, target: Target, *, progress: Progress = print) -> None:
+    def __init__(self, target: Target, *, progress: Progress = print, stop_after: str | None = None) -> None:
         self.target = target
         self.progress = progress
+        # Fault injection (tests): leave off right after this phase is recorded, as a killed mover would.
+        self.stop_after = stop_after
+        self._held: dict[str, asyncpg.Connection] | None = None
+
+    def _reached(self, phase: str) -> str:
+        if phase == self.stop_after:
+            raise MoverStopped(phase)
+        return phase
 
     # Planning ---------------------------------------------------------------------------------------------
 
@@ -165,20 +177,31 @@ class Mover:
     async def run(self, spec: MoveSpec) -> str:
         """Drive the move from its recorded phase to `done`, or to `aborted` when its verify fails or its
         sagas do not settle in time. Returns the final phase."""
+        # One connection per database for the whole run: the freeze then pays no connection set-up.
+        self._held = {}
+        try:
+            return await self._run(spec)
+        finally:
+            held, self._held = self._held or {}, None
+            for conn in held.values():
+                if not conn.is_closed():
+                    await conn.close()
+
+    async def _run(self, spec: MoveSpec) -> str:
         phase = await self._phase(spec.source_shard, spec.id)
         if phase == "copying":
             await self._copy(spec)
             await self._set_phase(spec.source_shard, spec.id, "catching_up")
-            phase = "catching_up"
+            phase = self._reached("catching_up")
         if phase == "catching_up":
             await self._catch_up(spec, until_lag=limits.MOVE_CATCH_UP_LAG_ROWS_MAX)
             await self._freeze(spec)
-            phase = "frozen"
+            phase = self._reached("frozen")
         if phase == "frozen":
-            phase = await self._settle_verify_switch_out(spec)
+            phase = self._reached(await self._settle_verify_switch_out(spec))
         if phase == "switching":
             await self._switch_in(spec)
-            phase = "switched"
+            phase = self._reached("switched")
         if phase == "switched":
             await self._cleanup(spec)
             phase = "done"
@@ -218,7 +241,7 @@ class Mover:
                     columns = await _columns(dst, table.name)
                     cursor = await src.cursor(
                         f"select to_jsonb(t)::text from {table.name} t "  # noqa: S608 (registry constants)
-                        f"where {table.slot_sql('t')} between $1 and $2 and ({table.where})",
+                        f"where {table.slot_sql('t')} between $1 and $2 and ({table.rows(spec.source_shard)})",
                         spec.slot_lo, spec.slot_hi)
                     while rows := await cursor.fetch(limits.MOVE_COPY_BATCH_ROWS):
                         await _import(dst, table, columns, [json.loads(r[0]) for r in rows], spec.source_shard)
@@ -233,14 +256,15 @@ class Mover:
         async with self.connect(spec.source_shard) as src, self.connect(spec.target_shard) as dst:
             columns = {t.name: await _columns(dst, t.name) for t in SLOT_TABLES}
             for attempt in range(1, limits.MOVE_CATCH_UP_PASSES_MAX + 1):
-                cursor = await src.fetchval("select log_cursor from slot_moves where id = $1", spec.id)
+                # Changes are consumed (deleted once copied), never skipped past by a cursor: a change logged by
+                # a transaction that commits after a later one's must still be found by the next pass.
                 changes = await src.fetch(
-                    """select id, tbl, key::text from slot_move_changes where move_id = $1 and id > $2
-                       order by id limit $3""", spec.id, cursor, limits.MOVE_COPY_BATCH_ROWS)
+                    """select id, tbl, key::text from slot_move_changes where move_id = $1
+                       order by id limit $2""", spec.id, limits.MOVE_COPY_BATCH_ROWS)
                 if changes:
-                    by_table: dict[str, list[Any]] = {}
+                    by_table: dict[str, dict[str, Any]] = {}  # a row changed many times is copied once
                     for change in changes:
-                        by_table.setdefault(change["tbl"], []).append(json.loads(change["key"]))
+                        by_table.setdefault(change["tbl"], {})[change["key"]] = json.loads(change["key"])
                     for table in SLOT_TABLES:
                         keys = by_table.get(table.name)
                         if not keys:
@@ -249,16 +273,16 @@ class Mover:
                             f"select to_jsonb(t)::text from {table.name} t "  # noqa: S608 (registry constants)
                             f"join jsonb_populate_recordset(null::{table.name}, $3::jsonb) k "
                             f"using ({', '.join(table.key)}) "
-                            f"where {table.slot_sql('t')} between $1 and $2 and ({table.where})",
-                            spec.slot_lo, spec.slot_hi, json.dumps(keys))
+                            f"where {table.slot_sql('t')} between $1 and $2 and ({table.rows(spec.source_shard)})",
+                            spec.slot_lo, spec.slot_hi, json.dumps(list(keys.values())))
                         await _import(dst, table, columns[table.name], [json.loads(r[0]) for r in rows],
                                       spec.source_shard)
                     await src.execute(
-                        "update slot_moves set log_cursor = $2, updated_at = clock_timestamp() where id = $1",
-                        spec.id, changes[-1]["id"])
-                lag = int(await src.fetchval(
-                    """select count(*) from slot_move_changes
-                       where move_id = $1 and id > (select log_cursor from slot_moves where id = $1)""", spec.id))
+                        """with done as (delete from slot_move_changes where id = any($2::bigint[]))
+                           update slot_moves set log_cursor = log_cursor + $3, updated_at = clock_timestamp()
+                           where id = $1""",
+                        spec.id, [c["id"] for c in changes], len(changes))
+                lag = int(await src.fetchval("select count(*) from slot_move_changes where move_id = $1", spec.id))
                 self.progress(f"{spec.id}: catch-up pass {attempt}: {len(changes)} changes applied, lag {lag}")
                 if lag <= until_lag:
                     return lag
@@ -273,7 +297,7 @@ class Mover:
                     await conn.execute("select txr_move_freeze($1)", spec.id)
                 self.progress(f"{spec.id}: frozen: slots {spec.slot_lo}-{spec.slot_hi} answer 503 slot_moving")
                 return
-            except asyncpg.LockNotAvailableError:
+            except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
                 self.progress(f"{spec.id}: freeze attempt {attempt}: postings still hold the range; trying again")
         raise MoveRefused(f"move {spec.id}: could not freeze the range in {limits.MOVE_FREEZE_ATTEMPTS_MAX} "
                           "attempts (nothing frozen); run it again")
@@ -316,13 +340,30 @@ class Mover:
         differences = []
         async with self.connect(spec.source_shard) as src, self.connect(spec.target_shard) as dst:
             for table in SLOT_TABLES:
+                key = f"({', '.join('t.' + k for k in table.key)})::text"
+                own: list[str] = []
+                if table.target_own is not None:  # rows the target holds as its own are not copies to compare
+                    own = [r[0] for r in await dst.fetch(
+                        f"select {key} from {table.name} t where {table.slot_sql('t')} between $1 and $2 "  # noqa: S608
+                        f"and ({table.target_own})", spec.slot_lo, spec.slot_hi)]
+                where = (f"{table.slot_sql('t')} between $1 and $2 and ({table.rows(spec.source_shard)}) "
+                         f"and {key} <> all($4::text[])")
                 sql = (f"select count(*), coalesce(sum(hashtextextended((to_jsonb(t) - $3::text[])::text, 0)), 0) "  # noqa: S608
-                       f"from {table.name} t where {table.slot_sql('t')} between $1 and $2 and ({table.where})")
-                args = (spec.slot_lo, spec.slot_hi, list(table.unchecked))
+                       f"from {table.name} t where {where}")
+                args = (spec.slot_lo, spec.slot_hi, list(table.unchecked), own)
                 mine, theirs = await src.fetchrow(sql, *args), await dst.fetchrow(sql, *args)
                 if tuple(mine) != tuple(theirs):
+                    rows_sql = (f"select {key} as key, (to_jsonb(t) - $3::text[])::text as doc "  # noqa: S608
+                                f"from {table.name} t where {where}")
+                    left = {r["key"]: r["doc"] for r in await src.fetch(rows_sql, *args)}
+                    right = {r["key"]: r["doc"] for r in await dst.fetch(rows_sql, *args)}
+                    differing = sorted(k for k in left.keys() | right.keys() if left.get(k) != right.get(k))
                     differences.append(f"{table.name}: {mine[0]} rows on {spec.source_shard}, {theirs[0]} on "
-                                       f"{spec.target_shard}" + (" (checksums differ)" if mine[0] == theirs[0] else ""))
+                                       f"{spec.target_shard}, {len(differing)} differ (first: {differing[:3]})")
+                    if differing:
+                        first = differing[0]
+                        self.progress(f"{spec.id}: {table.name} {first}: {spec.source_shard} has {left.get(first)}; "
+                                      f"{spec.target_shard} has {right.get(first)}")
         self.progress(f"{spec.id}: verify: " + ("; ".join(differences) if differences else "equal"))
         return differences
 
@@ -353,8 +394,8 @@ class Mover:
             for table in SLOT_TABLES:
                 if table.source_after_switch == "delete":
                     await src.execute(
-                        f"delete from {table.name} t where {table.slot_sql('t')} between $1 and $2",  # noqa: S608
-                        spec.slot_lo, spec.slot_hi)
+                        f"delete from {table.name} t where {table.slot_sql('t')} between $1 and $2 "  # noqa: S608
+                        f"and ({table.rows(spec.source_shard)})", spec.slot_lo, spec.slot_hi)
             await src.execute("select txr_move_phase($1, 'done')", spec.id)
         await self._set_phase(spec.target_shard, spec.id, "done")
         self.progress(f"{spec.id}: done")
@@ -368,8 +409,7 @@ class Mover:
             try:
                 async with self.connect(shard) as conn:
                     rows = await conn.fetch(
-                        """select m.*, (select count(*) from slot_move_changes c
-                                        where c.move_id = m.id and c.id > m.log_cursor) as lag
+                        """select m.*, (select count(*) from slot_move_changes c where c.move_id = m.id) as lag
                            from slot_moves m order by created_at desc""")
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 continue
@@ -411,10 +451,17 @@ class Mover:
         dsn = self.target.shard_dsns.get(shard)
         if dsn is None:
             raise MoveRefused(f"no database given for shard {shard} (--dsn {shard}=...)")
+        if self._held is not None and shard in self._held and not self._held[shard].is_closed():
+            yield self._held[shard]
+            return
         conn = await asyncpg.connect(
             dsn, timeout=limits.DB_CONNECT_TIMEOUT_S, command_timeout=limits.MOVE_STATEMENT_TIMEOUT_S,
             server_settings={"timezone": "UTC", "application_name": "txroute-mover"},
         )
+        if self._held is not None:
+            self._held[shard] = conn
+            yield conn
+            return
         try:
             yield conn
         finally:

@@ -42,6 +42,7 @@ from app.store.shard import (
     QueueFull,
     ShardStore,
     ShardUnavailable,
+    SlotMoved,
     TenantQueueFull,
     open_pool,
 )
@@ -148,6 +149,7 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
             QueueFull: _overloaded,
             TenantQueueFull: _tenant_queue_full,
             AccountBusy: _account_busy,
+            SlotMoved: _slot_moved,
         },
         openapi_config=OPENAPI_CONFIG,
         request_max_body_size=limits.REQUEST_BODY_BYTES_MAX,
@@ -186,6 +188,17 @@ def _account_busy(request: Request[Any, Any, Any], exc: Exception) -> Response[b
         f"an account of this posting is locked by another operation; nothing was posted; retry after "
         f"{retry_after} s with the same Idempotency-Key",
         headers={"retry-after": retry_after},
+    ))
+
+
+def _slot_moved(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    # A same-shard posting crediting an account whose slot a move switched away meanwhile: nothing was written.
+    # The region's map is read again before its next request, so the retry is sent as a saga to the new owner.
+    request.app.state.ledger.ownership_changed()
+    retry_after = str(limits.SLOT_MOVING_RETRY_AFTER_S)
+    return problem_response(request, Problem(
+        "slot_moving", "an account of this posting has just moved to another shard; nothing was written, retry "
+        "with the same Idempotency-Key", headers={"retry-after": retry_after},
     ))
 
 

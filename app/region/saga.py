@@ -141,8 +141,10 @@ class Saga:
     async def _apply_once(self, message: dict[str, Any]) -> dict[str, Any]:
         local = self.stores.get(message["destination_shard"])
         if local is not None:
+            # Its credit slot may have moved into its own source shard (issue 11): that shard applies it itself.
+            own = message["destination_shard"] == message["source_shard"]
             try:
-                result = await local.saga_apply(message)
+                result = await (local.saga_apply_own(message) if own else local.saga_apply(message))
             except ShardUnavailable as exc:
                 raise DeliveryFailed(str(exc)) from None
             except _TRANSIENT_DB_ERRORS as exc:

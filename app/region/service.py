@@ -53,6 +53,7 @@ class RegionLedger:
         self._moved: dict[int, tuple[str, str]] = {}
         self.ownership_known = False
         self._refreshed_on_miss_at = float("-inf")
+        self._stale = False  # a database named a new owner: re-read before routing again
 
     # Ownership --------------------------------------------------------------------------------------
 
@@ -129,6 +130,9 @@ class RegionLedger:
         """The store of the shard owning `slot`, or 421 naming the owner when it is not in this region. A slot
         this region does not know as its own is looked up again in its databases first (at most once per
         SLOT_OWNERSHIP_REFRESH_ON_MISS_MS): a router sent here by a just-switched move finds it owned."""
+        if self._stale:
+            self._stale = False
+            await self.refresh_ownership()
         region, shard = self.owner_of(slot)
         if region != self.region or shard not in self.stores:
             now = time.monotonic()
@@ -140,8 +144,14 @@ class RegionLedger:
             raise misdirected(slot, region, shard)
         return self.stores[shard]
 
+    def ownership_changed(self) -> None:
+        """Read the ownership map again before the next request is routed."""
+        self._stale = True
+
     def learn(self, slot: int, region: str, shard: str) -> None:
-        """A shard database answered that `slot` moved to (region, shard): route it there from now on."""
+        """A shard database answered that `slot` moved to (region, shard): route it there from now on, and read
+        the whole map again before the next request (its neighbours moved with it)."""
+        self._stale = True
         if region == self.region and shard in self.stores:
             self._local[slot] = shard
             self._moved.pop(slot, None)

@@ -33,6 +33,7 @@ from app.store.migrate import is_migrated
 log = logging.getLogger("txroute.store")
 
 _RETRYABLE = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
+_SLOT_MOVED = "TXR02"  # raised by the accounts_moved_fence trigger (migration 0008)
 # Failures of the shard's server, not of the request: each heals by waiting (a posting answers 503, a saga
 # delivery is retried and never counts towards its dead letter). By SQLSTATE class where the whole class is:
 # 08 connection, 53 insufficient resources (53300 too many connections: a pool opening a connection while other
@@ -68,6 +69,11 @@ class TenantQueueFull(Exception):
         self.client = client
         self.limit = limit
         super().__init__(f"shard {shard}: client has {limit} postings queued")
+
+
+class SlotMoved(Exception):
+    """A posting met an account whose slot a move has just switched away (migration 0008, SQLSTATE TXR02):
+    nothing was written; the client retries and is routed to the new owner."""
 
 
 class AccountBusy(Exception):
@@ -381,6 +387,10 @@ class ShardStore:
         """Apply a saga message addressed to this shard, once; a duplicate reads the first outcome."""
         return dict(await self._call("saga_apply", "select txr_saga_apply($1::jsonb)", message))
 
+    async def saga_apply_own(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Apply, once, a saga debited here whose credit slot has since moved here (migration 0008)."""
+        return dict(await self._call("saga_apply_own", "select txr_saga_apply_own($1::jsonb)", message))
+
     async def saga_settle(self, transfer_id: str, outcome: str, reason: str | None) -> dict[str, Any]:
         """Post or return a pending transfer on the destination's answer; returns the transfer's body."""
         async with self._connection("saga_settle") as conn:
@@ -575,7 +585,7 @@ class ShardStore:
                 for one in batch:
                     await self._post_batch([one])
                 return
-            _fail(batch[0][1], exc)
+            _fail(batch[0][1], SlotMoved(self.name) if exc.sqlstate == _SLOT_MOVED else exc)
             return
         assert len(results) == len(batch), (len(results), len(batch))
         for (item, future, span), result in zip(batch, results, strict=True):
@@ -636,6 +646,8 @@ class ShardStore:
                 await self._answer_busy(item, future)
             elif not future.done():
                 future.set_result(outcome)
+        except asyncpg.PostgresError as exc:
+            _fail(future, SlotMoved(self.name) if exc.sqlstate == _SLOT_MOVED else exc)
         except Exception as exc:  # ShardUnavailable, or a bug: its waiter gets it, nobody else
             _fail(future, exc)
         finally:

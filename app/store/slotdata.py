@@ -7,7 +7,7 @@ its foreign keys name), and its migration adds the change-log trigger the catch-
         for each row execute function txr_move_log('column' | 'id', <slot column>, <key columns>...);
 
 ('column': the slot is an integer column; 'id': it is embedded in an account or transfer id column.)
-tests/integration/test_slot_moves.py checks that every table registered has that trigger with these
+tests/integration/test_slot_freeze.py checks that every table registered has that trigger with these
 arguments. Money is not copied: balances move by balancing postings at the switch (migration 0008), so
 `entries` and the outbox are not here (sagas debited from a moving range settle before the switch).
 """
@@ -23,7 +23,8 @@ class SlotTable:
     key: tuple[str, ...]  # primary key columns
     slot_by: str  # 'column' or 'id' (as the trigger's first argument)
     slot_column: str
-    # Which of the table's rows in the range move (SQL over alias t), beyond the slot.
+    # Which of the table's rows in the range move (SQL over alias t, where :source_shard is the move's source
+    # shard, on either side), beyond the slot.
     where: str = "true"
     # Columns whose copy on the target takes another value (SQL over the source row's alias r; $2 is the
     # move's source shard).
@@ -34,11 +35,18 @@ class SlotTable:
     # 'nothing' (the target's own row stands); `update_where` narrows which rows may be updated.
     on_conflict: str = "update"
     update_where: str = "true"
-    # After the switch: 'delete' the source's rows, or 'keep' them as archived history (never served, since
-    # the slot is `moved`; kept because the source's journal refers to them).
+    # After the switch: 'delete' the source's rows (those `where` selects), or 'keep' them as archived history
+    # (never served, since the slot is `moved`; kept because the source's journal refers to them).
     source_after_switch: str = "keep"
     # Which target rows a cancelled move drops (SQL over alias t), beyond the slot.
     drop_where: str = "true"
+    # Rows of the range the target holds as its own, not as copies (SQL over alias t; None: none can be), which
+    # the verify leaves out on both sides: e.g. the credit side of a saga from the range to the target itself.
+    target_own: str | None = None
+
+    def rows(self, source_shard: str) -> str:
+        """`where` for one move (its source shard as a quoted literal)."""
+        return self.where.replace(":source_shard", "'" + source_shard.replace("'", "''") + "'")
 
     def slot_sql(self, alias: str) -> str:
         column = f"{alias}.{self.slot_column}"
@@ -61,6 +69,7 @@ SLOT_TABLES: tuple[SlotTable, ...] = (
         overrides={"moved_from": "coalesce(r.moved_from, $2)"},
         unchecked=("moved_from",),
         update_where="transfers.moved_from is not null",
+        target_own="t.moved_from is null",
         drop_where="t.moved_from is not null",
     ),
     SlotTable(
@@ -69,7 +78,11 @@ SLOT_TABLES: tuple[SlotTable, ...] = (
         drop_where="exists (select 1 from transfers x where x.id = t.transfer_id and x.moved_from is not null)",
     ),
     SlotTable("idempotency", ("client", "key"), "column", "slot", source_after_switch="delete"),
-    SlotTable("inbox", ("transfer_id",), "id", "credit_account", on_conflict="nothing", source_after_switch="delete"),
+    SlotTable(
+        "inbox", ("transfer_id",), "id", "credit_account", on_conflict="nothing", source_after_switch="delete",
+        # A saga this shard debited and applied itself (its credit slot had moved here) stays with its journal.
+        where="not t.applied_by_source",
+    ),
     # Webhook endpoints live on their client's home slot (issue 13) and move with it, with their deliveries
     # (the schedule and feed position go along: the new shard's worker goes on where the old one stopped; the
     # old one delivers only endpoints whose slot it owns) and attempts. `events` is not here: events stay in the
