@@ -31,6 +31,7 @@ from app.api.schemas import (
     TransfersPage,
 )
 from app.errors import Problem
+from app.events.webhooks import EndpointRequest
 from app.ledger.states import TransferState
 from app.region.batches import post_batch
 from app.region.identity import caller, caller_principal, verified_body
@@ -47,6 +48,7 @@ REQUEST_BODIES: dict[str, type[Any]] = {
     "/v1/transfers": TransferRequest,
     "/v1/transfers/{transfer_id}/capture": CaptureRequest,
     "/v1/batches": BatchRequest,
+    "/v1/webhook-endpoints": EndpointRequest,
 }
 _PROBLEM = ResponseSpec(
     data_container=ProblemDetails, description="problem+json", media_type="application/problem+json"

@@ -43,7 +43,8 @@ async def _region_events(request: Request[Any, Any, Any], client: str) -> Respon
     return json_response(request, 200, pages_json(pages))
 
 
-@get("/v1/events", summary="This region's part of the client's event feed (the router merges the regions')",
+@get("/v1/events", summary="The client's events after a cursor: the router merges every region's part (one page per "
+                            "shard here) into items, next_cursor and has_more",
      responses=_ERRORS)
 async def list_events(request: Request[Any, Any, Any]) -> Response[bytes]:
     return await _region_events(request, await caller(request))
