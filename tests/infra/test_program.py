@@ -23,7 +23,7 @@ PER_REGION = {  # type -> how many each region gets (one cluster hosts every sha
     "aws:ecs/service:Service": 2,
     "aws:lb/loadBalancer:LoadBalancer": 2,
     "aws:sns/topic:Topic": 1,
-    "aws:cloudwatch/metricAlarm:MetricAlarm": 15,
+    "aws:cloudwatch/metricAlarm:MetricAlarm": 16,  # with webhook-endpoint-disabled (issue 13)
     "aws:acm/certificate:Certificate": 2,  # the public API's, and the internal APIs' (*.internal.<apiDomain>)
     "aws:ec2/vpcEndpoint:VpcEndpoint": 1,  # the S3 gateway endpoint (interface endpoints are opt-in)
 }
@@ -342,7 +342,7 @@ def test_every_alarm_names_a_runbook_that_exists_and_notifies_its_regions_topic(
     kinds = {a.name.split("-", 3)[-1] for a in program_run_4.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")}
     for needed in ("5xx-ratio", "p99-latency", "db-cpu", "db-free-storage", "db-connections",
                    "db-replica-lag", "saga-outbox-age", "reconciliation-mismatch", "idempotency-conflict-ratio",
-                   "tenant-throttled"):
+                   "tenant-throttled", "webhook-endpoint-disabled"):
         assert any(k.endswith(needed) for k in kinds), f"no {needed} alarm in {kinds}"
 
 
