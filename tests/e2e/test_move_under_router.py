@@ -20,11 +20,12 @@ from app.local.postgres import Cluster
 from app.local.processes import ServiceProcess
 from app.local.stack import cluster_shard_dsns
 from app.ops.target import Target
+from app.placement.mover import Mover
 from app.topology.ids import parse_account_id
 from app.topology.model import Topology
 from tests.e2e.conftest import RouterApi, router_process
 from tests.helpers import HTTP_TIMEOUT_S, new_client_id, new_key, poll_until, shard_of
-from tests.keys import SessionKeys
+from tests.keys import HopAuth, SessionKeys
 from tests.observability.test_metrics import scrape, value
 from tests.tls import session_tls
 from tests.world import World
@@ -115,6 +116,67 @@ def world_router(world: World, keys: SessionKeys) -> Iterator[ServiceProcess]:
         yield process
     finally:
         process.stop()
+
+
+async def test_an_accounts_slot_moves_to_another_region_under_deposits_through_the_router_with_no_client_error(
+    world: World, world_router: ServiceProcess, keys: SessionKeys,
+) -> None:
+    client = new_client_id()
+    async with httpx.AsyncClient(base_url=world_router.url, timeout=HTTP_TIMEOUT_S) as http:
+        api = RouterApi(http, client, keys.client_token(client))
+        account = (await api.open_account("EUR", region=REGION)).json()["id"]
+        await api.funded(account, 1_000)
+        slot = parse_account_id(account).slot
+        target = world.topology.region("us-east-1").shards[0].name
+        answers: list[tuple[int, float]] = []
+        moved = asyncio.Event()
+
+        retried: list[float] = []  # 503 slot_moving answers the client resent (a freeze outlasted the hold)
+
+        async def deposits() -> None:
+            # Until the move is done, then a few more that must reach the new owner. A client meeting 503
+            # slot_moving (nothing written) sends the same request again, with the same Idempotency-Key.
+            after = 0
+            while after < 5:
+                key, started = new_key(), time.monotonic()
+                answer = await api.deposit(account, 1, key=key)
+                while answer.status_code == 503 and answer.json()["code"] == "slot_moving":
+                    retried.append(time.monotonic() - started)
+                    answer = await api.deposit(account, 1, key=key)
+                answers.append((answer.status_code, time.monotonic() - started))
+                assert answer.status_code == 201, f"expected no client error during the move: {answer.text}"
+                after += moved.is_set()
+
+        writer = asyncio.create_task(deposits())
+        await poll_until(lambda: _answered(answers, 3), timeout_s=30, what="deposits flowing before the move")
+        mover = Mover(_target(world, world_router), progress=lambda line: None)
+        spec = await mover.spec(slot, slot, target)
+        await mover.begin(spec)
+        assert await mover.run(spec) == "done"
+        moved.set()
+        await asyncio.wait_for(writer, 120)
+
+        assert await api.balance(account) == 1_000 + len(answers), "expected every acknowledged deposit once"
+        async with world.http("us-east-1") as direct:
+            read = await direct.get(f"/v1/accounts/{account}", auth=HopAuth(client))
+        assert read.status_code == 200, f"expected us-east-1 to serve the moved account: {read.text}"
+    report = await world.audit()
+    assert report.clean, report.text()
+    source = await scrape(world.services[REGION].url)
+    assert value(source, "txroute_slot_move_freeze_duration_seconds_count", region=REGION) == 1, (
+        "expected the source region to observe the move's freeze once")
+    assert value(source, "txroute_slot_moves_in_progress") == 0
+    freeze_s = value(source, "txroute_slot_move_freeze_duration_seconds_sum", region=REGION)
+    held = await scrape(world_router.url)
+    slowest = max(seconds for _, seconds in answers)
+    print(f"{len(answers)} deposits through the move, freeze {1000 * freeze_s:.0f} ms, slowest deposit "
+          f"(holds and resends included) {1000 * slowest:.0f} ms, {len(retried)} slot_moving resent; "
+          f"router held {value(held, HELD):.0f} request(s), "
+          f"{value(held, HELD, outcome='released'):.0f} released")
+
+
+async def _answered(answers: list[tuple[int, float]], count: int) -> bool:
+    return len(answers) >= count
 
 
 async def test_evacuating_a_region_moves_each_shard_range_and_its_accounts_stay_served_with_their_balances(
