@@ -162,8 +162,7 @@ async def transfer(request: Request[Any, Any, Any]) -> Response[bytes]:
 async def batch(request: Request[Any, Any, Any]) -> Response[bytes]:
     found = await caller_principal(request)
     key, data = await _body(request, BatchRequest)
-    status, body, replayed = await post_batch(ledger(request), found.client, key, data, found.scopes)
-    return outcome_response(request, Outcome(status, body, replayed=replayed))
+    return outcome_response(request, await post_batch(ledger(request), found.client, key, data, found.scopes))
 
 
 @get(

@@ -47,18 +47,15 @@ def problem_result(code: str, detail: str) -> dict[str, Any]:
 
 async def post_batch(
     ledger: RegionLedger, client: str, key: str, batch: BatchRequest, granted: frozenset[str]
-) -> tuple[int, dict[str, Any], bool]:
-    """(status, body, replayed) of a batch. Refusals of the whole batch raise `Problem`."""
+) -> Outcome:
+    """The batch's outcome (an atomic batch's refusal is a problem body, as any posting's). Refusals made
+    before anything is posted raise `Problem`."""
     indexes = batches.check(key, batch, granted)
     if batch.atomic:
-        outcome = await _atomic(ledger, client, key, batch, indexes)
-        if outcome.status >= 400:
-            body = dict(outcome.body)
-            raise Problem(body.pop("code"), body.pop("detail"), extra=body)
-        return outcome.status, outcome.body, outcome.replayed
+        return await _atomic(ledger, client, key, batch, indexes)
     results = await _each(ledger, client, key, batch, indexes)
     replayed = all(r.get("replayed", False) for r in results)
-    return 200, {"atomic": False, "items": results}, replayed
+    return Outcome(200, {"atomic": False, "items": results}, replayed=replayed)
 
 
 async def _atomic(ledger: RegionLedger, client: str, key: str, batch: BatchRequest, indexes: list[int]) -> Outcome:

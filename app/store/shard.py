@@ -17,7 +17,7 @@ import contextlib
 import datetime
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -334,10 +334,18 @@ class ShardStore:
         doc = await self._call_long(
             "post_atomic", "select txr_post_atomic($1, $2, $3, $4::jsonb, $5)",
             client, key, fingerprint, [p.as_json() for p in items], limits.BATCH_LOCK_WAIT_MS,
-            timeout_ms=limits.BATCH_STATEMENT_TIMEOUT_MS, batch_size=len(items),
+            timeout_ms=limits.BATCH_STATEMENT_TIMEOUT_MS, batch_size=len(items), discard=_transient_refusal,
         )
         if doc.get("busy"):
             return await self._busy_outcome({"client": client, "key": key, "fingerprint": fingerprint})
+        transient = _transient_refusal(doc)
+        if transient is not None:
+            # Rolled back, not stored: answered as the single posting would be (a retry can succeed).
+            index, item = transient
+            body = {"code": item["code"], "detail": f"item {index}: {item['detail']}", "index": index}
+            if item["code"] == "misdirected":
+                body["slot"] = items[index].slot
+            return Outcome(int(item["status"]), body)
         return Outcome.from_json(doc)
 
     async def _busy_outcome(self, item: dict[str, Any]) -> Outcome:
@@ -693,14 +701,23 @@ class ShardStore:
                 await asyncio.sleep(limits.POSTING_RETRY_BACKOFF_MS * attempt / 1000)
         raise AssertionError("unreachable")
 
-    async def _call_long(self, op: str, sql: str, *args: Any, timeout_ms: int, **span: Any) -> Any:
+    async def _call_long(
+        self, op: str, sql: str, *args: Any, timeout_ms: int, discard: Callable[[Any], object] | None = None,
+        **span: Any,
+    ) -> Any:
         """`_call` for one statement allowed `timeout_ms` instead of the pool's statement timeout (set for its
-        own transaction only): an atomic batch of 1,000 postings is one statement."""
+        own transaction only): an atomic batch of 1,000 postings is one statement. A result that `discard` finds
+        truthy is returned, but its transaction rolled back (nothing it wrote is kept)."""
         for attempt in range(1, limits.POSTING_RETRIES_MAX + 1):
             try:
                 async with self._connection(op, **span) as conn, conn.transaction():
                     await conn.execute(f"set local statement_timeout = {int(timeout_ms)}")
-                    return await conn.fetchval(sql, *args, timeout=timeout_ms / 1000 + 1)
+                    result = await conn.fetchval(sql, *args, timeout=timeout_ms / 1000 + 1)
+                    if discard is not None and discard(result):
+                        raise _Discarded(result)
+                    return result
+            except _Discarded as discarded:
+                return discarded.result
             except _RETRYABLE:
                 if attempt == limits.POSTING_RETRIES_MAX:
                     raise
@@ -862,6 +879,29 @@ class ShardStore:
     async def _fetch(self, op: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         async with self._connection(op) as conn:
             return list(await conn.fetch(sql, *args))
+
+
+class _Discarded(Exception):
+    """Rolls back the transaction of a result that must not be kept (`_call_long`)."""
+
+    def __init__(self, result: Any) -> None:
+        self.result = result
+
+
+# Item outcomes that are never an idempotent answer (the single-request path stores none of them): the slot is
+# not (or no longer) this shard's, frozen by a move, or a system account is at its bound. An atomic batch with
+# one of them is rolled back whole, its refusal included, and answered with it: a retry can succeed.
+_TRANSIENT_ITEM_CODES = frozenset({"misdirected", "slot_moving", "ledger_limit_reached"})
+
+
+def _transient_refusal(doc: Any) -> tuple[int, dict[str, Any]] | None:
+    """(index, item) of the first transient item refusal of an atomic batch's refused outcome, or None."""
+    if not isinstance(doc, dict) or doc.get("status") != 422 or doc.get("body", {}).get("code") != "batch_refused":
+        return None
+    for index, item in enumerate(doc["body"]["items"]):
+        if item.get("code") in _TRANSIENT_ITEM_CODES:
+            return index, item
+    return None
 
 
 def _retrieve(future: asyncio.Future[Outcome]) -> None:
