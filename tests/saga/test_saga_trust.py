@@ -29,7 +29,8 @@ from tests.helpers import ApiClient, assert_shard_conserved, ledger_snapshot, ne
 from tests.keys import SessionKeys, region_env
 from tests.tls import verify
 
-SAGA_ROUTES = ["/internal/saga/apply"]  # every region-to-region route (checked against the app below)
+SAGA_ROUTES = ["/internal/saga/apply"]  # every region-to-region write (checked against the app below)
+SAGA_READ_ROUTES = ["/internal/events"]  # every region-to-region read: another region's webhook worker
 SOURCE, DESTINATION = "eu-west-1", "us-east-1"
 
 
@@ -170,4 +171,21 @@ def test_saga_routes_name_every_internal_route_the_regions_serve_to_each_other()
     }))
     litestar = app.app
     internal = {route.path for route in litestar.routes if route.path.startswith("/internal/")}  # type: ignore[attr-defined]
-    assert internal - {"/internal/shardmap"} == set(SAGA_ROUTES), sorted(internal)
+    assert internal - {"/internal/shardmap"} == set(SAGA_ROUTES) | set(SAGA_READ_ROUTES), sorted(internal)
+
+
+async def test_no_token_the_routers_key_can_sign_reads_a_clients_events_across_regions(
+    region_services: dict[str, ServiceProcess], keys: SessionKeys,
+) -> None:
+    """A region-to-region read names any client: the router's key must not open it, a saga token does."""
+    client = new_client_id("victim")
+    async with httpx.AsyncClient(timeout=30, verify=verify()) as http:
+        for route in SAGA_READ_ROUTES:
+            path = f"{route}?client={client}"
+            url = region_services[DESTINATION].url + path
+            for name, token in _router_key_tokens(keys, BoundRequest("GET", path, b""), client).items():
+                response = await http.get(url, headers={"authorization": "Bearer " + token})
+                assert response.status_code in (401, 403), f"{name}: expected 401/403 on {route}, got {response.text}"
+            saga = keys.saga_token(SOURCE, DESTINATION, BoundRequest("GET", path, b""))
+            response = await http.get(url, headers={"authorization": "Bearer " + saga})
+            assert response.status_code == 200, response.text
