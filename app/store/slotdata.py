@@ -65,11 +65,12 @@ SLOT_TABLES: tuple[SlotTable, ...] = (
     ),
     SlotTable(
         "transfers", ("id",), "id", "id",
-        # A copy keeps naming the shard whose journal holds its entries ($2: the move's source shard).
-        overrides={"moved_from": "coalesce(r.moved_from, $2)"},
+        # A copy keeps naming the shard whose journal holds its entries ($2: the move's source shard). An open
+        # hold has no entry yet: its copy is the transfer's home from now on (the new owner captures it there).
+        overrides={"moved_from": "case when r.state = 'held' then null else coalesce(r.moved_from, $2) end"},
         unchecked=("moved_from",),
-        update_where="transfers.moved_from is not null",
-        target_own="t.moved_from is null",
+        update_where="transfers.moved_from is not null or transfers.state = 'held'",
+        target_own="t.moved_from is null and t.state <> 'held'",
         drop_where="t.moved_from is not null",
     ),
     SlotTable(

@@ -107,6 +107,8 @@ async def answered(call: Callable[[], Awaitable[httpx.Response]], retried: Count
             response = None
         if response is not None and response.status_code not in (409, 421, 503):
             return response
+        if response is not None and response.status_code == 409 and response.json().get("code") != "account_busy":
+            return response
         retried[response.json().get("code", "?") if response is not None else "transport"] += 1
         assert time.monotonic() < give_up, f"expected an answer within {RETRY_FOR_S}s, last: {response}"
         await asyncio.sleep(RETRY_INTERVAL_S)
@@ -313,4 +315,22 @@ async def test_pending_sagas_hold_the_switch_and_a_message_to_a_moved_slot_is_re
     assert during.status_code == 201, f"expected the range writable again after the abort, got {during.text}"
     assert applied_at_new_owner == 1, "expected the re-addressed message applied once by the new owner"
     assert balances == {inside[0]: INITIAL_BALANCE - 200 + 300, north: INITIAL_BALANCE + 200 - 300}, balances
+    assert report.clean, report.text()
+
+
+async def test_an_open_hold_moves_with_its_account_and_the_new_owner_captures_it(bench: Bench) -> None:
+    retried: Counter[str] = Counter()
+    inside, _ = await open_accounts(bench, retried)
+    hold = await bench.api.hold(inside[0], inside[1], 100)
+    assert hold.status_code == 201, hold.text
+    assert await bench.move("use1-a") == "done", bench.log[-3:]
+    captured = await answered(lambda: bench.api.capture(hold.json()["id"], 60), retried)
+    again = await answered(lambda: bench.api.capture(hold.json()["id"], 60), retried)
+    balances = await settled_balances(bench, {}, inside[:2], retried)
+    report = await audit(bench.world.shard_dsns(), full=True)
+
+    assert captured.status_code == 201, f"expected the new owner to capture the hold, got {captured.text}"
+    assert again.status_code == 409 and again.json()["code"] == "transfer_not_held", (
+        f"expected a second capture refused, got {again.status_code} {again.text}")
+    assert balances == {inside[0]: INITIAL_BALANCE - 60, inside[1]: INITIAL_BALANCE + 60}, balances
     assert report.clean, report.text()
