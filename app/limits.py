@@ -47,11 +47,9 @@ BATCH_ITEMS_IN_FLIGHT_MAX = 64
 # An atomic batch (or a posting with a unique reference) locks its accounts in its own transaction, waiting at
 # most this long for each; an account still locked answers 409 account_busy (nothing posted, nothing stored).
 BATCH_LOCK_WAIT_MS = 1_000
-# An atomic batch is one statement, allowed this long instead of DB_STATEMENT_TIMEOUT_MS. Its cost grows with
-# the square of the postings per account: each update adds a row version that the next lookup of that account in
-# the same transaction walks past. Measured in SQL alone on the loaded 2-core machine (load average ~7): 100
-# postings 1-2 s, 1,000 postings from one debit account 8 s, 1,000 between two accounts 12 s. Past it: 503
-# shard_unavailable, nothing posted. Below UPSTREAM_READ_TIMEOUT_S, so the region answers first.
+# An atomic batch is one statement, allowed this long instead of DB_STATEMENT_TIMEOUT_MS. Measured in SQL alone
+# on the shared 2-core machine: 100 postings 1-2 s; 1,000 postings 8-12 s at load average ~7, 17-31 s at ~15-20
+# (then 503 shard_unavailable, nothing posted). Below UPSTREAM_READ_TIMEOUT_S, so the region answers first.
 BATCH_STATEMENT_TIMEOUT_MS = 14_000
 # The router's fan-out of a reference lookup to every region: each region's answer waited for this long; a
 # region that does not answer in time is named in the answer's `unavailable_regions`.
