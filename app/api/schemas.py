@@ -24,10 +24,14 @@ AmountMinor = Annotated[
     msgspec.Meta(ge=1, le=limits.AMOUNT_MINOR_MAX, description="Integer count of the currency's minor unit."),
 ]
 OverdraftMinor = Annotated[int, msgspec.Meta(ge=0, le=limits.OVERDRAFT_LIMIT_MINOR_MAX)]
-Reference = Annotated[str, msgspec.Meta(min_length=1, max_length=limits.REFERENCE_CHARS_MAX)]
+# Text stored in PostgreSQL (text and jsonb) cannot hold a NUL character: refused here, never a 500 there.
+NO_NUL_PATTERN = "^[^\x00]*$"
+Reference = Annotated[str, msgspec.Meta(min_length=1, max_length=limits.REFERENCE_CHARS_MAX, pattern=NO_NUL_PATTERN)]
 RegionName = Annotated[str, msgspec.Meta(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$", max_length=32)]
-MetadataKey = Annotated[str, msgspec.Meta(min_length=1, max_length=limits.METADATA_KEY_CHARS_MAX)]
-MetadataValue = Annotated[str, msgspec.Meta(max_length=limits.METADATA_VALUE_CHARS_MAX)]
+MetadataKey = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=limits.METADATA_KEY_CHARS_MAX, pattern=NO_NUL_PATTERN)
+]
+MetadataValue = Annotated[str, msgspec.Meta(max_length=limits.METADATA_VALUE_CHARS_MAX, pattern=NO_NUL_PATTERN)]
 Metadata = Annotated[
     dict[MetadataKey, MetadataValue],
     msgspec.Meta(

@@ -46,10 +46,18 @@ def decode_cursor(text: str | None) -> dict[str, str]:
     except (binascii.Error, ValueError, UnicodeDecodeError):
         raise _bad_cursor() from None
     if not isinstance(doc, dict) or not all(
-        isinstance(k, str) and _SHARD.match(k) and isinstance(v, str) and _POSITION.match(v) for k, v in doc.items()
+        isinstance(k, str) and _SHARD.match(k) and isinstance(v, str) and _in_range(v) for k, v in doc.items()
     ):
         raise _bad_cursor()
     return dict(doc)
+
+
+def _in_range(position: str) -> bool:
+    """A position the database can read: xid8 is unsigned 64-bit, seq a bigint (the pattern bounds digits only)."""
+    if not _POSITION.match(position):
+        return False
+    xid, seq = split_position(position)
+    return xid < 2**64 and seq < 2**63
 
 
 def encode_cursor(positions: dict[str, str]) -> str:

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import msgspec
 
 from app import limits
+from app.api.schemas import NO_NUL_PATTERN
 from app.events.feed import EVENT_TYPES
 from app.ledger.postings import fingerprint
 from app.topology.ids import new_ulid
@@ -34,7 +35,9 @@ EventTypes = Annotated[list[EventType], msgspec.Meta(min_length=1, max_length=li
 class EndpointRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     url: Annotated[str, msgspec.Meta(min_length=1, max_length=limits.WEBHOOK_URL_CHARS_MAX)]
     event_types: EventTypes | None = None
-    description: Annotated[str, msgspec.Meta(max_length=limits.WEBHOOK_DESCRIPTION_CHARS_MAX)] | None = None
+    description: Annotated[
+        str, msgspec.Meta(max_length=limits.WEBHOOK_DESCRIPTION_CHARS_MAX, pattern=NO_NUL_PATTERN)
+    ] | None = None
 
 
 def home_slot(client: str) -> int:

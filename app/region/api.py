@@ -329,6 +329,10 @@ def _as_of(text: str | None) -> datetime.datetime | None:
         at = None
     if at is None or at.tzinfo is None:
         raise Problem("invalid_as_of", "as_of must be an RFC 3339 time with its offset, e.g. 2026-11-28T06:00:00Z")
+    try:
+        at = at.astimezone(datetime.UTC)  # as the database driver sends it: 0001-01-01T00:00:00+01:00 has no UTC
+    except OverflowError:
+        raise Problem("invalid_as_of", "as_of is before the first representable instant") from None
     if at > datetime.datetime.now(datetime.UTC):
         raise Problem("invalid_as_of", "as_of is in the future")
     return at

@@ -182,6 +182,8 @@ class TransfersQuery:
 REFERENCE_SQL = """select txr_transfer_body(t) as body, t.created_at, t.id from transfers t
                    where t.client = $1 and t.reference = $2
                      and (t.debit_shard is null or t.debit_shard = (select shard from shard_info))
+                     and exists (select 1 from slot_ownership o where txr_id_slot(t.id) between o.slot_lo
+                                 and o.slot_hi and o.state in ('owned', 'moving'))
                    order by t.created_at desc, t.id desc limit $3"""
 
 
@@ -783,7 +785,9 @@ class ShardStore:
     async def transfers_by_reference(self, client: str, reference: str, *, limit: int) -> list[dict[str, Any]]:
         """The client's transfers with this reference that this shard answers for, newest first. A saga's
         credit-side copy (on the credit shard) is left out: its debit shard answers for the transfer and its
-        state (a transfer id embeds its debit slot)."""
+        state (a transfer id embeds its debit slot). So are the transfers of slots this shard neither owns nor
+        has frozen: a slot move (migration 0008) leaves the source's rows archived and the target's copies are
+        not its own until the switch, and either would list a transfer twice, the archived one in a stale state."""
         rows = await self._fetch("transfers_by_reference", REFERENCE_SQL, client, reference, limit)
         return [dict(r) for r in rows]
 

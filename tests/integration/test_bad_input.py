@@ -125,3 +125,28 @@ async def test_unknown_routes_and_methods_are_problems(api: ApiClient) -> None:
     assert response.headers["content-type"].startswith("application/problem+json")
 
 
+
+
+async def test_out_of_range_cursors_times_and_nul_characters_are_refused_not_failed(
+    api: ApiClient, topology: Topology
+) -> None:
+    """Values that pass a pattern but not the database's types: a feed position past bigint or xid8, a time that
+    has no UTC instant, a NUL character (which jsonb and text cannot hold)."""
+    shard, (account,) = await accounts_in_one_shard(api, topology, 1)
+    for position in ("1.9999999999999999999", "99999999999999999999.1"):
+        cursor = base64.urlsafe_b64encode(json.dumps({shard: position}).encode()).decode().rstrip("=")
+        response = await api.get("/v1/events", params={"after": cursor})
+        assert_problem(response, 400, "invalid_cursor", f"feed position {position}")
+    response = await api.account(account, as_of="0001-01-01T00:00:00+01:00")
+    assert_problem(response, 400, "invalid_as_of", "a time before the first UTC instant")
+    before = await api.deposit(account, 1)
+    assert before.status_code == 201, before.text
+    response = await api.post("/v1/deposits", {"account": account, "amount": 1, "currency": "EUR",
+                                               "metadata": {"note": "a\u0000b"}})
+    assert_problem(response, 400, "invalid_metadata", "a NUL character in metadata")
+    response = await api.post("/v1/deposits", {"account": account, "amount": 1, "currency": "EUR",
+                                               "reference": "a\u0000b"})
+    assert_problem(response, 400, "invalid_request", "a NUL character in a reference")
+    response = await api.post("/v1/webhook-endpoints", {"url": "https://example.com/hook", "description": "a\u0000b"})
+    assert_problem(response, 400, "invalid_request", "a NUL character in a webhook endpoint's description")
+    assert await api.balance(account) == 1

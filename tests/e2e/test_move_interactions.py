@@ -1,0 +1,84 @@
+"""A slot move (issue 11) of an account with holds, a unique-reference lookup and a refused atomic batch, through
+the router, on a world of its own: the account reads the same on its new shard, its holds are captured and voided
+there (one capture a saga back to the old shard), a replay of the refused batch is still refused, the reference
+lookup lists each transfer once, every event is written once, and the audit is clean."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import httpx
+
+from app.topology.ids import parse_account_id
+from app.topology.model import Topology
+from tests.e2e.conftest import RouterApi
+from tests.e2e.test_events_slot_move import _move, moving_world  # noqa: F401 - the fixture
+from tests.events_support import committed_events
+from tests.helpers import accounts_in_one_shard, new_client_id, new_key, poll_until
+from tests.keys import SessionKeys
+
+
+async def _money(api: RouterApi, account: str) -> tuple[int, int, int]:
+    response = await api.account(account)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    return body["balance"], body["held"], body["available"]
+
+
+async def test_holds_a_refused_batch_references_and_events_come_through_a_move_whole(
+    moving_world: Any, topology: Topology, keys: SessionKeys,  # noqa: F811
+) -> None:
+    async with httpx.AsyncClient(base_url=moving_world.router.url, timeout=30) as http:
+        client = new_client_id()
+        api = RouterApi(http, client, keys.client_token(client))
+        shard, (debit, credit) = await accounts_in_one_shard(api, topology, 2)
+        await api.funded(debit, 1_000)
+        captured = await api.hold(debit, credit, 300)
+        voided = await api.hold(debit, credit, 100)
+        paid = await api.post("/v1/transfers", {"debit_account": debit, "credit_account": credit, "amount": 50,
+                                                "currency": "EUR", "reference": "inv-7", "unique_reference": True})
+        assert captured.status_code == voided.status_code == paid.status_code == 201, (
+            captured.text, voided.text, paid.text)
+        batch_key = new_key()
+        batch: dict[str, Any] = {"atomic": True, "items": [
+            {"type": "withdrawal", "account": debit, "amount": 5_000, "currency": "EUR"}]}
+        refused = await api.post("/v1/batches", batch, key=batch_key)
+        assert refused.status_code == 422 and refused.json()["code"] == "batch_refused", refused.text
+        before = await _money(api, debit)
+
+        moved_to = await _move(moving_world, topology, parse_account_id(debit).slot)
+        assert moved_to != shard
+
+        assert await _money(api, debit) == before == (950, 400, 550), (
+            f"expected balance, held and available unchanged by the move: {before}")
+        capture = await api.capture(captured.json()["id"], 200)
+        void = await api.void(voided.json()["id"])
+        assert capture.status_code == 202, f"expected the capture a saga to the old shard: {capture.text}"
+        assert void.status_code == 200, void.text
+        await api.funded(debit, 5_000)
+        replay = await api.post("/v1/batches", batch, key=batch_key)
+        assert replay.status_code == 422 and replay.json()["code"] == "batch_refused", (
+            f"expected the refused batch replayed after the move, not posted: {replay.status_code} {replay.text}")
+
+        lookup = await api.get("/v1/transfers", params={"reference": "inv-7"})
+        assert lookup.status_code == 200, lookup.text
+        assert [t["id"] for t in lookup.json()["items"]] == [paid.json()["id"]], (
+            f"expected the transfer listed once, by its new shard: {lookup.json()}")
+
+        async def settled() -> bool:
+            response = await api.get(f"/v1/transfers/{captured.json()['id']}")
+            return response.status_code == 200 and response.json()["state"] == "posted"
+
+        await poll_until(settled, timeout_s=60, what="the capture's saga settled")
+        assert await _money(api, debit) == (5_750, 0, 5_750)
+        assert await api.balance(credit) == 250
+
+    events = await committed_events(moving_world.clusters, topology, client)
+    counts = Counter((e["type"], e["resource"]) for e in events)
+    assert all(n == 1 for n in counts.values()), f"expected every event once: {counts}"
+    hold_events = [e["type"] for e in events if e["resource"] == captured.json()["id"]]
+    assert sorted(hold_events) == ["transfer.captured", "transfer.held", "transfer.posted"], hold_events
+    assert ("transfer.voided", voided.json()["id"]) in counts, counts
+    report = await moving_world.audit()
+    assert report.clean, report.text()
