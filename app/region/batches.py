@@ -25,7 +25,15 @@ from app.api.schemas import BatchItem, BatchRequest, DepositItem, TransferItem, 
 from app.errors import Problem
 from app.ledger.postings import PostingKind, fingerprint
 from app.region.service import RegionLedger
-from app.store.shard import AccountBusy, Outcome, QueueFull, ShardStore, ShardUnavailable, TenantQueueFull
+from app.store.shard import (
+    AccountBusy,
+    Outcome,
+    QueueFull,
+    ShardStore,
+    ShardUnavailable,
+    SlotMoved,
+    TenantQueueFull,
+)
 
 log = logging.getLogger("txroute.region.batches")
 
@@ -116,6 +124,9 @@ async def _one(ledger: RegionLedger, client: str, key: str, item: BatchItem) -> 
         return result
     except ShardUnavailable:
         return problem_result("shard_unavailable", "the account's database did not answer; retry the batch")
+    except SlotMoved:
+        return problem_result("slot_moving", "an account of this item has just moved to another shard; nothing was "
+                                             "posted; retry the batch")
     except AccountBusy:
         return problem_result("account_busy", "an account of this item is locked by another operation; nothing "
                                               "was posted; retry the batch")

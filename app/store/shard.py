@@ -693,7 +693,9 @@ class ShardStore:
         self._busy_until[account] = time.monotonic() + limits.ACCOUNT_BUSY_REMEMBERED_MS / 1000
 
     async def _call(self, op: str, sql: str, *args: Any, **span: Any) -> Any:
-        """One round trip, retried on serialization failure or deadlock (never surfaced to a client)."""
+        """One round trip, retried on serialization failure or deadlock (never surfaced to a client). The
+        moved-account fence (SQLSTATE TXR02) is `SlotMoved` here as in group commit: a unique-reference posting,
+        a capture or an atomic batch crediting an account whose slot was just switched away wrote nothing."""
         for attempt in range(1, limits.POSTING_RETRIES_MAX + 1):
             try:
                 return await self._fetchval(op, sql, *args, **span)
@@ -701,6 +703,10 @@ class ShardStore:
                 if attempt == limits.POSTING_RETRIES_MAX:
                     raise
                 await asyncio.sleep(limits.POSTING_RETRY_BACKOFF_MS * attempt / 1000)
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate == _SLOT_MOVED:
+                    raise SlotMoved(self.name) from None
+                raise
         raise AssertionError("unreachable")
 
     async def _call_long(
@@ -724,6 +730,10 @@ class ShardStore:
                 if attempt == limits.POSTING_RETRIES_MAX:
                     raise
                 await asyncio.sleep(limits.POSTING_RETRY_BACKOFF_MS * attempt / 1000)
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate == _SLOT_MOVED:
+                    raise SlotMoved(self.name) from None
+                raise
         raise AssertionError("unreachable")
 
     # Reads ------------------------------------------------------------------------------------------
@@ -893,9 +903,12 @@ class _Discarded(Exception):
 
 
 # Item outcomes that are never an idempotent answer (the single-request path stores none of them): the slot is
-# not (or no longer) this shard's, frozen by a move, or a system account is at its bound. An atomic batch with
+# not (or no longer) this shard's, frozen by a move, a system account is at its bound, or the item's key is in
+# flight in another request (its answer is that request's to store). An atomic batch with
 # one of them is rolled back whole, its refusal included, and answered with it: a retry can succeed.
-_TRANSIENT_ITEM_CODES = frozenset({"misdirected", "slot_moving", "ledger_limit_reached"})
+_TRANSIENT_ITEM_CODES = frozenset(
+    {"misdirected", "slot_moving", "ledger_limit_reached", "idempotency_key_in_flight"}
+)
 
 
 def _transient_refusal(doc: Any) -> tuple[int, dict[str, Any]] | None:

@@ -6,12 +6,11 @@
 --    it passes the ownership fence of that slot first (while frozen: 503 slot_moving, nothing stored), and its
 --    stored answer records that slot, so it moves with it. Before, it recorded the slot of whichever item
 --    txr_owns saw last, or none at all once the refused items were rolled back (the answer then stayed on the
---    source after a move and a replay there executed the batch again). An item refused for a reason that
---    passes (its slot frozen or moved, a system account at its bound, its key in flight) answers the batch as
---    it is and stores nothing, as the single request would: before, a batch sent during a freeze was stored as
---    a permanent 422 batch_refused. The batch's own rollback has a SQLSTATE of its own (TXR03), so an exception
---    raised by a trigger under an item (0014's moved-account fence raises TXR02) aborts the call as it should,
---    instead of being taken for "an item was refused" with no results (which stored a 201 with no items).
+--    source after a move, and a replay on the new owner executed the batch again). The batch's own rollback has
+--    a SQLSTATE of its own (TXR03): migration 0014's moved-account fence raises TXR02 under an item, which the
+--    batch took for its own "an item was refused" and stored a 201 with no items, having posted nothing; now
+--    that exception aborts the call (answered 503 slot_moving, app/store/shard.py). Items refused for a cause
+--    that passes are rolled back by the store (app/store/shard.py, _TRANSIENT_ITEM_CODES).
 -- 2. A posting whose reference is declared unique checks its key and reference before txr_post_one: it passes
 --    the fence of its own slot first, so that refusal is neither written on a frozen or moved range nor stored
 --    under another item's slot (or none).
@@ -28,7 +27,6 @@ declare
     v_prior jsonb;
     v_results jsonb;
     v_refused boolean := false;
-    v_passing jsonb;
     v_outcome jsonb;
 begin
     assert jsonb_array_length(p_items) > 0, 'an atomic batch has items';
@@ -52,13 +50,6 @@ begin
     exception when sqlstate 'TXR03' then
         null;
     end;
-    assert jsonb_array_length(v_results) = jsonb_array_length(p_items), 'one result per item';
-    select r into v_passing from jsonb_array_elements(v_results) r
-    where (r ->> 'status')::integer in (421, 503) or r -> 'body' ->> 'code' = 'idempotency_key_in_flight'
-    limit 1;
-    if v_passing is not null then
-        return v_passing;  -- not stored: nothing happened, and the same batch can post later
-    end if;
     if v_refused then
         v_outcome := jsonb_build_object('status', 422, 'body', jsonb_build_object(
             'code', 'batch_refused',
@@ -155,4 +146,70 @@ begin
         case when tg_op = 'INSERT' then 'account.opened' else 'account.' || new.status end,
         new.owner_client, new.slot, new.id, txr_account_body(new));
     return null;
+end $$;
+
+-- 4. A hold whose debit slot moved away and whose credit account stayed here is captured on its new shard as a
+--    saga back to this one (txr_hold_capture). This shard still has the hold's own row, archived by the move
+--    (transfers stay on the source, its slot `moved`), so the credit side's insert of the transfer failed on
+--    its id, every delivery again: the money stayed in transit and the capture pending. The credit side takes
+--    the archived row over (held -> posted, the captured amount), as the row it would have inserted; its slot
+--    is not this shard's to announce, so it writes no event, as no credit side does.
+create or replace function txr_saga_apply(m jsonb) returns jsonb language plpgsql as $$
+declare
+    v_id text := m ->> 'transfer_id';
+    v_amount bigint := (m ->> 'amount')::bigint;
+    v_currency text := m ->> 'currency';
+    v_shard text;
+    v_transit text;
+    v_prior inbox;
+    v_credit accounts;
+    v_transit_balance bigint;
+    v_refusal jsonb;
+begin
+    if not txr_owns((m ->> 'credit_slot')::integer) then
+        return txr_misdirected((m ->> 'credit_slot')::integer);
+    end if;
+    -- Serialises concurrent deliveries of one message: the second reads the first's outcome.
+    perform pg_advisory_xact_lock(hashtextextended(v_id, 11));
+    select * into v_prior from inbox where transfer_id = v_id;
+    if found then
+        return jsonb_build_object('outcome', v_prior.outcome, 'reason', v_prior.reason, 'duplicate', true);
+    end if;
+    select shard into strict v_shard from shard_info;
+    v_transit := 'trn_' || v_shard || '_' || (m ->> 'source_shard') || '_' || v_currency;
+    insert into accounts (id, slot, kind, owner_client, currency)
+    values (v_transit, (m ->> 'credit_slot')::integer, 'transit', 'txroute', v_currency)
+    on conflict (id) do nothing;
+    -- Same order as txr_post's lock pass (by id: 'acc_' sorts before 'trn_').
+    select * into v_credit from accounts where id = m ->> 'credit_account' for update;
+    perform 1 from accounts where id = v_transit for update;
+    v_refusal := txr_customer_refusal(v_credit, m ->> 'credit_account', m ->> 'client', v_currency);
+    if v_refusal is null and v_credit.balance > 9007199254740991 - v_amount then
+        v_refusal := txr_refusal(422, 'balance_limit_exceeded', 'the credit account would exceed its limit');
+    end if;
+    if v_refusal is not null then
+        insert into inbox (transfer_id, source_shard, outcome, reason, credit_account, amount, currency)
+        values (v_id, m ->> 'source_shard', 'refused', v_refusal -> 'body' ->> 'code', m ->> 'credit_account',
+                v_amount, v_currency);
+        return jsonb_build_object('outcome', 'refused', 'reason', v_refusal -> 'body' ->> 'code');
+    end if;
+    update accounts set balance = balance + v_amount, version = version + 1
+    where id = v_credit.id returning balance into v_credit.balance;
+    update accounts set balance = balance - v_amount, version = version + 1
+    where id = v_transit returning balance into v_transit_balance;
+    update transfers set state = 'posted', amount = v_amount, debit_shard = m ->> 'source_shard', credit_shard = v_shard
+    where id = v_id and state = 'held' and client = m ->> 'client' and credit_account = v_credit.id
+      and not txr_event_slot_writer(txr_id_slot(id));
+    if not found then
+        insert into transfers (id, client, kind, debit_account, credit_account, amount, currency, reference, state,
+                               debit_shard, credit_shard)
+        values (v_id, m ->> 'client', 'transfer', m ->> 'debit_account', v_credit.id, v_amount, v_currency,
+                m ->> 'reference', 'posted', m ->> 'source_shard', v_shard);
+    end if;
+    insert into entries (transfer_id, account_id, amount, balance_after)
+    values (v_id, v_transit, -v_amount, v_transit_balance),
+           (v_id, v_credit.id, v_amount, v_credit.balance);
+    insert into inbox (transfer_id, source_shard, outcome, credit_account, amount, currency)
+    values (v_id, m ->> 'source_shard', 'applied', v_credit.id, v_amount, v_currency);
+    return jsonb_build_object('outcome', 'applied');
 end $$;
