@@ -259,7 +259,10 @@ class Router:
                 return await self._to_owner(owned_slot, method, path_qs, headers, body)
 
         answer = await attempt()
-        if not is_slot_moving(answer):
+        # A 421 that survived `_to_owner`'s refresh means this router's map is behind a move that just switched
+        # (refreshes are rate-limited; the new owner may not claim the slot for a moment): the request is held
+        # like a slot_moving one, so the client sees latency, never the routers' internal 421.
+        if not is_slot_moving(answer) and not (slot is not None and answer.status == 421):
             return answer
 
         async def again() -> Answer:

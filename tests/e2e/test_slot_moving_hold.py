@@ -35,11 +35,13 @@ REGION = "eu-west-1"
 
 @dataclass
 class Gate:
-    """HTTPS in front of one region: answers slot_moving while `frozen` (public routes only)."""
+    """HTTPS in front of one region: answers slot_moving while `frozen`, or 421 while `misdirected` (a switch
+    this router's map has not caught up with), on public routes only."""
 
     upstream: str
     frozen: bool = False
-    refused: int = 0  # public requests answered slot_moving
+    misdirected: bool = False
+    refused: int = 0  # public requests answered slot_moving or 421
     url: str = ""
     _runner: web.AppRunner | None = field(default=None, repr=False)
     _client: aiohttp.ClientSession | None = field(default=None, repr=False)
@@ -68,6 +70,10 @@ class Gate:
             body = problem_body("slot_moving", "slot range frozen for its switch", "req_gate")
             return web.Response(status=503, body=body, headers={"content-type": PROBLEM_CONTENT_TYPE,
                                                                 "retry-after": "1"})
+        if self.misdirected and request.path.startswith("/v1/"):
+            self.refused += 1
+            body = problem_body("misdirected", "slot moved to a shard this router's map does not name yet", "req_gate")
+            return web.Response(status=421, body=body, headers={"content-type": PROBLEM_CONTENT_TYPE})
         assert self._client is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
         async with self._client.request(request.method, self.upstream + request.path_qs, headers=headers,
@@ -137,6 +143,22 @@ async def test_a_deposit_to_a_moving_slot_is_held_and_posted_once_when_the_freez
     assert value(after, "txroute_router_hold_duration_seconds_count", outcome="released") >= 1
     assert value(after, "txroute_router_requests_on_hold") == 0, "expected no request still held"
     print(f"held deposit answered after {held_s * 1000:.0f} ms, {gate.refused} slot_moving answers")
+
+
+async def test_a_421_the_routers_map_cannot_explain_yet_is_held_not_passed_to_the_client(
+    gate: Gate, gated_router: ServiceProcess, gated_api: RouterApi,
+) -> None:
+    """Right after a switch a router's refresh may still name the old owner (refreshes are rate-limited, the new
+    owner's claim may land a moment later): the 421 it gets again is held like slot_moving, then posted once."""
+    account = (await gated_api.open_account("EUR", region=REGION)).json()["id"]
+    gate.misdirected = True
+    pending = asyncio.create_task(gated_api.deposit(account, 400, key=new_key()))
+    await poll_until(lambda: _at_least(gate, 3), timeout_s=5, what="the deposit to be tried 3 times")
+    assert not pending.done(), "expected the deposit held while every answer is 421"
+    gate.misdirected = False
+    answer = await asyncio.wait_for(pending, HTTP_TIMEOUT_S)
+    assert answer.status_code == 201, f"expected the held deposit to post once the owner answers: {answer.text}"
+    assert await gated_api.balance(account) == 400, "expected exactly one posting of 400"
 
 
 @pytest.mark.parametrize("gated_router", ["0.3"], indirect=True)
