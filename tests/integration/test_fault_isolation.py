@@ -243,8 +243,10 @@ async def test_a_shard_out_of_connections_is_unavailable_and_never_poisons_a_sag
             except ShardUnavailable:
                 pass
             saga = Saga(region=topology.shard(shard).region, stores={shard: store}, peers=None, minter=None)
+            # As the ledger writes it (0002): from another shard, whose message names its source.
+            source = next(s.name for s in topology.shards if s.name != shard)
             message = {"transfer_id": new_transfer_id(parse_account_id(account).slot), "destination_shard": shard,
-                       "destination_region": topology.shard(shard).region}
+                       "destination_region": topology.shard(shard).region, "source_shard": source}
             try:
                 await saga.deliver(store, message)
                 raise AssertionError("expected the delivery to fail while the shard refuses connections")
