@@ -39,16 +39,17 @@ class Received:
 
 @dataclass
 class Receiver:
-    """Answers 200 on /ok/..., 410 on /gone, and 503 on /flaky until `recovered`."""
+    """Answers 200 on /ok/..., 410 on /gone until `back`, and 503 on /flaky until `recovered`."""
 
     url: str = ""
     recovered: bool = False
+    back: bool = False
     received: list[Received] = field(default_factory=list)
 
     async def handle(self, request: web.Request) -> web.Response:
         path = request.path
         status = 200
-        if path.startswith("/gone"):
+        if path.startswith("/gone") and not self.back:
             status = 410
         elif path.startswith("/flaky") and not self.recovered:
             status = 503
@@ -182,8 +183,18 @@ async def test_webhooks_deliver_signed_events_retry_across_a_restart_and_stop_at
         disabled, unreadable = await ops_webhooks.endpoints(target, client=client, disabled_only=True)
         assert not unreadable and [r["id"] for r in disabled] == [gone["id"]]
         assert "410" in disabled[0]["disabled_reason"]
+        # The receiver is back (had it stayed gone, the redelivery the enable starts would disable it again).
+        receiver.back = True
         await ops_webhooks.retry(target, gone["id"], enable=True, yes=True)
+        opened = {i for i, e in expected.items() if e["type"] == "account.opened"}
+
+        async def gone_caught_up() -> bool:
+            return receiver_ok_ids(receiver, "/gone") >= opened
+
+        await poll_until(gone_caught_up, timeout_s=30, what="the re-enabled endpoint to receive its events")
         assert (await _endpoint(api, gone["id"]))["state"] == "enabled", "expected ops webhooks enable to enable it"
+        assert {r.headers["webhook-id"] for r in receiver.on("/gone")} <= opened, (
+            "expected only the event types the endpoint subscribed to")
 
         # The flaky receiver has failed some attempts: restart the region whose worker sends them, then recover.
         async def retried() -> bool:
