@@ -3,6 +3,7 @@ process per region, all its own, so killing or stopping one disturbs no other te
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,9 @@ class World:
             service.kill()
         for cluster in self.clusters.values():
             cluster.stop(mode="immediate")
+        keep = os.environ.get("TXROUTE_TEST_KEEP_LOGS")  # a folder: the world's service logs are copied there
+        if keep:
+            shutil.copytree(self.folder / "logs", Path(keep) / self.folder.name, dirs_exist_ok=True)
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def api(self, region: str, client_id: str, http: httpx.AsyncClient) -> ApiClient:

@@ -370,8 +370,10 @@ class Mover:
     async def _switch_in(self, spec: MoveSpec) -> None:
         async with self.connect(spec.source_shard) as src:
             balances = await src.fetchval("select balances::text from slot_moves where id = $1", spec.id)
-        async with self.connect(spec.target_shard) as dst:
-            # The balances are checked only by the call that books them: once switched, the target takes writes.
+        # The balances are checked by the call that books them, in its transaction: once it commits, the target
+        # owns the range and takes writes (read after the commit, a posting could already have changed one). A
+        # difference rolls the switch back on the target as well.
+        async with self.connect(spec.target_shard) as dst, dst.transaction():
             booking = await dst.fetchval("select phase from slot_moves where id = $1", spec.id) == "copying"
             answer = json.loads(await dst.fetchval("select txr_move_switch_in($1, $2::jsonb)::text",
                                                    spec.id, balances))
@@ -380,10 +382,11 @@ class Mover:
                                   "has booked the balances out: repair the target and run the move again")
             recorded = json.loads(balances)
             rows = await dst.fetch("select id, balance from accounts where id = any($1::text[])", list(recorded))
-        wrong = [r["id"] for r in rows if r["balance"] != recorded[r["id"]]]
-        if booking and (wrong or len(rows) != len(recorded)):
-            raise MoveRefused(f"move {spec.id}: balances differ on the target after the switch ({len(wrong)} "
-                              "accounts): this is a bug; the move stays `switching` on the source")
+            wrong = [r["id"] for r in rows if r["balance"] != recorded[r["id"]]]
+            if booking and (wrong or len(rows) != len(recorded)):
+                raise MoveRefused(f"move {spec.id}: balances differ on the target in the switch ({len(wrong)} "
+                                  "accounts): this is a bug; nothing switched, the move stays `switching` on the "
+                                  "source")
         async with self.connect(spec.source_shard) as src:
             await src.execute("select txr_move_switch_done($1)", spec.id)
         self.progress(f"{spec.id}: switched: {spec.target_shard} owns slots {spec.slot_lo}-{spec.slot_hi} "

@@ -588,6 +588,16 @@ class ShardStore:
             for _, future, _ in batch:
                 _fail(future, ShardUnavailable(str(exc)))
             return
+        except SlotMoved:
+            # One posting met the moved-account fence (a region's map stale right after a switch): the whole
+            # transaction was rolled back. Post each alone so only it is refused, with 503 slot_moving.
+            if len(batch) > 1:
+                log.warning("batch_fenced_splitting", extra={"shard": self.name, "batch_size": len(batch)})
+                for one in batch:
+                    await self._post_batch([one])
+                return
+            _fail(batch[0][1], SlotMoved(self.name))
+            return
         except asyncpg.PostgresError as exc:
             if len(batch) > 1:
                 # One posting broke an invariant (a bug): post each alone so only it fails.
@@ -595,7 +605,7 @@ class ShardStore:
                 for one in batch:
                     await self._post_batch([one])
                 return
-            _fail(batch[0][1], SlotMoved(self.name) if exc.sqlstate == _SLOT_MOVED else exc)
+            _fail(batch[0][1], exc)
             return
         assert len(results) == len(batch), (len(results), len(batch))
         for (item, future, span), result in zip(batch, results, strict=True):
