@@ -345,7 +345,8 @@ async def test_a_posting_fenced_by_a_switched_move_costs_only_itself_in_its_grou
     finally:
         await store.close()
     first, into_moved, last = answers
-    assert isinstance(into_moved, SlotMoved), f"expected SlotMoved for the posting into the moved slot, got {into_moved!r}"
+    assert isinstance(into_moved, SlotMoved), (
+        f"expected SlotMoved for the posting into the moved slot, got {into_moved!r}")
     for answer in (first, last):
         assert isinstance(answer, Outcome) and answer.status == 201, (
             f"expected the batch's other postings posted, got {answer!r}")
