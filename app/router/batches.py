@@ -8,12 +8,14 @@ carries its own hop token, bound to that part's body, and the batch's Idempotenc
 to derive item keys: a non-atomic batch stores nothing under the batch's key, only each item's outcome under its
 own. A region that cannot be reached answers its items 503 with the code it would answer a single request
 (`region_unavailable`, `region_draining`) while the other parts are answered as usual; an item answered 421
-(its slot moved) is sent once more after the shard map is refreshed.
+(its slot moved) is sent once more after the shard map is refreshed, and items answered 503 slot_moving (their
+slot is frozen by a move) are held and sent again like a single request (app/router/hold.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -51,12 +53,41 @@ async def post_split_batch(
         telemetry.METRICS.misdirected.labels("router", router.region).inc()
         await router.shardmap.refresh(seen_version=seen)
         await send(moved)
+    held = _moving(results, range(len(results)))
+    if held:
+        # Items whose slot is frozen by a move are held like a single request (app/router/hold.py), and only
+        # they are sent again; past the hold they keep their 503 slot_moving answers.
+        async def again() -> Answer:
+            nonlocal held
+            seen = router.shardmap.current.version
+            await send(held)
+            held = _moving(results, held)
+            if any(results[i] is not None and results[i]["status"] == 421 for i in held):  # type: ignore[index]
+                await router.shardmap.refresh(seen_version=seen)
+            return _STILL_MOVING if held else _RELEASED
+
+        try:
+            await router.hold.hold(again)
+        except Problem as problem:
+            if problem.code != "slot_moving":
+                raise
     assert all(result is not None for result in results)
     body = {"atomic": False, "items": results}
     headers = list(_JSON_HEADERS)
     if all(result is not None and result.get("replayed") for result in results):
         headers.append((b"idempotent-replayed", b"true"))
     return Answer(200, headers, msgspec.json.encode(body))
+
+
+# What a batch's held items answer the hold: still moving, or released.
+_STILL_MOVING = Answer(503, [], b'{"code":"slot_moving"}')
+_RELEASED = Answer(200, [], b"")
+
+
+def _moving(results: list[dict[str, Any] | None], indexes: Iterable[int]) -> list[int]:
+    """The items answered 503 slot_moving or 421 (nothing written: safe to send again)."""
+    return [i for i in indexes if (result := results[i]) is not None and (
+        result["status"] == 421 or (result["status"] == 503 and result.get("code") == "slot_moving"))]
 
 
 def _by_region(router: Router, indexes: list[int], slots: list[list[int]]) -> dict[str, list[int]]:

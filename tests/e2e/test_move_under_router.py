@@ -104,6 +104,44 @@ async def test_a_range_frozen_in_its_database_holds_the_request_until_it_is_unfr
         "expected the cancelled move's freeze observed once its freeze ended")
 
 
+async def test_a_batch_item_on_a_frozen_range_is_held_with_its_batch_until_the_range_is_unfrozen(
+    api: RouterApi, session_router: ServiceProcess, topology: Topology, pg_clusters: dict[str, Cluster],
+) -> None:
+    """A non-atomic batch gets no item answered 503 slot_moving for a short freeze: the router holds the frozen
+    items as it holds a single request, and sends only them again (the others posted once)."""
+    frozen = (await api.open_account("EUR", region=REGION)).json()["id"]
+    slot, shard = parse_account_id(frozen).slot, shard_of(topology, frozen)
+    other = (await api.open_account("EUR", region="us-east-1")).json()["id"]
+    target = next(s for s in topology.shards if s.region != REGION)
+    move = "mv_batchhold" + new_key()[-12:]
+    spec = {"id": move, "slot_lo": slot, "slot_hi": slot, "source_shard": shard, "source_region": REGION,
+            "target_shard": target.name, "target_region": target.region, "epoch": 2, "role": "source"}
+    items = [{"type": "deposit", "account": other, "amount": 40, "currency": "EUR"},
+             {"type": "deposit", "account": frozen, "amount": 25, "currency": "EUR"}]
+    conn = await asyncpg.connect(cluster_shard_dsns(topology, pg_clusters)[shard])
+    try:
+        assert json.loads(await conn.fetchval("select txr_move_begin($1::jsonb)::text", json.dumps(spec)))["ok"]
+        await conn.execute("select txr_move_freeze($1)", move)
+        before = await scrape(session_router.url)
+        pending = asyncio.create_task(api.post("/v1/batches", {"atomic": False, "items": items}, key=new_key()))
+
+        async def held() -> bool:
+            return value(await scrape(session_router.url), "txroute_router_requests_on_hold") >= 1
+
+        await poll_until(held, timeout_s=1.5, what="the router to hold the batch's frozen item")
+        assert not pending.done(), "expected the batch held while one of its items' slot is frozen"
+        await conn.execute("select txr_move_unfreeze($1, 'cancelled', 'batch hold test')", move)
+    finally:
+        await conn.close()
+    answer = await asyncio.wait_for(pending, HTTP_TIMEOUT_S)
+    assert answer.status_code == 200, answer.text
+    assert [item["status"] for item in answer.json()["items"]] == [201, 201], (
+        f"expected both items posted once the range is unfrozen, got {answer.text}")
+    assert (await api.balance(other), await api.balance(frozen)) == (40, 25), "expected each item posted once"
+    after = await scrape(session_router.url)
+    assert value(after, HELD, outcome="released") - value(before, HELD, outcome="released") == 1
+
+
 @pytest.fixture
 def world(make_world: Callable[..., World]) -> World:
     return make_world()
