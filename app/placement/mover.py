@@ -277,6 +277,8 @@ class Mover:
                             spec.slot_lo, spec.slot_hi, json.dumps(list(keys.values())))
                         await _import(dst, table, columns[table.name], [json.loads(r[0]) for r in rows],
                                       spec.source_shard)
+                        if table.deletes_logged:
+                            await _delete_gone(src, dst, table, list(keys.values()))
                     await src.execute(
                         """with done as (delete from slot_move_changes where id = any($2::bigint[]))
                            update slot_moves set log_cursor = log_cursor + $3, updated_at = clock_timestamp()
@@ -469,6 +471,19 @@ class Mover:
             yield conn
         finally:
             await conn.close()
+
+
+async def _delete_gone(src: asyncpg.Connection, dst: asyncpg.Connection, table: SlotTable,
+                       keys: list[dict[str, Any]]) -> None:
+    """Delete on the target the logged rows the source no longer has (deleted while the range moves)."""
+    match = " and ".join(f"t.{c} = k.{c}" for c in table.key)
+    gone = await src.fetchval(
+        f"select coalesce(jsonb_agg(to_jsonb(k)), '[]')::text "  # noqa: S608 (registry constants)
+        f"from jsonb_populate_recordset(null::{table.name}, $1::jsonb) k "
+        f"where not exists (select 1 from {table.name} t where {match})", json.dumps(keys))
+    await dst.execute(
+        f"delete from {table.name} t using jsonb_populate_recordset(null::{table.name}, $1::jsonb) k "  # noqa: S608
+        f"where {match}", gone)
 
 
 async def _columns(conn: asyncpg.Connection, table: str) -> list[str]:

@@ -9,12 +9,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
 from app.events.webhooks import home_slot
 from app.ops.target import deployed_target
-from app.placement.mover import Mover
+from app.placement.mover import Mover, MoverStopped
 from app.topology.ids import parse_account_id
 from app.topology.model import Topology
 from tests.e2e.conftest import ROUTER_REGION, RouterApi, router_process
@@ -87,3 +88,37 @@ async def test_a_slot_move_neither_repeats_nor_loses_events_and_its_endpoint_is_
         await poll_until(delivered, timeout_s=60, what="every event delivered, the last by the endpoint's new shard")
         again = await api.get(f"/v1/webhook-endpoints/{endpoint['id']}")
         assert again.status_code == 200 and again.json()["state"] == "enabled", again.text
+
+
+async def test_a_webhook_endpoint_deleted_while_its_home_slot_moves_stays_deleted_on_the_new_shard(
+    moving_world: Any, receiver: Receiver, topology: Topology, keys: SessionKeys,  # noqa: F811
+) -> None:
+    async with httpx.AsyncClient(base_url=moving_world.router.url, timeout=30) as http:
+        client = new_client_id()
+        api = RouterApi(http, client, keys.client_token(client))
+        kept, deleted = [(await api.post("/v1/webhook-endpoints", {"url": f"{receiver.url}/{name}"})).json()
+                         for name in ("kept", "deleted")]
+        slot = home_slot(client)
+        source = topology.shard_for_slot(slot)
+        to = next(s.name for s in topology.region(source.region).shards if s.name != source.name)
+        target = deployed_target(
+            endpoints=[f"{r}={s.url}" for r, s in moving_world.services.items()],
+            dsns=[f"{s}={d}" for s, d in moving_world.shard_dsns().items()], dsn_file=None, regions_dir=None)
+        spec = await Mover(target, progress=lambda *_: None).spec(slot, slot, to)
+        await Mover(target, progress=lambda *_: None).begin(spec)
+        # The range is copied (both endpoints are on the target now); the client deletes one before the switch.
+        with pytest.raises(MoverStopped):
+            await Mover(target, progress=lambda *_: None, stop_after="catching_up").run(spec)
+        gone = await http.delete(f"/v1/webhook-endpoints/{deleted['id']}", headers=api.headers())
+        assert gone.status_code in (200, 204), gone.text
+        assert await Mover(target, progress=lambda *_: None).run(spec) == "done"
+
+        listed = (await api.get("/v1/webhook-endpoints")).json()["items"]
+        assert [e["id"] for e in listed] == [kept["id"]], f"expected only the endpoint not deleted, got {listed}"
+        assert (await api.get(f"/v1/webhook-endpoints/{deleted['id']}")).status_code == 404
+        conn = await asyncpg.connect(moving_world.shard_dsns()[to])
+        try:
+            rows = await conn.fetchval("select count(*) from webhook_endpoints where id = $1", deleted["id"])
+        finally:
+            await conn.close()
+        assert rows == 0, "expected the deleted endpoint's row gone from the new shard"

@@ -57,14 +57,18 @@ async def test_every_per_slot_table_writes_the_change_log_the_catch_up_reads(
     conn = await asyncpg.connect(shard_dsn(topology.region("eu-west-1").shards[0].name))
     try:
         rows = await conn.fetch(
-            """select c.relname as table_name, t.tgname, encode(t.tgargs, 'escape') as args
+            """select c.relname as table_name, t.tgname, encode(t.tgargs, 'escape') as args,
+                      (t.tgtype & 8) <> 0 as on_delete
                from pg_trigger t join pg_class c on c.oid = t.tgrelid
                join pg_proc p on p.oid = t.tgfoid where p.proname = 'txr_move_log'""")
     finally:
         await conn.close()
     triggers = {r["table_name"]: r["args"].split("\\000")[:-1] for r in rows}
+    on_delete = {r["table_name"] for r in rows if r["on_delete"]}
     for table in SLOT_TABLES:
         expected = [table.slot_by, table.slot_column, *table.key]
         assert triggers.get(table.name) == expected, (
             f"expected {table.name} to log its changes with txr_move_log{tuple(expected)}, got "
             f"{triggers.get(table.name)}")
+        assert (table.name in on_delete) == table.deletes_logged, (
+            f"expected {table.name}'s change log to fire on delete exactly when its rows are deleted in operation")
