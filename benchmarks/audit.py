@@ -27,44 +27,92 @@ from benchmarks.common import fresh_cluster
 DEPOSIT_MINOR = 1_000_000_000
 ACCOUNTS = 10_000
 CURRENCY = "EUR"
+CLIENT = "bench"
 
-# Transfers $1..$2 of the seed: the first ACCOUNTS are one deposit per account, the rest move 1..100 between
-# two accounts. Entry ids are 2n-1 (debit) and 2n (credit), so each account's entries are in id order.
+# Transfers $1..$2 of the seed ($4 accounts, numbered 0..$4-1, account k in slot $3 + k % $7, owned by client
+# $8): the first $4 transfers are one deposit per account, the rest move 1..100 between two of its accounts.
+# A transfer's id embeds the slot of the account whose shard books it (the credit of a deposit, the debit of a
+# transfer), as the ledger's own ids do. Entry ids are $9 + 2n-1 (debit) and $9 + 2n (credit), so each
+# account's entries are in id order. The first statement takes every parameter; the others read its table.
 _SEED = [
     """create temp table seed_transfers on commit drop as
-       select n, 'trf_' || $3::text || lpad(n::text, 26, '0') as id,
-              case when n <= $4::bigint then 'deposit' else 'transfer' end as kind,
-              case when n <= $4::bigint then 'set_' || $5::text || '_EUR'
-                   else 'acc_' || $3::text || lpad((n * 7 % $4::bigint)::text, 26, '0') end as debit,
-              'acc_' || $3::text
-                  || lpad((case when n <= $4::bigint then n - 1 else (n * 13 + 1) % $4::bigint end)::text, 26, '0')
+       select n, kind, amount, $8::text as client, $9::bigint + 2 * n - 1 as debit_entry,
+              case when debit < 0 then 'set_' || $5::text || '_EUR'
+                   else 'acc_' || lpad(to_hex($3::integer + (debit % $7)::integer), 3, '0')
+                        || lpad(debit::text, 26, '0') end as debit,
+              'acc_' || lpad(to_hex($3::integer + (credit % $7)::integer), 3, '0') || lpad(credit::text, 26, '0')
                   as credit,
-              case when n <= $4::bigint then $6::bigint else 1 + n % 100 end as amount
-       from generate_series($1::bigint, $2::bigint) n""",
-    # a transfer from an account to itself (n*7 = n*13+1 mod N) goes to the next account instead
-    """update seed_transfers set credit = 'acc_' || $3::text || lpad(((n * 13 + 2) % $4::bigint)::text, 26, '0')
-       where debit = credit and n between $1::bigint and $2::bigint""",
+              'trf_' || lpad(to_hex($3::integer + (booked % $7)::integer), 3, '0') || lpad(n::text, 26, '0') as id,
+              $3::integer + (booked % $7)::integer as slot
+       from (select n, kind, amount, debit, booked,
+                    -- a transfer from an account to itself (n*7 = n*13+1 mod N) goes to the next account instead
+                    case when credit = debit then (n * 13 + 2) % $4::bigint else credit end as credit
+             from (select n,
+                          case when n <= $4::bigint then 'deposit' else 'transfer' end as kind,
+                          case when n <= $4::bigint then -1 else n * 7 % $4::bigint end as debit,
+                          case when n <= $4::bigint then n - 1 else (n * 13 + 1) % $4::bigint end as credit,
+                          case when n <= $4::bigint then n - 1 else n * 7 % $4::bigint end as booked,
+                          case when n <= $4::bigint then $6::bigint else 1 + n % 100 end as amount
+                   from generate_series($1::bigint, $2::bigint) n) raw) x""",
     """insert into transfers (id, client, kind, debit_account, credit_account, amount, currency, state, created_at)
-       select id, 'bench', kind, debit, credit, amount, 'EUR', 'posted', now() - interval '1 hour'
+       select id, client, kind, debit, credit, amount, 'EUR', 'posted', now() - interval '1 hour'
        from seed_transfers""",
     """insert into entries (id, transfer_id, account_id, amount, balance_after, created_at)
        select e.id, e.transfer_id, e.account_id, e.amount,
               a.balance + sum(e.amount) over (partition by e.account_id order by e.id), now() - interval '1 hour'
-       from (select 2 * n - 1 as id, id as transfer_id, debit as account_id, -amount as amount from seed_transfers
+       from (select debit_entry as id, id as transfer_id, debit as account_id, -amount as amount
+             from seed_transfers
              union all
-             select 2 * n, id, credit, amount from seed_transfers) e
+             select debit_entry + 1, id, credit, amount from seed_transfers) e
        join accounts a on a.id = e.account_id""",
     """update accounts a set balance = a.balance + d.total, version = a.version + d.n
        from (select account_id, sum(amount) as total, count(*) as n from entries
-             where id between 2 * $1::bigint - 1 and 2 * $2::bigint group by account_id) d
+             where id between (select min(debit_entry) from seed_transfers)
+                          and (select max(debit_entry) + 1 from seed_transfers)
+             group by account_id) d
        where d.account_id = a.id""",
-    """insert into idempotency (client, key, fingerprint, status_code, body, created_at)
-       select 'bench', 'seed-' || n, 'seed', 201,
+    """insert into idempotency (client, key, fingerprint, status_code, body, created_at, slot)
+       select client, 'seed-' || id, 'seed', 201,
               jsonb_build_object('id', id, 'kind', kind, 'amount', amount, 'currency', 'EUR', 'state', 'posted'),
-              now() - interval '1 hour'
+              now() - interval '1 hour', slot
        from seed_transfers""",
-    "select setval('entries_id_seq', greatest(2 * $2::bigint, $1::bigint))",
+    "select setval('entries_id_seq', (select max(id) from entries))",
 ]
+
+
+async def seed(
+    dsn: str, shard: str, *, slot_lo: int, slots: int = 1, accounts: int = ACCOUNTS, first: int, last: int,
+    client: str = CLIENT, entry_base: int = 0,
+) -> None:
+    """Seed `shard` (as its owner) with valid ledger data in set-based SQL: with `first` == 1, `accounts`
+    customer accounts of `client` spread over slots `slot_lo`.. `slot_lo + slots - 1` (and the shard's EUR
+    settlement account); then transfers `first`..`last`, each with its two entries, a running `balance_after`
+    per account and its stored idempotent response, dated an hour back. Entry ids start after `entry_base`
+    (another seed's last entry id, when several are seeded in one shard)."""
+    assert 1 <= slots and 0 <= slot_lo and slot_lo + slots <= 4096 and 1 <= first <= last
+    conn = await asyncpg.connect(dsn, command_timeout=3_600)
+    try:
+        async with conn.transaction():
+            # Seeding as the owner with triggers off (the zero-sum check would run per entry); the audit then
+            # checks what the triggers would have.
+            await conn.execute("set local session_replication_role = replica")
+            if first == 1:
+                await conn.execute(
+                    """insert into accounts (id, slot, kind, owner_client, currency)
+                       select 'acc_' || lpad(to_hex($1::integer + n % $2::integer), 3, '0') || lpad(n::text, 26, '0'),
+                              $1::integer + n % $2::integer, 'customer', $5::text, 'EUR'
+                       from generate_series(0, $3::integer - 1) n
+                       union all select 'set_' || $4::text || '_EUR', $1::integer, 'settlement', 'txroute', 'EUR'
+                       on conflict (id) do nothing""",
+                    slot_lo, slots, accounts, shard, client,
+                )
+            args = [first, last, slot_lo, accounts, shard, DEPOSIT_MINOR, slots, client, entry_base]
+            for statement in _SEED:
+                used = max((int(n) for n in re.findall(r"\$(\d)", statement)), default=0)
+                await conn.execute(statement, *args[:used])
+        await conn.execute("analyze")
+    finally:
+        await conn.close()
 
 
 @dataclass
@@ -80,45 +128,21 @@ class Timed:
                 f"{'clean' if self.report.clean else 'VIOLATIONS'}")
 
 
-async def _seed(dsn: str, shard: str, slot_hex: str, first: int, last: int) -> None:
-    conn = await asyncpg.connect(dsn, command_timeout=3_600)
-    try:
-        async with conn.transaction():
-            # Seeding as the owner with triggers off (the zero-sum check would run per entry); the audit then
-            # checks what the triggers would have.
-            await conn.execute("set local session_replication_role = replica")
-            if first == 1:
-                await conn.execute(
-                    """insert into accounts (id, slot, kind, owner_client, currency)
-                       select 'acc_' || $1::text || lpad(n::text, 26, '0'), $2::integer, 'customer', 'bench', 'EUR'
-                       from generate_series(0, $3::integer - 1) n
-                       union all select 'set_' || $4::text || '_EUR', $2::integer, 'settlement', 'txroute', 'EUR'""",
-                    slot_hex, int(slot_hex, 16), ACCOUNTS, shard,
-                )
-            args = [first, last, slot_hex, ACCOUNTS, shard, DEPOSIT_MINOR]
-            for statement in _SEED:
-                used = max((int(n) for n in re.findall(r"\$(\d)", statement)), default=0)
-                await conn.execute(statement, *args[:used])
-        await conn.execute("analyze")
-    finally:
-        await conn.close()
-
-
 async def _timed(name: str, dsns: dict[str, str], *, full: bool) -> Timed:
     started = time.perf_counter()
     report = await audit(dsns, full=full)
     return Timed(name, time.perf_counter() - started, report)
 
 
-async def _measure(dsn: str, shard: str, slot_hex: str, entries: int, delta: int) -> list[Timed]:
+async def _measure(dsn: str, shard: str, slot_lo: int, entries: int, delta: int) -> list[Timed]:
     transfers = entries // 2
     started = time.perf_counter()
-    await _seed(dsn, shard, slot_hex, 1, transfers)
+    await seed(dsn, shard, slot_lo=slot_lo, first=1, last=transfers)
     print(f"seeded {entries} entries ({transfers} transfers, {ACCOUNTS} accounts) in "
           f"{time.perf_counter() - started:.1f} s")
     dsns = {shard: dsn}
     runs = [await _timed("full (cold, writes the checkpoint)", dsns, full=True)]
-    await _seed(dsn, shard, slot_hex, transfers + 1, transfers + delta // 2)
+    await seed(dsn, shard, slot_lo=slot_lo, first=transfers + 1, last=transfers + delta // 2)
     runs.append(await _timed(f"incremental ({delta} new entries)", dsns, full=False))
     runs.append(await _timed("incremental (nothing new)", dsns, full=False))
     runs.append(await _timed("full (warm)", dsns, full=True))
@@ -129,12 +153,11 @@ def run(*, entries: int, delta: int, as_json: bool) -> int:
     assert 2 * ACCOUNTS <= entries <= 20_000_000 and 2 <= delta <= 1_000_000
     topology = load_topology()
     shard = topology.shards[0]
-    slot_hex = f"{shard.slots[0].lo:03x}"
     cluster = fresh_cluster("bench-audit")
     try:
         cluster.provision([shard])  # as the owner, as everywhere (the audit reads as the owner too)
         print(f"txroute bench audit: one shard ({shard.name}), {entries} entries, then {delta} more")
-        runs = asyncio.run(_measure(cluster.dsn(shard.database), shard.name, slot_hex, entries, delta))
+        runs = asyncio.run(_measure(cluster.dsn(shard.database), shard.name, shard.slots[0].lo, entries, delta))
     finally:
         cluster.stop()
     for timed in runs:

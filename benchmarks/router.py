@@ -164,10 +164,10 @@ def measure_modes(
         cluster.stop()
 
 
-def router_for(region: ServiceProcess, log_file: Path) -> ServiceProcess:
-    """A router in front of `region` (every region of the topology points at it; the workloads touch only
-    REGION's shards), over TLS when the region serves it."""
-    urls = {r.name: region.url for r in load_topology().regions}
+def router_for(region: ServiceProcess, log_file: Path, *, others: dict[str, str] | None = None) -> ServiceProcess:
+    """A router in front of `region` (every region of the topology points at it, but those `others` names with
+    their own URLs; the workloads touch only the regions started), over TLS when the region serves it."""
+    urls = {r.name: (others or {}).get(r.name, region.url) for r in load_topology().regions}
     tls_env = ({"TXROUTE_INTERNAL_CA_FILE": str(bench_tls().ca_file)} if region.tls
                else {"TXROUTE_INTERNAL_PLAINTEXT": "1"})
     port = free_port()

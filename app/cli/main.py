@@ -81,17 +81,21 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks that print figures beside a baseline")
     bench.add_argument(
-        "name", choices=["ledger", "router", "saga", "ratelimit", "audit", "batch"],
+        "name", choices=["ledger", "router", "saga", "ratelimit", "audit", "batch", "move"],
         help="ledger: transfers/s and latency vs pgbench tpcb-like; router: transfers via the router vs direct; "
         "batch: transfers/s in batches of 100 through the router (atomic and not) vs pgbench tpcb-like; "
         "saga: cross-region vs same-shard latency under a simulated RTT, and the relay's drain rate; "
         "ratelimit: the router's per-client rate-limit check, ns per request; "
-        "audit: txroute audit's run time on one shard of --entries entries, full and incremental",
+        "audit: txroute audit's run time on one shard of --entries entries, full and incremental; "
+        "move: a slot move of --accounts accounts and --entries entries under 8 writers through the router "
+        "(freeze, copy rate, unaffected slots' throughput during the move over before, errors, audit)",
     )
-    bench.add_argument("--entries", type=int, default=1_000_000, help="audit: entries seeded in the shard (1M)")
+    bench.add_argument("--entries", type=int, default=1_000_000,
+                       help="audit: entries seeded in the shard; move: in the moving range (default 1M)")
     bench.add_argument("--delta", type=int, default=10_000, help="audit: entries added before the incremental run")
     bench.add_argument("--json", action="store_true",
-                       help="ledger, router, saga, audit, batch: the last line is one JSON object of figures")
+                       help="ledger, router, saga, audit, batch, move: the last line is one JSON object of "
+                       "figures")
     bench.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto",
                        help="ledger, router, saga: the load generator: wrk (installed with apt-get when absent, "
                        "as root), else the Python one with a warning (auto); or force one")
@@ -103,8 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--rtt", type=_duration_ms, default=40, help="saga: simulated RTT between regions (40ms)")
     bench.add_argument("--backlog", type=int, default=2_000, help="saga: messages in the relay backlog (2000)")
     bench.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
-    bench.add_argument("--seconds", type=float, default=10.0, help="duration of each measurement (default 10)")
-    bench.add_argument("--accounts", type=int, default=100, help="accounts the transfers move between")
+    bench.add_argument("--seconds", type=float, default=10.0,
+                       help="duration of each measurement; move: of the baseline before the move (default 10)")
+    bench.add_argument("--accounts", type=int, default=None,
+                       help="accounts the transfers move between (default 100); move: in the moving range (100k)")
+    bench.add_argument("--across-regions", action="store_true",
+                       help="move: to a shard of another region (default: another shard of the same region)")
     bench.add_argument(
         "--internal-tls", choices=["on", "off", "both"], default="on",
         help="router: the router -> region hop over TLS (on, as deployed), plaintext (off), or both in one "
@@ -303,6 +311,12 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.name == "move":
+        from benchmarks import move
+
+        return move.run(accounts=args.accounts or 100_000, entries=args.entries, clients=args.clients,
+                        seconds=args.seconds, across_regions=args.across_regions, as_json=args.json)
+    args.accounts = args.accounts or 100
     if args.name == "batch":
         from benchmarks import batch
 

@@ -28,8 +28,8 @@ import contextlib
 import datetime as dt
 import json
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -94,6 +94,31 @@ def parse_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+@dataclass
+class MoveStats:
+    """What one run of the mover measured (`txroute bench move` reads it): wall seconds per step, in the order
+    the steps ran (copy, catch_up, freeze, settle, final_catch_up, verify, switch_out, switch_in, cleanup: those
+    this run drove), the rows copied, the change log's lag, and when the range was frozen and switched
+    (`time.monotonic()`, so a caller can tell which of its requests met the freeze)."""
+
+    steps_s: dict[str, float] = field(default_factory=dict)
+    rows_copied: int = 0
+    changes_applied: int = 0  # change-log entries the catch-up passes consumed
+    catch_up_passes: int = 0
+    lag_before_catch_up: int | None = None  # the changes made during the copy
+    lag_at_freeze: int | None = None  # what the catch-up left for the freeze's own last pass
+    frozen_at: float | None = None
+    switched_at: float | None = None  # the source recorded the switch: the target owns the range
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.steps_s[name] = self.steps_s.get(name, 0.0) + time.monotonic() - started
+
+
 class MoverStopped(Exception):
     """Fault injection: the mover stopped as if killed right after recording a phase (`stop_after`)."""
 
@@ -105,6 +130,7 @@ class Mover:
         # Fault injection (tests): leave off right after this phase is recorded, as a killed mover would.
         self.stop_after = stop_after
         self._held: dict[str, asyncpg.Connection] | None = None
+        self.stats = MoveStats()
 
     def _reached(self, phase: str) -> str:
         if phase == self.stop_after:
@@ -189,21 +215,29 @@ class Mover:
 
     async def _run(self, spec: MoveSpec) -> str:
         phase = await self._phase(spec.source_shard, spec.id)
+        stats = self.stats
         if phase == "copying":
-            await self._copy(spec)
+            with stats.step("copy"):
+                await self._copy(spec)
             await self._set_phase(spec.source_shard, spec.id, "catching_up")
             phase = self._reached("catching_up")
         if phase == "catching_up":
-            await self._catch_up(spec, until_lag=limits.MOVE_CATCH_UP_LAG_ROWS_MAX)
-            await self._freeze(spec)
+            with stats.step("catch_up"):
+                stats.lag_at_freeze = await self._catch_up(spec, until_lag=limits.MOVE_CATCH_UP_LAG_ROWS_MAX)
+            with stats.step("freeze"):
+                await self._freeze(spec)
+            stats.frozen_at = time.monotonic()
             phase = self._reached("frozen")
         if phase == "frozen":
             phase = self._reached(await self._settle_verify_switch_out(spec))
         if phase == "switching":
-            await self._switch_in(spec)
+            with stats.step("switch_in"):
+                await self._switch_in(spec)
+            stats.switched_at = time.monotonic()
             phase = self._reached("switched")
         if phase == "switched":
-            await self._cleanup(spec)
+            with stats.step("cleanup"):
+                await self._cleanup(spec)
             phase = "done"
         if phase == "done":  # the source's cleanup may have committed without the target's last step
             await self._set_phase(spec.target_shard, spec.id, "done")
@@ -246,6 +280,7 @@ class Mover:
                     while rows := await cursor.fetch(limits.MOVE_COPY_BATCH_ROWS):
                         await _import(dst, table, columns, [json.loads(r[0]) for r in rows], spec.source_shard)
                         copied += len(rows)
+                        self.stats.rows_copied += len(rows)
                         self.progress(f"{spec.id}: copy {table.name}: {copied} rows copied")
             await src.execute("update slot_moves set rows_copied = $2, updated_at = clock_timestamp() where id = $1",
                               spec.id, copied)
@@ -255,6 +290,9 @@ class Mover:
         `until_lag` changes are left (0: all). Returns the lag left."""
         async with self.connect(spec.source_shard) as src, self.connect(spec.target_shard) as dst:
             columns = {t.name: await _columns(dst, t.name) for t in SLOT_TABLES}
+            if self.stats.lag_before_catch_up is None:
+                self.stats.lag_before_catch_up = int(await src.fetchval(
+                    "select count(*) from slot_move_changes where move_id = $1", spec.id))
             for attempt in range(1, limits.MOVE_CATCH_UP_PASSES_MAX + 1):
                 # Changes are consumed (deleted once copied), never skipped past by a cursor: a change logged by
                 # a transaction that commits after a later one's must still be found by the next pass.
@@ -285,6 +323,8 @@ class Mover:
                            where id = $1""",
                         spec.id, [c["id"] for c in changes], len(changes))
                 lag = int(await src.fetchval("select count(*) from slot_move_changes where move_id = $1", spec.id))
+                self.stats.catch_up_passes += 1
+                self.stats.changes_applied += len(changes)
                 self.progress(f"{spec.id}: catch-up pass {attempt}: {len(changes)} changes applied, lag {lag}")
                 if lag <= until_lag:
                     return lag
@@ -305,17 +345,23 @@ class Mover:
                           "attempts (nothing frozen); run it again")
 
     async def _settle_verify_switch_out(self, spec: MoveSpec) -> str:
-        if not await self._sagas_settled(spec):
+        stats = self.stats
+        with stats.step("settle"):
+            settled = await self._sagas_settled(spec)
+        if not settled:
             await self.cancel(spec, phase="aborted", reason=f"sagas debited from the range still pending after "
                               f"{limits.MOVE_PENDING_SAGAS_WAIT_S:g} s")
             return "aborted"
-        await self._catch_up(spec, until_lag=0)
-        differences = await self.verify(spec)
+        with stats.step("final_catch_up"):
+            await self._catch_up(spec, until_lag=0)
+        with stats.step("verify"):
+            differences = await self.verify(spec)
         if differences:
             await self.cancel(spec, phase="aborted", reason="verify: " + "; ".join(differences))
             return "aborted"
-        async with self.connect(spec.source_shard) as conn:
-            answer = json.loads(await conn.fetchval("select txr_move_switch_out($1)::text", spec.id))
+        with stats.step("switch_out"):
+            async with self.connect(spec.source_shard) as conn:
+                answer = json.loads(await conn.fetchval("select txr_move_switch_out($1)::text", spec.id))
         if not answer["ok"]:  # a saga debited from the range is pending again: cannot happen under the freeze
             await self.cancel(spec, phase="aborted", reason=f"{answer['pending_sagas']} sagas pending at the switch")
             return "aborted"
