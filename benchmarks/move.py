@@ -12,7 +12,9 @@ C clients (half on the moving range, half on the other slots; each a loop of one
 time between two accounts of its group) write through the router for a warm-up and `--seconds` (the baseline),
 while the mover moves the range (to eu-west-1's first shard, or with `--across-regions` to us-east-1's first),
 and AFTER_S more on the new owner. The load comes from this process (aiohttp), not wrk: each request's start and
-end times are needed to tell the requests that met the freeze, and wrk reports a whole run's histogram.
+end times are needed to tell the requests that met the freeze, and wrk reports a whole run's histogram. The mover
+runs in a process of its own, as `txroute slots move` does, so its work never stalls the clients' event loop
+(its step times are `time.monotonic()`, one clock for every process of the machine).
 
 Printed: each step's duration, copy rows/s, the change-log lag the catch-up met, the freeze (the mover's recorded
 wall time, and the latency of the moving range's requests that overlapped it, held by the router), the
@@ -25,12 +27,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
+import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -39,7 +43,7 @@ import asyncpg
 from app.local.processes import ServiceProcess
 from app.ops.audit import AuditReport, audit
 from app.ops.target import Target
-from app.placement.mover import Mover, MoveSpec, MoveStats
+from app.placement.mover import Mover, MoveStats
 from app.topology.loader import load_topology
 from app.topology.model import Shard
 from benchmarks.audit import DEPOSIT_MINOR, seed
@@ -66,6 +70,8 @@ AFTER_S = 2.0  # the clients go on writing this long after the move, on the new 
 PROGRESS_EVERY_S = 5.0  # the copy's progress lines, at most this often
 ACCOUNTS_MAX = 1_000_000
 ENTRIES_MAX = 20_000_000
+REPO = Path(__file__).resolve().parents[1]
+RESULT_PREFIX = "txroute-mover-result "  # the mover process's last line: its outcome and MoveStats as JSON
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,8 +170,9 @@ async def _seed(dsn: str, p: Plan, client_id: str, accounts: int, entries: int) 
 @dataclass
 class MoveRun:
     plan: Plan
-    spec: MoveSpec
+    move_id: str
     phase: str
+    error: str | None
     stats: MoveStats
     recorded_freeze_s: float | None
     answers: list[Answer]
@@ -191,22 +198,19 @@ async def _move_under_writes(target: Target, router_url: str, p: Plan, client_id
     await asyncio.sleep(WARM_UP_S)
     times["baseline"] = time.monotonic()
     await asyncio.sleep(seconds)
-    mover = Mover(target, progress=_progress(time.monotonic()))
     times["move"] = time.monotonic()
     try:
-        spec = await mover.spec(*p.moving, p.target.name)
-        await mover.begin(spec)
-        phase = await mover.run(spec)
+        move_id, phase, error, stats = await _run_mover(target, p)
         times["done"] = time.monotonic()
         await asyncio.sleep(AFTER_S)
     finally:
         stop.set()
         await writers
     times["stop"] = time.monotonic()
-    recorded = next(m for m in await mover.moves() if m["id"] == spec.id)
+    recorded = next(m for m in await Mover(target).moves() if m["id"] == move_id)
     report = await audit(target.shard_dsns, full=True)
     balances = await _customer_balances(target.shard_dsns, client_id)
-    return MoveRun(p, spec, phase, mover.stats, recorded.get("freeze_s"), answers, times, report, balances,
+    return MoveRun(p, move_id, phase, error, stats, recorded.get("freeze_s"), answers, times, report, balances,
                    (len(moving) + len(other)) * DEPOSIT_MINOR, len(posted),
                    await _posted_once(target.shard_dsns, posted))
 
@@ -259,19 +263,61 @@ def _problem_code(status: int, body: bytes) -> str:
     return f"{status} {code}" if isinstance(code, str) else f"http_{status}"
 
 
-def _progress(since: float) -> Callable[[str], None]:
-    """The mover's progress lines with the time since the move began; the copy's at most every few seconds."""
-    last = [0.0]
+async def _run_mover(target: Target, p: Plan) -> tuple[str, str, str | None, MoveStats]:
+    """Move the range in a mover process (`_mover_process`; the DSNs reach it on stdin, never in argv or the
+    environment), showing its progress with the time since it began (the copy's at most every few seconds).
+    (the move's id, its final phase or `failed`, the failure, what the mover measured). A failed move is
+    cancelled here (if it had not switched), so the range is unfrozen before the audit."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.move", "--mover-process", cwd=REPO,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert process.stdin is not None and process.stdout is not None
+    process.stdin.write(json.dumps({
+        "dsns": target.shard_dsns, "slots": list(p.moving), "to": p.target.name, "router_urls": target.router_urls,
+        "region_urls": target.region_urls, "ca_file": str(target.ca_file)}).encode())
+    await process.stdin.drain()
+    process.stdin.close()
+    since, shown, result = time.monotonic(), 0.0, None
+    async for raw in process.stdout:
+        line, now = raw.decode().rstrip(), time.monotonic()
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX):])
+        elif ": copy " not in line or now - shown >= PROGRESS_EVERY_S:
+            shown = now if ": copy " in line else shown
+            print(f"  [{now - since:7.2f} s] {line}", flush=True)
+    await process.wait()
+    if result is None or result["id"] is None:
+        raise RuntimeError(f"the mover process could not start the move (exit {process.returncode}): see above")
+    if result["phase"] == "failed":  # unfreeze the range, so the clients and the audit see a settled ledger
+        mover = Mover(target, progress=lambda line: print(f"  {line}", flush=True))
+        await mover.cancel(await mover.find(result["id"]), phase="aborted", reason="bench: " + result["error"])
+    return result["id"], result["phase"], result["error"], MoveStats(**result["stats"])
 
-    def show(line: str) -> None:
-        now = time.monotonic()
-        if ": copy " in line and now - last[0] < PROGRESS_EVERY_S:
-            return
-        if ": copy " in line:
-            last[0] = now
-        print(f"  [{now - since:7.2f} s] {line}", flush=True)
 
-    return show
+def _mover_process() -> int:
+    """The mover's side of `_run_mover`: one move, its progress on stdout, then RESULT_PREFIX and the outcome."""
+    job = json.loads(sys.stdin.read())
+    target = Target(topology=load_topology(), shard_dsns=job["dsns"], router_urls=job["router_urls"],
+                    region_urls=job["region_urls"], ca_file=Path(job["ca_file"]))
+    mover = Mover(target, progress=lambda line: print(line, flush=True))
+    began: list[str] = []
+
+    async def move() -> str:
+        lo, hi = job["slots"]
+        spec = await mover.spec(lo, hi, job["to"])
+        began.append(spec.id)
+        await mover.begin(spec)
+        return await mover.run(spec)
+
+    error = None
+    try:
+        phase = asyncio.run(move())
+    except Exception as exc:  # reported to the benchmark, which cancels the move (a benchmark, not the money path)
+        phase, error = "failed", f"{type(exc).__name__}: {exc}"[:300]
+        print(f"the mover failed: {error}", flush=True)
+    print(RESULT_PREFIX + json.dumps({"id": began[0] if began else None, "phase": phase, "error": error,
+                                      "stats": dataclasses.asdict(mover.stats)}), flush=True)
+    return 0 if phase == "done" else 1
 
 
 async def _customer_balances(dsns: dict[str, str], client_id: str) -> int:
@@ -337,7 +383,7 @@ def _report(run: MoveRun, rss: dict[str, float], *, accounts: int, entries: int,
     copy_rate = stats.rows_copied / copy_s if copy_s > 0 else float("nan")
     freeze_steps = ("settle", "final_catch_up", "verify", "switch_out", "switch_in")
     move_s = t["done"] - t["move"]
-    print(f"{run.spec.id}: {run.phase} in {move_s:.2f} s")
+    print(f"{run.move_id}: {run.phase} in {move_s:.2f} s" + (f" ({run.error}; cancelled)" if run.error else ""))
     print(f"  copy         {copy_s:8.2f} s  {stats.rows_copied} rows (accounts, transfers, stored answers, ...), "
           f"{copy_rate:.0f} rows/s")
     print(f"  catch up     {steps.get('catch_up', 0):8.2f} s  lag after the copy {stats.lag_before_catch_up} "
@@ -395,6 +441,7 @@ def _report(run: MoveRun, rss: dict[str, float], *, accounts: int, entries: int,
         "errors": sum(errors.values()),
         "errors_by_code": dict(errors),
         "phase": run.phase,
+        "error": run.error,
         "audit_clean": run.report.clean,
         "money_conserved": conserved,
         "acknowledged": run.acknowledged,
@@ -421,7 +468,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="the baseline before the move")
     parser.add_argument("--across-regions", action="store_true")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--mover-process", action="store_true", help=argparse.SUPPRESS)  # see _run_mover
     args = parser.parse_args()
+    if args.mover_process:
+        return _mover_process()
     return run(accounts=args.accounts, entries=args.entries, clients=args.clients, seconds=args.seconds,
                across_regions=args.across_regions, as_json=args.json)
 
