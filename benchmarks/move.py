@@ -413,7 +413,9 @@ def _report(run: MoveRun, rss: dict[str, float], *, accounts: int, entries: int,
     ratio = during.per_second / before.per_second if before.per_second else float("nan")
     print(f"unaffected slots: {ratio:.2f} x their throughput before the move (same run)")
     errors = Counter(a.code for a in answers if a.code is not None)
-    print("client-visible errors: " + (", ".join(f"{code}: {n}" for code, n in errors.most_common()) or "none"))
+    by_group = Counter(f"{'moving range' if a.moving else 'unaffected slots'}: {a.code}"
+                       for a in answers if a.code is not None)
+    print("client-visible errors: " + (", ".join(f"{code}: {n}" for code, n in by_group.most_common()) or "none"))
     print(f"audit after the move: {'clean' if run.report.clean else 'VIOLATIONS'} "
           f"({run.report.counts.get('transfers_checked', 0)} transfers checked)")
     if not run.report.clean:
@@ -440,6 +442,7 @@ def _report(run: MoveRun, rss: dict[str, float], *, accounts: int, entries: int,
         "lag_at_freeze": stats.lag_at_freeze,
         "errors": sum(errors.values()),
         "errors_by_code": dict(errors),
+        "errors_by_group": dict(by_group),
         "phase": run.phase,
         "error": run.error,
         "audit_clean": run.report.clean,
