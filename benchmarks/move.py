@@ -313,7 +313,7 @@ def _mover_process() -> int:
     try:
         phase = asyncio.run(move())
     except Exception as exc:  # reported to the benchmark, which cancels the move (a benchmark, not the money path)
-        phase, error = "failed", f"{type(exc).__name__}: {exc}"[:300]
+        phase, error = "failed", (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)[:300]
         print(f"the mover failed: {error}", flush=True)
     print(RESULT_PREFIX + json.dumps({"id": began[0] if began else None, "phase": phase, "error": error,
                                       "stats": dataclasses.asdict(mover.stats)}), flush=True)
@@ -403,7 +403,7 @@ def _report(run: MoveRun, rss: dict[str, float], *, accounts: int, entries: int,
         _window("moving range, before the move", answers, moving=True, lo=t["baseline"], hi=t["move"]),
         _window("moving range, during the move", answers, moving=True, lo=t["move"], hi=t["done"]),
         held,
-        _window("moving range, after (on the new owner)", answers, moving=True, lo=t["done"], hi=t["stop"]),
+        _window("moving range, after the move", answers, moving=True, lo=t["done"], hi=t["stop"]),
         _window("unaffected slots, before the move", answers, moving=False, lo=t["baseline"], hi=t["move"]),
         _window("unaffected slots, during the move", answers, moving=False, lo=t["move"], hi=t["done"]),
     ]

@@ -5,7 +5,8 @@
 Both files are JSON objects: {"figures": {name: number}, "tolerance": 0.15 (optional)}; the results file may
 carry more keys (`benchmarks/run.py` adds the absolute figures under "details", for a reader). Only ratios
 are compared, each measured against a reference in the same run on the same machine (`ledger_ratio`:
-transfers/s over pgbench's TPS; `router_ratio`: throughput through the router over straight to the region).
+transfers/s over pgbench's TPS; `router_ratio`: throughput through the router over straight to the region;
+`move_unaffected_ratio`: the throughput of slots a move leaves alone during the move over before it).
 Absolute times and rates depend on the runner and on whatever else it runs, so a figure whose name does not
 end in `_ratio` is refused. A ratio must not fall more than the tolerance below the baseline (higher is
 better). Exit 0: no regression; 1: a regression (each listed); 2: unusable input (a missing figure, a figure
