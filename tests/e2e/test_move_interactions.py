@@ -12,6 +12,9 @@ from typing import Any
 import asyncpg
 import httpx
 
+from app.ops.audit import audit
+from app.ops.target import deployed_target
+from app.placement.mover import Mover
 from app.topology.ids import parse_account_id
 from app.topology.model import Topology
 from tests.e2e.conftest import RouterApi
@@ -107,3 +110,43 @@ async def test_holds_a_refused_batch_references_and_events_come_through_a_move_w
         await conn.close()
     assert answer == "TXR02" and stored == 0, (
         f"expected the fence's TXR02 to abort the batch with nothing stored, got {answer} and {stored} rows")
+
+
+async def test_a_slot_moves_away_and_back_and_its_first_shard_serves_it_again_with_its_stored_answers(
+    moving_world: Any, topology: Topology, keys: SessionKeys,  # noqa: F811
+) -> None:
+    """Evacuate, then return after maintenance: the range goes back to a shard that still records it `moved`."""
+    async with httpx.AsyncClient(base_url=moving_world.router.url, timeout=30) as http:
+        client = new_client_id()
+        api = RouterApi(http, client, keys.client_token(client))
+        home, (debit, credit) = await accounts_in_one_shard(api, topology, 2)
+        await api.funded(debit, 1_000)
+        before_key = new_key()
+        before = await api.transfer(debit, credit, 100, key=before_key)
+        assert before.status_code == 201, before.text
+        slot = parse_account_id(debit).slot
+        away = await _move(moving_world, topology, slot)
+        assert (await api.transfer(debit, credit, 10)).status_code == 201
+        target = deployed_target(
+            endpoints=[f"{r}={s.url}" for r, s in moving_world.services.items()],
+            dsns=[f"{s}={d}" for s, d in moving_world.shard_dsns().items()], dsn_file=None, regions_dir=None)
+        mover = Mover(target, progress=lambda *_: None)
+        spec = await mover.spec(slot, slot, home)
+        await mover.begin(spec)
+        assert await mover.run(spec) == "done", f"expected the slot to move back from {away} to {home}"
+        after = await api.transfer(debit, credit, 1)
+        replay = await api.transfer(debit, credit, 100, key=before_key)
+        conn = await asyncpg.connect(moving_world.shard_dsns()[home])
+        try:
+            owned = await conn.fetchval(
+                "select state from slot_ownership where $1 between slot_lo and slot_hi", slot)
+        finally:
+            await conn.close()
+        balances = ((await _money(api, debit))[0], (await _money(api, credit))[0])
+    assert after.status_code == 201, after.text
+    assert replay.status_code == 201 and replay.headers.get("idempotent-replayed") == "true", replay.text
+    assert replay.json() == before.json(), "expected the stored answer of before both moves"
+    assert owned == "owned", f"expected {home} to own the slot again, got {owned}"
+    assert balances == (1_000 - 111, 111), f"expected each transfer posted once, got {balances}"
+    report = await audit(moving_world.shard_dsns(), full=True)
+    assert report.clean, report.text()
