@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-FIELDS = ("freeze_ms", "p50_moving_ms", "p99_moving_ms", "max_moving_ms", "unaffected_ratio", "copy_rows_per_s",
-          "copy_rows", "steps_s", "catch_up_lag", "errors", "errors_by_code", "audit_clean", "money_conserved",
-          "acknowledged", "acknowledged_posted_once", "rss_mib", "generator")
+FIELDS = ("freeze_ms", "p50_moving_ms", "p99_moving_ms", "max_moving_ms", "unaffected_ratio",
+          "unaffected_copy_ratio", "copy_rows_per_s", "copy_rows", "steps_s", "catch_up_lag", "errors",
+          "errors_by_code", "audit_clean", "money_conserved", "acknowledged", "acknowledged_posted_once", "rss_mib",
+          "generator")
 ACCOUNTS = 200
 BENCH_TIMEOUT_S = 540
 
