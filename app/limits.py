@@ -262,6 +262,10 @@ MOVE_PENDING_SAGAS_WAIT_S = 10.0
 MOVE_PENDING_SAGAS_POLL_MS = 50
 # Every statement of the mover, per database.
 MOVE_STATEMENT_TIMEOUT_S = 60.0
+# Test-only fault injection (app/placement/mover.py FaultPause): the longest a mover waits at a test's pause
+# point, and how often it looks whether the test let it go on.
+MOVE_FAULT_PAUSE_S_MAX = 600.0
+MOVE_FAULT_PAUSE_POLL_MS = 20
 # A region asked for a slot it does not know as its own re-reads its shards' ownership at most this often.
 SLOT_OWNERSHIP_REFRESH_ON_MISS_MS = 100
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 from typing import Any
 
 from app.ops.cli import target_from_args, target_options
 from app.ops.target import confirm
-from app.placement.mover import FINAL, Mover, parse_range
+from app.placement.mover import FINAL, FaultPause, Mover, parse_range
 
 
 def add_parser(sub: Any) -> None:
@@ -48,7 +49,8 @@ def add_parser(sub: Any) -> None:
 
 def _move(args: argparse.Namespace) -> int:
     lo, hi = parse_range(args.range)
-    mover = Mover(target_from_args(args))
+    # TXROUTE_FAULT_MOVER_PAUSE_*: test-only, inert unless set (FaultPause).
+    mover = Mover(target_from_args(args), pause=FaultPause.from_env(os.environ))
 
     async def go() -> int:
         spec = await mover.spec(lo, hi, args.to)
@@ -75,7 +77,7 @@ def _moves(args: argparse.Namespace) -> int:
               f"{m.get('phase', '?')}  rows copied {m.get('rows_copied', '?')}, lag {m.get('lag', '?')}{freeze}")
         if m.get("reason"):
             print(f"    reason: {m['reason']}")
-        if m.get("phase") not in FINAL:
+        if m.get("phase") not in FINAL or m.get("target", {}).get("phase") not in (*FINAL, None):
             print(f"    next: {m.get('next', 're-run it')}")
     return 0
 

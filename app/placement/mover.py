@@ -27,9 +27,11 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -123,14 +125,58 @@ class MoverStopped(Exception):
     """Fault injection: the mover stopped as if killed right after recording a phase (`stop_after`)."""
 
 
+# Points inside the phases where a test can hold the mover (FaultPause), each named after the source's phase
+# recorded there: inside the copy's snapshot after its first table; in catch-up after a pass copied its rows but
+# before it consumed the change log; frozen after verify, before the switch-out; switching after the source
+# booked out and before the target books in; `switched_in` once the target booked in and owns the range while
+# the source still says `switching`; switched before the cleanup.
+PAUSE_POINTS = ("copying", "catching_up", "frozen", "switching", "switched_in", "switched")
+
+
+@dataclass(frozen=True)
+class FaultPause:
+    """TEST-ONLY fault injection (tests/faults/test_slot_move_crashes.py), inert unless both variables are set:
+    with TXROUTE_FAULT_MOVER_PAUSE_AT=<point> and TXROUTE_FAULT_MOVER_PAUSE_FILE=<path>, the mover creates the
+    file on reaching that point and waits while it exists (at most MOVE_FAULT_PAUSE_S_MAX), so a test can kill
+    the mover, a region or a database at a known moment inside a phase, or let it go on by removing the file."""
+
+    point: str
+    file: Path
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> FaultPause | None:
+        point, file = env.get("TXROUTE_FAULT_MOVER_PAUSE_AT", ""), env.get("TXROUTE_FAULT_MOVER_PAUSE_FILE", "")
+        if not point or not file:
+            return None
+        if point not in PAUSE_POINTS:
+            raise MoveRefused(f"TXROUTE_FAULT_MOVER_PAUSE_AT must be one of {', '.join(PAUSE_POINTS)}")
+        return cls(point, Path(file))
+
+
 class Mover:
-    def __init__(self, target: Target, *, progress: Progress = print, stop_after: str | None = None) -> None:
+    def __init__(self, target: Target, *, progress: Progress = print, stop_after: str | None = None,
+                 pause: FaultPause | None = None) -> None:
         self.target = target
         self.progress = progress
         # Fault injection (tests): leave off right after this phase is recorded, as a killed mover would.
         self.stop_after = stop_after
+        self.pause = pause
         self._held: dict[str, asyncpg.Connection] | None = None
         self.stats = MoveStats()
+
+    async def _pause_at(self, point: str) -> None:
+        """Hold here while the test's pause file exists (FaultPause); a no-op unless a test asked for `point`."""
+        assert point in PAUSE_POINTS, point
+        if self.pause is None or self.pause.point != point:
+            return
+        self.pause.file.write_text(f"{os.getpid()}\n")
+        self.progress(f"paused at {point} (test fault injection) while {self.pause.file} exists")
+        deadline = time.monotonic() + limits.MOVE_FAULT_PAUSE_S_MAX
+        while self.pause.file.exists():
+            if time.monotonic() >= deadline:
+                raise MoveRefused(f"the test pause at {point} outlasted {limits.MOVE_FAULT_PAUSE_S_MAX:g} s")
+            await _pause(limits.MOVE_FAULT_PAUSE_POLL_MS / 1000)
+        self.pause = None  # once per run
 
     def _reached(self, phase: str) -> str:
         if phase == self.stop_after:
@@ -148,9 +194,7 @@ class Mover:
         except KeyError:
             raise MoveRefused(f"no shard {to_shard[:40]!r} in the topology") from None
         for move in await self.moves():
-            if move.get("phase") in (*ACTIVE, "switched") and (move["slots"], move["target_shard"]) == (
-                f"{slot_lo}-{slot_hi}", to_shard
-            ):
+            if _unfinished(move) and (move["slots"], move["target_shard"]) == (f"{slot_lo}-{slot_hi}", to_shard):
                 return await self.find(move["id"])  # re-running a move resumes it
         claims: dict[str, list[asyncpg.Record]] = {}
         for shard in sorted(self.target.shard_dsns):
@@ -223,7 +267,8 @@ class Mover:
             phase = self._reached("catching_up")
         if phase == "catching_up":
             with stats.step("catch_up"):
-                stats.lag_at_freeze = await self._catch_up(spec, until_lag=limits.MOVE_CATCH_UP_LAG_ROWS_MAX)
+                stats.lag_at_freeze = await self._catch_up(spec, until_lag=limits.MOVE_CATCH_UP_LAG_ROWS_MAX,
+                                                           pause_at="catching_up")
             with stats.step("freeze"):
                 await self._freeze(spec)
             stats.frozen_at = time.monotonic()
@@ -231,11 +276,13 @@ class Mover:
         if phase == "frozen":
             phase = self._reached(await self._settle_verify_switch_out(spec))
         if phase == "switching":
+            await self._pause_at("switching")
             with stats.step("switch_in"):
                 await self._switch_in(spec)
             stats.switched_at = time.monotonic()
             phase = self._reached("switched")
         if phase == "switched":
+            await self._pause_at("switched")
             with stats.step("cleanup"):
                 await self._cleanup(spec)
             phase = "done"
@@ -282,10 +329,12 @@ class Mover:
                         copied += len(rows)
                         self.stats.rows_copied += len(rows)
                         self.progress(f"{spec.id}: copy {table.name}: {copied} rows copied")
+                    if table is SLOT_TABLES[0]:
+                        await self._pause_at("copying")
             await src.execute("update slot_moves set rows_copied = $2, updated_at = clock_timestamp() where id = $1",
                               spec.id, copied)
 
-    async def _catch_up(self, spec: MoveSpec, *, until_lag: int) -> int:
+    async def _catch_up(self, spec: MoveSpec, *, until_lag: int, pause_at: str | None = None) -> int:
         """Copy again the rows the change log names after the cursor, pass after pass, until at most
         `until_lag` changes are left (0: all). Returns the lag left."""
         async with self.connect(spec.source_shard) as src, self.connect(spec.target_shard) as dst:
@@ -317,6 +366,9 @@ class Mover:
                                       spec.source_shard)
                         if table.deletes_logged:
                             await _delete_gone(src, dst, table, list(keys.values()))
+                if pause_at is not None:  # copied, not yet consumed: a re-run copies these rows again
+                    await self._pause_at(pause_at)
+                if changes:
                     await src.execute(
                         """with done as (delete from slot_move_changes where id = any($2::bigint[]))
                            update slot_moves set log_cursor = log_cursor + $3, updated_at = clock_timestamp()
@@ -359,6 +411,7 @@ class Mover:
         if differences:
             await self.cancel(spec, phase="aborted", reason="verify: " + "; ".join(differences))
             return "aborted"
+        await self._pause_at("frozen")
         with stats.step("switch_out"):
             async with self.connect(spec.source_shard) as conn:
                 answer = json.loads(await conn.fetchval("select txr_move_switch_out($1)::text", spec.id))
@@ -435,6 +488,7 @@ class Mover:
                 raise MoveRefused(f"move {spec.id}: balances differ on the target in the switch ({len(wrong)} "
                                   "accounts): this is a bug; nothing switched, the move stays `switching` on the "
                                   "source")
+        await self._pause_at("switched_in")
         async with self.connect(spec.source_shard) as src:
             await src.execute("select txr_move_switch_done($1)", spec.id)
         self.progress(f"{spec.id}: switched: {spec.target_shard} owns slots {spec.slot_lo}-{spec.slot_hi} "
@@ -473,6 +527,9 @@ class Mover:
                 if r["role"] == "source":
                     doc.update(phase=r["phase"], rows_copied=r["rows_copied"], lag=r["lag"], reason=r["reason"],
                                freeze_s=_seconds(r["frozen_at"], r["switched_at"]), next=_next_step(r["phase"]))
+        for doc in found.values():
+            if doc.get("phase") == "done" and _unfinished(doc):
+                doc["next"] = "re-run `txroute slots move` to record the move done on its target"
         return sorted(found.values(), key=lambda d: d["created_at"], reverse=True)
 
     async def find(self, move_id: str) -> MoveSpec:
@@ -569,6 +626,14 @@ def _spec(row: asyncpg.Record) -> MoveSpec:
 
 def _seconds(start: dt.datetime | None, end: dt.datetime | None) -> float | None:
     return None if start is None or end is None else (end - start).total_seconds()
+
+
+def _unfinished(move: dict[str, Any]) -> bool:
+    """A move a re-run resumes: under way on its source, or done there while its target's record still says
+    `switched` (a mover that died between the cleanup's two commits)."""
+    if move.get("phase") in (*ACTIVE, "switched"):
+        return True
+    return move.get("phase") == "done" and move.get("target", {}).get("phase") == "switched"
 
 
 def _next_step(phase: str) -> str:
