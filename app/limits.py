@@ -180,9 +180,15 @@ QUERY_STRING_BYTES_MAX = 1_024
 SAGA_FAST_PATH_WAIT_MS = 1_000
 # The relay leaves a fresh message to the fast path for this long after the commit (wait plus a margin).
 SAGA_RELAY_FIRST_DELAY_MS = 1_500
-# The relay claims and sends per destination region, at most this many deliveries in flight to each (per
-# shard), so one slow region holds up only its own messages (issue 10).
-SAGA_RELAY_IN_FLIGHT_PER_DESTINATION_MAX = 32
+# The relay delivers a credit shard's messages in batches (issue 14): at most this many per call, applied
+# there in one transaction and settled here in one; a batch whose encoded body would pass
+# SAGA_RELAY_BATCH_BODY_BYTES_MAX is split (a message is at most ~1 KiB: ids, a 140-character reference).
+SAGA_RELAY_BATCH_MESSAGES_MAX = 200
+SAGA_RELAY_BATCH_BODY_BYTES_MAX = 512 * 1024
+# The relay claims and sends per destination region, at most this many messages in flight to each (per
+# shard), so one slow region holds up only its own messages (issue 10): two full batches, so one batch is
+# applied and settled while the next crosses the WAN.
+SAGA_RELAY_IN_FLIGHT_PER_DESTINATION_MAX = 2 * SAGA_RELAY_BATCH_MESSAGES_MAX
 # A message whose delivery fails this many times in a way waiting cannot heal (the credit side refuses it as
 # malformed or fails on it, or its answer cannot be settled) is dead-lettered instead of retried forever.
 SAGA_POISON_FAILURES_MAX = 5
@@ -191,7 +197,7 @@ SAGA_RELAY_LEASE_MS = 10_000
 SAGA_RELAY_IDLE_POLL_MS = 100
 SAGA_RELAY_BACKOFF_BASE_MS = 100
 SAGA_RELAY_BACKOFF_MAX_MS = 10_000
-# One delivery's HTTP call to the destination region.
+# One delivery's HTTP call to the destination region (a batch's too: its apply is one short transaction).
 SAGA_DELIVERY_TIMEOUT_S = 5.0
 # Simulated WAN (local stack only).
 WAN_LATENCY_MS_MAX = 2_000

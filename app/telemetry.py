@@ -482,13 +482,19 @@ def client_span(peer: str, method: str) -> contextlib.AbstractContextManager[Any
 
 
 def linked_root_span(
-    name: str, attributes: Mapping[str, str], *, origin: SpanContext | None = None
+    name: str, attributes: Mapping[str, str], *, origin: SpanContext | None = None,
+    origins: Sequence[SpanContext | None] = (),
 ) -> contextlib.AbstractContextManager[Any]:
     """A new trace for work that outlives the request that caused it (a saga message's delivery), linked to
     that request's span so one can be found from the other: `origin` when given (the context stored with
-    the work, for a retry long after the request), else the current span."""
+    the work, for a retry long after the request), else the current span. Work done for many requests at
+    once (a relay batch) passes their contexts as `origins` and is linked to each."""
     if not TRACING.enabled:
         return _NOOP
+    if origins:
+        links = [Link(o) for o in origins if o is not None and o.is_valid]
+        return _span(name, kind=SpanKind.INTERNAL, context=Context(), links=links,
+                     attributes={k: _attr(v) for k, v in attributes.items()})
     if origin is None:
         origin = trace.get_current_span().get_span_context()
     links = [Link(origin)] if origin.is_valid else []

@@ -243,3 +243,12 @@ class SagaMessage(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     reference: Reference | None = None
     source_shard: str
     destination_shard: str
+
+
+class SagaBatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Saga messages the relay delivers to one region in one call (internal API, issue 14): each gets its
+    own result, in order."""
+
+    messages: Annotated[
+        list[SagaMessage], msgspec.Meta(min_length=1, max_length=limits.SAGA_RELAY_BATCH_MESSAGES_MAX)
+    ]

@@ -20,7 +20,7 @@ from app import limits, telemetry
 from app.api.decoding import decode_body
 from app.api.http import EXCEPTION_HANDLERS, healthz, json_response, problem_response
 from app.api.openapi import OPENAPI_CONFIG, openapi_document
-from app.api.schemas import RegionReadiness, SagaMessage
+from app.api.schemas import RegionReadiness, SagaBatch, SagaMessage
 from app.api.upstreams import Upstreams
 from app.config import RegionSettings
 from app.errors import Problem
@@ -30,7 +30,7 @@ from app.region.api import PUBLIC_ROUTES, REQUEST_BODIES, outcome_response
 from app.region.events_api import EVENT_ROUTES
 from app.region.health import Readiness
 from app.region.identity import require_internal, saga_peer, verified_body
-from app.region.saga import Saga
+from app.region.saga import TRANSIENT_DB_ERRORS, Saga, apply_isolated
 from app.region.service import RegionLedger
 from app.region.sweeper import sweep_forever
 from app.security.keys import load_private_key, load_public_keys
@@ -140,7 +140,8 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
 
     app = Litestar(
         route_handlers=[
-            *PUBLIC_ROUTES, *EVENT_ROUTES, healthz, readyz, shardmap, saga_apply, openapi_document, metrics,
+            *PUBLIC_ROUTES, *EVENT_ROUTES, healthz, readyz, shardmap, saga_apply, saga_apply_batch, openapi_document,
+            metrics,
         ],
         lifespan=[lifespan],
         exception_handlers={
@@ -311,6 +312,74 @@ async def saga_apply(request: Request[Any, Any, Any]) -> Response[bytes]:
     if result.get("status") in (421, 503):  # the slot moved (naming its owner) or is frozen by a move
         return outcome_response(request, Outcome(int(result["status"]), result["body"]))
     return json_response(request, 200, result)
+
+
+@post(
+    "/internal/saga/apply-batch",
+    summary="Apply many saga messages, each once, with an outcome of its own (DESIGN D6, issue 14)",
+    status_code=200,
+    request_max_body_size=limits.SAGA_RELAY_BATCH_BODY_BYTES_MAX,
+)
+async def saga_apply_batch(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """The relay's batched delivery: the same token check as /internal/saga/apply for the call, the same
+    checks for each message (a message whose source shard the caller does not own is answered 403 on its own
+    and never applied), then each credit shard applies its messages in one transaction. The answer is 200
+    with one result per message, in order: {"outcome": "applied"|"refused", ...} or {"status", "body"} (a
+    problem: 421 naming the slot's owner, 503 slot_moving, 400/403 refused, 500 failed alone)."""
+    peer = await saga_peer(request)
+    batch = decode_body(verified_body(request), request.headers.get("content-type", ""), SagaBatch,
+                        bytes_max=limits.SAGA_RELAY_BATCH_BODY_BYTES_MAX)
+    ledger: RegionLedger = request.app.state.ledger
+    topology: Topology = request.app.state.topology
+    results: list[dict[str, Any] | None] = [None] * len(batch.messages)
+    by_store: dict[str, list[int]] = {}
+    for i, message in enumerate(batch.messages):
+        try:
+            _check_saga_message(message, peer, ledger, topology)
+            store = await ledger.store_for_slot(message.credit_slot)
+        except Problem as exc:
+            results[i] = _problem_result(exc)
+            continue
+        by_store.setdefault(store.name, []).append(i)
+    for name, indexes in by_store.items():
+        applied = await apply_isolated(ledger.stores[name],
+                                       [msgspec.structs.asdict(batch.messages[i]) for i in indexes])
+        for i, result in zip(indexes, applied, strict=True):
+            results[i] = _batch_result(ledger, result)
+    return json_response(request, 200, {"results": results})
+
+
+def _check_saga_message(message: SagaMessage, peer: str, ledger: RegionLedger, topology: Topology) -> None:
+    """A region vouches for the debits of its own shards and nothing else (DESIGN D8)."""
+    source = next((s for s in topology.shards if s.name == message.source_shard), None)
+    if source is None:
+        raise Problem("unknown_shard", f"source_shard {message.source_shard[:40]!r} is no shard of the topology")
+    if message.destination_shard not in ledger.stores:
+        raise Problem("unknown_shard",
+                      f"destination_shard {message.destination_shard[:40]!r} is no shard of region {ledger.region}")
+    if source.region != peer:
+        raise Problem("forbidden", f"region {peer} does not own source shard {source.name}")
+
+
+def _problem_result(problem: Problem) -> dict[str, Any]:
+    return {"status": problem.status, "body": {"code": problem.code, "detail": problem.detail, **problem.extra}}
+
+
+def _batch_result(ledger: RegionLedger, result: dict[str, Any] | Exception) -> dict[str, Any]:
+    """One message's result as the batch answers it (the shard's own, or a problem)."""
+    if isinstance(result, Exception):  # failed alone (the batch was split to find it): a bug, or it heals
+        if isinstance(result, (ShardUnavailable, SlotMoved, *TRANSIENT_DB_ERRORS)):
+            return _problem_result(Problem("shard_unavailable", "the credit shard could not apply it now"))
+        return _problem_result(Problem("internal_error", "applying this message failed"))
+    if result.get("status") == 421 and isinstance(result.get("body"), dict):
+        body = dict(result["body"])
+        if "owner_shard" not in body:
+            region, shard = ledger.owner_of(int(body["slot"]))
+            body.update(owner_region=region, owner_shard=shard)
+        else:  # the shard's own record of where the slot moved: this region routes there now
+            ledger.learn(int(body["slot"]), str(body["owner_region"]), str(body["owner_shard"]))
+        return {"status": 421, "body": body}
+    return result
 
 
 @get("/metrics", include_in_schema=False)

@@ -9,9 +9,17 @@ The fast path delivers right after the commit and waits at most SAGA_FAST_PATH_W
 whatever is still in the outbox, at least once, with bounded exponential backoff and jitter; it starts from
 the outbox table, so a message survives any crash of this process.
 
+Batches (issue 14). The relay sends the messages it claimed for one credit shard together, at most
+SAGA_RELAY_BATCH_MESSAGES_MAX per call (/internal/saga/apply-batch, or the local shard directly): the credit
+shard applies them in one transaction and this shard settles their answers in one (migration 0017). Each
+message keeps an outcome of its own: a refusal returns its money, a 421 naming its slot's new owner sends it
+alone down the one-message path (re-addressed in the outbox), a failure reschedules it alone. A message that
+makes its batch's transaction fail (a bug, a broken constraint) is found by splitting the batch in halves
+until it is alone (`_isolated`), as the posting group commit does; the others are applied.
+
 Fault isolation (issue 10). The relay claims and sends per destination region, at most
-SAGA_RELAY_IN_FLIGHT_PER_DESTINATION_MAX in flight to each, so a region that hangs holds up only its own
-messages. A delivery fails in one of two ways:
+SAGA_RELAY_IN_FLIGHT_PER_DESTINATION_MAX messages in flight to each, so a region that hangs holds up only its
+own messages. A delivery fails in one of two ways:
 
     DeliveryFailed    waiting can heal it (a region or database unreachable, a timeout, a moved slot, a
                       refused token): retried with backoff for as long as it takes; the backlog alert watches
@@ -27,8 +35,9 @@ import asyncio
 import functools
 import logging
 import random
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
@@ -38,11 +47,12 @@ from app import limits, telemetry
 from app.api.upstreams import Answer, UpstreamError, Upstreams
 from app.config import FaultSettings
 from app.security.tokens import BoundRequest, SagaTokenMinter
-from app.store.shard import Outcome, ShardStore, ShardUnavailable
+from app.store.shard import Outcome, ShardStore, ShardUnavailable, SlotMoved
 
 log = logging.getLogger("txroute.saga")
 
 APPLY_PATH = "/internal/saga/apply"
+APPLY_BATCH_PATH = "/internal/saga/apply-batch"
 
 
 class DeliveryFailed(Exception):
@@ -59,7 +69,7 @@ class Undeliverable(DeliveryFailed):
 # heal and are only retried.
 _POISON_STATUSES = frozenset({400, 413, 415, 422, 500})
 # Database errors that heal by trying again (the store already retried them a few times).
-_TRANSIENT_DB_ERRORS = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
+TRANSIENT_DB_ERRORS = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
 
 
 @dataclass
@@ -116,7 +126,7 @@ class Saga:
                 body = await asyncio.shield(
                     store.saga_settle(message["transfer_id"], result["outcome"], result.get("reason"))
                 )
-            except _TRANSIENT_DB_ERRORS as exc:
+            except TRANSIENT_DB_ERRORS as exc:
                 raise DeliveryFailed(f"settling {result['outcome']}: sqlstate {exc.sqlstate}") from None
             except asyncpg.PostgresError as exc:
                 # Not a lost connection (that is ShardUnavailable): the settlement itself cannot be written.
@@ -147,7 +157,7 @@ class Saga:
                 result = await (local.saga_apply_own(message) if own else local.saga_apply(message))
             except ShardUnavailable as exc:
                 raise DeliveryFailed(str(exc)) from None
-            except _TRANSIENT_DB_ERRORS as exc:
+            except TRANSIENT_DB_ERRORS as exc:
                 raise DeliveryFailed(f"credit shard: sqlstate {exc.sqlstate}") from None
             except asyncpg.PostgresError as exc:  # what the other region answers as 500
                 raise Undeliverable(f"credit shard failed: sqlstate {exc.sqlstate}") from None
@@ -187,11 +197,11 @@ class Saga:
             raise DeliveryFailed(f"region {region} answered JSON that is not an object")
         return result
 
-    async def _post(self, region: str, token: str, body: bytes) -> Answer:
+    async def _post(self, region: str, token: str, body: bytes, *, path: str = APPLY_PATH) -> Answer:
         assert self.peers is not None
         try:
             return await self.peers.send(
-                region, "POST", APPLY_PATH,
+                region, "POST", path,
                 headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
                 body=body,
             )
@@ -204,6 +214,105 @@ class Saga:
             # 421 from the credit shard's fence: the slot moved; retry once the topology says where.
             raise DeliveryFailed(f"credit shard answered {result.get('status', 'unexpectedly')}")
         return result
+
+    # Batches (issue 14) -----------------------------------------------------------------------------
+
+    async def deliver_batch(
+        self, store: ShardStore, messages: list[dict[str, Any]], origins: Sequence[SpanContext | None]
+    ) -> list[dict[str, Any] | Exception | None]:
+        """Send messages of one credit shard in one call and settle their answers in one transaction.
+        Returns per message the transfer's body once settled, an exception when it failed (to reschedule),
+        or None when its slot moved (to deliver alone, re-addressed, on the one-message path)."""
+        assert messages and len({(m["destination_region"], m["destination_shard"]) for m in messages}) == 1
+        attributes = {"txroute.region": self.region, "txroute.shard": store.name,
+                      "txroute.peer_region": str(messages[0]["destination_region"]),
+                      "txroute.batch_size": str(len(messages))}
+        if len(messages) == 1:
+            attributes["txroute.transfer_id"] = str(messages[0]["transfer_id"])
+        out: list[dict[str, Any] | Exception | None] = [None] * len(messages)
+        with telemetry.linked_root_span("saga deliver", attributes, origins=origins):
+            applied = await self._apply_batch(messages)
+            answers: list[dict[str, Any]] = []
+            indexes: list[int] = []
+            for i, result in enumerate(applied):
+                if isinstance(result, Exception):
+                    out[i] = result
+                elif _moved_to(result) is None:
+                    try:
+                        self._check(result)
+                    except DeliveryFailed as exc:
+                        out[i] = exc
+                        continue
+                    answers.append({"transfer_id": messages[i]["transfer_id"], "outcome": result["outcome"],
+                                    "reason": result.get("reason")})
+                    indexes.append(i)
+            if answers:
+                # Once the credit side has answered, the settlement must finish even if our caller stops waiting.
+                for i, settled in zip(indexes, await asyncio.shield(self._settle_batch(store, answers)), strict=True):
+                    out[i] = settled
+        for answer, i in zip(answers, indexes, strict=True):
+            if not isinstance(out[i], Exception):
+                telemetry.METRICS.saga_deliveries.labels(self.region, str(answer["outcome"])).inc()
+        return out
+
+    async def _settle_batch(
+        self, store: ShardStore, answers: list[dict[str, Any]]
+    ) -> list[dict[str, Any] | Exception]:
+        try:
+            settled = await _isolated(store.saga_settle_batch, answers)
+        except ShardUnavailable as exc:
+            return [DeliveryFailed(str(exc))] * len(answers)
+        return [_delivery_failure(r, "settling") if isinstance(r, Exception) else r for r in settled]
+
+    async def _apply_batch(self, messages: list[dict[str, Any]]) -> list[dict[str, Any] | Exception]:
+        local = self.stores.get(messages[0]["destination_shard"])
+        if local is None:
+            return await self._apply_remote_batch(messages)
+        try:
+            applied = await apply_isolated(local, messages)
+        except ShardUnavailable as exc:
+            return [DeliveryFailed(str(exc))] * len(messages)
+        return [_delivery_failure(r, "credit shard") if isinstance(r, Exception) else r for r in applied]
+
+    async def _apply_remote_batch(self, messages: list[dict[str, Any]]) -> list[dict[str, Any] | Exception]:
+        """One call of the credit region's batch route; a whole answer that says the call itself is at fault
+        (400, 413, 422, 500) is met by splitting the batch, so only a message that fails alone is poison."""
+        region = messages[0]["destination_region"]
+        if self.peers is None or self.minter is None or not self.peers.knows(region):
+            failed = DeliveryFailed(f"no route to region {region} (TXROUTE_REGION_URLS / TXROUTE_SAGA_PRIVATE_KEY)")
+            return [failed] * len(messages)
+        body = msgspec.json.encode(
+            {"messages": [{k: v for k, v in m.items() if k != "destination_region"} for m in messages]}
+        )
+        if len(body) > limits.SAGA_RELAY_BATCH_BODY_BYTES_MAX and len(messages) > 1:
+            return await self._apply_remote_halves(messages)
+        token = self.minter.token(region, BoundRequest("POST", APPLY_BATCH_PATH, body))
+        faults = self.faults
+        try:
+            if faults.drop_request and random.random() < faults.drop_request:
+                raise DeliveryFailed("fault injection: request dropped")
+            answer = await self._post(region, token, body, path=APPLY_BATCH_PATH)
+            if faults.duplicate and random.random() < faults.duplicate:
+                answer = await self._post(region, token, body, path=APPLY_BATCH_PATH)
+            if faults.drop_answer and random.random() < faults.drop_answer:
+                raise DeliveryFailed("fault injection: answer dropped")
+        except DeliveryFailed as exc:
+            return [exc] * len(messages)
+        if answer.status in _POISON_STATUSES:
+            if len(messages) > 1:
+                log.error("saga_batch_refused_splitting", extra={"region": region, "status": answer.status,
+                                                                 "batch_size": len(messages)})
+                return await self._apply_remote_halves(messages)
+            return [Undeliverable(f"region {region} answered {answer.status}")]
+        results = _batch_results(answer.body, len(messages)) if answer.status == 200 else None
+        if results is None:
+            return [DeliveryFailed(f"region {region} answered {answer.status} with no result per message")
+                    ] * len(messages)
+        return [_remote_result(region, result) for result in results]
+
+    async def _apply_remote_halves(self, messages: list[dict[str, Any]]) -> list[dict[str, Any] | Exception]:
+        half = len(messages) // 2
+        return [*await self._apply_remote_batch(messages[:half]), *await self._apply_remote_batch(messages[half:])]
 
     # The relay --------------------------------------------------------------------------------------
 
@@ -227,6 +336,31 @@ class Saga:
         except Exception as exc:  # a bug: retried like a failure that heals (never dead-letters by itself)
             log.error("relay_delivery_error", extra={"shard": store.name, "error_type": type(exc).__name__})
             failure = exc
+        await self._failed(store, row, failure)
+
+    async def relay_batch(self, store: ShardStore, rows: list[Any]) -> None:
+        """Deliver claimed messages of one credit shard together (`deliver_batch`); each that failed is
+        rescheduled on its own, each whose slot moved is delivered alone. Never raises but on cancellation."""
+        messages = [dict(row["message"], destination_region=row["destination_region"]) for row in rows]
+        origins = [telemetry.span_context(row["traceparent"]) for row in rows]
+        results: list[dict[str, Any] | Exception | None]
+        try:
+            async with asyncio.timeout(limits.SAGA_DELIVERY_TIMEOUT_S * 2):
+                results = list(await self.deliver_batch(store, messages, origins))
+        except (DeliveryFailed, TimeoutError, ShardUnavailable) as exc:
+            results = [exc] * len(rows)
+        except Exception as exc:  # a bug: retried like a failure that heals (never dead-letters by itself)
+            log.error("relay_delivery_error", extra={"shard": store.name, "error_type": type(exc).__name__})
+            results = [exc] * len(rows)
+        for row, result in zip(rows, results, strict=True):
+            if result is None:
+                await self.relay_one(store, row)
+            elif isinstance(result, Exception):
+                await self._failed(store, row, result)
+
+    async def _failed(self, store: ShardStore, row: Any, failure: Exception) -> None:
+        """Reschedule a message whose delivery failed (with backoff), or, after SAGA_POISON_FAILURES_MAX
+        failures that cannot heal, dead-letter it."""
         poison = isinstance(failure, Undeliverable)
         delay_ms = backoff_ms(int(row["attempts"]))
         telemetry.METRICS.saga_retries.labels(self.region, store.name).inc()
@@ -246,8 +380,9 @@ class Saga:
 
 class _Relay:
     """The relay of one shard: claims due messages per destination region, each with room for at most
-    SAGA_RELAY_IN_FLIGHT_PER_DESTINATION_MAX deliveries in flight, and sends each on a task of its own; a
-    slow region fills only its own room. Claims again as soon as a delivery ends, or after an idle poll."""
+    SAGA_RELAY_IN_FLIGHT_PER_DESTINATION_MAX messages in flight, and sends them in batches of one credit shard
+    (at most SAGA_RELAY_BATCH_MESSAGES_MAX each), each batch on a task of its own; a slow region fills only its
+    own room. Claims again as soon as a delivery ends, or after an idle poll."""
 
     def __init__(self, saga: Saga, store: ShardStore) -> None:
         self.saga = saga
@@ -286,18 +421,96 @@ class _Relay:
             return 0
         if self.saga.faults.reorder:
             rows = random.sample(rows, len(rows))
-        for row in rows:
-            region = row["destination_region"]
-            self.in_flight[region] += 1
-            task = asyncio.create_task(self.saga.relay_one(self.store, row), name=f"relay-{self.store.name}")
+        for region, batch in _batches(rows):
+            self.in_flight[region] += len(batch)
+            if batch[0]["message"]["destination_shard"] == batch[0]["message"]["source_shard"]:
+                # Its credit slot moved into its own source shard (issue 11): that shard applies it alone.
+                work = self.saga.relay_one(self.store, batch[0])
+            else:
+                work = self.saga.relay_batch(self.store, batch)
+            task = asyncio.create_task(work, name=f"relay-{self.store.name}")
             self.tasks.add(task)
-            task.add_done_callback(functools.partial(self._done, region))
+            task.add_done_callback(functools.partial(self._done, region, len(batch)))
         return len(rows)
 
-    def _done(self, region: str, task: asyncio.Task[None]) -> None:
+    def _done(self, region: str, messages: int, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
-        self.in_flight[region] -= 1
+        self.in_flight[region] -= messages
         self.wake.set()
+
+
+def _batches(rows: list[Any]) -> list[tuple[str, list[Any]]]:
+    """Claimed rows grouped by credit shard, in batches of at most SAGA_RELAY_BATCH_MESSAGES_MAX; a message
+    whose credit shard is its own source shard goes alone."""
+    groups: dict[tuple[str, str], list[Any]] = {}
+    alone: list[tuple[str, list[Any]]] = []
+    for row in rows:
+        message = row["message"]
+        if message["destination_shard"] == message["source_shard"]:
+            alone.append((row["destination_region"], [row]))
+        else:
+            groups.setdefault((row["destination_region"], message["destination_shard"]), []).append(row)
+    cap = limits.SAGA_RELAY_BATCH_MESSAGES_MAX
+    return alone + [(region, group[i:i + cap]) for (region, _), group in groups.items()
+                    for i in range(0, len(group), cap)]
+
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+
+async def _isolated(
+    call: Callable[[list[_Item]], Awaitable[list[_Result]]], items: list[_Item]
+) -> list[_Result | Exception]:
+    """`call` on all items in one transaction; when it fails with a database error, on each half again, so an
+    item that fails alone gets its error and the others their results (a bug in one message never holds up
+    its batch). A lost database (ShardUnavailable) is the whole batch's and is raised."""
+    try:
+        return list(await call(items))
+    except (asyncpg.PostgresError, SlotMoved) as exc:
+        if len(items) == 1:
+            return [exc]
+        log.error("saga_batch_failed_splitting", extra={"batch_size": len(items),
+                                                        "sqlstate": getattr(exc, "sqlstate", None)})
+    half = len(items) // 2
+    return [*await _isolated(call, items[:half]), *await _isolated(call, items[half:])]
+
+
+async def apply_isolated(store: ShardStore, messages: list[dict[str, Any]]) -> list[dict[str, Any] | Exception]:
+    """Apply messages addressed to `store`'s shard in one transaction, isolating any that fails (`_isolated`)."""
+    return await _isolated(store.saga_apply_batch, messages)
+
+
+def _delivery_failure(exc: Exception, what: str) -> DeliveryFailed:
+    """A message's database failure as the relay treats it: heals (retry) or poison (counted)."""
+    if isinstance(exc, (*TRANSIENT_DB_ERRORS, SlotMoved)):
+        return DeliveryFailed(f"{what}: {type(exc).__name__}")
+    if isinstance(exc, asyncpg.PostgresError):
+        return Undeliverable(f"{what} failed: sqlstate {exc.sqlstate}")
+    return DeliveryFailed(f"{what}: {type(exc).__name__}")
+
+
+def _batch_results(body: bytes, count: int) -> list[dict[str, Any]] | None:
+    """The per-message results of a batch answer, or None when it is not `count` objects."""
+    try:
+        doc = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return None
+    results = doc.get("results") if isinstance(doc, dict) else None
+    if not isinstance(results, list) or len(results) != count or not all(isinstance(r, dict) for r in results):
+        return None
+    return results
+
+
+def _remote_result(region: str, result: dict[str, Any]) -> dict[str, Any] | Exception:
+    """One message's result in a batch answer: an outcome, a 421 naming the slot's owner, or a failure
+    classed as the one-message route's answer of that status would be."""
+    status = result.get("status")
+    if status is None or (status == 421 and _moved_to(result) is not None):
+        return result
+    if status in _POISON_STATUSES:
+        return Undeliverable(f"region {region} answered {status} for the message")
+    return DeliveryFailed(f"region {region} answered {status} for the message")
 
 
 def _moved_to(result: dict[str, Any]) -> tuple[str, str] | None:

@@ -407,6 +407,23 @@ class ShardStore:
             body = await conn.fetchval("select txr_saga_settle($1, $2, $3)", transfer_id, outcome, reason)
         return dict(body)
 
+    async def saga_apply_batch(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Apply many saga messages addressed to this shard in one transaction (migration 0017): one result
+        per message, in order, each what `saga_apply` would answer. A message that fails (a bug) fails the
+        whole call: the caller splits the batch to find it."""
+        results = await self._call("saga_apply", "select txr_saga_apply_batch($1::jsonb)", messages,
+                                   batch_size=len(messages))
+        assert len(results) == len(messages), (len(results), len(messages))
+        return [dict(result) for result in results]
+
+    async def saga_settle_batch(self, answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Settle many sagas debited here in one transaction (migration 0017); `answers` are
+        {"transfer_id", "outcome", "reason"}; returns each transfer's body, in order."""
+        bodies = await self._call("saga_settle", "select txr_saga_settle_batch($1::jsonb)", answers,
+                                  batch_size=len(answers))
+        assert len(bodies) == len(answers), (len(bodies), len(answers))
+        return [dict(body) for body in bodies]
+
     async def outbox_claim(self, room: dict[str, int], *, lease_ms: int) -> list[asyncpg.Record]:
         """Claim due messages, at most `room[region]` for each destination region (issue 10: fair relay)."""
         regions = sorted(room)
