@@ -29,7 +29,7 @@ from tests.helpers import ApiClient, assert_shard_conserved, ledger_snapshot, ne
 from tests.keys import SessionKeys, region_env
 from tests.tls import verify
 
-SAGA_ROUTES = ["/internal/saga/apply"]  # every region-to-region write (checked against the app below)
+SAGA_ROUTES = ["/internal/saga/apply", "/internal/saga/apply-batch"]  # every region-to-region write (see below)
 SAGA_READ_ROUTES = ["/internal/events"]  # every region-to-region read: another region's webhook worker
 SOURCE, DESTINATION = "eu-west-1", "us-east-1"
 
