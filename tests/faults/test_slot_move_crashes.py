@@ -54,6 +54,8 @@ ACKS_WAIT_S = 180.0
 # A client retries a 503 (slot_moving, region_unavailable) with its key this long. The freeze left by a killed
 # mover lasts until the re-run's switch: a process start, a catch-up and a verify on a loaded machine.
 CLIENT_RETRY_FOR_S = 240.0
+# Runs of a move aborted for sagas a killed region had not settled yet, before it must be done.
+RERUNS_MAX = 4
 
 
 @dataclass
@@ -284,11 +286,17 @@ async def test_a_region_killed_mid_move_loses_no_money_and_the_move_completes(
         await restarted
         first_log = mover.log_file.read_text()
         # Sagas debited from the range that the dead region could not settle make the freeze give up (aborted,
-        # unfrozen); the same command then moves the range once the region is back.
+        # unfrozen); the same command then moves the range once the region is back. The messages the killed
+        # relay had claimed wait out their lease (SAGA_RELAY_LEASE_MS) first, so a re-run soon after the restart
+        # may find them pending too and abort again, as the runbook says: the operator runs it again.
         again = None
         if first != 0:
             assert first_log.rstrip().endswith(": aborted"), f"expected done or aborted, got: {first_log}"
-            again = await operator.run("slots", "move", RANGE_TEXT, "--to", TARGET, "--yes")
+            for _ in range(RERUNS_MAX):
+                again = await operator.run("slots", "move", RANGE_TEXT, "--to", TARGET, "--yes")
+                if again.returncode == 0:
+                    break
+                assert again.stdout.rstrip().endswith(": aborted") and "still pending" in again.stdout, again
         return {"first": first, "first_log": first_log, "again": again}
 
     load, balances, accounts, seen = await with_workload(bench, scenario)
