@@ -325,7 +325,7 @@ class Mover:
                         f"where {table.slot_sql('t')} between $1 and $2 and ({table.rows(spec.source_shard)})",
                         spec.slot_lo, spec.slot_hi)
                     while rows := await cursor.fetch(limits.MOVE_COPY_BATCH_ROWS):
-                        await _import(dst, table, columns, [json.loads(r[0]) for r in rows], spec.source_shard)
+                        await _import(dst, table, columns, _json_array(rows), spec.source_shard)
                         copied += len(rows)
                         self.stats.rows_copied += len(rows)
                         self.progress(f"{spec.id}: copy {table.name}: {copied} rows copied")
@@ -362,8 +362,7 @@ class Mover:
                             f"using ({', '.join(table.key)}) "
                             f"where {table.slot_sql('t')} between $1 and $2 and ({table.rows(spec.source_shard)})",
                             spec.slot_lo, spec.slot_hi, json.dumps(list(keys.values())))
-                        await _import(dst, table, columns[table.name], [json.loads(r[0]) for r in rows],
-                                      spec.source_shard)
+                        await _import(dst, table, columns[table.name], _json_array(rows), spec.source_shard)
                         if table.deletes_logged:
                             await _delete_gone(src, dst, table, list(keys.values()))
                 if pause_at is not None:  # copied, not yet consumed: a re-run copies these rows again
@@ -596,10 +595,15 @@ async def _columns(conn: asyncpg.Connection, table: str) -> list[str]:
     return [r[0] for r in rows]
 
 
-async def _import(conn: asyncpg.Connection, table: SlotTable, columns: list[str], rows: list[Any],
+def _json_array(rows: list[asyncpg.Record]) -> str:
+    """The rows' JSON texts (each `to_jsonb(t)::text`) as one JSON array, passed through undecoded."""
+    return "[" + ",".join(r[0] for r in rows) + "]"
+
+
+async def _import(conn: asyncpg.Connection, table: SlotTable, columns: list[str], rows: str,
                   source_shard: str) -> None:
-    """Upsert rows (as JSON objects) into `table`, overriding the columns the registry says."""
-    if not rows:
+    """Upsert rows (a JSON array of objects) into `table`, overriding the columns the registry says."""
+    if rows == "[]":
         return
     values = ", ".join(table.overrides.get(c, f"r.{c}") for c in columns)
     keys = ", ".join(table.key)
@@ -613,7 +617,7 @@ async def _import(conn: asyncpg.Connection, table: SlotTable, columns: list[str]
         f"insert into {table.name} ({', '.join(columns)}) "  # noqa: S608 (registry constants)
         f"select {values} from jsonb_populate_recordset(null::{table.name}, $1::jsonb) r "
         f"where $2::text is not null on conflict ({keys}) {conflict}",
-        json.dumps(rows), source_shard)
+        rows, source_shard)
 
 
 def _spec(row: asyncpg.Record) -> MoveSpec:
