@@ -298,15 +298,7 @@ async def saga_apply(request: Request[Any, Any, Any]) -> Response[bytes]:
     peer = await saga_peer(request)
     message = decode_body(verified_body(request), request.headers.get("content-type", ""), SagaMessage)
     ledger: RegionLedger = request.app.state.ledger
-    topology: Topology = request.app.state.topology
-    source = next((s for s in topology.shards if s.name == message.source_shard), None)
-    if source is None:
-        raise Problem("unknown_shard", f"source_shard {message.source_shard[:40]!r} is no shard of the topology")
-    if message.destination_shard not in ledger.stores:
-        raise Problem("unknown_shard",
-                      f"destination_shard {message.destination_shard[:40]!r} is no shard of region {ledger.region}")
-    if source.region != peer:
-        raise Problem("forbidden", f"region {peer} does not own source shard {source.name}")
+    _check_saga_message(message, peer, ledger, request.app.state.topology)
     store = await ledger.store_for_slot(message.credit_slot)
     result = await store.saga_apply(msgspec.structs.asdict(message))
     if result.get("status") in (421, 503):  # the slot moved (naming its owner) or is frozen by a move

@@ -62,7 +62,7 @@ async def post_split_batch(
             seen = router.shardmap.current.version
             await send(held)
             held = _moving(results, held)
-            if any(results[i] is not None and results[i]["status"] == 421 for i in held):  # type: ignore[index]
+            if any((result := results[i]) is not None and result["status"] == 421 for i in held):
                 await router.shardmap.refresh(seen_version=seen)
             return _STILL_MOVING if held else _RELEASED
 

@@ -605,20 +605,15 @@ class ShardStore:
             for _, future, _ in batch:
                 _fail(future, ShardUnavailable(str(exc)))
             return
-        except SlotMoved:
-            # One posting met the moved-account fence (a region's map stale right after a switch): the whole
-            # transaction was rolled back. Post each alone so only it is refused, with 503 slot_moving.
+        except (SlotMoved, asyncpg.PostgresError) as exc:
+            # The whole transaction was rolled back for one posting: it met the moved-account fence (a region's
+            # map stale right after a switch: 503 slot_moving), or it broke an invariant (a bug). Post each
+            # alone so only it fails.
             if len(batch) > 1:
-                log.warning("batch_fenced_splitting", extra={"shard": self.name, "batch_size": len(batch)})
-                for one in batch:
-                    await self._post_batch([one])
-                return
-            _fail(batch[0][1], SlotMoved(self.name))
-            return
-        except asyncpg.PostgresError as exc:
-            if len(batch) > 1:
-                # One posting broke an invariant (a bug): post each alone so only it fails.
-                log.error("batch_failed_splitting", extra={"shard": self.name, "sqlstate": exc.sqlstate})
+                if isinstance(exc, SlotMoved):
+                    log.warning("batch_fenced_splitting", extra={"shard": self.name, "batch_size": len(batch)})
+                else:
+                    log.error("batch_failed_splitting", extra={"shard": self.name, "sqlstate": exc.sqlstate})
                 for one in batch:
                     await self._post_batch([one])
                 return

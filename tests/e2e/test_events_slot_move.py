@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from app.events.webhooks import home_slot
-from app.ops.target import deployed_target
+from app.ops.target import Target, deployed_target
 from app.placement.mover import Mover, MoverStopped
 from app.topology.ids import parse_account_id
 from app.topology.model import Topology
@@ -43,17 +43,26 @@ def moving_world(make_world: Callable[..., Any], topology: Topology, keys: Sessi
                 print(log.name, log.read_text()[-20_000:])
 
 
-async def _move(world: Any, topology: Topology, slot: int) -> str:
-    """Move one slot to the other shard of its region; returns the new shard."""
-    source = topology.shard_for_slot(slot)
-    to = next(s.name for s in topology.region(source.region).shards if s.name != source.name)
-    target = deployed_target(
+def _target(world: Any) -> Target:
+    """The world's shards and regions, as `txroute slots` reaches a deployed stack."""
+    return deployed_target(
         endpoints=[f"{r}={s.url}" for r, s in world.services.items()],
         dsns=[f"{s}={d}" for s, d in world.shard_dsns().items()], dsn_file=None, regions_dir=None)
-    mover = Mover(target, progress=lambda *_: None)
+
+
+def _other_shard(topology: Topology, slot: int) -> str:
+    """The shard of the slot's region (as regions/ places it) that regions/ does not give the slot."""
+    source = topology.shard_for_slot(slot)
+    return next(s.name for s in topology.region(source.region).shards if s.name != source.name)
+
+
+async def _move(world: Any, topology: Topology, slot: int, to: str | None = None) -> str:
+    """Move one slot to `to` (default: the other shard of its region); returns the new shard."""
+    to = to or _other_shard(topology, slot)
+    mover = Mover(_target(world), progress=lambda *_: None)
     spec = await mover.spec(slot, slot, to)
     await mover.begin(spec)
-    assert await mover.run(spec) == "done", "expected the move to complete"
+    assert await mover.run(spec) == "done", f"expected the move of slot {slot} to {to} to complete"
     return to
 
 
@@ -99,11 +108,8 @@ async def test_a_webhook_endpoint_deleted_while_its_home_slot_moves_stays_delete
         kept, deleted = [(await api.post("/v1/webhook-endpoints", {"url": f"{receiver.url}/{name}"})).json()
                          for name in ("kept", "deleted")]
         slot = home_slot(client)
-        source = topology.shard_for_slot(slot)
-        to = next(s.name for s in topology.region(source.region).shards if s.name != source.name)
-        target = deployed_target(
-            endpoints=[f"{r}={s.url}" for r, s in moving_world.services.items()],
-            dsns=[f"{s}={d}" for s, d in moving_world.shard_dsns().items()], dsn_file=None, regions_dir=None)
+        to = _other_shard(topology, slot)
+        target = _target(moving_world)
         spec = await Mover(target, progress=lambda *_: None).spec(slot, slot, to)
         await Mover(target, progress=lambda *_: None).begin(spec)
         # The range is copied (both endpoints are on the target now); the client deletes one before the switch.

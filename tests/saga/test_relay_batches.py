@@ -97,7 +97,7 @@ async def test_a_batch_with_duplicates_applies_each_message_once_and_the_same_ba
         a, b = await src.new_account(), await dst.new_account()
         await src.funded(a, 10_000)
         ids = await _pending_transfers(src, a, b, 12, 25)
-        source_dsn = world.clusters[SOURCE].dsn(world.topology.shard(shard_of(world.topology, a)).database)
+        source_dsn = world.shard_dsns()[shard_of(world.topology, a)]
         messages = await _outbox_messages(source_dsn, ids)
         # Every message once, then three of them again (in another order) in the same batch.
         batch = [*messages, messages[5], messages[0], messages[11]]
@@ -138,7 +138,7 @@ async def test_each_message_of_a_mixed_batch_gets_its_own_outcome_and_a_failing_
         (ok,) = await _pending_transfers(src, a, b, 1, 100)
         (to_closed,) = await _pending_transfers(src, a, closed, 1, 30)
         assert (await dst.close(closed)).status_code in (200, 201), "expected the credit account closed"
-        source_dsn = world.clusters[SOURCE].dsn(world.topology.shard(shard_of(world.topology, a)).database)
+        source_dsn = world.shard_dsns()[shard_of(world.topology, a)]
         good, refused = await _outbox_messages(source_dsn, [ok, to_closed])
         north = world.topology.region("eu-north-1").shards[0]
         # Not vouched for: the source shard belongs to another region than the caller.
@@ -187,7 +187,7 @@ async def test_a_relay_killed_after_the_credit_side_applied_its_batch_delivers_e
         a, b = await src.new_account(), await dst.new_account()
         await src.funded(a, 100_000)
         ids = await _pending_transfers(src, a, b, count, 3)
-        source_dsn = world.clusters[SOURCE].dsn(world.topology.shard(shard_of(world.topology, a)).database)
+        source_dsn = world.shard_dsns()[shard_of(world.topology, a)]
         messages = await _outbox_messages(source_dsn, ids)
         # A relay sent its first batch and died before it read the answer: the credit side applied it, the
         # source settled none of it. The real relay process is killed too (SIGKILL), then started again.
@@ -220,7 +220,7 @@ async def test_the_batch_route_refuses_a_call_without_a_saga_token_of_its_body_a
         a, b = await src.new_account(), await dst.new_account()
         await src.funded(a, 100)
         ids = await _pending_transfers(src, a, b, 2, 10)
-        source_dsn = world.clusters[SOURCE].dsn(world.topology.shard(shard_of(world.topology, a)).database)
+        source_dsn = world.shard_dsns()[shard_of(world.topology, a)]
         messages = await _outbox_messages(source_dsn, ids)
         body = json.dumps({"messages": messages}).encode()
         other = json.dumps({"messages": messages[:1]}).encode()
