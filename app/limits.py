@@ -115,7 +115,8 @@ CLIENT_KEYS_MAX = 16  # configured client key ids, all issuers together
 CLIENT_TOKEN_LIFETIME_MAX_S = 24 * 3600
 CLIENT_TOKEN_LIFETIME_CAP_S = 7 * 24 * 3600
 # Verifying an Ed25519 JWT costs ~250 us here; a verified client token is remembered (its `exp` still checked
-# on every use). The cache is cleared whole when full: bounded memory, no per-entry bookkeeping.
+# on every use). Bounded, least recently used out first (one OrderedDict move per hit), so a full cache does not
+# send every active client through the signature check at once.
 TOKEN_CACHE_ENTRIES_MAX = 10_000
 
 # Hop tokens (router -> region): one per request, bound to it (method, target, body digest, Idempotency-Key),

@@ -17,6 +17,10 @@ worker each), and the load (wrk, or this process's aiohttp where wrk is missing;
 request at a time each). All share this machine's cores, so the router's CPU is taken from the region's and
 the load's: on separate hosts its cost would be the added latency only. `--pin` puts the router and the
 region on different cores (taskset), the nearest this machine comes to separate hosts.
+
+The router's and the region's CPU per request are printed too (and in `--json`): unlike throughput and latency
+they hardly move when other work shares the machine, so they compare runs made under different outside load.
+`--profile FILE` samples the router with py-spy during the measured rounds (benchmarks/profile.py).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from benchmarks.common import (
     transfer_workload,
     use_generator,
 )
+from benchmarks.profile import Profiler
 
 REGION = "eu-west-1"
 ROUNDS = 5  # each measurement is split into this many interleaved rounds
@@ -57,14 +62,18 @@ ROUTER_CPU, REGION_CPU = 0, 1  # `--pin`: the two cores of the machine this benc
 
 
 def run(*, clients: int, seconds: float, accounts: int, internal_tls: str = "on", pin: bool = False,
-        generator: str = "auto", as_json: bool = False) -> int:
+        generator: str = "auto", as_json: bool = False, profile: Path | None = None) -> int:
     assert internal_tls in MODES
     modes = ("on", "off") if internal_tls == "both" else (internal_tls,)
     print(f"txroute bench router: {clients} clients, {seconds:.0f} s each, {accounts} accounts, one shard, "
           f"internal TLS {' and '.join(modes)}"
           + (f", router pinned to CPU {ROUTER_CPU} and region to CPU {REGION_CPU} (taskset)" if pin else ""))
     use_generator(generator)
-    measured = measure_modes(modes, clients=clients, seconds=seconds, accounts=accounts, pin=pin)
+    profiler = Profiler(profile) if profile else None
+    measured = measure_modes(modes, clients=clients, seconds=seconds, accounts=accounts, pin=pin, profiler=profiler)
+    if profiler:
+        print(f"(the router profiled by py-spy, collapsed stacks in {profile}: the sampler's CPU lowers these "
+              "figures)")
     summary: dict[str, object] = {}
     for mode, paths in measured.items():
         direct, routed = paths.direct, paths.routed
@@ -76,11 +85,14 @@ def run(*, clients: int, seconds: float, accounts: int, internal_tls: str = "on"
             f"+{routed.percentile(0.50) - direct.percentile(0.50):.2f} ms at p50, "
             f"+{routed.percentile(0.99) - direct.percentile(0.99):.2f} ms at p99"
         )
+        print(f"CPU per request (internal TLS {mode}): router {paths.router_cpu_ms:.3f} ms per forwarded call, "
+              f"region {paths.region_cpu_ms:.3f} ms per call")
         summary = summary or {  # the first mode's (TLS on, as deployed, unless --internal-tls off)
             "ratio": round(ratio, 3), "internal_tls": mode,
             "p50_added_ms": round(routed.percentile(0.50) - direct.percentile(0.50), 2),
             "p99_added_ms": round(routed.percentile(0.99) - direct.percentile(0.99), 2),
             "direct_per_s": round(direct.per_second, 1), "routed_per_s": round(routed.per_second, 1),
+            "router_cpu_ms": round(paths.router_cpu_ms, 3), "region_cpu_ms": round(paths.region_cpu_ms, 3),
         }
     if len(measured) == 2:
         on, off = measured["on"], measured["off"]
@@ -127,11 +139,13 @@ def measure(*, clients: int, seconds: float, accounts: int) -> tuple[Figures, Fi
 
 
 def measure_modes(
-    modes: Sequence[str], *, clients: int, seconds: float, accounts: int, pin: bool = False
+    modes: Sequence[str], *, clients: int, seconds: float, accounts: int, pin: bool = False,
+    profiler: Profiler | None = None,
 ) -> dict[str, Paths]:
     """Per internal-TLS mode ("on", "off"): its paths' figures, all from one run. With `pin`, every router
     runs on ROUTER_CPU and every region on REGION_CPU (taskset), so they no longer take each other's core;
-    PostgreSQL and the load generator still float over both."""
+    PostgreSQL and the load generator still float over both. With `profiler`, the first mode's router is
+    sampled during the measured rounds."""
     assert 1 <= clients <= 256 and 1 <= seconds <= 600 and 2 <= accounts <= 10_000
     assert modes and set(modes) <= {"on", "off"}
     cluster = fresh_cluster("bench-router")
@@ -157,7 +171,7 @@ def measure_modes(
             router.start()
         for _, router in pairs.values():
             router.wait_ready()
-        return asyncio.run(_all(pairs, clients=clients, seconds=seconds, accounts=accounts))
+        return asyncio.run(_all(pairs, clients=clients, seconds=seconds, accounts=accounts, profiler=profiler))
     finally:
         for process in reversed(started):
             process.stop()
@@ -181,7 +195,8 @@ def router_for(region: ServiceProcess, log_file: Path, *, others: dict[str, str]
 
 
 async def _all(
-    processes: dict[str, tuple[ServiceProcess, ServiceProcess]], *, clients: int, seconds: float, accounts: int
+    processes: dict[str, tuple[ServiceProcess, ServiceProcess]], *, clients: int, seconds: float, accounts: int,
+    profiler: Profiler | None = None,
 ) -> dict[str, Paths]:
     urls = {mode: (region.url, router.url) for mode, (region, router) in processes.items()}
     client_id = "bench-" + uuid.uuid4().hex[:8]
@@ -199,6 +214,11 @@ async def _all(
     step_s = seconds / ROUNDS
     rounds: dict[str, tuple[list[Figures], list[Figures], list[Figures]]] = {m: ([], [], []) for m in urls}
     cpu_before = {m: (cpu_s(region), cpu_s(router)) for m, (region, router) in processes.items()}
+    if profiler:
+        profiled = next(iter(processes.values()))[1].process
+        assert profiled is not None
+        # Every round of every path: the router is idle during the direct rounds, which the profile counts apart.
+        profiler.start(profiled.pid, seconds * len(urls) * (3 if compare else 2))
     for _ in range(ROUNDS):
         for mode, (region_url, router_url) in urls.items():
             direct, routed, reads = rounds[mode]
@@ -210,6 +230,8 @@ async def _all(
             if compare:
                 reads.append(await read_workload("", router_url, routed_headers, ids, clients=clients,
                                                  seconds=step_s))
+    if profiler:
+        print(profiler.report())
     figures = {}
     for mode, (direct, routed, reads) in rounds.items():
         suffix = f" (TLS {mode})" if compare else ""
@@ -235,9 +257,10 @@ def main() -> int:
     parser.add_argument("--pin", action="store_true")
     parser.add_argument("--generator", choices=GENERATORS, default="auto")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--profile", type=Path, default=None, metavar="FILE")
     args = parser.parse_args()
     return run(clients=args.clients, seconds=args.seconds, accounts=args.accounts, internal_tls=args.internal_tls,
-               pin=args.pin, generator=args.generator, as_json=args.json)
+               pin=args.pin, generator=args.generator, as_json=args.json, profile=args.profile)
 
 
 if __name__ == "__main__":

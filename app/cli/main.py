@@ -100,8 +100,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="ledger, router, saga: the load generator: wrk (installed with apt-get when absent, "
                        "as root), else the Python one with a warning (auto); or force one")
     bench.add_argument("--profile", type=Path, default=None, metavar="FILE",
-                       help="ledger: sample the service with py-spy during the measurement (collapsed stacks "
-                       "to FILE) and print the top functions")
+                       help="ledger, router: sample the service (router: the router) with py-spy during the "
+                       "measurement (collapsed stacks to FILE) and print the top functions")
     bench.add_argument("--pin", action="store_true",
                        help="router: run the router and the region on different cores (taskset)")
     bench.add_argument("--rtt", type=_duration_ms, default=40, help="saga: simulated RTT between regions (40ms)")
@@ -338,7 +338,8 @@ def _bench(args: argparse.Namespace) -> int:
         from benchmarks import router
 
         return router.run(clients=args.clients, seconds=args.seconds, accounts=args.accounts,
-                          internal_tls=args.internal_tls, pin=args.pin, generator=args.generator, as_json=args.json)
+                          internal_tls=args.internal_tls, pin=args.pin, generator=args.generator, as_json=args.json,
+                          profile=args.profile)
     from benchmarks import ledger
 
     return ledger.run(clients=args.clients, seconds=args.seconds, accounts=args.accounts,

@@ -192,7 +192,7 @@ class Router:
             return self.minter.for_client(principal, bound)
 
         upstream_headers = self._upstream_headers(headers, rid, mint(), key)
-        upstream_headers[CLIENT_TOKEN_HEADER] = self._client_headers(headers, rid)[CLIENT_TOKEN_HEADER]
+        upstream_headers[CLIENT_TOKEN_HEADER] = "Bearer " + bearer(headers.get("authorization"))
         if route.kind is Kind.EVENTS:
             return await merged_page(
                 query.decode("latin-1"), tuple(self.upstreams.urls),

@@ -8,6 +8,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from app import limits
 from app.errors import Problem
 from app.router.routes import Kind, match, read_slot
 from app.router.shardmap import ShardMap
@@ -49,6 +50,39 @@ def test_a_cached_token_is_refused_once_it_expires() -> None:
     verifier.verify(token)
     with pytest.raises(TokenRefused, match="expired"):
         verifier.verify(token, now=time.time() + 60)
+
+
+def test_the_verified_token_cache_evicts_the_least_recently_used_and_reverifies_it() -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    verifier = ClientIssuers([ClientIssuer("iss", {"k": key.public_key()}, "")], cache_entries_max=2)
+    first, second, third = (mint_client_token(key, issuer="iss", client=f"c{i}", scopes=(), lifetime_s=60, kid="k")
+                            for i in range(3))
+    verifier.verify(first)
+    verifier.verify(second)
+    verifier.verify(first)  # used again: now `second` is the least recently used
+    verifier.verify(third)
+    cached = verifier._cache._entries
+    assert list(cached) == [first, third], f"expected {second[:12]}... evicted, kept {len(cached)} entries"
+    assert verifier.verify(second).client == "c1", "an evicted token is verified again, not refused"
+    # A cached verdict is only ever one the keys gave: another issuer's verifier knows nothing of it.
+    other = ClientIssuers([ClientIssuer("iss", {"k": ed25519.Ed25519PrivateKey.generate().public_key()}, "")])
+    with pytest.raises(TokenRefused, match="signature"):
+        other.verify(first)
+
+
+def test_hop_and_saga_tokens_are_the_jws_pyjwt_makes() -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    request = BoundRequest("POST", "/v1/deposits", b'{"amount": 5}', "key-1")
+    now = int(time.time())
+    claims = {"iss": "txroute-router", "aud": "txroute-region", "sub": "c1", "scope": " ".join(sorted(PUBLIC_SCOPES)),
+              "iat": now, "exp": now + limits.HOP_TOKEN_LIFETIME_S, **request.claims()}
+    assert HopTokenMinter(key).token("c1", PUBLIC_SCOPES, request, now=now) == jwt.encode(claims, key, "EdDSA")
+    p256 = ec.generate_private_key(ec.SECP256R1())  # ECDSA: a raw r||s signature, as JWS wants
+    assert HopTokenVerifier(p256.public_key()).verify(HopTokenMinter(p256).token("c1", PUBLIC_SCOPES, request),
+                                                      request).client == "c1"
+    saga = SagaTokenMinter(p256, "us-east-1").token("eu-west-1", request)
+    assert SagaTokenVerifier(p256.public_key(), region="eu-west-1", peers={"us-east-1"}).verify(saga, request) \
+        == "us-east-1"
 
 
 def test_hop_tokens_are_bound_to_their_request_and_refused_with_another_key() -> None:
