@@ -147,6 +147,10 @@ RATE_LIMIT_LOGGED_CLIENTS_MAX = 1_024
 UPSTREAM_CONNECTIONS_MAX = 256  # per region, per router process
 UPSTREAM_KEEPALIVE_S = 15.0  # idle pooled connections are closed after this
 UPSTREAM_CONNECT_TIMEOUT_S = 1.0  # includes waiting for a free pooled connection
+# An answer from a region (app/api/http1.py): its head, and the whole (a batch of 1,000 items' outcomes, an
+# events page and a transfers page are all far below it).
+UPSTREAM_RESPONSE_HEAD_BYTES_MAX = 64 * 1024
+UPSTREAM_RESPONSE_BYTES_MAX = 32 * 1024 * 1024
 UPSTREAM_READ_TIMEOUT_S = 15.0  # above the region's own database timeouts, so the region answers first
 assert HOP_TOKEN_LIFETIME_S >= UPSTREAM_READ_TIMEOUT_S, "a hop token outlives its router's wait"
 assert BATCH_STATEMENT_TIMEOUT_MS < UPSTREAM_READ_TIMEOUT_S * 1000, "a region answers its atomic batch first"

@@ -147,7 +147,7 @@ class WebhookWorker:
         try:
             answer = await self.peers.send(
                 region, "GET", f"{INTERNAL_EVENTS_PATH}?{qs}", headers={"authorization": f"Bearer {token}"},
-                body=None, timeout=aiohttp.ClientTimeout(total=limits.WEBHOOK_PEER_TIMEOUT_S),
+                body=None, timeout_s=limits.WEBHOOK_PEER_TIMEOUT_S,
             )
         except UpstreamError:
             return None

@@ -26,7 +26,6 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
-import aiohttp
 import msgspec
 from litestar import Litestar, Request, Response, get
 from litestar.openapi.datastructures import ResponseSpec
@@ -407,11 +406,11 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
     upstreams: Upstreams = request.app.state.upstreams
     if not upstreams.is_open:
         return json_response(request, 503, RouterReadiness(status="not_ready"))
-    timeout = aiohttp.ClientTimeout(total=limits.READYZ_PROBE_TIMEOUT_S)
     regions = {}
     for region in upstreams.urls:
         try:
-            answer = await upstreams.send(region, "GET", "/healthz", headers={}, body=None, timeout=timeout)
+            answer = await upstreams.send(region, "GET", "/healthz", headers={}, body=None,
+                                          timeout_s=limits.READYZ_PROBE_TIMEOUT_S)
             regions[region] = answer.status == 200
         except UpstreamError:
             regions[region] = False
@@ -468,13 +467,12 @@ def create_app(settings: RouterSettings) -> telemetry.Instrumented:
         local_region=settings.region,
         wan_latency_ms=settings.wan_latency_ms,
     )
-    fetch_timeout = aiohttp.ClientTimeout(total=limits.SHARDMAP_FETCH_TIMEOUT_S)
 
     async def fetch_claims(region: str) -> dict[str, Any]:
         token = minter.token(ROUTER_ID, {INTERNAL}, BoundRequest("GET", SHARDMAP_PATH, b""))
         answer = await upstreams.send(
             region, "GET", SHARDMAP_PATH, headers={"authorization": "Bearer " + token}, body=None,
-            timeout=fetch_timeout,
+            timeout_s=limits.SHARDMAP_FETCH_TIMEOUT_S,
         )
         if answer.status != 200:
             raise RuntimeError(f"/internal/shardmap of {region} answered {answer.status}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import msgspec
 
 from app import limits
@@ -33,13 +32,12 @@ async def find_by_reference(
     path_qs = path + "?" + query.decode("latin-1") if query else path
     hop = router.minter.for_client(principal, BoundRequest("GET", request_target(path, query), b""))
     headers = {**client_headers, "authorization": "Bearer " + hop}
-    timeout = aiohttp.ClientTimeout(total=limits.LOOKUP_FANOUT_TIMEOUT_S)
 
     async def ask(region: str) -> Answer | None:
         try:
             async with asyncio.timeout(limits.LOOKUP_FANOUT_TIMEOUT_S):
                 return await router.upstreams.send(region, "GET", path_qs, headers=headers, body=None,
-                                                   timeout=timeout)
+                                                   timeout_s=limits.LOOKUP_FANOUT_TIMEOUT_S)
         except (UpstreamError, TimeoutError):
             return None
 
