@@ -18,7 +18,9 @@ request at a time each). All share this machine's cores, so the router's CPU is 
 the load's: on separate hosts its cost would be the added latency only. `--pin` puts the router and the
 region on different cores (taskset), the nearest this machine comes to separate hosts.
 
-The router's and the region's CPU per request are printed too (and in `--json`): unlike throughput and latency
+Account reads are measured too, straight and through the router: they commit nothing, so the database's
+fsync (which dominates a transfer's latency on a busy disk) does not hide the hop's cost. The router's and the
+region's CPU per request are printed too (and in `--json`): unlike throughput and latency
 they hardly move when other work shares the machine, so they compare runs made under different outside load.
 `--profile FILE` samples the router with py-spy during the measured rounds (benchmarks/profile.py).
 """
@@ -85,6 +87,14 @@ def run(*, clients: int, seconds: float, accounts: int, internal_tls: str = "on"
             f"+{routed.percentile(0.50) - direct.percentile(0.50):.2f} ms at p50, "
             f"+{routed.percentile(0.99) - direct.percentile(0.99):.2f} ms at p99"
         )
+        assert paths.reads is not None and paths.direct_reads is not None
+        reads, direct_reads = paths.reads, paths.direct_reads
+        print(direct_reads.line())
+        print(reads.line())
+        reads_ratio = reads.per_second / direct_reads.per_second if direct_reads.per_second else float("nan")
+        print(f"router cost on reads (internal TLS {mode}): {reads_ratio:.2f} x direct throughput; "
+              f"+{reads.percentile(0.50) - direct_reads.percentile(0.50):.2f} ms at p50, "
+              f"+{reads.percentile(0.99) - direct_reads.percentile(0.99):.2f} ms at p99")
         print(f"CPU per request (internal TLS {mode}): router {paths.router_cpu_ms:.3f} ms per forwarded call, "
               f"region {paths.region_cpu_ms:.3f} ms per call")
         summary = summary or {  # the first mode's (TLS on, as deployed, unless --internal-tls off)
@@ -93,14 +103,14 @@ def run(*, clients: int, seconds: float, accounts: int, internal_tls: str = "on"
             "p99_added_ms": round(routed.percentile(0.99) - direct.percentile(0.99), 2),
             "direct_per_s": round(direct.per_second, 1), "routed_per_s": round(routed.per_second, 1),
             "router_cpu_ms": round(paths.router_cpu_ms, 3), "region_cpu_ms": round(paths.region_cpu_ms, 3),
+            "reads_ratio": round(reads_ratio, 3),
+            "reads_p50_added_ms": round(reads.percentile(0.50) - direct_reads.percentile(0.50), 2),
+            "reads_p99_added_ms": round(reads.percentile(0.99) - direct_reads.percentile(0.99), 2),
         }
     if len(measured) == 2:
         on, off = measured["on"], measured["off"]
         for what, with_tls, without in (("transfers", on.routed, off.routed), ("reads", on.reads, off.reads)):
             assert with_tls is not None and without is not None
-            if what == "reads":
-                print(with_tls.line())
-                print(without.line())
             print(
                 f"internal TLS at the router, {what}: +{with_tls.percentile(0.50) - without.percentile(0.50):.2f} ms "
                 f"at p50, +{with_tls.percentile(0.99) - without.percentile(0.99):.2f} ms at p99, "
@@ -118,18 +128,19 @@ def run(*, clients: int, seconds: float, accounts: int, internal_tls: str = "on"
 
 @dataclass
 class Paths:
-    """One internal-TLS mode's figures: transfers straight to the region and through the router, and (when
-    both modes run) account reads through the router, which commit nothing, so TLS is a larger share."""
+    """One internal-TLS mode's figures: transfers and account reads (which commit nothing, so the hop and TLS
+    are a larger share) straight to the region and through the router."""
 
     direct: Figures
     routed: Figures
     reads: Figures | None = None
+    direct_reads: Figures | None = None
     # CPU per request over the measured rounds (ms): the router's per forwarded call, the region's per call.
     router_cpu_ms: float = float("nan")
     region_cpu_ms: float = float("nan")
 
     def all(self) -> list[Figures]:
-        return [self.direct, self.routed, *([self.reads] if self.reads else [])]
+        return [self.direct, self.routed, *(f for f in (self.reads, self.direct_reads) if f is not None)]
 
 
 def measure(*, clients: int, seconds: float, accounts: int) -> tuple[Figures, Figures]:
@@ -210,38 +221,39 @@ async def _all(
         await transfer_workload("warm-up", router_url, routed_headers, pick, clients=clients, seconds=WARM_UP_S)
     # Interleaved rounds (every path of every mode, then again): load from elsewhere on the machine falls on
     # every path alike instead of on whichever ran during a busy stretch.
-    compare = len(urls) > 1
     step_s = seconds / ROUNDS
-    rounds: dict[str, tuple[list[Figures], list[Figures], list[Figures]]] = {m: ([], [], []) for m in urls}
+    rounds: dict[str, tuple[list[Figures], ...]] = {m: ([], [], [], []) for m in urls}
     cpu_before = {m: (cpu_s(region), cpu_s(router)) for m, (region, router) in processes.items()}
     if profiler:
         profiled = next(iter(processes.values()))[1].process
         assert profiled is not None
         # Every round of every path: the router is idle during the direct rounds, which the profile counts apart.
-        profiler.start(profiled.pid, seconds * len(urls) * (3 if compare else 2))
+        profiler.start(profiled.pid, seconds * len(urls) * 4)
     for _ in range(ROUNDS):
         for mode, (region_url, router_url) in urls.items():
-            direct, routed, reads = rounds[mode]
+            direct, routed, reads, direct_reads = rounds[mode]
             # Direct calls sign a hop token per request (Direct), as the router does.
             direct.append(await transfer_workload("", region_url, direct_headers, pick, clients=clients,
                                                   seconds=step_s))
             routed.append(await transfer_workload("", router_url, routed_headers, pick, clients=clients,
                                                   seconds=step_s))
-            if compare:
-                reads.append(await read_workload("", router_url, routed_headers, ids, clients=clients,
-                                                 seconds=step_s))
+            direct_reads.append(await read_workload("", region_url, direct_headers, ids, clients=clients,
+                                                    seconds=step_s))
+            reads.append(await read_workload("", router_url, routed_headers, ids, clients=clients, seconds=step_s))
     if profiler:
         print(profiler.report())
     figures = {}
-    for mode, (direct, routed, reads) in rounds.items():
-        suffix = f" (TLS {mode})" if compare else ""
+    for mode, (direct, routed, reads, direct_reads) in rounds.items():
+        suffix = f" (TLS {mode})" if len(urls) > 1 else ""
         paths = Paths(Figures.merged("direct to the region" + suffix, direct),
                       Figures.merged("through the router" + suffix, routed),
-                      Figures.merged("reads via the router" + suffix, reads) if compare else None)
+                      Figures.merged("reads via the router" + suffix, reads),
+                      Figures.merged("reads direct" + suffix, direct_reads))
         region, router = processes[mode]
         # The router serves only the routed calls; the region serves every call of its mode.
-        forwarded = paths.routed.calls + (paths.reads.calls if paths.reads else 0)
-        served = forwarded + paths.direct.calls
+        assert paths.reads is not None and paths.direct_reads is not None
+        forwarded = paths.routed.calls + paths.reads.calls
+        served = forwarded + paths.direct.calls + paths.direct_reads.calls
         paths.router_cpu_ms = (cpu_s(router) - cpu_before[mode][1]) * 1000 / max(forwarded, 1)
         paths.region_cpu_ms = (cpu_s(region) - cpu_before[mode][0]) * 1000 / max(served, 1)
         figures[mode] = paths
