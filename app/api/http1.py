@@ -245,7 +245,7 @@ class _Connection(asyncio.Protocol):
 class Pool:
     """Kept-alive connections to one origin (`http://host:port` or `https://...`), at most `connections_max`
     in use at once; a caller waits for one at most `connect_timeout_s` (as long as a connection may take to
-    open), and for an answer at most `read_timeout_s` unless it passes its own bound."""
+    open), and for an answer at most `read_timeout_s`, unless it passes its own bound for the whole call."""
 
     def __init__(
         self,
@@ -280,14 +280,18 @@ class Pool:
         self, method: str, path_qs: str, *, headers: Mapping[str, str], body: bytes | None,
         timeout_s: float | None = None,
     ) -> Response:
-        """One call. `headers` must not set host, content-length or transfer-encoding (set here)."""
+        """One call. `headers` must not set host, content-length or transfer-encoding (set here). `timeout_s`
+        bounds the whole call (the wait for a connection included); without it, the connection is waited for
+        at most the connect timeout and the answer at most the read timeout."""
         request = self._encode(method, path_qs, headers, body)
         loop = asyncio.get_running_loop()
-        connection = await self._acquire(loop)
+        started = loop.time()
+        connection = await self._acquire(
+            loop, self._connect_timeout_s if timeout_s is None else min(self._connect_timeout_s, timeout_s))
         try:
             answer = connection.send(request, head_only=method == "HEAD")
-            bound_s = self._read_timeout_s if timeout_s is None else timeout_s
-            timer = loop.call_later(bound_s, _time_out, answer, bound_s)
+            bound_s = self._read_timeout_s if timeout_s is None else max(timeout_s - (loop.time() - started), 0.0)
+            timer = loop.call_later(bound_s, _time_out, answer, timeout_s or bound_s)
             try:
                 return await answer
             finally:
@@ -315,10 +319,10 @@ class Pool:
         encoded = head.encode("latin-1")
         return encoded + body if body else encoded
 
-    async def _acquire(self, loop: asyncio.AbstractEventLoop) -> _Connection:
+    async def _acquire(self, loop: asyncio.AbstractEventLoop, bound_s: float) -> _Connection:
         if self._closed:
             raise ConnectFailed("the pool is closed")
-        deadline = loop.time() + self._connect_timeout_s
+        deadline = loop.time() + bound_s
         try:
             if self._slots.locked():
                 async with asyncio.timeout_at(deadline):
@@ -326,7 +330,7 @@ class Pool:
             else:
                 await self._slots.acquire()  # a free slot: taken at once
         except TimeoutError:
-            raise ConnectFailed(f"no pooled connection came free in {self._connect_timeout_s} s") from None
+            raise ConnectFailed(f"no pooled connection came free in {bound_s} s") from None
         try:
             now = loop.time()
             while self._idle:
@@ -334,12 +338,12 @@ class Pool:
                 if connection.reusable and not connection.closed and now - connection.idle_since < self._keepalive_s:
                     return connection
                 connection.close()
-            return await self._connect(loop, deadline)
+            return await self._connect(loop, deadline, bound_s)
         except BaseException:
             self._slots.release()
             raise
 
-    async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Connection:
+    async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float, bound_s: float) -> _Connection:
         try:
             async with asyncio.timeout_at(deadline):
                 _, connection = await loop.create_connection(
@@ -347,7 +351,7 @@ class Pool:
                     ssl=self._tls, server_hostname=self._host if self._tls else None,
                 )
         except TimeoutError:
-            raise ConnectFailed(f"no connection in {self._connect_timeout_s} s") from None
+            raise ConnectFailed(f"no connection in {bound_s} s") from None
         except (OSError, ValueError) as exc:  # refused, unreachable, TLS refused (SSLError is an OSError)
             raise ConnectFailed(f"{type(exc).__name__}") from None
         return connection
