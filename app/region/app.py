@@ -193,13 +193,14 @@ def _account_busy(request: Request[Any, Any, Any], exc: Exception) -> Response[b
 
 
 def _slot_moved(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-    # A same-shard posting crediting an account whose slot a move switched away meanwhile: nothing was written.
-    # The region's map is read again before its next request, so the retry is sent as a saga to the new owner.
+    # A same-shard posting crediting an account whose slot a move switched away meanwhile, or one that waited
+    # for an account the switch holds while it books the range out: nothing was written. The region's map is
+    # read again before its next request, so the retry is sent as a saga to the new owner.
     request.app.state.ledger.ownership_changed()
     retry_after = str(limits.SLOT_MOVING_RETRY_AFTER_S)
     return problem_response(request, Problem(
-        "slot_moving", "an account of this posting has just moved to another shard; nothing was written, retry "
-        "with the same Idempotency-Key", headers={"retry-after": retry_after},
+        "slot_moving", "an account of this posting is moving, or has just moved, to another shard; nothing was "
+        "written, retry with the same Idempotency-Key", headers={"retry-after": retry_after},
     ))
 
 

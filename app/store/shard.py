@@ -72,8 +72,9 @@ class TenantQueueFull(Exception):
 
 
 class SlotMoved(Exception):
-    """A posting met an account whose slot a move has just switched away (migration 0008, SQLSTATE TXR02):
-    nothing was written; the client retries and is routed to the new owner."""
+    """A posting met an account whose slot a move has just switched away (migration 0008, SQLSTATE TXR02), or
+    waited out its patience for an account of a frozen range (the switch holds them while it books them out):
+    nothing was written; the client retries (its router holds it) and is routed to the new owner."""
 
 
 class AccountBusy(Exception):
@@ -100,6 +101,11 @@ class Outcome:
             busy=bool(doc.get("busy", False)),
             message=doc.get("message"),
         )
+
+
+def _accounts_of(items: list[dict[str, Any]]) -> list[str]:
+    """The accounts a posting (or an atomic batch's postings) would lock: debit, and credit or transit."""
+    return [str(a) for item in items for a in (item.get("debit"), item.get("credit"), item.get("transit")) if a]
 
 
 _encode = msgspec.json.encode
@@ -325,7 +331,7 @@ class ShardStore:
             "post_exclusive", "select txr_post_together($1::jsonb, $2)", [item], limits.BATCH_LOCK_WAIT_MS
         )
         if isinstance(results, dict) and results.get("busy"):
-            return await self._busy_outcome(item)
+            return await self._busy_outcome(item, _accounts_of([item]))
         return Outcome.from_json(results[0])
 
     async def post_atomic(self, client: str, key: str, fingerprint: str, items: list[Posting]) -> Outcome:
@@ -339,7 +345,8 @@ class ShardStore:
             timeout_ms=limits.BATCH_STATEMENT_TIMEOUT_MS, batch_size=len(items), discard=_transient_refusal,
         )
         if doc.get("busy"):
-            return await self._busy_outcome({"client": client, "key": key, "fingerprint": fingerprint})
+            return await self._busy_outcome({"client": client, "key": key, "fingerprint": fingerprint},
+                                            _accounts_of([p.as_json() for p in items]))
         transient = _transient_refusal(doc)
         if transient is not None:
             # Rolled back, not stored: answered as the single posting would be (a retry can succeed).
@@ -350,16 +357,27 @@ class ShardStore:
             return Outcome(int(item["status"]), body)
         return Outcome.from_json(doc)
 
-    async def _busy_outcome(self, item: dict[str, Any]) -> Outcome:
-        """The stored outcome of a key whose posting found an account busy, or `AccountBusy` when it has none:
-        never "nothing was posted" for a request that did post (see `_answer_busy`)."""
+    async def _busy_outcome(self, item: dict[str, Any], accounts: list[str]) -> Outcome:
+        """The stored outcome of a key whose posting found an account busy: never "nothing was posted" for a
+        request that did post (its first answer lost, say to a timeout); a retry gets its stored answer,
+        replayed, as any retry does. With none stored, `SlotMoved` when one of the posting's accounts is in a
+        range a move has frozen (the switch holds the range's accounts while it books them out, issue 11: the
+        client is held by its router and retried, as for any posting under the freeze), else `AccountBusy`.
+        Either way nothing was posted and nothing stored, so a retry can succeed."""
         prior = await self._fetchval(
             "idempotency_check", "select txr_idempotency_check($1, $2, $3)",
             item["client"], item["key"], item["fingerprint"],
         )
-        if prior is None:
-            raise AccountBusy(self.name)
-        return Outcome.from_json(prior)
+        if prior is not None:
+            return Outcome.from_json(prior)
+        moving = await self._fetchval(
+            "accounts_moving",
+            """select exists (select 1 from accounts a join slot_ownership o on a.slot between o.slot_lo and o.slot_hi
+                              where a.id = any($1::text[]) and a.kind = 'customer'
+                                and o.state in ('moving', 'moved'))""",
+            accounts,
+        )
+        raise SlotMoved(self.name) if moving else AccountBusy(self.name)
 
     async def open_account(self, request: dict[str, Any]) -> Outcome:
         doc = await self._call("open_account", "select txr_open_account($1::jsonb)", request)
@@ -686,24 +704,16 @@ class ShardStore:
             self._alone.release()
 
     async def _answer_busy(self, item: dict[str, Any], future: asyncio.Future[Outcome]) -> None:
-        """Answer a posting that could not take its account's lock: `AccountBusy` (nothing posted, nothing
-        stored) only when its Idempotency-Key has no outcome yet. A retry of a request that did commit (its
-        first answer lost, say to a timeout) gets its stored answer, replayed, as any retry does: never a
-        "nothing was posted" that would lead its client to post the money again under a new key."""
+        """Answer a posting that could not take its account's lock (`_busy_outcome`)."""
         if future.done():
             return
         try:
-            prior = await self._fetchval(
-                "idempotency_check", "select txr_idempotency_check($1, $2, $3)",
-                item["client"], item["key"], item["fingerprint"],
-            )
-        except Exception as exc:  # ShardUnavailable, or a bug: the outcome is unknown, and so is the answer
+            outcome = await self._busy_outcome(item, _accounts_of([item]))
+        except Exception as exc:  # AccountBusy, SlotMoved; ShardUnavailable or a bug: the outcome is unknown
             _fail(future, exc)
             return
-        if prior is None:
-            _fail(future, AccountBusy(self.name))
-        elif not future.done():
-            future.set_result(Outcome.from_json(prior))
+        if not future.done():
+            future.set_result(outcome)
 
     def _known_busy(self, account: str) -> bool:
         until = self._busy_until.get(account)

@@ -36,6 +36,7 @@ INITIAL_BALANCE = 10_000
 WRITERS = 6
 ACKS_MIN = 60
 RETRY_FOR_S = 60.0
+SETTLE_WAIT_S = 60.0  # every acknowledged saga settles after the writers stop (relay backoff is capped at 10 s)
 RETRY_INTERVAL_S = 0.05  # a client's pause between retries of an answered 503 / 421 (not a wait for a condition)
 
 
@@ -139,18 +140,47 @@ def _slot(account: str) -> int:
     return parse_account_id(account).slot
 
 
+async def undelivered(bench: Bench) -> dict[str, list[dict[str, Any]]]:
+    """Every shard's saga messages not delivered yet, as the outbox records them (a failing test says why)."""
+    found = {}
+    for shard, dsn in bench.world.shard_dsns().items():
+        try:
+            conn = await asyncpg.connect(dsn, timeout=5)
+        except (OSError, asyncpg.PostgresError) as exc:
+            found[shard] = [{"unreachable": type(exc).__name__}]
+            continue
+        try:
+            rows = await conn.fetch(
+                """select transfer_id, destination_region, message->>'destination_shard' as destination_shard,
+                          attempts, failures, last_error, dead_lettered_at is not null as dead,
+                          next_attempt_at - clock_timestamp() as due_in
+                   from outbox where delivered_at is null order by created_at limit 20""")
+        finally:
+            await conn.close()
+        if rows:
+            found[shard] = [{k: str(v) for k, v in dict(r).items()} for r in rows]
+    return found
+
+
 async def settled_balances(bench: Bench, acknowledged: dict[str, tuple[str, str, int]], accounts: list[str],
                            retried: Counter[str]) -> dict[str, int]:
+    last_pending: list[str] = []
+
     async def quiet() -> bool:
         for transfer_id in acknowledged:
             shown = await answered(lambda t=transfer_id: bench.api.get(f"/v1/transfers/{t}"), retried)
             assert shown.status_code == 200, f"expected {transfer_id} readable, got {shown.text}"
             if shown.json()["state"] == "pending":
+                last_pending[:] = [shown.text]
                 return False
             assert shown.json()["state"] == "posted", f"expected {transfer_id} posted, got {shown.text}"
         return True
 
-    await poll_until(quiet, timeout_s=60, what="every acknowledged transfer terminal")
+    try:
+        await poll_until(quiet, timeout_s=SETTLE_WAIT_S, what="every acknowledged transfer terminal")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; still pending: {last_pending}; undelivered saga messages: "
+                             f"{await undelivered(bench)}") from None
     balances = {}
     for account in accounts:
         response = await answered(lambda a=account: bench.api.account(a), retried)

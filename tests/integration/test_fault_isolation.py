@@ -298,6 +298,53 @@ async def test_a_retry_of_a_committed_posting_replays_its_answer_while_its_accou
     assert await api.balance(locked) == 9, "expected the deposit posted once"
 
 
+async def _one_slot_in_state(make_world: Callable[..., Any], topology: Topology, state: str
+                             ) -> tuple[ApiClient, str, str, str, list[str]]:
+    """A world, four funded accounts of one shard, and the first one's slot (alone in its range) recorded
+    `state` by that shard as a move records it ('moving': frozen; 'moved': switched away). Returns the API
+    client, the shard, its DSN, that account and the others outside its slot."""
+    world = make_world()
+    region = topology.regions[0].name
+    async with world.http(region) as http:
+        api = world.api(region, new_client_id("fence"), http)
+        shard, accounts = await accounts_in_one_shard(api, topology, 4)
+        account = accounts[0]
+        others = [a for a in accounts[1:] if parse_account_id(a).slot != parse_account_id(account).slot]
+        assert len(others) >= 2, f"expected two accounts outside the first account's slot, got {accounts}"
+        for one in accounts:
+            await api.funded(one, OPENING_BALANCE)
+    dsn = world.shard_dsns()[shard]
+    slot = parse_account_id(account).slot
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("select txr_slot_split($1, $1)", slot)
+        if state == "moved":
+            await conn.execute("""update slot_ownership set state = 'moved', owner_shard = 'elsewhere',
+                                  owner_region = 'elsewhere-1', epoch = epoch + 1 where slot_lo = $1""", slot)
+        else:
+            await conn.execute("update slot_ownership set state = $2 where slot_lo = $1", slot, state)
+    finally:
+        await conn.close()
+    return api, shard, dsn, account, others
+
+
+def _transfer(api: ApiClient, debit: str, credit: str, amount: int) -> Posting:
+    debit_slot = parse_account_id(debit).slot
+    return Posting(
+        kind=PostingKind.TRANSFER, id=new_transfer_id(debit_slot), slot=debit_slot, client=api.client_id,
+        key=new_key(), fingerprint=fingerprint("transfer", {"debit": debit, "credit": credit, "n": amount}),
+        debit=debit, credit=credit, amount=amount, currency="EUR", reference=None,
+    )
+
+
+async def _balances(dsn: str, accounts: list[str]) -> dict[str, int]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return dict(await conn.fetch("select id, balance from accounts where id = any($1::text[])", accounts))
+    finally:
+        await conn.close()
+
+
 async def test_a_posting_fenced_by_a_switched_move_costs_only_itself_in_its_group_commit(
     make_world: Callable[..., Any], topology: Topology,
 ) -> None:
@@ -305,41 +352,14 @@ async def test_a_posting_fenced_by_a_switched_move_costs_only_itself_in_its_grou
     account whose slot moved away: the moved-account fence (SQLSTATE TXR02) aborts the group commit's
     transaction. Only that posting may be refused (SlotMoved: 503 slot_moving, which routers hold and retry);
     the others of its batch are posted. (Seen in CI as whole batches answered 503 shard_unavailable.)"""
-    world = make_world()
-    region = topology.regions[0].name
-    async with world.http(region) as http:
-        api = world.api(region, new_client_id("fence"), http)
-        shard, accounts = await accounts_in_one_shard(api, topology, 4)
-        fenced = accounts[0]
-        others = [a for a in accounts[1:] if parse_account_id(a).slot != parse_account_id(fenced).slot]
-        assert len(others) >= 2, f"expected two accounts outside the fenced account's slot, got {accounts}"
-        for account in accounts:
-            await api.funded(account, OPENING_BALANCE)
-    dsn = world.shard_dsns()[shard]
-    slot = parse_account_id(fenced).slot
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("select txr_slot_split($1, $1)", slot)
-        await conn.execute("""update slot_ownership set state = 'moved', owner_shard = 'elsewhere',
-                              owner_region = 'elsewhere-1', epoch = epoch + 1 where slot_lo = $1""", slot)
-    finally:
-        await conn.close()
-
-    def transfer(debit: str, credit: str, amount: int) -> Posting:
-        debit_slot = parse_account_id(debit).slot
-        return Posting(
-            kind=PostingKind.TRANSFER, id=new_transfer_id(debit_slot), slot=debit_slot, client=api.client_id,
-            key=new_key(), fingerprint=fingerprint("transfer", {"debit": debit, "credit": credit, "n": amount}),
-            debit=debit, credit=credit, amount=amount, currency="EUR", reference=None,
-        )
-
+    api, shard, dsn, fenced, others = await _one_slot_in_state(make_world, topology, "moved")
     store = await _store(shard, dsn)
     try:
         # Queued in one loop turn before the store's one worker runs: they form one group commit.
         answers = await asyncio.gather(
-            store.post(transfer(others[0], others[1], 7)),
-            store.post(transfer(others[1], fenced, 5)),
-            store.post(transfer(others[1], others[0], 3)),
+            store.post(_transfer(api, others[0], others[1], 7)),
+            store.post(_transfer(api, others[1], fenced, 5)),
+            store.post(_transfer(api, others[1], others[0], 3)),
             return_exceptions=True,
         )
     finally:
@@ -351,11 +371,35 @@ async def test_a_posting_fenced_by_a_switched_move_costs_only_itself_in_its_grou
         assert isinstance(answer, Outcome) and answer.status == 201, (
             f"expected the batch's other postings posted, got {answer!r}")
     expected = {others[0]: OPENING_BALANCE - 7 + 3, others[1]: OPENING_BALANCE + 7 - 3}
-    conn = await asyncpg.connect(dsn)
-    try:
-        balances = dict(await conn.fetch("select id, balance from accounts where id = any($1::text[])",
-                                         [fenced, *others[:2]]))
-    finally:
-        await conn.close()
+    balances = await _balances(dsn, [fenced, *others[:2]])
     assert balances == {**expected, fenced: OPENING_BALANCE}, f"expected only the two postings applied, got {balances}"
+    await assert_shard_conserved(dsn)
+
+
+async def test_a_posting_into_an_account_the_switch_holds_is_answered_slot_moving_not_account_busy(
+    make_world: Callable[..., Any], topology: Topology,
+) -> None:
+    """Under a move's freeze a same-shard transfer may still credit an account of the frozen range (until the
+    switch books it out), and the switch holds the range's account rows while it books them out: seconds
+    under load. Such a posting waited out its patience and was answered 409 account_busy, which routers pass
+    to the client (issue 11: "clients see latency, not errors"). It is 503 slot_moving: its router holds it and
+    resends it once the switch has landed. A row held outside any moving range still answers account_busy."""
+    api, shard, dsn, frozen, others = await _one_slot_in_state(make_world, topology, "moving")
+    store = await _store(shard, dsn)
+    held = [await _lock_row(dsn, frozen), await _lock_row(dsn, others[0])]  # the switch; a stuck session
+    try:
+        into_frozen, into_stuck = await asyncio.gather(
+            store.post(_transfer(api, others[1], frozen, 5)),
+            store.post(_transfer(api, others[1], others[0], 3)),
+            return_exceptions=True,
+        )
+    finally:
+        for holder, tx in held:
+            await tx.rollback()
+            await holder.close()
+        await store.close()
+    assert isinstance(into_frozen, SlotMoved), f"expected SlotMoved (503 slot_moving), got {into_frozen!r}"
+    assert isinstance(into_stuck, AccountBusy), f"expected AccountBusy outside the frozen range, got {into_stuck!r}"
+    balances = await _balances(dsn, [frozen, *others[:2]])
+    assert balances == dict.fromkeys([frozen, *others[:2]], OPENING_BALANCE), f"expected nothing posted: {balances}"
     await assert_shard_conserved(dsn)
