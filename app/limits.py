@@ -268,9 +268,13 @@ MOVE_CATCH_UP_PASSES_MAX = 50
 MOVE_FREEZE_LOCK_TIMEOUT_MS = 50
 MOVE_FREEZE_ATTEMPTS_MAX = 200
 # Under the freeze, sagas debited from the range must settle before the switch: the mover waits this long for
-# them (polling every MOVE_PENDING_SAGAS_POLL_MS), then aborts the move and unfreezes.
+# them (polling every MOVE_PENDING_SAGAS_POLL_MS), then aborts the move and unfreezes. Their outbox messages are
+# made due again every MOVE_PENDING_SAGAS_NUDGE_MS meanwhile: a message that failed a few times waits up to
+# SAGA_RELAY_BACKOFF_MAX_MS for its next attempt, as long as the whole wait (seen in a test run at load 10: the
+# move aborted with one saga whose credit side had long been reachable again).
 MOVE_PENDING_SAGAS_WAIT_S = 10.0
 MOVE_PENDING_SAGAS_POLL_MS = 50
+MOVE_PENDING_SAGAS_NUDGE_MS = 1_000
 # Every statement of the mover, per database.
 MOVE_STATEMENT_TIMEOUT_S = 60.0
 # Test-only fault injection (app/placement/mover.py FaultPause): the longest a mover waits at a test's pause

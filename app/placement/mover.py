@@ -421,7 +421,12 @@ class Mover:
         return "switching"
 
     async def _sagas_settled(self, spec: MoveSpec) -> bool:
+        """Wait (bounded) until no saga debited from the range is pending. Their messages are made due at once,
+        again every MOVE_PENDING_SAGAS_NUDGE_MS: the range is frozen now, and a message in its relay backoff
+        would otherwise wait as long as the whole wait. A message delivered twice meanwhile is applied once (the
+        credit side's inbox) and settled once."""
         deadline = time.monotonic() + limits.MOVE_PENDING_SAGAS_WAIT_S
+        nudged_at = float("-inf")
         async with self.connect(spec.source_shard) as conn:
             while True:
                 pending = await conn.fetchval(
@@ -432,6 +437,16 @@ class Mover:
                     return True
                 if time.monotonic() >= deadline:
                     return False
+                if time.monotonic() - nudged_at >= limits.MOVE_PENDING_SAGAS_NUDGE_MS / 1000:
+                    nudged_at = time.monotonic()
+                    await conn.execute(
+                        """update outbox o set next_attempt_at = clock_timestamp()
+                           from transfers t
+                           where t.id = o.transfer_id and t.state = 'pending' and t.debit_shard = $1
+                             and txr_id_slot(t.debit_account) between $2 and $3
+                             and o.delivered_at is null and o.dead_lettered_at is null
+                             and o.next_attempt_at > clock_timestamp()""",
+                        spec.source_shard, spec.slot_lo, spec.slot_hi)
                 self.progress(f"{spec.id}: waiting for {pending} sagas debited from the range to settle")
                 await _pause(limits.MOVE_PENDING_SAGAS_POLL_MS / 1000)
 

@@ -315,6 +315,9 @@ async def test_a_mover_stopped_after_a_phase_completes_the_move_when_run_again(b
 
 @pytest.mark.parametrize("bench", [{"eu-north-1": PAUSED, "eu-west-1": PAUSED}], indirect=True)
 async def test_pending_sagas_hold_the_switch_and_a_message_to_a_moved_slot_is_readdressed(bench: Bench) -> None:
+    """A saga debited from the range and still pending holds the switch: the first move aborts after its bounded
+    wait; the second, with the saga's message in a long relay backoff, makes it due and completes. A message
+    towards the range, sent after the switch to the old owner, is re-addressed and applied once."""
     retried: Counter[str] = Counter()
     inside, outside = await open_accounts(bench, retried)
     north = next(a for a in outside if _slot(a) < RANGE[0])
@@ -325,9 +328,17 @@ async def test_pending_sagas_hold_the_switch_and_a_message_to_a_moved_slot_is_re
     # A saga debited from the range is still pending: the freeze waits for it, bounded, then aborts and unfreezes.
     first = await bench.move("use1-a")
     during = await answered(lambda: bench.api.deposit(inside[1], 1), retried)
+    # Its message is in the relay's backoff (as after a few failed attempts), due long after the next freeze
+    # would give up on it: the mover makes it due again, so the second move completes.
+    conn = await asyncpg.connect(bench.world.shard_dsns()[SOURCE])
+    try:
+        backed_off = await conn.execute("update outbox set next_attempt_at = clock_timestamp() + interval '1 hour' "
+                                        "where transfer_id = $1", away.json()["id"])
+    finally:
+        await conn.close()
     await asyncio.to_thread(bench.world.restart, "eu-west-1", **dict.fromkeys(PAUSED, ""))
-    await settled_balances(bench, {away.json()["id"]: (inside[0], north, 200)}, [], retried)
     second = await bench.move("use1-a")
+    await settled_balances(bench, {away.json()["id"]: (inside[0], north, 200)}, [], retried)
     # Now the message towards the range is delivered to its old owner, re-addressed to the new one, applied once.
     await asyncio.to_thread(bench.world.restart, "eu-north-1", **dict.fromkeys(PAUSED, ""))
     balances = await settled_balances(bench, {towards.json()["id"]: (north, inside[0], 300)}, [inside[0], north],
@@ -340,6 +351,7 @@ async def test_pending_sagas_hold_the_switch_and_a_message_to_a_moved_slot_is_re
     finally:
         await conn.close()
 
+    assert backed_off == "UPDATE 1", backed_off
     assert first == "aborted" and second == "done", (first, second, bench.log[-3:])
     assert any("still pending" in line for line in bench.log), bench.log[-3:]
     assert during.status_code == 201, f"expected the range writable again after the abort, got {during.text}"
