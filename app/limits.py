@@ -277,6 +277,13 @@ MOVE_PENDING_SAGAS_POLL_MS = 50
 MOVE_PENDING_SAGAS_NUDGE_MS = 1_000
 # Every statement of the mover, per database.
 MOVE_STATEMENT_TIMEOUT_S = 60.0
+# A mover's server sessions look this often whether the mover is still there, so a killed mover's statement is
+# cancelled and its session (and the move's advisory lock) released within it, even in the middle of a statement.
+MOVE_CLIENT_CHECK_INTERVAL_MS = 1_000
+# Under the freeze: the last catch-up and the verify of the rows it copied are repeated while the change log is
+# not empty after the verify (a write that reached the frozen range), at most this many times, then the move
+# aborts (and unfreezes).
+MOVE_VERIFY_ROUNDS_MAX = 3
 # Test-only fault injection (app/placement/mover.py FaultPause): the longest a mover waits at a test's pause
 # point, and how often it looks whether the test let it go on.
 MOVE_FAULT_PAUSE_S_MAX = 600.0

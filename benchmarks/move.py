@@ -389,10 +389,14 @@ def _report(run: MoveRun, rss: dict[str, float], *, accounts: int, entries: int,
     print(f"  catch up     {steps.get('catch_up', 0):8.2f} s  lag after the copy {stats.lag_before_catch_up} "
           f"changes, {stats.catch_up_passes} passes in all, {stats.changes_applied} changes applied, "
           f"{stats.lag_at_freeze} left for the freeze")
+    compared = stats.rows_compared_in_freeze
+    print(f"  pre-verify   {steps.get('pre_verify', 0):8.2f} s  (every row of the range hashed on both sides, before "
+          "the freeze)")
     print(f"  freeze       {steps.get('freeze', 0):8.2f} s  (taking the range's lock)")
     print("  frozen       " + ", ".join(f"{name.replace('_', ' ')} {steps.get(name, 0):.2f} s" for name in freeze_steps)
           + (f"; the mover recorded {run.recorded_freeze_s:.3f} s frozen -> switched"
-             if run.recorded_freeze_s is not None else ""))
+             if run.recorded_freeze_s is not None else "")
+          + (f"; verify compared {compared} rows one by one" if compared is not None else "; verify: every row"))
     print(f"  cleanup      {steps.get('cleanup', 0):8.2f} s")
     frozen_at = stats.frozen_at if stats.frozen_at is not None else t["done"]
     switched_at = stats.switched_at if stats.switched_at is not None else t["done"]
@@ -445,6 +449,7 @@ def _report(run: MoveRun, rss: dict[str, float], *, accounts: int, entries: int,
         "steps_s": {name: round(seconds, 3) for name, seconds in steps.items()},
         "move_s": round(move_s, 2),
         "catch_up_lag": stats.lag_before_catch_up,
+        "rows_compared_in_freeze": compared,
         "lag_at_freeze": stats.lag_at_freeze,
         "errors": sum(errors.values()),
         "errors_by_code": dict(errors),

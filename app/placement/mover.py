@@ -5,11 +5,16 @@ records in `slot_moves` on the source and the target shard database.
                 upserted into the target in batches, while writes continue
     catch up    the change log (`slot_move_changes`, written by triggers in the writers' transactions): the
                 rows it names after the move's cursor are copied again, until the lag is small
+    pre-verify  once the catch-up is within a small lag, and before the freeze: a hash of every row of the
+                range on both sides; the keys that differ are remembered (D), and from then on every key the
+                catch-up consumes from the change log (C); then the catch-up closes the lag again
     freeze      the range's ownership becomes `moving` on the source (waits for the postings past the fence;
                 later ones are answered 503 slot_moving); the sagas debited from the range must settle (bounded
                 wait, else the move aborts); a last catch-up empties the log
-    verify      per table, row counts and checksums of the range equal on both sides; a difference aborts
-                the move and unfreezes the source
+    verify      per table, the range's row counts on both sides, and the rows of D and C compared one by one
+                (Mover.verify_changed, which says why that is enough); a mover resumed without its pre-verify
+                compares every row of the range (Mover.verify). A difference aborts the move and unfreezes
+                the source
     switch      source: every account of the range booked to zero against the transit account towards the
                 target, balances recorded (`switching`); target: the same balances booked in, the range owned
                 with epoch + 1 (`switched`); source: the range `moved`, naming the target
@@ -19,6 +24,12 @@ Every step is idempotent and recorded before the next begins, so running the mov
 the mover, a database, a regional service) continues from the recorded phase. Before `switching` a move can be
 cancelled (or is aborted by a failed verify): the source unfrozen, the target's copies dropped. From
 `switching` on it only goes forward: the source's balances are booked out, and the target books them in.
+
+One mover at a time runs a move: `run` and `cancel` hold a session advisory lock keyed from the move's id on the
+source shard's connection for as long as they act, and a second mover (or cancel) of the same move is refused at
+once (MoveRefused naming the move). A killed mover's session ends with its connection, and its lock with it
+(its server sessions check for the client every MOVE_CLIENT_CHECK_INTERVAL_MS, even mid-statement), so the
+operator's re-run after a crash is never refused for a dead mover.
 """
 
 from __future__ import annotations
@@ -50,6 +61,11 @@ Progress = Callable[[str], None]
 
 class MoveRefused(OpsError):
     """The move cannot start (or go on) as asked; nothing was changed by this call."""
+
+
+# The seed of the move's advisory lock key, hashtextextended(move id, seed): other advisory locks of the schema
+# hash other things with seeds 7 and 11 (migrations 0002, 0014).
+MOVE_LOCK_SEED = 13
 
 
 @dataclass(frozen=True)
@@ -109,6 +125,7 @@ class MoveStats:
     catch_up_passes: int = 0
     lag_before_catch_up: int | None = None  # the changes made during the copy
     lag_at_freeze: int | None = None  # what the catch-up left for the freeze's own last pass
+    rows_compared_in_freeze: int | None = None  # rows the verify compared one by one (D and C); None: full verify
     frozen_at: float | None = None
     switched_at: float | None = None  # the source recorded the switch: the target owns the range
 
@@ -129,8 +146,22 @@ class MoverStopped(Exception):
 # recorded there: inside the copy's snapshot after its first table; in catch-up after a pass copied its rows but
 # before it consumed the change log; frozen after verify, before the switch-out; switching after the source
 # booked out and before the target books in; `switched_in` once the target booked in and owns the range while
-# the source still says `switching`; switched before the cleanup.
-PAUSE_POINTS = ("copying", "catching_up", "frozen", "switching", "switched_in", "switched")
+# the source still says `switching`; switched before the cleanup; `pre_verified` right after the pre-verify (the
+# source says `catching_up`).
+PAUSE_POINTS = ("copying", "catching_up", "frozen", "switching", "switched_in", "switched", "pre_verified")
+
+
+@dataclass
+class PreVerify:
+    """What one run of the mover learnt of the range before freezing it, per table name, each key the JSON text
+    of the row's primary key (as the change log records it): `differing` (D) the keys whose rows differed
+    between the sides, or were on one side only, when the pre-verify read them; `own` the target's own rows of
+    the range then (left out of every comparison, as in Mover.verify); `consumed` (C) every key whose change-log
+    entry a catch-up pass consumed since the pre-verify began."""
+
+    differing: dict[str, set[str]] = field(default_factory=dict)
+    own: dict[str, set[str]] = field(default_factory=dict)
+    consumed: dict[str, set[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -162,6 +193,8 @@ class Mover:
         self.stop_after = stop_after
         self.pause = pause
         self._held: dict[str, asyncpg.Connection] | None = None
+        self._lock: tuple[str, str] | None = None  # (source shard, move id) while run/cancel hold the move's lock
+        self._pre: PreVerify | None = None  # this run's pre-verify; None: a resumed run verifies every row
         self.stats = MoveStats()
 
     async def _pause_at(self, point: str) -> None:
@@ -246,13 +279,26 @@ class Mover:
 
     async def run(self, spec: MoveSpec) -> str:
         """Drive the move from its recorded phase to `done`, or to `aborted` when its verify fails or its
-        sagas do not settle in time. Returns the final phase."""
-        # One connection per database for the whole run: the freeze then pays no connection set-up.
-        self._held = {}
-        try:
+        sagas do not settle in time. Returns the final phase. Refused at once (MoveRefused) while another
+        mover runs or cancels the same move."""
+        async with self._exclusive(spec):
             return await self._run(spec)
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, spec: MoveSpec) -> AsyncIterator[None]:
+        """Hold one connection per database for the whole run (the freeze then pays no connection set-up) and,
+        on the source's, the move's session advisory lock: taken with the connection (connect), released when
+        it closes, here or with a killed mover's session. Re-entrant: an abort inside a run cancels under it."""
+        if self._held is not None:
+            yield
+            return
+        self._held, self._lock = {}, (spec.source_shard, spec.id)
+        try:
+            async with self.connect(spec.source_shard):
+                pass  # the lock, before anything is read or written
+            yield
         finally:
-            held, self._held = self._held or {}, None
+            held, self._held, self._lock = self._held or {}, None, None
             for conn in held.values():
                 if not conn.is_closed():
                     await conn.close()
@@ -267,8 +313,12 @@ class Mover:
             phase = self._reached("catching_up")
         if phase == "catching_up":
             with stats.step("catch_up"):
-                stats.lag_at_freeze = await self._catch_up(spec, until_lag=limits.MOVE_CATCH_UP_LAG_ROWS_MAX,
-                                                           pause_at="catching_up")
+                await self._catch_up(spec, until_lag=limits.MOVE_CATCH_UP_LAG_ROWS_MAX, pause_at="catching_up")
+            with stats.step("pre_verify"):
+                await self._pre_verify(spec)
+            await self._pause_at("pre_verified")
+            with stats.step("catch_up"):  # the writes made while the pre-verify read the range
+                stats.lag_at_freeze = await self._catch_up(spec, until_lag=limits.MOVE_CATCH_UP_LAG_ROWS_MAX)
             with stats.step("freeze"):
                 await self._freeze(spec)
             stats.frozen_at = time.monotonic()
@@ -292,19 +342,20 @@ class Mover:
 
     async def cancel(self, spec: MoveSpec, *, phase: str = "cancelled", reason: str = "cancelled by operator") -> None:
         """Undo a move before its switch: the source unfrozen (nothing was written meanwhile), the target's
-        copies dropped, both records closed."""
-        current = await self._phase(spec.source_shard, spec.id)
-        if current not in (*CANCELLABLE, "cancelled", "aborted"):
-            raise MoveRefused(f"move {spec.id} is {current}: past the switch it can only complete (re-run it)")
-        await self._close_source(spec, phase, reason)
-        async with self.connect(spec.target_shard) as conn, conn.transaction():
-            exists = await conn.fetchval("select phase from slot_moves where id = $1 for update", spec.id)
-            if exists is not None and exists not in ("switched", "done"):
-                for table in reversed(SLOT_TABLES):
-                    await conn.execute(
-                        f"delete from {table.name} t where {table.slot_sql('t')} between $1 and $2 "  # noqa: S608
-                        f"and ({table.drop_where})", spec.slot_lo, spec.slot_hi)
-                await conn.execute("select txr_move_phase($1, $2, $3)", spec.id, phase, reason[:300])
+        copies dropped, both records closed. Refused at once while another mover runs the move."""
+        async with self._exclusive(spec):
+            current = await self._phase(spec.source_shard, spec.id)
+            if current not in (*CANCELLABLE, "cancelled", "aborted"):
+                raise MoveRefused(f"move {spec.id} is {current}: past the switch it can only complete (re-run it)")
+            await self._close_source(spec, phase, reason)
+            async with self.connect(spec.target_shard) as conn, conn.transaction():
+                exists = await conn.fetchval("select phase from slot_moves where id = $1 for update", spec.id)
+                if exists is not None and exists not in ("switched", "done"):
+                    for table in reversed(SLOT_TABLES):
+                        await conn.execute(
+                            f"delete from {table.name} t where {table.slot_sql('t')} between $1 and $2 "  # noqa: S608
+                            f"and ({table.drop_where})", spec.slot_lo, spec.slot_hi)
+                    await conn.execute("select txr_move_phase($1, $2, $3)", spec.id, phase, reason[:300])
         self.progress(f"{spec.id}: {phase} ({reason}); slots {spec.slot_lo}-{spec.slot_hi} stay on {spec.source_shard}")
 
     async def _close_source(self, spec: MoveSpec, phase: str, reason: str) -> None:
@@ -340,8 +391,7 @@ class Mover:
         async with self.connect(spec.source_shard) as src, self.connect(spec.target_shard) as dst:
             columns = {t.name: await _columns(dst, t.name) for t in SLOT_TABLES}
             if self.stats.lag_before_catch_up is None:
-                self.stats.lag_before_catch_up = int(await src.fetchval(
-                    "select count(*) from slot_move_changes where move_id = $1", spec.id))
+                self.stats.lag_before_catch_up = await _lag(src, spec.id)
             for attempt in range(1, limits.MOVE_CATCH_UP_PASSES_MAX + 1):
                 # Changes are consumed (deleted once copied), never skipped past by a cursor: a change logged by
                 # a transaction that commits after a later one's must still be found by the next pass.
@@ -352,6 +402,9 @@ class Mover:
                     by_table: dict[str, dict[str, Any]] = {}  # a row changed many times is copied once
                     for change in changes:
                         by_table.setdefault(change["tbl"], {})[change["key"]] = json.loads(change["key"])
+                    if self._pre is not None:  # C: every key imported (and so consumed) after the pre-verify began
+                        for name, logged in by_table.items():
+                            self._pre.consumed.setdefault(name, set()).update(logged)
                     for table in SLOT_TABLES:
                         keys = by_table.get(table.name)
                         if not keys:
@@ -373,7 +426,7 @@ class Mover:
                            update slot_moves set log_cursor = log_cursor + $3, updated_at = clock_timestamp()
                            where id = $1""",
                         spec.id, [c["id"] for c in changes], len(changes))
-                lag = int(await src.fetchval("select count(*) from slot_move_changes where move_id = $1", spec.id))
+                lag = await _lag(src, spec.id)
                 self.stats.catch_up_passes += 1
                 self.stats.changes_applied += len(changes)
                 self.progress(f"{spec.id}: catch-up pass {attempt}: {len(changes)} changes applied, lag {lag}")
@@ -403,12 +456,24 @@ class Mover:
             await self.cancel(spec, phase="aborted", reason=f"sagas debited from the range still pending after "
                               f"{limits.MOVE_PENDING_SAGAS_WAIT_S:g} s")
             return "aborted"
-        with stats.step("final_catch_up"):
-            await self._catch_up(spec, until_lag=0)
-        with stats.step("verify"):
-            differences = await self.verify(spec)
-        if differences:
-            await self.cancel(spec, phase="aborted", reason="verify: " + "; ".join(differences))
+        for verify_round in range(1, limits.MOVE_VERIFY_ROUNDS_MAX + 1):
+            with stats.step("final_catch_up"):
+                await self._catch_up(spec, until_lag=0)
+            with stats.step("verify"):
+                differences = await (self.verify(spec) if self._pre is None else self.verify_changed(spec))
+            if differences:
+                await self.cancel(spec, phase="aborted", reason="verify: " + "; ".join(differences))
+                return "aborted"
+            # Nothing fenced writes a frozen range; a change logged since the last catch-up is copied and its
+            # row compared again (a key consumed now joins C), or the move gives up.
+            async with self.connect(spec.source_shard) as src:
+                lag = await _lag(src, spec.id)
+            if lag == 0:
+                break
+            self.progress(f"{spec.id}: verify round {verify_round}: {lag} changes logged under the freeze")
+        else:
+            await self.cancel(spec, phase="aborted", reason=f"the frozen range took writes after "
+                              f"{limits.MOVE_VERIFY_ROUNDS_MAX} catch-ups and verifies")
             return "aborted"
         await self._pause_at("frozen")
         with stats.step("switch_out"):
@@ -480,6 +545,75 @@ class Mover:
                         self.progress(f"{spec.id}: {table.name} {first}: {spec.source_shard} has {left.get(first)}; "
                                       f"{spec.target_shard} has {right.get(first)}")
         self.progress(f"{spec.id}: verify: " + ("; ".join(differences) if differences else "equal"))
+        return differences
+
+    async def _pre_verify(self, spec: MoveSpec) -> None:
+        """Before the freeze: hash every compared row of the range on both sides, and remember the keys that
+        differ (D) and the target's own rows; from here on the catch-up adds every key it consumes (C). Nothing
+        is refused here: the rows of D are compared again under the freeze, after the catch-ups that follow."""
+        self._pre = pre = PreVerify()  # C starts before the first row is read
+        async with self.connect(spec.source_shard) as src, self.connect(spec.target_shard) as dst:
+            for table in SLOT_TABLES:
+                own = pre.own[table.name] = await _own_keys(dst, table, spec)
+                left = await _row_hashes(src, table, spec, own)
+                right = await _row_hashes(dst, table, spec, own)
+                differing = {k for k in left.keys() | right.keys() if left.get(k) != right.get(k)}
+                pre.differing[table.name] = differing
+                self.progress(f"{spec.id}: pre-verify {table.name}: {len(left)} rows on {spec.source_shard}, "
+                              f"{len(right)} on {spec.target_shard}, {len(differing)} to compare again under the "
+                              "freeze")
+
+    async def verify_changed(self, spec: MoveSpec) -> list[str]:
+        """Under the freeze, after the last catch-up: per table, the compared rows' counts on both sides, and
+        one by one the rows of D (differing at the pre-verify) and C (consumed from the change log since it
+        began), and those that became or stopped being the target's own since.
+
+        Why this is as strong as comparing every row (Mover.verify): take a key k in none of these sets. The
+        pre-verify read k's row equal on both sides, in snapshots taken after it began. Its source row:
+        every committed write of a range row logs its key in the writer's own transaction (txr_move_log,
+        tests/integration/test_slot_freeze.py checks every registered table has the trigger), the freeze
+        lets no write commit on the range after it (txr_owns' row lock), and the last catch-up consumed the
+        log to empty; a key is added to C when a pass consumes its entry, not by a cursor over entry ids, so
+        an entry committed out of id order is consumed (and counted) by a later pass, never skipped. So a
+        write of k after the pre-verify began would have put k in C: the source row is the one the
+        pre-verify read. (The loop in _settle_verify_switch_out checks the log is still empty after the
+        verify.) Its target row: the range's copies on the target change only by this mover's imports and
+        deletes (copy, catch-up), and a catch-up imports exactly the keys whose entries it consumes, which
+        are in C; every other write of the range on the target is refused by its fence, since the target
+        does not own the range until the switch (txr_owns in every client write and saga credit;
+        txr_event_slot_owned in the webhook worker and cleanup, migration 0021; tests in
+        tests/e2e/test_move_verify.py). The exception is the target's own rows (SlotTable.target_own, e.g.
+        a saga credited from the range to the target itself), written by the target's own postings: they are
+        read again here, left out on both sides as Mover.verify does, and a key whose standing changed since
+        the pre-verify is compared. A mover resumed after a crash has no pre-verify in memory (nor the C its
+        dead process built): it compares every row.
+
+        What this trusts, then: that nothing but the mover writes the target's copies of the range between
+        the pre-verify and the switch (an operator's hand-made SQL on the target would go unseen unless it
+        changes a row count), and that hashtextextended's 64 bits tell rows apart (Mover.verify's sums
+        trust the same)."""
+        pre = self._pre
+        assert pre is not None, "verify_changed without a pre-verify"
+        differences = []
+        compared = 0
+        async with self.connect(spec.source_shard) as src, self.connect(spec.target_shard) as dst:
+            for table in SLOT_TABLES:
+                own = await _own_keys(dst, table, spec)
+                keys = sorted(pre.differing.get(table.name, set()) | pre.consumed.get(table.name, set())
+                              | (own ^ pre.own.get(table.name, set())))
+                count_sql = f"select count(*) from {table.name} t where {_compared_sql(table, spec)}"  # noqa: S608
+                counted = [await c.fetchval(count_sql, spec.slot_lo, spec.slot_hi, list(own)) for c in (src, dst)]
+                left = await _row_hashes(src, table, spec, own, keys) if keys else {}
+                right = await _row_hashes(dst, table, spec, own, keys) if keys else {}
+                differing = [k for k in keys if left.get(k) != right.get(k)]
+                compared += len(keys)
+                if differing or counted[0] != counted[1]:
+                    differences.append(f"{table.name}: {counted[0]} rows on {spec.source_shard}, {counted[1]} on "
+                                       f"{spec.target_shard}, {len(differing)} of {len(keys)} rows compared differ "
+                                       f"(first: {differing[:3]})")
+        self.stats.rows_compared_in_freeze = compared
+        self.progress(f"{spec.id}: verify ({compared} rows compared one by one, counts of every table): "
+                      + ("; ".join(differences) if differences else "equal"))
         return differences
 
     async def _switch_in(self, spec: MoveSpec) -> None:
@@ -578,9 +712,12 @@ class Mover:
             return
         conn = await asyncpg.connect(
             dsn, timeout=limits.DB_CONNECT_TIMEOUT_S, command_timeout=limits.MOVE_STATEMENT_TIMEOUT_S,
-            server_settings={"timezone": "UTC", "application_name": "txroute-mover"},
+            server_settings={"timezone": "UTC", "application_name": "txroute-mover",
+                             "client_connection_check_interval": str(limits.MOVE_CLIENT_CHECK_INTERVAL_MS)},
         )
         if self._held is not None:
+            if self._lock is not None and self._lock[0] == shard:  # also again after a lost connection
+                await _take_lock(conn, shard, self._lock[1])
             self._held[shard] = conn
             yield conn
             return
@@ -588,6 +725,61 @@ class Mover:
             yield conn
         finally:
             await conn.close()
+
+
+async def _take_lock(conn: asyncpg.Connection, shard: str, move_id: str) -> None:
+    """The move's session advisory lock on the source's connection, or MoveRefused at once (the connection is
+    closed: nothing was done)."""
+    if not await conn.fetchval("select pg_try_advisory_lock(hashtextextended($1, $2))", move_id, MOVE_LOCK_SEED):
+        await conn.close()
+        raise MoveRefused(f"move {move_id}: another mover is running it (it holds the move's lock on shard "
+                          f"{shard}); nothing was done: let that mover finish, or stop its process and run this again")
+
+
+async def _lag(src: asyncpg.Connection, move_id: str) -> int:
+    """The change-log entries of the move not consumed yet."""
+    return int(await src.fetchval("select count(*) from slot_move_changes where move_id = $1", move_id))
+
+
+def _key_sql(table: SlotTable) -> str:
+    """A row's primary key as the JSON text the change log records (`txr_move_log`: jsonb, so one text per key)."""
+    return "jsonb_build_object(" + ", ".join(f"'{c}', t.{c}" for c in table.key) + ")::text"
+
+
+def _compared_sql(table: SlotTable, spec: MoveSpec) -> str:
+    """The rows of the range a verify compares (alias t): those the move carries, less the target's own rows
+    ($3: their keys, as _key_sql). $1, $2: the range."""
+    return (f"{table.slot_sql('t')} between $1 and $2 and ({table.rows(spec.source_shard)}) "
+            f"and {_key_sql(table)} <> all($3::text[])")
+
+
+async def _own_keys(dst: asyncpg.Connection, table: SlotTable, spec: MoveSpec) -> set[str]:
+    """The target's own rows of the range (SlotTable.target_own), by key."""
+    if table.target_own is None:
+        return set()
+    rows = await dst.fetch(
+        f"select {_key_sql(table)} from {table.name} t "  # noqa: S608 (registry constants)
+        f"where {table.slot_sql('t')} between $1 and $2 and ({table.target_own})", spec.slot_lo, spec.slot_hi)
+    return {r[0] for r in rows}
+
+
+async def _row_hashes(conn: asyncpg.Connection, table: SlotTable, spec: MoveSpec, own: set[str],
+                      keys: list[str] | None = None) -> dict[str, int]:
+    """key -> a hash of the row's compared columns (all but SlotTable.unchecked, as Mover.verify sums them), for
+    the compared rows of the range, or only those of `keys`."""
+    select = (f"select {_key_sql(table)}, hashtextextended((to_jsonb(t) - $4::text[])::text, 0) "  # noqa: S608
+              f"from {table.name} t")
+    args: list[Any] = [spec.slot_lo, spec.slot_hi, list(own), list(table.unchecked)]
+    if keys is None:
+        return {r[0]: r[1] for r in await conn.fetch(f"{select} where {_compared_sql(table, spec)}", *args)}
+    hashes: dict[str, int] = {}
+    for at in range(0, len(keys), limits.MOVE_COPY_BATCH_ROWS):
+        batch = "[" + ",".join(keys[at:at + limits.MOVE_COPY_BATCH_ROWS]) + "]"
+        rows = await conn.fetch(
+            f"{select} join jsonb_populate_recordset(null::{table.name}, $5::jsonb) k "
+            f"using ({', '.join(table.key)}) where {_compared_sql(table, spec)}", *args, batch)
+        hashes.update((r[0], r[1]) for r in rows)
+    return hashes
 
 
 async def _delete_gone(src: asyncpg.Connection, dst: asyncpg.Connection, table: SlotTable,

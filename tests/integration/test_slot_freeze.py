@@ -72,3 +72,59 @@ async def test_every_per_slot_table_writes_the_change_log_the_catch_up_reads(
             f"{triggers.get(table.name)}")
         assert (table.name in on_delete) == table.deletes_logged, (
             f"expected {table.name}'s change log to fire on delete exactly when its rows are deleted in operation")
+
+
+async def test_webhook_rows_of_a_slot_the_shard_does_not_own_are_left_alone_by_its_worker_and_operators(
+    api: ApiClient, topology: Topology, shard_dsn: Callable[[str], str]
+) -> None:
+    """Migration 0021: a frozen source (and a move's target, which never owns the range before the switch) writes
+    no webhook row of the range: not the worker's feed position or attempt, not the retention cleanup, not an
+    operator's enable or retry. The verify under the freeze relies on it (app/placement/mover.py verify_changed)."""
+    account = await api.new_account()
+    slot = parse_account_id(account).slot
+    shard = shard_of(topology, account)
+    other = next(s for s in topology.shards if s.name != shard)
+    move = "mv_whfence" + new_key()[-12:].lower()
+    endpoint = "whe_fence" + new_key()[-12:]
+    spec = {"id": move, "slot_lo": slot, "slot_hi": slot, "source_shard": shard,
+            "source_region": topology.shard(shard).region, "target_shard": other.name,
+            "target_region": other.region, "epoch": 2, "role": "source"}
+    event = [{"id": "evt_new", "type": "transfer.posted", "body": "{}", "created_at": "2026-11-28T00:00:00Z"}]
+    rows_sql = """select (select to_jsonb(w) from webhook_endpoints w where id = $1)::text,
+                         (select jsonb_agg(to_jsonb(d) order by event_id) from webhook_deliveries d
+                          where endpoint_id = $1)::text,
+                         (select count(*) from webhook_attempts where endpoint_id = $1)"""
+    conn = await asyncpg.connect(shard_dsn(shard))
+    try:
+        await conn.execute("""insert into webhook_endpoints (id, slot, client, url, secret)
+                              values ($1, $2, $3, 'https://example.invalid/hook', 'whsec_test')""",
+                           endpoint, slot, api.client_id)
+        await conn.execute("""insert into webhook_deliveries (endpoint_id, slot, event_id, event_type, body,
+                                                              event_created_at, state, created_at)
+                              values ($1, $2, 'evt_old', 'transfer.posted', '{}', now() - interval '60 days',
+                                      'failed', now() - interval '60 days')""", endpoint, slot)
+        begun = json.loads(await conn.fetchval("select txr_move_begin($1::jsonb)::text", json.dumps(spec)))
+        assert begun["ok"], begun
+        await conn.execute("select txr_move_freeze($1)", move)
+        before = tuple(await conn.fetchrow(rows_sql, endpoint))
+        frozen = {
+            "set_state": await conn.fetchval("select txr_webhook_set_state($1, 'disabled', 'test')", endpoint),
+            "ingest": await conn.fetchval("select txr_webhook_ingest($1, $2::jsonb, $3::jsonb)", endpoint,
+                                          json.dumps({shard: "1"}), json.dumps(event)),
+            "retry": await conn.fetchval("select txr_webhook_retry($1)", endpoint),
+        }
+        await conn.execute("select txr_webhook_attempted($1, 'evt_old', 2, 500, 10, 'boom', 'retry', 1000, null)",
+                           endpoint)
+        await conn.fetchval("select txr_webhook_cleanup(now() - interval '30 days', 1000)")
+        during = tuple(await conn.fetchrow(rows_sql, endpoint))
+        await conn.execute("select txr_move_unfreeze($1, 'cancelled', 'test')", move)
+        owned_set_state = await conn.fetchval("select txr_webhook_set_state($1, 'disabled', 'test')", endpoint)
+        await conn.fetchval("select txr_webhook_cleanup(now() - interval '30 days', 1000)")
+        owned = tuple(await conn.fetchrow(rows_sql, endpoint))
+    finally:
+        await conn.execute("delete from webhook_endpoints where id = $1", endpoint)
+        await conn.close()
+    assert frozen == {"set_state": False, "ingest": 0, "retry": 0}, f"expected nothing written while frozen: {frozen}"
+    assert during == before, f"expected the frozen slot's webhook rows unchanged:\n{before}\n{during}"
+    assert owned_set_state is True, "expected the owner's operator to disable its endpoint once unfrozen"
+    assert '"disabled"' in owned[0] and owned[1] is None, f"expected disabled and the old delivery cleaned: {owned}"

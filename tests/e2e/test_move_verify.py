@@ -1,0 +1,215 @@
+"""One mover per move, and the verify that runs mostly before the freeze (issue 11; app/placement/mover.py).
+
+Real PostgreSQL clusters, region services and a router (an isolated world per test, the `bench` fixture of
+test_slot_moves.py); the mover runs in this process, held at a pause point by its test-only FaultPause while the
+test acts, and a second mover or cancel runs as an operator runs it: `txroute slots move|cancel` in a process of
+its own. Proved here:
+- while a mover runs a move, a second `slots move` of the same range and a `slots cancel` of it are refused at
+  once with a line naming the move (exit 1, no traceback) and change nothing, and the first mover completes;
+- a copy tampered on the target before the pre-verify, with no change-log entry, is found under the freeze (it
+  is in D) and the move aborts, the range staying on its source;
+- after the pre-verify, the target refuses every write to the range (its fence: it does not own the range yet),
+  which is what lets the freeze compare only D and C; and a target row that differs once the catch-up has
+  consumed a change of its key (the row counts equal) is found under the freeze (it is in C), the move
+  aborting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from app.config import REPO_ROOT
+from app.ledger.postings import Posting, PostingKind, fingerprint, settlement_account_id
+from app.ops.audit import audit
+from app.placement.mover import FaultPause, Mover, MoveRefused, MoveSpec
+from app.store import shard as shard_module
+from app.store.shard import ShardStore
+from app.topology.ids import new_account_id, new_transfer_id, parse_account_id
+from tests.e2e import test_slot_moves
+from tests.e2e.test_slot_moves import RANGE, SOURCE, Bench, open_accounts
+from tests.helpers import new_key, poll_until
+
+bench = test_slot_moves.bench  # the fixture: an isolated world (tests/world.py) and a router in front of it
+
+TARGET = "euw1-b"  # the source's neighbour in eu-west-1
+TXROUTE = [sys.executable, "-m", "app.cli.main"]
+CLI_TIMEOUT_S = 300.0  # one operator command on a loaded 2-core machine
+PAUSE_REACHED_S = 180.0  # the mover reaches its pause point (copy, catch-up, pre-verify)
+
+
+async def _held_at(bench: Bench, point: str, act: Callable[[Mover, MoveSpec], Awaitable[None]]) -> tuple[str, MoveSpec]:
+    """Run the move of RANGE to TARGET here, held at `point` while `act` runs; returns its final phase."""
+    pause_file = Path(bench.world.folder) / f"pause-{point}"
+    mover = bench.mover(pause=FaultPause(point, pause_file))
+    spec = await mover.spec(*RANGE, TARGET)
+    await mover.begin(spec)
+    run = asyncio.create_task(mover.run(spec))
+
+    async def paused() -> bool:
+        assert not run.done(), f"expected the mover to pause at {point}, it ended: {run}"
+        return pause_file.exists()
+
+    try:
+        await poll_until(paused, timeout_s=PAUSE_REACHED_S, what=f"the mover at its pause point {point}")
+        await act(mover, spec)
+    finally:
+        pause_file.unlink(missing_ok=True)
+    return await run, spec
+
+
+def _dsn_file(bench: Bench) -> Path:
+    dsn_file = Path(bench.world.folder) / "shards.dsn"
+    dsn_file.write_text("".join(f"{shard}={dsn}\n" for shard, dsn in bench.world.shard_dsns().items()))
+    dsn_file.chmod(0o600)
+    return dsn_file
+
+
+async def _txroute(*args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(subprocess.run, [*TXROUTE, *args], capture_output=True, text=True,
+                                   timeout=CLI_TIMEOUT_S, cwd=REPO_ROOT)
+
+
+async def _source_phase(bench: Bench, move_id: str) -> str:
+    conn = await asyncpg.connect(bench.world.shard_dsns()[SOURCE])
+    try:
+        return str(await conn.fetchval("select phase from slot_moves where id = $1", move_id))
+    finally:
+        await conn.close()
+
+
+async def test_a_second_mover_or_a_cancel_of_a_running_move_is_refused_at_once_and_the_first_completes(
+    bench: Bench,
+) -> None:
+    retried: Counter[str] = Counter()
+    await open_accounts(bench, retried)
+    dsn_file = _dsn_file(bench)
+    seen: dict[str, object] = {}
+
+    async def second_movers(_: Mover, spec: MoveSpec) -> None:
+        seen["move"] = await _txroute("slots", "move", f"{RANGE[0]}-{RANGE[1]}", "--to", TARGET, "--yes",
+                                      "--dsn-file", str(dsn_file))
+        seen["cancel"] = await _txroute("slots", "cancel", spec.id, "--yes", "--dsn-file", str(dsn_file))
+        with pytest.raises(MoveRefused) as refused:
+            await bench.mover().run(spec)
+        seen["in_process"] = str(refused.value)
+        seen["phase"] = await _source_phase(bench, spec.id)
+
+    phase, spec = await _held_at(bench, "catching_up", second_movers)
+    moves = await bench.mover().moves()
+    report = await audit(bench.world.shard_dsns(), full=True)
+
+    expected = f"move {spec.id}: another mover is running it"
+    for command in ("move", "cancel"):
+        done = seen[command]
+        assert isinstance(done, subprocess.CompletedProcess)
+        assert done.returncode == 1, f"expected `slots {command}` to exit 1, got {done.returncode}: {done.stderr}"
+        assert expected in done.stderr, f"expected {expected!r} from `slots {command}`, got {done.stderr}"
+        assert "Traceback" not in done.stderr + done.stdout, done.stderr
+    assert expected in str(seen["in_process"]), seen["in_process"]
+    assert seen["phase"] == "catching_up", f"expected the refusals to change nothing, the source says {seen['phase']}"
+    assert phase == "done", bench.log[-5:]
+    assert moves[0]["id"] == spec.id and moves[0]["target"]["phase"] == "done", moves[0]
+    assert await bench.owner(RANGE[0]) == (TARGET, 2)
+    assert report.clean, report.text()
+
+
+async def test_a_copy_tampered_on_the_target_before_the_pre_verify_is_found_under_the_freeze(bench: Bench) -> None:
+    retried: Counter[str] = Counter()
+    inside, _ = await open_accounts(bench, retried)
+
+    async def tamper(_: Mover, spec: MoveSpec) -> None:  # after the copy; no change-log entry names it
+        conn = await asyncpg.connect(bench.world.shard_dsns()[TARGET])
+        try:
+            changed = await conn.execute("update accounts set overdraft_limit = overdraft_limit + 1 where id = $1",
+                                         inside[0])
+        finally:
+            await conn.close()
+        assert changed == "UPDATE 1", f"expected the copy of {inside[0]} on {TARGET}, got {changed}"
+
+    phase, _ = await _held_at(bench, "catching_up", tamper)
+    moves = await bench.mover().moves()
+    report = await audit(bench.world.shard_dsns(), full=True)
+
+    assert phase == "aborted", f"expected the verify to abort the move, got {phase}: {bench.log[-5:]}"
+    reason = moves[0]["reason"]
+    assert "verify: accounts" in reason and inside[0] in reason, f"expected the tampered account named: {reason}"
+    assert any("verify (" in line and "rows compared one by one" in line for line in bench.log), (
+        "expected the verify of D and C, not the full verify", bench.log[-5:])
+    assert await bench.owner(RANGE[0]) == (SOURCE, 1)
+    assert report.clean, report.text()
+
+
+async def test_after_the_pre_verify_the_target_refuses_writes_to_the_range_and_a_consumed_change_is_verified(
+    bench: Bench,
+) -> None:
+    retried: Counter[str] = Counter()
+    inside, _ = await open_accounts(bench, retried)
+    account = inside[0]
+    slot = parse_account_id(account).slot
+    seen: dict[str, object] = {}
+
+    async def write_to_the_target(_: Mover, spec: MoveSpec) -> None:
+        dsns = bench.world.shard_dsns()
+        pool = await asyncpg.create_pool(dsns[TARGET], min_size=1, max_size=2, init=shard_module._init_connection)
+        assert pool is not None
+        store = ShardStore(TARGET, pool, workers=1)
+        try:
+            # What the target's service would run for a client of the range, were it asked: refused by the fence.
+            deposit = await store.post(Posting(
+                kind=PostingKind.DEPOSIT, id=new_transfer_id(slot), slot=slot, client=bench.api.client_id,
+                key=new_key(), fingerprint=fingerprint("deposit", {"account": account, "amount": 7}),
+                debit=settlement_account_id(TARGET, "EUR"), credit=account, amount=7, currency="EUR",
+                reference=None))
+            opened = await store.open_account({
+                "id": new_account_id(slot), "slot": slot, "client": bench.api.client_id,
+                "key": new_key(), "fingerprint": "x", "currency": "EUR", "overdraft_limit": 0})
+        finally:
+            await store.close()
+            await pool.close()
+        seen["deposit"], seen["open"] = deposit, opened
+        target = await asyncpg.connect(dsns[TARGET])
+        source = await asyncpg.connect(dsns[SOURCE])
+        try:
+            seen["copy"] = await target.fetchval("select balance from accounts where id = $1", account)
+            # A row of the range that differs on the target once a catch-up consumed a change of its key, the
+            # counts staying equal: a copied stored answer given another key on the target, and a change-log entry
+            # for that key, as the source's trigger writes one (the catch-up finds no such row on the source, and
+            # stored answers are not deleted on the target by a catch-up).
+            renamed = await target.fetchval(
+                """update idempotency set key = key || '-renamed'
+                   where (client, key) = (select client, key from idempotency where client = $1 and slot = $2
+                                          order by key limit 1)
+                   returning key""", bench.api.client_id, slot)
+            assert renamed is not None, f"expected a copied stored answer of slot {slot} on {TARGET}"
+            await source.execute(
+                """insert into slot_move_changes (move_id, tbl, key)
+                   values ($1, 'idempotency', jsonb_build_object('client', $2::text, 'key', $3::text))""",
+                spec.id, bench.api.client_id, renamed)
+            seen["tampered"] = renamed
+        finally:
+            await target.close()
+            await source.close()
+
+    phase, _ = await _held_at(bench, "pre_verified", write_to_the_target)
+    moves = await bench.mover().moves()
+    report = await audit(bench.world.shard_dsns(), full=True)
+
+    for name in ("deposit", "open"):
+        outcome = seen[name]
+        assert getattr(outcome, "status", None) == 421, f"expected the target to refuse the {name}: {outcome}"
+        assert getattr(outcome, "body", {}).get("code") == "misdirected", outcome
+    assert seen["copy"] == 0, f"expected the target's copy of {account} untouched at 0, got {seen['copy']}"
+    assert phase == "aborted", f"expected the verify to abort the move, got {phase}: {bench.log[-5:]}"
+    reason = moves[0]["reason"]
+    assert "verify: idempotency" in reason and "1 of 1 rows compared differ" in reason, reason
+    assert str(seen["tampered"]) in reason, f"expected the renamed stored answer named: {reason}"
+    assert await bench.owner(RANGE[0]) == (SOURCE, 1)
+    assert report.clean, report.text()
