@@ -40,7 +40,7 @@ import datetime as dt
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -602,7 +602,7 @@ class Mover:
                 keys = sorted(pre.differing.get(table.name, set()) | pre.consumed.get(table.name, set())
                               | (own ^ pre.own.get(table.name, set())))
                 count_sql = f"select count(*) from {table.name} t where {_compared_sql(table, spec)}"  # noqa: S608
-                counted = [await c.fetchval(count_sql, spec.slot_lo, spec.slot_hi, list(own)) for c in (src, dst)]
+                counted = [await c.fetchval(count_sql, spec.slot_lo, spec.slot_hi, _keys_json(own)) for c in (src, dst)]
                 left = await _row_hashes(src, table, spec, own, keys) if keys else {}
                 right = await _row_hashes(dst, table, spec, own, keys) if keys else {}
                 differing = [k for k in keys if left.get(k) != right.get(k)]
@@ -748,9 +748,16 @@ def _key_sql(table: SlotTable) -> str:
 
 def _compared_sql(table: SlotTable, spec: MoveSpec) -> str:
     """The rows of the range a verify compares (alias t): those the move carries, less the target's own rows
-    ($3: their keys, as _key_sql). $1, $2: the range."""
-    return (f"{table.slot_sql('t')} between $1 and $2 and ({table.rows(spec.source_shard)}) "
-            f"and {_key_sql(table)} <> all($3::text[])")
+    ($3: a JSON array of their keys, as _key_sql gives them; an anti-join, so no row pays for building its key).
+    $1, $2: the range."""
+    match = " and ".join(f"o.{c} = t.{c}" for c in table.key)
+    return (f"{table.slot_sql('t')} between $1 and $2 and ({table.rows(spec.source_shard)}) and not exists "  # noqa: S608
+            f"(select 1 from jsonb_populate_recordset(null::{table.name}, $3::jsonb) o where {match})")
+
+
+def _keys_json(keys: Iterable[str]) -> str:
+    """Keys as _key_sql gives them (JSON objects), as one JSON array."""
+    return "[" + ",".join(keys) + "]"
 
 
 async def _own_keys(dst: asyncpg.Connection, table: SlotTable, spec: MoveSpec) -> set[str]:
@@ -769,12 +776,12 @@ async def _row_hashes(conn: asyncpg.Connection, table: SlotTable, spec: MoveSpec
     the compared rows of the range, or only those of `keys`."""
     select = (f"select {_key_sql(table)}, hashtextextended((to_jsonb(t) - $4::text[])::text, 0) "  # noqa: S608
               f"from {table.name} t")
-    args: list[Any] = [spec.slot_lo, spec.slot_hi, list(own), list(table.unchecked)]
+    args: list[Any] = [spec.slot_lo, spec.slot_hi, _keys_json(own), list(table.unchecked)]
     if keys is None:
         return {r[0]: r[1] for r in await conn.fetch(f"{select} where {_compared_sql(table, spec)}", *args)}
     hashes: dict[str, int] = {}
     for at in range(0, len(keys), limits.MOVE_COPY_BATCH_ROWS):
-        batch = "[" + ",".join(keys[at:at + limits.MOVE_COPY_BATCH_ROWS]) + "]"
+        batch = _keys_json(keys[at:at + limits.MOVE_COPY_BATCH_ROWS])
         rows = await conn.fetch(
             f"{select} join jsonb_populate_recordset(null::{table.name}, $5::jsonb) k "
             f"using ({', '.join(table.key)}) where {_compared_sql(table, spec)}", *args, batch)

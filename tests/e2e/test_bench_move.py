@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 FIELDS = ("freeze_ms", "p50_moving_ms", "p99_moving_ms", "max_moving_ms", "unaffected_ratio",
           "unaffected_copy_ratio", "copy_rows_per_s", "copy_rows", "steps_s", "catch_up_lag", "errors",
           "errors_by_code", "audit_clean", "money_conserved", "acknowledged", "acknowledged_posted_once", "rss_mib",
-          "generator")
+          "generator", "rows_compared_in_freeze")
 ACCOUNTS = 200
 BENCH_TIMEOUT_S = 540
 
@@ -44,6 +44,8 @@ def test_bench_move_at_a_tiny_size_reports_its_figures_after_a_clean_move_that_l
         "expected every acknowledged transfer in exactly one journal")
     assert figures["copy_rows"] >= ACCOUNTS, "expected the copy to carry at least the range's accounts"
     assert figures["freeze_ms"] is not None and figures["generator"] == "python"
+    # The verify ran mostly before the freeze: the freeze compared only the rows that differed or changed since.
+    assert "pre_verify" in figures["steps_s"] and figures["rows_compared_in_freeze"] is not None, figures["steps_s"]
     assert figures["errors"] == sum(figures["errors_by_code"].values())
     # The command fails exactly when something went wrong; client-visible errors are counted, not hidden.
     assert out.returncode == (0 if figures["errors"] == 0 else 1), out.stderr[-2000:]
