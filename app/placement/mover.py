@@ -91,10 +91,12 @@ class MoveSpec:
             f"move slots {self.slot_lo}-{self.slot_hi} from shard {self.source_shard} ({self.source_region}) to "
             f"shard {self.target_shard} ({self.target_region}) as {self.id}",
             "copy the range's accounts, transfers, stored answers and saga inbox rows while writes continue, "
-            "then catch up the changes made meanwhile",
+            "then catch up the changes made meanwhile; hash every row of the range on both sides (pre-verify) "
+            "and catch up again",
             f"freeze the range on {self.source_shard} (requests answered 503 slot_moving, Retry-After "
             f"{limits.SLOT_MOVING_RETRY_AFTER_S} s), wait up to {limits.MOVE_PENDING_SAGAS_WAIT_S:g} s for sagas "
-            "debited from it, verify counts and checksums (a difference aborts and unfreezes)",
+            "debited from it, verify the row counts and the rows that differed or changed since the pre-verify "
+            "(a difference aborts and unfreezes)",
             f"switch: balances booked out on {self.source_shard} and in on {self.target_shard}, which owns the "
             f"range with epoch {self.epoch}; {self.source_shard} answers 421 naming it",
             f"clean up: {self.source_shard} deletes the range's stored answers and inbox rows (its journal stays)",
@@ -581,12 +583,13 @@ class Mover:
         deletes (copy, catch-up), and a catch-up imports exactly the keys whose entries it consumes, which
         are in C; every other write of the range on the target is refused by its fence, since the target
         does not own the range until the switch (txr_owns in every client write and saga credit;
-        txr_event_slot_owned in the webhook worker and cleanup, migration 0021; tests in
-        tests/e2e/test_move_verify.py). The exception is the target's own rows (SlotTable.target_own, e.g.
-        a saga credited from the range to the target itself), written by the target's own postings: they are
-        read again here, left out on both sides as Mover.verify does, and a key whose standing changed since
-        the pre-verify is compared. A mover resumed after a crash has no pre-verify in memory (nor the C its
-        dead process built): it compares every row.
+        txr_event_slot_owned in the webhook worker, cleanup and operators' functions, migration 0021; tested
+        in tests/e2e/test_move_verify.py and tests/integration/test_slot_freeze.py). The exception is the
+        target's own rows (SlotTable.target_own, e.g. a saga credited from the range to the target itself),
+        written by the target's own postings: they are read again here, left out on both sides as
+        Mover.verify does, and a key whose standing changed since the pre-verify is compared. A mover
+        resumed after a crash has no pre-verify in memory (nor the C its dead process built): it compares
+        every row.
 
         What this trusts, then: that nothing but the mover writes the target's copies of the range between
         the pre-verify and the switch (an operator's hand-made SQL on the target would go unseen unless it
