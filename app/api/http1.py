@@ -98,6 +98,7 @@ class _Connection(asyncio.Protocol):
             self._fail(exc)
 
     def eof_received(self) -> bool:
+        self.reusable = False  # the server closed its side: never handed out again, though connection_lost is to come
         return False  # close the transport; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -106,19 +107,35 @@ class _Connection(asyncio.Protocol):
         answer = self._answer
         if answer is None or answer.done():
             return
-        if self._headers is not None and self._length is None and not self._chunked:
-            self._finish(bytes(self._buffer))  # a body delimited by the connection's close
+        if exc is None and self._headers is not None and self._length is None and not self._chunked:
+            self._finish(bytes(self._buffer))  # a body delimited by the connection's (orderly) close
             return
         answer.set_exception(AnswerFailed(f"the connection was lost ({type(exc).__name__ if exc else 'closed'})"))
 
     # Requests --------------------------------------------------------------------------------------------
 
     def send(self, request: bytes, *, head_only: bool) -> asyncio.Future[Response]:
+        """Write the request. A connection lost before it (between connect and now, or while idle) raises
+        ConnectFailed: nothing was sent (asyncio would drop the write and the call wait out its timeout; uvloop
+        raises RuntimeError)."""
         assert self._transport is not None and self._answer is None, "one request at a time"
+        if self.closed or self._transport.is_closing():
+            self.reusable = False
+            raise ConnectFailed("the connection closed before the request was sent")
+        try:
+            self._transport.write(request)
+        except RuntimeError:
+            self.reusable = False
+            raise ConnectFailed("the connection closed before the request was sent") from None
         self._answer = asyncio.get_running_loop().create_future()
         self._head_only = head_only
-        self._transport.write(request)
         return self._answer
+
+    @property
+    def open(self) -> bool:
+        """Usable for a request: neither side has closed it (closing, or closed already)."""
+        return (self.reusable and not self.closed and self._transport is not None
+                and not self._transport.is_closing())
 
     def done(self, now: float) -> None:
         """The caller has its answer, or gave up on it: then (a timeout, a cancellation, a failure) the rest of
@@ -335,7 +352,7 @@ class Pool:
             now = loop.time()
             while self._idle:
                 connection = self._idle.pop()
-                if connection.reusable and not connection.closed and now - connection.idle_since < self._keepalive_s:
+                if connection.open and now - connection.idle_since < self._keepalive_s:
                     return connection
                 connection.close()
             return await self._connect(loop, deadline, bound_s)
@@ -357,7 +374,7 @@ class Pool:
         return connection
 
     def _release(self, connection: _Connection) -> None:
-        if connection.reusable and not connection.closed and not self._closed:
+        if connection.open and not self._closed:
             self._idle.append(connection)
         else:
             connection.close()

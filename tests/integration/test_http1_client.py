@@ -159,3 +159,22 @@ async def test_callers_beyond_the_pool_wait_for_a_free_connection(serve: Serve) 
     answers = await asyncio.gather(*(pool.request("GET", f"/{i}", headers={}, body=None) for i in range(10)))
     assert [a.body for a in answers] == [b"ok"] * 10
     assert server.connections <= 2, f"the pool holds 2 connections at most; the server saw {server.connections}"
+
+
+async def test_a_connection_closing_while_pooled_is_never_written_to(serve: Serve) -> None:
+    """A server closing a kept-alive connection (its FIN read: the transport closes, connection_lost is still to
+    come) leaves that connection out of the pool: the next call opens a new one instead of failing as
+    AnswerFailed (effect unknown, which a router answers 503). A write to a connection already closing raises
+    ConnectFailed: nothing was sent (asyncio would drop it and wait out the timeout; uvloop raises)."""
+    server, pool = await serve(_fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    assert (await pool.request("GET", "/1", headers={}, body=None)).body == b"ok"
+    (idle,) = pool._idle
+    idle.eof_received()
+    assert idle._transport is not None
+    idle._transport.close()
+    with pytest.raises(ConnectFailed, match="before the request was sent"):
+        idle.send(b"GET / HTTP/1.1\r\n\r\n", head_only=False)
+    answer = await pool.request("POST", "/2", headers={}, body=b"{}")
+    assert (answer.status, answer.body) == (200, b"ok")
+    assert server.connections == 2, "the closing connection was left out, a new one opened"
+    assert [r.split(b" ", 2)[1] for r in server.requests] == [b"/1", b"/2"], "nothing written to the closing one"
