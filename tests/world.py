@@ -35,10 +35,16 @@ class World:
         }
         link_regions(services)
         world = cls(folder, topology, clusters, services)
-        for service in services.values():
-            service.start()
-        for service in services.values():
-            service.wait_ready()
+        try:
+            for service in services.values():
+                service.start()
+            for service in services.values():
+                service.wait_ready()
+        except BaseException:
+            # A world that never got ready is stopped here (its test never got it to close): no service or
+            # cluster outlives the failed test, and its logs are kept like any world's (TXROUTE_TEST_KEEP_LOGS).
+            world.close()
+            raise
         return world
 
     def close(self) -> None:
