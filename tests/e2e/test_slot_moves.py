@@ -293,11 +293,14 @@ async def test_a_mover_stopped_after_a_phase_completes_the_move_when_run_again(b
     await bench.mover().begin(spec)
     with pytest.raises(MoverStopped):
         await bench.mover(stop_after=stop_after).run(spec)
-    if stop_after == "switching":  # and the target's database is down for a while: the re-run waits it out
-        bench.world.stop_postgres("us-east-1")
+    # And a database is down for a while (the target's after the switch out, the source's under the freeze): a
+    # run fails, and the re-run once it is back completes the move.
+    down = {"switching": "us-east-1", "frozen": "eu-west-1"}.get(stop_after)
+    if down is not None:
+        bench.world.stop_postgres(down)
         with pytest.raises((OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)):
             await bench.mover().run(spec)
-        bench.world.start_postgres("us-east-1")
+        bench.world.start_postgres(down)
     respec = await bench.mover().spec(*RANGE, "use1-a")  # re-running the same move resumes it
     phase = await bench.mover().run(respec)
     transfer = await answered(lambda: bench.api.transfer(inside[0], outside[0], 10), retried)
