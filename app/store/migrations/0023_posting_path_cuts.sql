@@ -170,3 +170,173 @@ begin
     end if;
     return v_body;
 end $$;
+
+-- 4. The relay's batches (migrations 0017, 0020) answered every message by a call of the one-message function
+--    (the settle: 200 calls that only read a transfer already posted, and its body) and grew their answer with
+--    `||`, which copies the whole array each time (quadratic in the batch). The settle now answers every transfer
+--    no longer pending in one query and calls txr_saga_settle only for those still pending after the bulk (a
+--    refusal to return), in order as before; the apply asks txr_owns once per distinct credit slot instead of
+--    twice per message (the first ask takes the ownership row FOR SHARE, so the answer holds to the commit);
+--    both gather their answers in an array.
+create or replace function txr_saga_settle_batch(p_answers jsonb) returns jsonb language plpgsql as $$
+declare
+    v_posted text[];
+    v_results jsonb[];
+    v_answer jsonb;
+    v_n integer;
+begin
+    assert jsonb_typeof(p_answers) = 'array', 'a batch is an array of answers';
+    perform 1 from transfers
+    where id in (select a ->> 'transfer_id' from jsonb_array_elements(p_answers) a)
+    order by id
+    for update;
+    -- A return books the debit account and the transit account (only for transfers still pending).
+    perform 1 from accounts
+    where id in (select x.id
+                 from transfers t
+                 join jsonb_array_elements(p_answers) a on a ->> 'transfer_id' = t.id
+                 cross join lateral (values (t.debit_account),
+                                            ('trn_' || t.debit_shard || '_' || t.credit_shard || '_' || t.currency)) x(id)
+                 where t.state = 'pending' and a ->> 'outcome' = 'refused')
+    order by id
+    for update;
+    -- `applied` to a transfer still pending, in bulk: what txr_saga_settle's `applied` branch writes.
+    with posted as (
+        update transfers t set state = 'posted'
+        where t.state = 'pending'
+          and t.id in (select a ->> 'transfer_id' from jsonb_array_elements(p_answers) a
+                       where a ->> 'outcome' = 'applied')
+        returning t.id)
+    select coalesce(array_agg(id order by id), '{}') into v_posted from posted;
+    if cardinality(v_posted) > 0 then
+        insert into transfer_events (transfer_id, seq, state, reason)
+        select t.id, coalesce((select max(e.seq) from transfer_events e where e.transfer_id = t.id), 0) + 1,
+               t.state, t.reason
+        from transfers t where t.id = any(v_posted);
+        update outbox set delivered_at = clock_timestamp() where transfer_id = any(v_posted);
+        update idempotency i set status_code = 201, body = txr_transfer_body(t)
+        from transfers t cross join lateral (values (t.idempotency_key), (t.resolution_key)) k (key)
+        where t.id = any(v_posted) and k.key is not null and i.client = t.client and i.key = k.key;
+    end if;
+    -- Every answer's body: a transfer no longer pending answers it here (what txr_saga_settle returns for it);
+    -- one still pending (a refusal to return) settles one by one, in order. An unknown transfer is left to
+    -- txr_saga_settle, whose assertion fails the batch as before.
+    select array_agg(case when t.state <> 'pending' then txr_transfer_body(t) end order by a.n)
+    into v_results
+    from jsonb_array_elements(p_answers) with ordinality a (x, n)
+    left join transfers t on t.id = a.x ->> 'transfer_id';
+    for v_answer, v_n in select a.x, a.n from jsonb_array_elements(p_answers) with ordinality a (x, n) loop
+        if v_results[v_n] is null then
+            v_results[v_n] := txr_saga_settle(v_answer ->> 'transfer_id', v_answer ->> 'outcome', v_answer ->> 'reason');
+        end if;
+    end loop;
+    return coalesce(to_jsonb(v_results), '[]'::jsonb);
+end $$;
+
+create or replace function txr_saga_apply_batch(p_messages jsonb) returns jsonb language plpgsql as $$
+declare
+    v_shard text;
+    v_owned integer[];
+    v_bulk bigint[];
+    v_rows jsonb;
+    v_results jsonb[] := '{}';
+    v_message jsonb;
+    v_n bigint;
+begin
+    assert jsonb_typeof(p_messages) = 'array', 'a batch is an array of messages';
+    select shard into strict v_shard from shard_info;
+    -- Once-only per message (txr_saga_apply takes the same lock again: it is the session's already).
+    perform pg_advisory_xact_lock(k)
+    from (select distinct hashtextextended(m ->> 'transfer_id', 11) as k
+          from jsonb_array_elements(p_messages) m order by 1) keys;
+    -- The credit slots owned here, each asked once (the fence's row lock holds the answer to the commit).
+    select coalesce(array_agg(s), '{}') into v_owned
+    from (select distinct (m ->> 'credit_slot')::integer as s from jsonb_array_elements(p_messages) m) slots
+    where txr_owns(s);
+    -- The transit accounts exist before any account is locked (as txr_saga_apply would create them).
+    insert into accounts (id, slot, kind, owner_client, currency)
+    select distinct on (t.id) t.id, t.slot, 'transit', 'txroute', t.currency
+    from (select 'trn_' || v_shard || '_' || (m ->> 'source_shard') || '_' || (m ->> 'currency') as id,
+                 (m ->> 'credit_slot')::integer as slot, m ->> 'currency' as currency
+          from jsonb_array_elements(p_messages) m
+          where (m ->> 'credit_slot')::integer = any(v_owned)) t
+    order by t.id
+    on conflict (id) do nothing;
+    perform 1 from accounts
+    where id in (select m ->> 'credit_account' from jsonb_array_elements(p_messages) m
+                 union
+                 select 'trn_' || v_shard || '_' || (m ->> 'source_shard') || '_' || (m ->> 'currency')
+                 from jsonb_array_elements(p_messages) m)
+    order by id
+    for update;
+
+    -- The messages applied in bulk (migration 0017 says which); the rest go one by one below.
+    select coalesce(array_agg(x.n), '{}') into v_bulk
+    from (select e.m, e.n, row_number() over (partition by e.m ->> 'transfer_id' order by e.n) as occurrence
+          from jsonb_array_elements(p_messages) with ordinality e(m, n)) x
+    join accounts c on c.id = x.m ->> 'credit_account'
+    where x.occurrence = 1
+      and (x.m ->> 'credit_slot')::integer = any(v_owned)
+      and not exists (select 1 from inbox i where i.transfer_id = x.m ->> 'transfer_id')
+      and not exists (select 1 from transfers t where t.id = x.m ->> 'transfer_id')
+      and txr_customer_refusal(c, x.m ->> 'credit_account', x.m ->> 'client', x.m ->> 'currency') is null;
+    select coalesce(array_agg(y.n), '{}') into v_bulk
+    from (select e.n, c.balance + sum((e.m ->> 'amount')::bigint) over (partition by c.id) as total
+          from jsonb_array_elements(p_messages) with ordinality e(m, n)
+          join accounts c on c.id = e.m ->> 'credit_account'
+          where e.n = any(v_bulk)) y
+    where y.total <= 9007199254740991;
+    select jsonb_agg(e.m || jsonb_build_object(
+                         'n', e.n,
+                         'transit', 'trn_' || v_shard || '_' || (e.m ->> 'source_shard') || '_' || (e.m ->> 'currency'))
+                     order by e.n)
+    into v_rows
+    from jsonb_array_elements(p_messages) with ordinality e(m, n)
+    where e.n = any(v_bulk);
+
+    if v_rows is not null then
+        insert into transfers (id, client, kind, debit_account, credit_account, amount, currency, reference, state,
+                               debit_shard, credit_shard)
+        select b.transfer_id, b.client, 'transfer', b.debit_account, b.credit_account, b.amount, b.currency,
+               b.reference, 'posted', b.source_shard, v_shard
+        from jsonb_to_recordset(v_rows) as b(n bigint, transfer_id text, client text, debit_account text,
+                                             credit_account text, amount bigint, currency text, reference text,
+                                             source_shard text)
+        order by b.n;
+        -- Per message, as txr_saga_apply writes them: the transit's entry, then the credit's, each with the
+        -- balance its account has after it (balances before the batch plus the running sum, in message order).
+        insert into entries (transfer_id, account_id, amount, balance_after)
+        select x.transfer_id, x.account_id, x.amount, x.balance_after
+        from (select b.n, 0 as k, b.transfer_id, b.transit as account_id, -b.amount as amount,
+                     t.balance - sum(b.amount) over (partition by b.transit order by b.n) as balance_after
+              from jsonb_to_recordset(v_rows) as b(n bigint, transfer_id text, transit text, amount bigint)
+              join accounts t on t.id = b.transit
+              union all
+              select b.n, 1, b.transfer_id, b.credit_account, b.amount,
+                     c.balance + sum(b.amount) over (partition by b.credit_account order by b.n)
+              from jsonb_to_recordset(v_rows) as b(n bigint, transfer_id text, credit_account text, amount bigint)
+              join accounts c on c.id = b.credit_account) x
+        order by x.n, x.k;
+        update accounts a set balance = a.balance + s.amount, version = a.version + s.messages
+        from (select b.credit_account as id, sum(b.amount) as amount, count(*) as messages
+              from jsonb_to_recordset(v_rows) as b(credit_account text, amount bigint) group by b.credit_account
+              union all
+              select b.transit, -sum(b.amount), count(*)
+              from jsonb_to_recordset(v_rows) as b(transit text, amount bigint) group by b.transit) s
+        where a.id = s.id;
+        insert into inbox (transfer_id, source_shard, outcome, credit_account, amount, currency)
+        select b.transfer_id, b.source_shard, 'applied', b.credit_account, b.amount, b.currency
+        from jsonb_to_recordset(v_rows) as b(n bigint, transfer_id text, source_shard text, credit_account text,
+                                             amount bigint, currency text)
+        order by b.n;
+    end if;
+
+    for v_message, v_n in select e.m, e.n from jsonb_array_elements(p_messages) with ordinality e(m, n) order by e.n loop
+        if v_n = any(v_bulk) then
+            v_results := v_results || '{"outcome": "applied"}'::jsonb;
+        else
+            v_results := v_results || txr_saga_apply(v_message);
+        end if;
+    end loop;
+    return to_jsonb(v_results);
+end $$;
