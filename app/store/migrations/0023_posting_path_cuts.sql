@@ -1,9 +1,9 @@
 -- What a posting costs PostgreSQL (issue 14, item 3): work the per-row triggers did on every write although
 -- nothing needed it. Measured with pg_stat_statements (track = all) and per-function timings on this 2-core
--- machine (README, Performance): a plain transfer fired the change-log trigger of slot moves (migration 0019) four
+-- machine (README, Benchmarks): a plain transfer fired the change-log trigger of slot moves (migration 0019) four
 -- times, and each built `to_jsonb` of its whole row (an account, the transfer, the stored answer with its body),
--- parsed the slot out of an id with a regular expression, and looked for a move, although a move is almost never
--- running; the event trigger's id took two PL/pgSQL loops of 26 iterations; the transfer's body was built with
+-- found its slot (a transfer's by a regular expression over its id), and looked for a move, although a move is
+-- almost never running; the event trigger's id took three PL/pgSQL loops (26 iterations); the transfer's body was built with
 -- three jsonb concatenations. Every invariant stays where it was: the same rows, the same triggers (only their
 -- functions change), the same events in the same transaction, the same fences.
 --
@@ -25,7 +25,7 @@
 --    log unneeded; no phase goes back to copying. The price: a move's begin waits for the writing transactions
 --    in flight (milliseconds; the mover's lock_timeout bounds it).
 --
--- 2. An event's id (`evt_` + slot + a ULID, migration 0011) is built in one expression instead of two loops.
+-- 2. An event's id (`evt_` + slot + a ULID, migration 0011) is built in one expression instead of three loops.
 -- 3. A transfer's body (migration 0009) is one jsonb_build_object, plus keys only where a transfer has them.
 --    jsonb orders its keys itself, so the result is the same value, byte for byte.
 
