@@ -522,20 +522,15 @@ class Mover:
         differences = []
         async with self.connect(spec.source_shard) as src, self.connect(spec.target_shard) as dst:
             for table in SLOT_TABLES:
-                key = f"({', '.join('t.' + k for k in table.key)})::text"
-                own: list[str] = []
-                if table.target_own is not None:  # rows the target holds as its own are not copies to compare
-                    own = [r[0] for r in await dst.fetch(
-                        f"select {key} from {table.name} t where {table.slot_sql('t')} between $1 and $2 "  # noqa: S608
-                        f"and ({table.target_own})", spec.slot_lo, spec.slot_hi)]
-                where = (f"{table.slot_sql('t')} between $1 and $2 and ({table.rows(spec.source_shard)}) "
-                         f"and {key} <> all($4::text[])")
-                sql = (f"select count(*), coalesce(sum(hashtextextended((to_jsonb(t) - $3::text[])::text, 0)), 0) "  # noqa: S608
+                # The rows the target holds as its own are not copies to compare (_compared_sql leaves them out).
+                where = _compared_sql(table, spec)
+                sql = (f"select count(*), coalesce(sum(hashtextextended((to_jsonb(t) - $4::text[])::text, 0)), 0) "  # noqa: S608
                        f"from {table.name} t where {where}")
-                args = (spec.slot_lo, spec.slot_hi, list(table.unchecked), own)
+                args = (spec.slot_lo, spec.slot_hi, _keys_json(await _own_keys(dst, table, spec)),
+                        list(table.unchecked))
                 mine, theirs = await src.fetchrow(sql, *args), await dst.fetchrow(sql, *args)
                 if tuple(mine) != tuple(theirs):
-                    rows_sql = (f"select {key} as key, (to_jsonb(t) - $3::text[])::text as doc "  # noqa: S608
+                    rows_sql = (f"select {_key_sql(table)} as key, (to_jsonb(t) - $4::text[])::text as doc "  # noqa: S608
                                 f"from {table.name} t where {where}")
                     left = {r["key"]: r["doc"] for r in await src.fetch(rows_sql, *args)}
                     right = {r["key"]: r["doc"] for r in await dst.fetch(rows_sql, *args)}

@@ -339,14 +339,15 @@ class ShardStore:
         the batch's key. An account locked longer than BATCH_LOCK_WAIT_MS answers `AccountBusy` (nothing posted,
         nothing stored) unless the batch's key already has its outcome."""
         telemetry.annotate(shard=self.name)
+        postings = [p.as_json() for p in items]
         doc = await self._call_long(
             "post_atomic", "select txr_post_atomic($1, $2, $3, $4::jsonb, $5)",
-            client, key, fingerprint, [p.as_json() for p in items], limits.BATCH_LOCK_WAIT_MS,
+            client, key, fingerprint, postings, limits.BATCH_LOCK_WAIT_MS,
             timeout_ms=limits.BATCH_STATEMENT_TIMEOUT_MS, batch_size=len(items), discard=_transient_refusal,
         )
         if doc.get("busy"):
             return await self._busy_outcome({"client": client, "key": key, "fingerprint": fingerprint},
-                                            _accounts_of([p.as_json() for p in items]))
+                                            _accounts_of(postings))
         transient = _transient_refusal(doc)
         if transient is not None:
             # Rolled back, not stored: answered as the single posting would be (a retry can succeed).
