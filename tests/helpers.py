@@ -19,7 +19,7 @@ import asyncpg
 import httpx
 
 from app.topology.ids import parse_account_id
-from app.topology.model import Topology
+from app.topology.model import Shard, Topology
 from tests.keys import HopAuth
 
 HTTP_TIMEOUT_S = 30.0
@@ -200,6 +200,16 @@ def _funds(account: str, amount: int, currency: str, reference: str | None) -> d
 
 def shard_of(topology: Topology, account_id: str) -> str:
     return topology.shard_for_slot(parse_account_id(account_id).slot).name
+
+
+def source_move_spec(topology: Topology, slot: int, move_id: str, *, target: Shard | None = None) -> dict[str, Any]:
+    """The source side's record of a move of `slot` alone (txr_move_begin's argument, as the mover builds it),
+    to `target` (default: the first other shard of the topology), epoch 2."""
+    source = topology.shard_for_slot(slot)
+    to = target if target is not None else next(s for s in topology.shards if s.name != source.name)
+    return {"id": move_id, "slot_lo": slot, "slot_hi": slot, "source_shard": source.name,
+            "source_region": source.region, "target_shard": to.name, "target_region": to.region, "epoch": 2,
+            "role": "source"}
 
 
 async def accounts_in_one_shard(

@@ -24,7 +24,7 @@ from app.placement.mover import Mover
 from app.topology.ids import parse_account_id
 from app.topology.model import Topology
 from tests.e2e.conftest import RouterApi, router_process
-from tests.helpers import HTTP_TIMEOUT_S, new_client_id, new_key, poll_until, shard_of
+from tests.helpers import HTTP_TIMEOUT_S, new_client_id, new_key, poll_until, shard_of, source_move_spec
 from tests.keys import HopAuth, SessionKeys
 from tests.observability.test_metrics import scrape, value
 from tests.tls import session_tls
@@ -64,10 +64,8 @@ async def test_a_range_frozen_in_its_database_holds_the_request_until_it_is_unfr
 ) -> None:
     account = (await api.open_account("EUR", region=REGION)).json()["id"]
     slot, shard = parse_account_id(account).slot, shard_of(topology, account)
-    other = next(s for s in topology.shards if s.region != REGION)
     move = "mv_holdtest" + new_key()[-12:]
-    spec = {"id": move, "slot_lo": slot, "slot_hi": slot, "source_shard": shard, "source_region": REGION,
-            "target_shard": other.name, "target_region": other.region, "epoch": 2, "role": "source"}
+    spec = source_move_spec(topology, slot, move, target=next(s for s in topology.shards if s.region != REGION))
     conn = await asyncpg.connect(cluster_shard_dsns(topology, pg_clusters)[shard])
     try:
         # As the mover freezes a range (migration 0008): the slot's ownership becomes `moving`.
@@ -112,10 +110,8 @@ async def test_a_batch_item_on_a_frozen_range_is_held_with_its_batch_until_the_r
     frozen = (await api.open_account("EUR", region=REGION)).json()["id"]
     slot, shard = parse_account_id(frozen).slot, shard_of(topology, frozen)
     other = (await api.open_account("EUR", region="us-east-1")).json()["id"]
-    target = next(s for s in topology.shards if s.region != REGION)
     move = "mv_batchhold" + new_key()[-12:]
-    spec = {"id": move, "slot_lo": slot, "slot_hi": slot, "source_shard": shard, "source_region": REGION,
-            "target_shard": target.name, "target_region": target.region, "epoch": 2, "role": "source"}
+    spec = source_move_spec(topology, slot, move, target=next(s for s in topology.shards if s.region != REGION))
     items = [{"type": "deposit", "account": other, "amount": 40, "currency": "EUR"},
              {"type": "deposit", "account": frozen, "amount": 25, "currency": "EUR"}]
     conn = await asyncpg.connect(cluster_shard_dsns(topology, pg_clusters)[shard])

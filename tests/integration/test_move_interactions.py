@@ -16,16 +16,14 @@ from app.local.postgres import Cluster
 from app.topology.ids import parse_account_id
 from app.topology.model import Topology
 from tests.events_support import committed_events
-from tests.helpers import ApiClient, account_in_shard, new_key, poll_until, shard_of
+from tests.helpers import ApiClient, account_in_shard, new_key, poll_until, shard_of, source_move_spec
 
 
 async def freeze(topology: Topology, conn: asyncpg.Connection, shard: str, slot: int) -> str:
     """Freeze `slot` on `shard` as the source side of a move (which `unfreeze` cancels); returns the move's id."""
-    other = next(s for s in topology.shards if s.name != shard)
     move = "mv_review" + new_key()[-12:]
-    spec = {"id": move, "slot_lo": slot, "slot_hi": slot, "source_shard": shard,
-            "source_region": topology.shard(shard).region, "target_shard": other.name,
-            "target_region": other.region, "epoch": 2, "role": "source"}
+    spec = source_move_spec(topology, slot, move)
+    assert spec["source_shard"] == shard, (spec, shard)
     begun = json.loads(await conn.fetchval("select txr_move_begin($1::jsonb)::text", json.dumps(spec)))
     assert begun["ok"], begun
     await conn.execute("select txr_move_freeze($1)", move)

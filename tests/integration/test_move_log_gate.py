@@ -12,7 +12,7 @@ import asyncpg
 
 from app.topology.ids import parse_account_id
 from app.topology.model import Topology
-from tests.helpers import ApiClient, new_key, poll_until, shard_of
+from tests.helpers import ApiClient, new_key, poll_until, shard_of, source_move_spec
 
 # A no-op write: the row trigger fires, nothing changes.
 TOUCH = "update accounts set metadata = metadata where id = $1"
@@ -24,11 +24,8 @@ async def test_a_move_begins_only_after_the_writers_that_skipped_the_log_committ
     account = await api.new_account()
     slot = parse_account_id(account).slot
     shard = shard_of(topology, account)
-    other = next(s for s in topology.shards if s.name != shard)
     move = "mv_gatetest" + new_key()[-12:]
-    spec = {"id": move, "slot_lo": slot, "slot_hi": slot, "source_shard": shard,
-            "source_region": topology.shard(shard).region, "target_shard": other.name,
-            "target_region": other.region, "epoch": 2, "role": "source"}
+    spec = source_move_spec(topology, slot, move)
     writer = await asyncpg.connect(shard_dsn(shard))
     mover = await asyncpg.connect(shard_dsn(shard))
     begun: dict[str, object] = {}

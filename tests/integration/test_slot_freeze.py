@@ -12,7 +12,7 @@ import asyncpg
 from app.store.slotdata import SLOT_TABLES
 from app.topology.ids import parse_account_id
 from app.topology.model import Topology
-from tests.helpers import ApiClient, new_key, shard_of
+from tests.helpers import ApiClient, new_key, shard_of, source_move_spec
 
 
 async def test_a_frozen_slot_answers_503_slot_moving_writes_nothing_and_takes_the_retry_once_unfrozen(
@@ -21,11 +21,8 @@ async def test_a_frozen_slot_answers_503_slot_moving_writes_nothing_and_takes_th
     account = await api.new_account()
     slot = parse_account_id(account).slot
     shard = shard_of(topology, account)
-    other = next(s for s in topology.shards if s.name != shard)
     move = "mv_freezetest" + new_key()[-12:]
-    spec = {"id": move, "slot_lo": slot, "slot_hi": slot, "source_shard": shard,
-            "source_region": topology.shard(shard).region, "target_shard": other.name,
-            "target_region": other.region, "epoch": 2, "role": "source"}
+    spec = source_move_spec(topology, slot, move)
     conn = await asyncpg.connect(shard_dsn(shard))
     try:
         begun = json.loads(await conn.fetchval("select txr_move_begin($1::jsonb)::text", json.dumps(spec)))
@@ -83,12 +80,9 @@ async def test_webhook_rows_of_a_slot_the_shard_does_not_own_are_left_alone_by_i
     account = await api.new_account()
     slot = parse_account_id(account).slot
     shard = shard_of(topology, account)
-    other = next(s for s in topology.shards if s.name != shard)
     move = "mv_whfence" + new_key()[-12:].lower()
     endpoint = "whe_fence" + new_key()[-12:]
-    spec = {"id": move, "slot_lo": slot, "slot_hi": slot, "source_shard": shard,
-            "source_region": topology.shard(shard).region, "target_shard": other.name,
-            "target_region": other.region, "epoch": 2, "role": "source"}
+    spec = source_move_spec(topology, slot, move)
     event = [{"id": "evt_new", "type": "transfer.posted", "body": "{}", "created_at": "2026-11-28T00:00:00Z"}]
     rows_sql = """select (select to_jsonb(w) from webhook_endpoints w where id = $1)::text,
                          (select jsonb_agg(to_jsonb(d) order by event_id) from webhook_deliveries d
