@@ -23,7 +23,7 @@ region reads alike (`regions/`), never on which router or region process happene
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from app import limits
 from app.topology.model import SLOT_COUNT, Topology
@@ -45,13 +45,21 @@ def default_region(client: str, key: str, regions: Iterable[str]) -> str:
 def placement_slot(client: str, key: str, owned: Sequence[bool]) -> int:
     """The slot of an account opened with (client, key) in a region owning the slots where `owned` is true."""
     assert len(owned) == SLOT_COUNT, len(owned)
+    slot = next((slot for slot in probe_sequence(client, key) if owned[slot]), None)
+    assert slot is not None, "the region owns at least one slot"
+    return slot
+
+
+def probe_sequence(client: str, key: str) -> Iterator[int]:
+    """Every slot in the order (client, key) prefers it: the PLACEMENT_PROBES_MAX hashed probes (a slot may come
+    twice), then all slots by rendezvous weight, highest first (the fallback, computed only when reached). The
+    placement is the first slot of this sequence that the region owns; a retry looks for its earlier answer
+    along the same sequence (app.region.service)."""
     for probe in range(limits.PLACEMENT_PROBES_MAX):
-        slot = _weight("slot", client, key, str(probe)) % SLOT_COUNT
-        if owned[slot]:
-            return slot
-    candidates = [slot for slot in range(SLOT_COUNT) if owned[slot]]
-    assert candidates, "the region owns at least one slot"
-    return max(candidates, key=lambda slot: _weight("slot-fallback", client, key, str(slot)))
+        yield _weight("slot", client, key, str(probe)) % SLOT_COUNT
+    weights = [_weight("slot-fallback", client, key, str(slot)) for slot in range(SLOT_COUNT)]
+    # Stable: of equal weights the lowest slot comes first, as max() over ascending slots picked it.
+    yield from sorted(range(SLOT_COUNT), key=lambda slot: -weights[slot])
 
 
 def owned_slots(topology: Topology, region: str) -> tuple[bool, ...]:

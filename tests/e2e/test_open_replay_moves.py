@@ -1,0 +1,104 @@
+"""A retried `POST /v1/accounts` across slot moves (issue 11, exactly once): real PostgreSQL clusters, region
+services and a router as processes, the mover moving single slots.
+
+The region places a new account at the first slot of the key's probe sequence that it owns now
+(app.topology.placement), and the account's idempotency record moves with that slot. Proved here: a retry
+with the same key gets the first answer again, marked replayed, and no second account exists in any shard,
+after the key's slot moved to another shard of the region, then to another region, and after a slot that
+comes earlier in the key's sequence moved into the region.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import asyncpg
+import httpx
+
+from app.topology.ids import new_account_id, parse_account_id
+from app.topology.model import Topology
+from app.topology.placement import owned_slots, placement_slot, probe_sequence
+from tests.e2e.conftest import RouterApi
+from tests.e2e.test_events_slot_move import _move, moving_world  # noqa: F401 - the fixture
+from tests.e2e.test_slot_moves import answered
+from tests.helpers import new_client_id, new_key, poll_until
+from tests.keys import SessionKeys
+
+REGION = "eu-west-1"
+ELSEWHERE = "eun1-a"  # a shard of another region
+# What a client may see while a move settles: held answers the router gave up on, or a key still in flight.
+RETRIED_CODES_ALLOWED = {"slot_moving", "misdirected", "idempotency_key_in_flight"}
+
+
+async def _accounts_of(world: Any, client: str) -> set[str]:
+    """Every customer account of `client` in every shard database (a moved account's archived row on its old
+    shard has the same id, so each account counts once)."""
+    found: set[str] = set()
+    for dsn in world.shard_dsns().values():
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch("select id from accounts where owner_client = $1 and kind = 'customer'", client)
+        finally:
+            await conn.close()
+        found.update(r["id"] for r in rows)
+    return found
+
+
+async def _replayed(api: RouterApi, key: str, first: httpx.Response, what: str) -> None:
+    retried: Counter[str] = Counter()
+    again = await answered(lambda: api.open_account(key=key, region=REGION), retried)
+    assert set(retried) <= RETRIED_CODES_ALLOWED, f"expected only held answers on the way, got {retried}"
+    assert again.status_code == 201 and again.json()["id"] == first.json()["id"], (
+        f"expected the first account {first.json()['id']} again {what}, got {again.status_code}: {again.text}")
+    assert again.headers.get("idempotent-replayed") == "true", (
+        f"expected the retry {what} marked Idempotent-Replayed: true, got headers {dict(again.headers)}")
+
+
+async def test_a_retried_open_replays_after_its_slot_moves_within_the_region_and_then_to_another_region(
+    moving_world: Any, topology: Topology, keys: SessionKeys,  # noqa: F811
+) -> None:
+    async with httpx.AsyncClient(base_url=moving_world.router.url, timeout=30) as http:
+        client = new_client_id("openkey")
+        api = RouterApi(http, client, keys.client_token(client))
+        key = new_key()
+        first = await api.open_account(key=key, region=REGION)
+        assert first.status_code == 201, first.text
+        slot = parse_account_id(first.json()["id"]).slot
+
+        await _move(moving_world, topology, slot)
+        await _replayed(api, key, first, "after its slot moved to the region's other shard")
+
+        await _move(moving_world, topology, slot, ELSEWHERE)
+        await _replayed(api, key, first, f"after its slot moved on to {ELSEWHERE} in another region")
+
+        assert await _accounts_of(moving_world, client) == {first.json()["id"]}, (
+            "expected exactly one account for the client's one key across all shards")
+
+
+async def test_a_retried_open_replays_after_a_slot_earlier_in_its_probe_sequence_moves_into_the_region(
+    moving_world: Any, topology: Topology, keys: SessionKeys,  # noqa: F811
+) -> None:
+    owned = owned_slots(topology, REGION)
+    client = new_client_id("openkey")
+    # A key whose first probe is a slot of another region, so the account lands on a later probe.
+    key = next(k for k in (new_key() for _ in range(1_000)) if not owned[next(probe_sequence(client, k))])
+    earlier = next(probe_sequence(client, key))
+    async with httpx.AsyncClient(base_url=moving_world.router.url, timeout=30) as http:
+        api = RouterApi(http, client, keys.client_token(client))
+        first = await api.open_account(key=key, region=REGION)
+        assert first.status_code == 201, first.text
+        assert parse_account_id(first.json()["id"]).slot == placement_slot(client, key, owned) != earlier
+
+        await _move(moving_world, topology, earlier, "euw1-a")
+
+        async def region_owns_it() -> bool:
+            # Routed to the slot's new owner, which answers for it (404: no such account) once it knows the slot.
+            response = await api.account(new_account_id(earlier))
+            return response.status_code == 404 and response.json()["code"] == "account_not_found"
+
+        await poll_until(region_owns_it, timeout_s=30, what=f"{REGION} answering for slot {earlier}")
+        await _replayed(api, key, first, f"after slot {earlier}, earlier in the key's sequence, moved into {REGION}")
+
+        assert await _accounts_of(moving_world, client) == {first.json()["id"]}, (
+            "expected exactly one account for the client's one key across all shards")
