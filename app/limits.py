@@ -220,6 +220,18 @@ EMF_INTERVAL_S = 60.0  # how often a region or router writes its CloudWatch metr
 # over the region's owned slots decides. A region owning a third of the slots misses all 64 with
 # probability (2/3)^64, about 5e-12; one owning 1/64 of them falls back for about 36% of its keys.
 PLACEMENT_PROBES_MAX = 64
+# A retried open whose key's probe sequence a slot move touched (issue 11, app/region/service.py) looks for the
+# key's first answer along the sequence before it opens: in this region's shards, and in the regions its slots
+# moved to. A slot that moved on again is followed at most OPEN_REPLAY_HOPS_MAX times; each region asked answers
+# within OPEN_REPLAY_PEER_TIMEOUT_S, else the open is refused 503 region_unavailable (nothing written, the
+# client retries with its key); one call names at most OPEN_REPLAY_SLOTS_PER_CALL_MAX slots (its body stays
+# under REQUEST_BODY_BYTES_MAX).
+OPEN_REPLAY_HOPS_MAX = 4
+OPEN_REPLAY_PEER_TIMEOUT_S = 2.0
+OPEN_REPLAY_SLOTS_PER_CALL_MAX = 1_024
+# An open whose slot its database says moved after the region placed it (the region's view was a moment
+# behind) is placed again, after re-reading ownership, at most this many times in all.
+OPEN_PLACEMENT_ATTEMPTS_MAX = 3
 
 # Internal TLS (router -> region, region -> region). The local stack's own CA (app/local/tls.py) and the
 # certificate its services serve; both are made again when missing or within the renewal window.

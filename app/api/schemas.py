@@ -245,6 +245,19 @@ class SagaMessage(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     destination_shard: str
 
 
+class ReplayLookup(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A region asks another (internal API, issue 11): which stored answer of (client, key) it holds at each of
+    these slots, which moved there from the asking region. Answered per slot: the record, none, or where the
+    slot moved on."""
+
+    client: Annotated[str, msgspec.Meta(min_length=1, max_length=limits.CLIENT_ID_CHARS_MAX)]
+    key: Annotated[str, msgspec.Meta(min_length=1, max_length=limits.IDEMPOTENCY_KEY_CHARS_MAX)]
+    slots: Annotated[
+        list[Annotated[int, msgspec.Meta(ge=0, le=4095)]],
+        msgspec.Meta(min_length=1, max_length=limits.OPEN_REPLAY_SLOTS_PER_CALL_MAX),
+    ]
+
+
 class SagaBatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Saga messages the relay delivers to one region in one call (internal API, issue 14): each gets its
     own result, in order."""

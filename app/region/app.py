@@ -30,6 +30,7 @@ from app.region.api import PUBLIC_ROUTES, REQUEST_BODIES, outcome_response
 from app.region.events_api import EVENT_ROUTES
 from app.region.health import Readiness
 from app.region.identity import require_internal, saga_peer, verified_body
+from app.region.open_replay import peer_asker, replay_lookup
 from app.region.saga import TRANSIENT_DB_ERRORS, Saga, apply_isolated
 from app.region.service import RegionLedger
 from app.region.sweeper import sweep_forever
@@ -112,6 +113,8 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
             saga = Saga(region.name, stores, peers, saga_minter, settings.faults,
                         destinations=tuple(r.name for r in topology.regions))
             application.state.ledger = RegionLedger(region=region.name, topology=topology, stores=stores, saga=saga)
+            if saga_minter is not None:
+                application.state.ledger.ask_peer = peer_asker(peers, saga_minter)
             # A drained region starts drained: readiness waits until the flag has been read (app/region/health.py).
             application.state.readiness = Readiness(application.state.ledger)
             readiness = asyncio.create_task(application.state.readiness.check_forever(), name="readiness")
@@ -140,7 +143,8 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
 
     app = Litestar(
         route_handlers=[
-            *PUBLIC_ROUTES, *EVENT_ROUTES, healthz, readyz, shardmap, saga_apply, saga_apply_batch, openapi_document,
+            *PUBLIC_ROUTES, *EVENT_ROUTES, healthz, readyz, shardmap, saga_apply, saga_apply_batch, replay_lookup,
+            openapi_document,
             metrics,
         ],
         lifespan=[lifespan],

@@ -7,6 +7,8 @@ does not own, builds the posting and hands it to the shard's store. Outcomes are
 from __future__ import annotations
 
 import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +29,23 @@ from app.region.saga import Saga
 from app.store.shard import Outcome, ShardStore, ShardUnavailable
 from app.topology.ids import InvalidId, ParsedId, new_account_id, new_transfer_id, parse_account_id
 from app.topology.model import Topology
-from app.topology.placement import owned_slots, placement_slot
+from app.topology.placement import owned_slots, probe_sequence
+
+
+@dataclass(frozen=True, slots=True)
+class StoredAnswer:
+    """What a region holds under (client, key) at one slot: the stored answer (status and body, and the
+    fingerprint of the request that stored it), nothing (status None), or where the slot moved on."""
+
+    slot: int
+    fingerprint: str | None = None
+    status: int | None = None
+    body: dict[str, Any] | None = None
+    moved_to: tuple[str, str] | None = None  # (region, shard)
+
+
+# (region, client, key, slots) -> that region's answers for those slots; raises Problem when it cannot be asked.
+AskPeer = Callable[[str, str, str, list[int]], Awaitable[list[StoredAnswer]]]
 
 
 @dataclass
@@ -51,6 +69,13 @@ class RegionLedger:
         # topology decides (the databases fence every request anyway).
         self._local: dict[int, str] = {}
         self._moved: dict[int, tuple[str, str]] = {}
+        # Slots that moves switched here from another region, per local shard (an unreachable shard keeps what was
+        # read before): owned now, but not all along, so a key's earlier open may have landed past them.
+        self._arrivals: dict[str, frozenset[int]] = {}
+        self._arrived: frozenset[int] = frozenset()
+        # Asks another region for the answers it holds under (client, key) at slots that moved there from here
+        # (set by the composition root: the peers' pool and the region-to-region token).
+        self.ask_peer: AskPeer | None = None
         self.ownership_known = False
         self._refreshed_on_miss_at = float("-inf")
         self._stale = False  # a database named a new owner: re-read before routing again
@@ -64,6 +89,8 @@ class RegionLedger:
         for name, store in self.stores.items():
             try:
                 claims = await store.slot_claims()
+                self._arrivals[name] = frozenset(
+                    slot for lo, hi in await store.slot_arrivals() for slot in range(lo, hi + 1))
             except ShardUnavailable:
                 continue
             for slot in [s for s, owner in local.items() if owner == name]:
@@ -77,6 +104,7 @@ class RegionLedger:
                         local.pop(slot, None)
                         moved[slot] = (claim["owner_region"], claim["owner_shard"])
         self._local, self._moved = local, moved
+        self._arrived = frozenset().union(*self._arrivals.values())
         if local:
             self._owned = tuple(slot in local for slot in range(len(self._owned)))
         self.ownership_known = True
@@ -135,14 +163,17 @@ class RegionLedger:
             await self.refresh_ownership()
         region, shard = self.owner_of(slot)
         if region != self.region or shard not in self.stores:
-            now = time.monotonic()
-            if now - self._refreshed_on_miss_at >= limits.SLOT_OWNERSHIP_REFRESH_ON_MISS_MS / 1000:
-                self._refreshed_on_miss_at = now
-                await self.refresh_ownership()
-                region, shard = self.owner_of(slot)
+            await self._refresh_on_miss()
+            region, shard = self.owner_of(slot)
         if region != self.region or shard not in self.stores:
             raise misdirected(slot, region, shard)
         return self.stores[shard]
+
+    async def _refresh_on_miss(self) -> None:
+        now = time.monotonic()
+        if now - self._refreshed_on_miss_at >= limits.SLOT_OWNERSHIP_REFRESH_ON_MISS_MS / 1000:
+            self._refreshed_on_miss_at = now
+            await self.refresh_ownership()
 
     def ownership_changed(self) -> None:
         """Read the ownership map again before the next request is routed."""
@@ -159,12 +190,108 @@ class RegionLedger:
             self._local.pop(slot, None)
             self._moved[slot] = (region, shard)
 
-    def _placement(self, client: str, key: str) -> tuple[str, int]:
-        """Where an account opened with this key lives: a pure function of (client, key) and the slots this
-        region owns (app.topology.placement), so a retried request lands on the shard that holds its
-        idempotency record and replays instead of opening twice, also after shards are added."""
-        slot = placement_slot(client, key, self._owned)
-        return self.owner_of(slot)[1], slot
+    def _placement(self, client: str, key: str) -> tuple[int, list[int]]:
+        """Where an account opened with this key lives now, and where an earlier open of it may have stored its
+        answer. The slot is the first of the key's probe sequence (app.topology.placement) that this region
+        owns: a pure function of (client, key) and the region's slot set, so splitting shards inside the region
+        changes nothing (the slot's records go with it to its new shard).
+
+        A move across regions changes the slot set, and with it the slot (issue 11): the answer of an earlier
+        open stays at the slot it was opened at, which may have left since, or come after a slot that arrived.
+        So the walk goes on along the sequence past the slot placed, collecting the slots where that answer may
+        be: those this region owns but received by a move, and those it owned and gave away (`_moved`), up to
+        the first slot it has owned all along: an open before now landed there at the latest. Slots never
+        this region's are skipped. When a key's sequence meets no move before its first slot (nearly every
+        key), the list is empty and the open costs what it always did: its own check of the key."""
+        placed: int | None = None
+        earlier: list[int] = []
+        seen: set[int] = set()
+        for slot in probe_sequence(client, key):
+            if slot in seen:
+                continue
+            seen.add(slot)
+            if self._owned[slot]:
+                if placed is None:
+                    placed = slot
+                else:
+                    earlier.append(slot)
+                if slot not in self._arrived:
+                    break
+            elif slot in self._moved:
+                earlier.append(slot)
+        assert placed is not None, "the region owns at least one slot"
+        return placed, earlier
+
+    async def _earlier_answer(self, client: str, key: str, fingerprint_: str, slots: list[int]) -> Outcome | None:
+        """The answer stored under (client, key) at the first of `slots` (in the key's order) that holds one,
+        wherever that slot lives now; None when none does. The same request gets its answer replayed, another
+        request under the key is refused as `txr_idempotency_check` refuses it. A slot that moved on is followed
+        to its next owner, at most OPEN_REPLAY_HOPS_MAX times; an owner that cannot be asked makes the open a
+        503: whether it holds the answer is unknown, and opening anyway could open twice."""
+        stored: dict[int, StoredAnswer] = {}
+        where = {slot: self.owner_of(slot)[0] for slot in slots}
+        for _ in range(limits.OPEN_REPLAY_HOPS_MAX):
+            by_region: dict[str, list[int]] = defaultdict(list)
+            for slot, region in where.items():
+                by_region[region].append(slot)
+            where = {}
+            for region, region_slots in by_region.items():
+                for answer in await self._answers_in(region, client, key, region_slots):
+                    if answer.moved_to is not None:
+                        where[answer.slot] = answer.moved_to[0]
+                    elif answer.status is not None:
+                        stored[answer.slot] = answer
+            if not where:
+                break
+        if where:
+            raise Problem("region_unavailable", "where this Idempotency-Key was first used could not be found "
+                          "after its slot moved; nothing was written, retry with the same key",
+                          headers={"retry-after": str(limits.SLOT_MOVING_RETRY_AFTER_S)})
+        first = next((stored[slot] for slot in slots if slot in stored), None)
+        if first is None:
+            return None
+        if first.fingerprint != fingerprint_:
+            return Outcome(422, {"code": "idempotency_key_reused",
+                                 "detail": "this Idempotency-Key was already used for a different request"})
+        assert first.status is not None and first.body is not None
+        return Outcome(first.status, first.body, replayed=True)
+
+    async def _answers_in(self, region: str, client: str, key: str, slots: list[int]) -> list[StoredAnswer]:
+        if region == self.region:
+            return await self.stored_answers(client, key, slots)
+        if self.ask_peer is None:
+            raise Problem("region_unavailable", f"region {region} holds slots this Idempotency-Key may have been "
+                          "used at, and this region cannot ask it; nothing was written")
+        answers: list[StoredAnswer] = []
+        for i in range(0, len(slots), limits.OPEN_REPLAY_SLOTS_PER_CALL_MAX):
+            answers += await self.ask_peer(region, client, key, slots[i:i + limits.OPEN_REPLAY_SLOTS_PER_CALL_MAX])
+        return answers
+
+    async def stored_answers(self, client: str, key: str, slots: list[int]) -> list[StoredAnswer]:
+        """What this region's shards hold under (client, key) at each slot, or where the slot went (this
+        region's own view, for a slot none of its shards claims: the asker follows it there)."""
+        if any(self.owner_of(slot)[0] != self.region for slot in slots):
+            await self._refresh_on_miss()  # a slot that just arrived may not be known here yet
+        by_shard: dict[str, list[int]] = defaultdict(list)
+        answers: list[StoredAnswer] = []
+        for slot in slots:
+            region, shard = self.owner_of(slot)
+            if region == self.region and shard in self.stores:
+                by_shard[shard].append(slot)
+            else:
+                answers.append(StoredAnswer(slot, moved_to=(region, shard)))
+        for shard, shard_slots in by_shard.items():
+            for row in await self.stores[shard].stored_answers(client, key, shard_slots):
+                slot = int(row["slot"])
+                if row["state"] == "moved":
+                    self.learn(slot, row["owner_region"], row["owner_shard"])
+                    answers.append(StoredAnswer(slot, moved_to=(row["owner_region"], row["owner_shard"])))
+                elif row["state"] in ("owned", "moving") and row["fingerprint"] is not None:
+                    answers.append(StoredAnswer(slot, fingerprint=row["fingerprint"], status=int(row["status_code"]),
+                                                body=row["body"]))
+                else:  # owned and nothing stored; or a claim this shard does not have, so no answer of its own
+                    answers.append(StoredAnswer(slot))
+        return answers
 
     # Commands ---------------------------------------------------------------------------------------
 
@@ -178,24 +305,39 @@ class RegionLedger:
             )
         if not any(self._owned):
             raise Problem("invalid_request", f"region {region} owns no slots yet and opens no accounts")
-        _, slot = self._placement(client, key)
         body: dict[str, Any] = {
             "currency": str(request.currency), "region": region, "overdraft_limit": request.overdraft_limit,
         }
         if request.metadata is not None:  # so a request without metadata keeps its fingerprint of before
             body["metadata"] = request.metadata
-        return await (await self.store_for_slot(slot)).open_account(
-            {
-                "client": client,
-                "key": key,
-                "fingerprint": fingerprint("open_account", body),
-                "id": new_account_id(slot),
-                "slot": slot,
-                "currency": body["currency"],
-                "overdraft_limit": request.overdraft_limit,
-                "metadata": request.metadata,
-            }
-        )
+        doc_fingerprint = fingerprint("open_account", body)
+        for _ in range(limits.OPEN_PLACEMENT_ATTEMPTS_MAX):
+            if self._stale:
+                self._stale = False
+                await self.refresh_ownership()
+            slot, earlier = self._placement(client, key)
+            if earlier:
+                prior = await self._earlier_answer(client, key, doc_fingerprint, earlier)
+                if prior is not None:
+                    return prior
+            outcome = await (await self.store_for_slot(slot)).open_account(
+                {
+                    "client": client,
+                    "key": key,
+                    "fingerprint": doc_fingerprint,
+                    "id": new_account_id(slot),
+                    "slot": slot,
+                    "currency": body["currency"],
+                    "overdraft_limit": request.overdraft_limit,
+                    "metadata": request.metadata,
+                }
+            )
+            if not (outcome.status == 421 and "owner_shard" in outcome.body):
+                return outcome
+            # The slot's database says it moved after this region placed the key there (its view was a moment
+            # behind): nothing was written; learn where it went and place again, so the walk asks its new owner.
+            self.learn(slot, str(outcome.body["owner_region"]), str(outcome.body["owner_shard"]))
+        return outcome
 
     async def deposit(self, client: str, key: str, request: FundsRequest) -> Outcome:
         return await self._funds(PostingKind.DEPOSIT, client, key, request)

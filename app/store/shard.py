@@ -874,6 +874,30 @@ class ShardStore:
         )
         return [dict(r) for r in rows]
 
+    async def slot_arrivals(self) -> list[tuple[int, int]]:
+        """The slot ranges that moves switched here from another region (issue 11): this region has not owned
+        them all along, so an account opened here earlier may sit at a slot that left meanwhile."""
+        rows = await self._fetch(
+            "slot_arrivals",
+            """select slot_lo, slot_hi from slot_moves
+               where role = 'target' and phase in ('switched', 'done')
+                 and source_region <> (select region from shard_info)""",
+        )
+        return [(int(r["slot_lo"]), int(r["slot_hi"])) for r in rows]
+
+    async def stored_answers(self, client: str, key: str, slots: list[int]) -> list[asyncpg.Record]:
+        """For each slot: this shard's claim on it (state, and the owner it moved to) and the answer stored under
+        (client, key) at that slot, read in one snapshot. A plain read: an answer once stored never changes, and
+        a frozen slot still holds its records (and takes no new ones) until the switch marks it moved."""
+        return await self._fetch(
+            "stored_answers",
+            """select s.slot, o.state, o.owner_region, o.owner_shard, i.fingerprint, i.status_code, i.body
+               from unnest($3::integer[]) as s(slot)
+               left join slot_ownership o on s.slot between o.slot_lo and o.slot_hi
+               left join idempotency i on i.client = $1 and i.key = $2 and i.slot = s.slot""",
+            client, key, slots,
+        )
+
     @staticmethod
     def _read_outcome(row: asyncpg.Record, slot: int, code: str, detail: str) -> Outcome:
         if not row["owned"]:  # 421 (naming the new owner once the slot moved) or 503 slot_moving while frozen

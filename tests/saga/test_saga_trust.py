@@ -31,6 +31,8 @@ from tests.tls import verify
 
 SAGA_ROUTES = ["/internal/saga/apply", "/internal/saga/apply-batch"]  # every region-to-region write (see below)
 SAGA_READ_ROUTES = ["/internal/events"]  # every region-to-region read: another region's webhook worker
+# Region-to-region reads by POST: a retried open asks where its key's slots moved (app/region/open_replay.py).
+SAGA_READ_POST_ROUTES = ["/internal/replay-lookup"]
 SOURCE, DESTINATION = "eu-west-1", "us-east-1"
 
 
@@ -171,7 +173,8 @@ def test_saga_routes_name_every_internal_route_the_regions_serve_to_each_other()
     }))
     litestar = app.app
     internal = {route.path for route in litestar.routes if route.path.startswith("/internal/")}  # type: ignore[attr-defined]
-    assert internal - {"/internal/shardmap"} == set(SAGA_ROUTES) | set(SAGA_READ_ROUTES), sorted(internal)
+    assert internal - {"/internal/shardmap"} == set(SAGA_ROUTES) | set(SAGA_READ_ROUTES) | set(SAGA_READ_POST_ROUTES), (
+        sorted(internal))
 
 
 async def test_no_token_the_routers_key_can_sign_reads_a_clients_events_across_regions(
@@ -189,3 +192,21 @@ async def test_no_token_the_routers_key_can_sign_reads_a_clients_events_across_r
             saga = keys.saga_token(SOURCE, DESTINATION, BoundRequest("GET", path, b""))
             response = await http.get(url, headers={"authorization": "Bearer " + saga})
             assert response.status_code == 200, response.text
+
+
+async def test_no_token_the_routers_key_can_sign_reads_a_clients_stored_answers_across_regions(
+    region_services: dict[str, ServiceProcess], keys: SessionKeys,
+) -> None:
+    """The replay lookup names any client and key: the router's key must not open it, a saga token does."""
+    body = json.dumps({"client": new_client_id("victim"), "key": "k-1", "slots": [0, 2732]}).encode()
+    async with httpx.AsyncClient(timeout=30, verify=verify()) as http:
+        for route in SAGA_READ_POST_ROUTES:
+            url = region_services[DESTINATION].url + route
+            for name, token in _router_key_tokens(keys, BoundRequest("POST", route, body), "victim").items():
+                response = await _post(http, url, body, token)
+                assert response.status_code in (401, 403), f"{name}: expected 401/403 on {route}, got {response.text}"
+            saga = keys.saga_token(SOURCE, DESTINATION, BoundRequest("POST", route, body))
+            response = await _post(http, url, body, saga)
+            assert response.status_code == 200, response.text
+            assert [a["slot"] for a in response.json()["answers"]] == [0, 2732], (
+                f"expected an answer for each slot asked, got {response.text}")
