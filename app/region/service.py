@@ -206,7 +206,9 @@ class RegionLedger:
         placed: int | None = None
         earlier: list[int] = []
         seen: set[int] = set()
-        for slot in probe_sequence(client, key):
+        # Past the probes only slots this region owns or gave away can count: the fallback ranks just those.
+        relevant = (slot for slot in range(len(self._owned)) if self._owned[slot] or slot in self._moved)
+        for slot in probe_sequence(client, key, among=relevant):
             if slot in seen:
                 continue
             seen.add(slot)

@@ -23,6 +23,7 @@ region reads alike (`regions/`), never on which router or region process happene
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections.abc import Iterable, Iterator, Sequence
 
 from app import limits
@@ -45,21 +46,26 @@ def default_region(client: str, key: str, regions: Iterable[str]) -> str:
 def placement_slot(client: str, key: str, owned: Sequence[bool]) -> int:
     """The slot of an account opened with (client, key) in a region owning the slots where `owned` is true."""
     assert len(owned) == SLOT_COUNT, len(owned)
-    slot = next((slot for slot in probe_sequence(client, key) if owned[slot]), None)
+    candidates = (slot for slot in range(SLOT_COUNT) if owned[slot])
+    slot = next((slot for slot in probe_sequence(client, key, among=candidates) if owned[slot]), None)
     assert slot is not None, "the region owns at least one slot"
     return slot
 
 
-def probe_sequence(client: str, key: str) -> Iterator[int]:
-    """Every slot in the order (client, key) prefers it: the PLACEMENT_PROBES_MAX hashed probes (a slot may come
-    twice), then all slots by rendezvous weight, highest first (the fallback, computed only when reached). The
-    placement is the first slot of this sequence that the region owns; a retry looks for its earlier answer
-    along the same sequence (app.region.service)."""
+def probe_sequence(client: str, key: str, *, among: Iterable[int] | None = None) -> Iterator[int]:
+    """The slots in the order (client, key) prefers them: the PLACEMENT_PROBES_MAX hashed probes (a slot may come
+    twice), then the slots of `among` (default: all) by rendezvous weight, highest first (the fallback, computed
+    only when reached, over `among` only: a caller that skips every other slot need not rank them). The
+    placement is the first slot of this sequence the region owns; a retry looks for its earlier answer along
+    the same sequence (app.region.service)."""
     for probe in range(limits.PLACEMENT_PROBES_MAX):
         yield _weight("slot", client, key, str(probe)) % SLOT_COUNT
-    weights = [_weight("slot-fallback", client, key, str(slot)) for slot in range(SLOT_COUNT)]
-    # Stable: of equal weights the lowest slot comes first, as max() over ascending slots picked it.
-    yield from sorted(range(SLOT_COUNT), key=lambda slot: -weights[slot])
+    # A heap, not a sort: a caller usually stops after a few slots. Of equal weights the lowest slot comes first.
+    heap = [(-_weight("slot-fallback", client, key, str(slot)), slot)
+            for slot in (range(SLOT_COUNT) if among is None else among)]
+    heapq.heapify(heap)
+    while heap:
+        yield heapq.heappop(heap)[1]
 
 
 def owned_slots(topology: Topology, region: str) -> tuple[bool, ...]:

@@ -8,7 +8,7 @@ from collections import Counter
 
 from app.topology.loader import load_topology
 from app.topology.model import SLOT_COUNT, Region, Shard, SlotRange, Topology
-from app.topology.placement import default_region, owned_slots, placement_slot
+from app.topology.placement import default_region, owned_slots, placement_slot, probe_sequence
 
 KEYS = [(f"client-{i % 7}", f"key-{i}") for i in range(3_000)]
 
@@ -96,3 +96,13 @@ def test_accounts_spread_over_the_region_slots_and_a_region_owning_few_slots_sti
     tiny[4000] = tiny[17] = True  # past the probe bound, rendezvous over the owned slots decides
     placed = Counter(placement_slot(client, key, tiny) for client, key in KEYS)
     assert set(placed) == {17, 4000}, f"expected only owned slots, got {placed}"
+
+
+def test_the_placement_is_the_first_owned_slot_of_the_keys_probe_sequence_fallback_included() -> None:
+    """A retried open walks `probe_sequence` to find where it was placed before (app.region.service): the
+    sequence must order the slots exactly as placement prefers them, past the probes too."""
+    few = tuple(slot < 16 for slot in range(SLOT_COUNT))  # misses every probe for most keys
+    for owned in (owned_slots(load_topology(), "eu-west-1"), few):
+        for client, key in KEYS[:300]:
+            assert placement_slot(client, key, owned) == next(s for s in probe_sequence(client, key) if owned[s]), (
+                f"expected the placement of {key} to be the first owned slot of its probe sequence")

@@ -1,0 +1,103 @@
+"""Where a region looks for a key's first answer before it opens an account (issue 11; RegionLedger._placement):
+nowhere beyond its own slot when no move touched the key's probe sequence, the slot given away when the key's
+slot left the region, the original slot when an earlier one arrived; and nothing changes for a move between
+the region's own shards. The ownership is read through `refresh_ownership` from shards that answer with fixed
+claims (the real reads are proved against PostgreSQL in tests/e2e/test_open_replay_moves.py)."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from app.region.service import RegionLedger
+from app.store.shard import ShardStore
+from app.topology.loader import load_topology
+from app.topology.placement import owned_slots, placement_slot, probe_sequence
+
+REGION = "eu-west-1"
+CLIENT = "client-walk"
+KEYS = [f"key-{i}" for i in range(500)]
+
+
+class _Claims:
+    """A shard that answers its slot claims and arrivals as given."""
+
+    def __init__(self, claims: list[dict[str, Any]], arrivals: list[tuple[int, int]] | None = None) -> None:
+        self.claims = claims
+        self.arrivals = arrivals or []
+
+    async def slot_claims(self) -> list[dict[str, Any]]:
+        return self.claims
+
+    async def slot_arrivals(self) -> list[tuple[int, int]]:
+        return self.arrivals
+
+
+def _claim(lo: int, hi: int, state: str = "owned", owner: tuple[str, str] | None = None) -> dict[str, Any]:
+    region, shard = owner or (None, None)
+    return {"slot_lo": lo, "slot_hi": hi, "epoch": 1, "state": state, "owner_region": region, "owner_shard": shard}
+
+
+async def _ledger(a: _Claims, b: _Claims) -> RegionLedger:
+    ledger = RegionLedger(REGION, load_topology(), cast(dict[str, ShardStore], {"euw1-a": a, "euw1-b": b}))
+    await ledger.refresh_ownership()
+    return ledger
+
+
+def _initial() -> tuple[_Claims, _Claims]:
+    return _Claims([_claim(1366, 2048)]), _Claims([_claim(2049, 2731)])
+
+
+def _without(claims: list[dict[str, Any]], slot: int, state: str, owner: tuple[str, str]) -> list[dict[str, Any]]:
+    """The claims with `slot` split out of its range as `state` (a move's record on its source)."""
+    out = []
+    for c in claims:
+        if c["slot_lo"] <= slot <= c["slot_hi"]:
+            if c["slot_lo"] < slot:
+                out.append(_claim(c["slot_lo"], slot - 1))
+            out.append(_claim(slot, slot, state, owner))
+            if slot < c["slot_hi"]:
+                out.append(_claim(slot + 1, c["slot_hi"]))
+        else:
+            out.append(c)
+    return out
+
+
+async def test_a_key_whose_sequence_meets_no_move_is_placed_as_before_and_looks_nowhere_else() -> None:
+    ledger = await _ledger(*_initial())
+    owned = owned_slots(load_topology(), REGION)
+    for key in KEYS:
+        assert ledger._placement(CLIENT, key) == (placement_slot(CLIENT, key, owned), []), key
+
+
+async def test_the_slot_a_key_was_placed_at_is_looked_at_after_it_left_the_region() -> None:
+    key = KEYS[0]
+    a, b = _initial()
+    first, _ = (await _ledger(a, b))._placement(CLIENT, key)
+    shard = a if first <= 2048 else b
+    shard.claims = _without(shard.claims, first, "moved", ("eu-north-1", "eun1-a"))
+    placed, earlier = (await _ledger(a, b))._placement(CLIENT, key)
+    assert placed != first and earlier == [first], (
+        f"expected the key placed on another slot and its first slot {first} looked at, got {placed}, {earlier}")
+
+
+async def test_the_original_slot_is_looked_at_when_an_earlier_slot_of_the_sequence_arrives() -> None:
+    owned = owned_slots(load_topology(), REGION)
+    key = next(k for k in KEYS if not owned[next(probe_sequence(CLIENT, k))])
+    arriving = next(probe_sequence(CLIENT, key))
+    a, b = _initial()
+    first, _ = (await _ledger(a, b))._placement(CLIENT, key)
+    a.claims = [*a.claims, _claim(arriving, arriving)]
+    a.arrivals = [(arriving, arriving)]
+    assert (await _ledger(a, b))._placement(CLIENT, key) == (arriving, [first]), (
+        f"expected the key placed on the arrived slot {arriving} and its first slot {first} looked at")
+
+
+async def test_a_move_between_the_regions_own_shards_changes_nothing() -> None:
+    key = KEYS[0]
+    a, b = _initial()
+    first, _ = (await _ledger(a, b))._placement(CLIENT, key)
+    source, target = (a, b) if first <= 2048 else (b, a)
+    source.claims = _without(source.claims, first, "moved", (REGION, "euw1-b" if source is a else "euw1-a"))
+    target.claims = [*target.claims, _claim(first, first)]  # no arrival: the slot came from this region
+    assert (await _ledger(a, b))._placement(CLIENT, key) == (first, []), (
+        "expected a move inside the region to change neither the slot nor where the key's answer is looked for")
