@@ -301,8 +301,9 @@ async def test_a_retry_of_a_committed_posting_replays_its_answer_while_its_accou
 async def _one_slot_in_state(make_world: Callable[..., Any], topology: Topology, state: str
                              ) -> tuple[ApiClient, str, str, str, list[str]]:
     """A world, four funded accounts of one shard, and the first one's slot (alone in its range) recorded
-    `state` by that shard as a move records it ('moving': frozen; 'moved': switched away). Returns the API
-    client, the shard, its DSN, that account and the others outside its slot."""
+    `state` by that shard as a move records it ('moving': frozen; 'moved': switched away; 'unowned': no
+    ownership at all, as on a move's target until its switch-in commits). Returns the API client, the shard,
+    its DSN, that account and the others outside its slot."""
     world = make_world()
     region = topology.regions[0].name
     async with world.http(region) as http:
@@ -318,7 +319,9 @@ async def _one_slot_in_state(make_world: Callable[..., Any], topology: Topology,
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute("select txr_slot_split($1, $1)", slot)
-        if state == "moved":
+        if state == "unowned":
+            await conn.execute("delete from slot_ownership where slot_lo = $1", slot)
+        elif state == "moved":
             await conn.execute("""update slot_ownership set state = 'moved', owner_shard = 'elsewhere',
                                   owner_region = 'elsewhere-1', epoch = epoch + 1 where slot_lo = $1""", slot)
         else:
@@ -376,14 +379,15 @@ async def test_a_posting_fenced_by_a_switched_move_costs_only_itself_in_its_grou
     await assert_shard_conserved(dsn)
 
 
-async def test_a_posting_into_an_account_the_switch_holds_is_answered_slot_moving_not_account_busy(
+async def test_a_posting_into_an_account_the_switch_holds_is_answered_slot_moving_without_waiting(
     make_world: Callable[..., Any], topology: Topology,
 ) -> None:
-    """Under a move's freeze a same-shard transfer may still credit an account of the frozen range (until the
-    switch books it out), and the switch holds the range's account rows while it books them out: seconds
-    under load. Such a posting waited out its patience and was answered 409 account_busy, which routers pass
-    to the client (issue 11: "clients see latency, not errors"). It is 503 slot_moving: its router holds it and
-    resends it once the switch has landed. A row held outside any moving range still answers account_busy."""
+    """Under a move's freeze the switch holds the range's account rows while it books them out: seconds under
+    load. A posting into such an account waited for it (its batch's patience, then alone), and was answered 409
+    account_busy, which routers pass to the client (issue 11: "clients see latency, not errors"); later
+    slot_moving, still after the wait, on every resend of a held request. It is answered 503 slot_moving naming
+    the slot before any lock is asked for (migration 0025): its router holds it and resends it once the switch
+    has landed. A row held outside any moving range is still waited for, then answered account_busy."""
     api, shard, dsn, frozen, others = await _one_slot_in_state(make_world, topology, "moving")
     store = await _store(shard, dsn)
     held = [await _lock_row(dsn, frozen), await _lock_row(dsn, others[0])]  # the switch; a stuck session
@@ -393,13 +397,43 @@ async def test_a_posting_into_an_account_the_switch_holds_is_answered_slot_movin
             store.post(_transfer(api, others[1], others[0], 3)),
             return_exceptions=True,
         )
+        # Never waited for: a posting that waits out its patience leaves its account remembered as busy.
+        waited = {account: store._known_busy(account) for account in (frozen, others[0])}
     finally:
         for holder, tx in held:
             await tx.rollback()
             await holder.close()
         await store.close()
-    assert isinstance(into_frozen, SlotMoved), f"expected SlotMoved (503 slot_moving), got {into_frozen!r}"
+    assert isinstance(into_frozen, Outcome), f"expected the refusal as an answer, got {into_frozen!r}"
+    assert (into_frozen.status, into_frozen.body.get("code"), into_frozen.body.get("slot")) == (
+        503, "slot_moving", parse_account_id(frozen).slot), f"expected 503 slot_moving naming the slot: {into_frozen}"
+    assert waited == {frozen: False, others[0]: True}, f"expected only the stuck row waited for: {waited}"
     assert isinstance(into_stuck, AccountBusy), f"expected AccountBusy outside the frozen range, got {into_stuck!r}"
     balances = await _balances(dsn, [frozen, *others[:2]])
     assert balances == dict.fromkeys([frozen, *others[:2]], OPENING_BALANCE), f"expected nothing posted: {balances}"
+
+
+async def test_a_posting_for_a_slot_the_shard_does_not_own_yet_is_answered_without_waiting_for_its_account(
+    make_world: Callable[..., Any], topology: Topology,
+) -> None:
+    """A move's target owns the range only once its switch-in commits, and the switch-in holds the range's
+    account rows while it books them in. A posting that reached the target meanwhile (its region had read the
+    source's `moved`) waited out its patience on those rows and was answered 409 account_busy, since nothing
+    on the target says `moving`. It is answered 421 misdirected at once (migration 0025), which its router
+    holds until its map names the owner."""
+    api, shard, dsn, account, others = await _one_slot_in_state(make_world, topology, "unowned")
+    store = await _store(shard, dsn)
+    holder, tx = await _lock_row(dsn, account)  # the switch-in
+    try:
+        answer = await store.post(_transfer(api, account, others[0], 5))
+        waited = store._known_busy(account)
+    finally:
+        await tx.rollback()
+        await holder.close()
+        await store.close()
+    assert (answer.status, answer.body.get("code"), answer.body.get("slot")) == (
+        421, "misdirected", parse_account_id(account).slot), f"expected 421 misdirected naming the slot: {answer}"
+    assert not waited, "expected the posting answered without waiting for the held account"
+    balances = await _balances(dsn, [account, others[0]])
+    assert balances == dict.fromkeys([account, others[0]], OPENING_BALANCE), f"expected nothing posted: {balances}"
     await assert_shard_conserved(dsn)
