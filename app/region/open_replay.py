@@ -53,8 +53,8 @@ def peer_asker(peers: Upstreams, minter: SagaTokenMinter) -> AskPeer:
         except msgspec.ValidationError:
             raise _unknown(region, "its answer was malformed") from None
         asked = set(slots)
-        answers = [StoredAnswer(a.slot, fingerprint=a.fingerprint, status=a.status, body=a.body, moved_to=a.moved_to)
-                   for a in doc.answers if a.slot in asked]
+        answers = [StoredAnswer(a.slot, fingerprint=a.fingerprint, status=a.status, body=a.body, moved_to=a.moved_to,
+                                in_flight=a.in_flight) for a in doc.answers if a.slot in asked]
         if {a.slot for a in answers} != asked:
             raise _unknown(region, "it did not answer for every slot asked")
         return answers
@@ -78,6 +78,7 @@ class _Answer(msgspec.Struct, kw_only=True):
     status: int | None = None
     body: dict[str, Any] | None = None
     moved_to: tuple[str, str] | None = None
+    in_flight: bool = False
 
 
 class _Answers(msgspec.Struct):
@@ -93,6 +94,7 @@ async def replay_lookup(request: Request[Any, Any, Any]) -> Response[bytes]:
     ledger: RegionLedger = request.app.state.ledger
     answers = await ledger.stored_answers(lookup.client, lookup.key, list(dict.fromkeys(lookup.slots)))
     return json_response(request, 200, {"answers": [
-        {"slot": a.slot, "fingerprint": a.fingerprint, "status": a.status, "body": a.body, "moved_to": a.moved_to}
+        {"slot": a.slot, "fingerprint": a.fingerprint, "status": a.status, "body": a.body, "moved_to": a.moved_to,
+         "in_flight": a.in_flight}
         for a in answers
     ]})

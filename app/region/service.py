@@ -42,6 +42,7 @@ class StoredAnswer:
     status: int | None = None
     body: dict[str, Any] | None = None
     moved_to: tuple[str, str] | None = None  # (region, shard)
+    in_flight: bool = False  # a request with the key is being processed where the slot lives
 
 
 # (region, client, key, slots) -> that region's answers for those slots; raises Problem when it cannot be asked.
@@ -239,6 +240,9 @@ class RegionLedger:
             where = {}
             for region, region_slots in by_region.items():
                 for answer in await self._answers_in(region, client, key, region_slots):
+                    if answer.in_flight:
+                        raise Problem("idempotency_key_in_flight", "a request with this Idempotency-Key is still "
+                                      "being processed; retry it shortly")
                     if answer.moved_to is not None:
                         where[answer.slot] = answer.moved_to[0]
                     elif answer.status is not None:
@@ -285,7 +289,9 @@ class RegionLedger:
         for shard, shard_slots in by_shard.items():
             for row in await self.stores[shard].stored_answers(client, key, shard_slots):
                 slot = int(row["slot"])
-                if row["state"] == "moved":
+                if not row["free"]:
+                    answers.append(StoredAnswer(slot, in_flight=True))
+                elif row["state"] == "moved":
                     self.learn(slot, row["owner_region"], row["owner_shard"])
                     answers.append(StoredAnswer(slot, moved_to=(row["owner_region"], row["owner_shard"])))
                 elif row["state"] in ("owned", "moving") and row["fingerprint"] is not None:
@@ -313,6 +319,11 @@ class RegionLedger:
         if request.metadata is not None:  # so a request without metadata keeps its fingerprint of before
             body["metadata"] = request.metadata
         doc_fingerprint = fingerprint("open_account", body)
+        if len(self._arrivals) < len(self.stores):
+            # Which slots arrived by a move decides where an earlier answer may be: read from every shard first.
+            await self.refresh_ownership()
+            if len(self._arrivals) < len(self.stores):
+                raise ShardUnavailable(f"region {self.region}: a shard's slot ownership has not been read yet")
         for _ in range(limits.OPEN_PLACEMENT_ATTEMPTS_MAX):
             if self._stale:
                 self._stale = False

@@ -887,12 +887,16 @@ class ShardStore:
 
     async def stored_answers(self, client: str, key: str, slots: list[int]) -> list[asyncpg.Record]:
         """For each slot: this shard's claim on it (state, and the owner it moved to) and the answer stored under
-        (client, key) at that slot, read in one snapshot. A plain read: an answer once stored never changes, and
-        a frozen slot still holds its records (and takes no new ones) until the switch marks it moved."""
+        (client, key) at that slot, read in one snapshot. A read: an answer once stored never changes, and a
+        frozen slot still holds its records (and takes no new ones) until the switch marks it moved. `free` is
+        false while a request with this key is being processed here (it holds the key's lock, as
+        txr_idempotency_check takes it): its answer is not stored yet, and the asker answers in flight."""
         return await self._fetch(
             "stored_answers",
-            """select s.slot, o.state, o.owner_region, o.owner_shard, i.fingerprint, i.status_code, i.body
-               from unnest($3::integer[]) as s(slot)
+            """with k as (select pg_try_advisory_xact_lock(hashtextextended($1::text || chr(31) || $2::text, 7))
+                          as free)
+               select s.slot, k.free, o.state, o.owner_region, o.owner_shard, i.fingerprint, i.status_code, i.body
+               from k, unnest($3::integer[]) as s(slot)
                left join slot_ownership o on s.slot between o.slot_lo and o.slot_hi
                left join idempotency i on i.client = $1 and i.key = $2 and i.slot = s.slot""",
             client, key, slots,

@@ -18,6 +18,8 @@ region reads alike (`regions/`), never on which router or region process happene
   whose first probe the region owns never changes). Each probe is uniform over the 4096 slots, so accounts
   spread evenly over the owned slots. Past `PLACEMENT_PROBES_MAX` probes (a region owning very few slots),
   rendezvous over the owned slots decides, which keeps the same properties at the cost of one hash per slot.
+  `probe_sequence` is that whole order; when moves across regions changed a key's slot, the region walks it
+  to find where the key's first answer was stored (app.region.service, `RegionLedger._placement`).
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ comes earlier in the key's sequence moved into the region.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import Counter
 from typing import Any
 
@@ -21,13 +23,13 @@ from app.topology.model import Topology
 from app.topology.placement import owned_slots, placement_slot, probe_sequence
 from tests.e2e.conftest import RouterApi
 from tests.e2e.test_events_slot_move import _move, moving_world  # noqa: F401 - the fixture
-from tests.e2e.test_slot_moves import answered
+from tests.e2e.test_slot_moves import RETRY_FOR_S, RETRY_INTERVAL_S
 from tests.helpers import new_client_id, new_key, poll_until
 from tests.keys import SessionKeys
 
 REGION = "eu-west-1"
 ELSEWHERE = "eun1-a"  # a shard of another region
-# What a client may see while a move settles: held answers the router gave up on, or a key still in flight.
+# What a client retries: held answers the router gave up on, a key still in flight (its own other retry).
 RETRIED_CODES_ALLOWED = {"slot_moving", "misdirected", "idempotency_key_in_flight"}
 
 
@@ -45,10 +47,21 @@ async def _accounts_of(world: Any, client: str) -> set[str]:
     return found
 
 
+async def _open(api: RouterApi, key: str, retried: Counter[str], currency: str = "EUR") -> httpx.Response:
+    """What a client does: retries its open with the same key while the answer says to retry (counted by code)."""
+    give_up = time.monotonic() + RETRY_FOR_S
+    while True:
+        response = await api.open_account(currency, key=key, region=REGION)
+        code = response.json().get("code") if response.status_code >= 400 else None
+        if code not in RETRIED_CODES_ALLOWED:
+            return response
+        retried[str(code)] += 1
+        assert time.monotonic() < give_up, f"expected an answer within {RETRY_FOR_S}s, last: {response.text}"
+        await asyncio.sleep(RETRY_INTERVAL_S)
+
+
 async def _replayed(api: RouterApi, key: str, first: httpx.Response, what: str) -> None:
-    retried: Counter[str] = Counter()
-    again = await answered(lambda: api.open_account(key=key, region=REGION), retried)
-    assert set(retried) <= RETRIED_CODES_ALLOWED, f"expected only held answers on the way, got {retried}"
+    again = await _open(api, key, Counter())
     assert again.status_code == 201 and again.json()["id"] == first.json()["id"], (
         f"expected the first account {first.json()['id']} again {what}, got {again.status_code}: {again.text}")
     assert again.headers.get("idempotent-replayed") == "true", (
@@ -70,7 +83,12 @@ async def test_a_retried_open_replays_after_its_slot_moves_within_the_region_and
         await _replayed(api, key, first, "after its slot moved to the region's other shard")
 
         await _move(moving_world, topology, slot, ELSEWHERE)
-        await _replayed(api, key, first, f"after its slot moved on to {ELSEWHERE} in another region")
+        # Two retries at once, as a client whose first answer was lost may send them: both get the one account.
+        await asyncio.gather(*(_replayed(api, key, first, f"after its slot moved on to {ELSEWHERE} in another region")
+                               for _ in range(2)))
+        other = await _open(api, key, Counter(), currency="USD")
+        assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused", (
+            f"expected another request under the key refused as its reuse after the move, got {other.text}")
 
         assert await _accounts_of(moving_world, client) == {first.json()["id"]}, (
             "expected exactly one account for the client's one key across all shards")
@@ -100,5 +118,28 @@ async def test_a_retried_open_replays_after_a_slot_earlier_in_its_probe_sequence
         await poll_until(region_owns_it, timeout_s=30, what=f"{REGION} answering for slot {earlier}")
         await _replayed(api, key, first, f"after slot {earlier}, earlier in the key's sequence, moved into {REGION}")
 
+        assert await _accounts_of(moving_world, client) == {first.json()["id"]}, (
+            "expected exactly one account for the client's one key across all shards")
+
+
+async def test_a_retried_open_is_refused_not_opened_again_while_the_region_holding_its_slot_cannot_be_asked(
+    moving_world: Any, topology: Topology, keys: SessionKeys,  # noqa: F811
+) -> None:
+    async with httpx.AsyncClient(base_url=moving_world.router.url, timeout=30) as http:
+        client = new_client_id("openkey")
+        api = RouterApi(http, client, keys.client_token(client))
+        key = new_key()
+        first = await api.open_account(key=key, region=REGION)
+        assert first.status_code == 201, first.text
+        await _move(moving_world, topology, parse_account_id(first.json()["id"]).slot, ELSEWHERE)
+
+        moving_world.services["eu-north-1"].kill()
+        refused = await _open(api, key, Counter())
+        assert refused.status_code == 503 and refused.json()["code"] == "region_unavailable", (
+            f"expected 503 region_unavailable while the slot's region cannot be asked, got {refused.text}")
+        assert await _accounts_of(moving_world, client) == {first.json()["id"]}, "expected nothing opened"
+
+        moving_world.restart("eu-north-1")
+        await _replayed(api, key, first, "once the slot's region answers again")
         assert await _accounts_of(moving_world, client) == {first.json()["id"]}, (
             "expected exactly one account for the client's one key across all shards")
