@@ -6,6 +6,7 @@ does not own, builds the posting and hands it to the shard's store. Outcomes are
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -70,10 +71,14 @@ class RegionLedger:
         # topology decides (the databases fence every request anyway).
         self._local: dict[int, str] = {}
         self._moved: dict[int, tuple[str, str]] = {}
-        # Slots that moves switched here from another region, per local shard (an unreachable shard keeps what was
-        # read before): owned now, but not all along, so a key's earlier open may have landed past them.
-        self._arrivals: dict[str, frozenset[int]] = {}
-        self._arrived: frozenset[int] = frozenset()
+        # Moves that switched slots here from another region, per local shard (an unreachable shard keeps what
+        # was read before): (lo, hi, switched_at). Such a slot is owned now but not all along, so a key's earlier
+        # open may have landed past it. `_arrived_at`: each slot's latest arrival; `_first_arrival_at`: the
+        # earliest of them all, when every slot the region owns or gave away came by a move (before it the
+        # region owned nothing and opened nothing), else None.
+        self._arrivals: dict[str, list[tuple[int, int, datetime.datetime]]] = {}
+        self._arrived_at: dict[int, datetime.datetime] = {}
+        self._first_arrival_at: datetime.datetime | None = None
         # Asks another region for the answers it holds under (client, key) at slots that moved there from here
         # (set by the composition root: the peers' pool and the region-to-region token).
         self.ask_peer: AskPeer | None = None
@@ -90,8 +95,7 @@ class RegionLedger:
         for name, store in self.stores.items():
             try:
                 claims = await store.slot_claims()
-                self._arrivals[name] = frozenset(
-                    slot for lo, hi in await store.slot_arrivals() for slot in range(lo, hi + 1))
+                self._arrivals[name] = await store.slot_arrivals()
             except ShardUnavailable:
                 continue
             for slot in [s for s, owner in local.items() if owner == name]:
@@ -105,10 +109,24 @@ class RegionLedger:
                         local.pop(slot, None)
                         moved[slot] = (claim["owner_region"], claim["owner_shard"])
         self._local, self._moved = local, moved
-        self._arrived = frozenset().union(*self._arrivals.values())
         if local:
             self._owned = tuple(slot in local for slot in range(len(self._owned)))
+        self._learn_arrivals()
         self.ownership_known = True
+
+    def _learn_arrivals(self) -> None:
+        """`_arrived_at` and `_first_arrival_at` from the arrivals read (after `_owned` and `_moved`)."""
+        arrived_at: dict[int, datetime.datetime] = {}
+        for lo, hi, at in (arrival for rows in self._arrivals.values() for arrival in rows):
+            for slot in range(lo, hi + 1):
+                if slot not in arrived_at or at > arrived_at[slot]:
+                    arrived_at[slot] = at
+        self._arrived_at = arrived_at
+        had = [slot for slot in range(len(self._owned)) if self._owned[slot]] + list(self._moved)
+        if arrived_at and all(slot in arrived_at for slot in had):
+            self._first_arrival_at = min(at for rows in self._arrivals.values() for _, _, at in rows)
+        else:
+            self._first_arrival_at = None
 
     def owner_of(self, slot: int) -> tuple[str, str]:
         """(region, shard) that owns `slot` as far as this region knows: its own shards' records first (a
@@ -201,9 +219,11 @@ class RegionLedger:
         open stays at the slot it was opened at, which may have left since, or come after a slot that arrived.
         So the walk goes on along the sequence past the slot placed, collecting the slots where that answer may
         be: those this region owns but received by a move, and those it owned and gave away (`_moved`), up to
-        the first slot it has owned all along: an open before now landed there at the latest. Slots never
-        this region's are skipped. When a key's sequence meets no move before its first slot (nearly every
-        key), the list is empty and the open costs what it always did: its own check of the key."""
+        the first slot it owns that has been its own since before any open here could have been placed past it:
+        owned all along, or (in a region whose every slot came by a move) owned since the first move brought
+        the region any slot. An open before now landed there at the latest. Slots never this region's are
+        skipped. When a key's sequence meets no move before its first slot (nearly every key, after a few
+        moves), the list is empty and the open costs what it always did: its own check of the key."""
         placed: int | None = None
         earlier: list[int] = []
         seen: set[int] = set()
@@ -218,7 +238,8 @@ class RegionLedger:
                     placed = slot
                 else:
                     earlier.append(slot)
-                if slot not in self._arrived:
+                arrived_at = self._arrived_at.get(slot)
+                if arrived_at is None or (self._first_arrival_at is not None and arrived_at <= self._first_arrival_at):
                     break
             elif slot in self._moved:
                 earlier.append(slot)

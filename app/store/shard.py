@@ -874,16 +874,16 @@ class ShardStore:
         )
         return [dict(r) for r in rows]
 
-    async def slot_arrivals(self) -> list[tuple[int, int]]:
-        """The slot ranges that moves switched here from another region (issue 11): this region has not owned
-        them all along, so an account opened here earlier may sit at a slot that left meanwhile."""
+    async def slot_arrivals(self) -> list[tuple[int, int, datetime.datetime]]:
+        """The slot ranges that moves switched here from another region, and when (issue 11): this region has
+        not owned them all along, so an account opened here earlier may sit at a slot that left meanwhile."""
         rows = await self._fetch(
             "slot_arrivals",
-            """select slot_lo, slot_hi from slot_moves
-               where role = 'target' and phase in ('switched', 'done')
+            """select slot_lo, slot_hi, switched_at from slot_moves
+               where role = 'target' and phase in ('switched', 'done') and switched_at is not null
                  and source_region <> (select region from shard_info)""",
         )
-        return [(int(r["slot_lo"]), int(r["slot_hi"])) for r in rows]
+        return [(int(r["slot_lo"]), int(r["slot_hi"]), r["switched_at"]) for r in rows]
 
     async def stored_answers(self, client: str, key: str, slots: list[int]) -> list[asyncpg.Record]:
         """For each slot: this shard's claim on it (state, and the owner it moved to) and the answer stored under

@@ -1,11 +1,13 @@
 """Where a region looks for a key's first answer before it opens an account (issue 11; RegionLedger._placement):
 nowhere beyond its own slot when no move touched the key's probe sequence, the slot given away when the key's
 slot left the region, the original slot when an earlier one arrived; and nothing changes for a move between
-the region's own shards. The ownership is read through `refresh_ownership` from shards that answer with fixed
+the region's own shards; in a region whose every slot came by a move, no further than the first range that
+came. The ownership is read through `refresh_ownership` from shards that answer with fixed
 claims (the real reads are proved against PostgreSQL in tests/e2e/test_open_replay_moves.py)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from app.region.service import RegionLedger
@@ -16,19 +18,20 @@ from app.topology.placement import owned_slots, placement_slot, probe_sequence
 REGION = "eu-west-1"
 CLIENT = "client-walk"
 KEYS = [f"key-{i}" for i in range(500)]
+EARLY = datetime(2026, 11, 28, 6, 0, tzinfo=UTC)
 
 
 class _Claims:
     """A shard that answers its slot claims and arrivals as given."""
 
-    def __init__(self, claims: list[dict[str, Any]], arrivals: list[tuple[int, int]] | None = None) -> None:
+    def __init__(self, claims: list[dict[str, Any]], arrivals: list[tuple[int, int, datetime]] | None = None) -> None:
         self.claims = claims
         self.arrivals = arrivals or []
 
     async def slot_claims(self) -> list[dict[str, Any]]:
         return self.claims
 
-    async def slot_arrivals(self) -> list[tuple[int, int]]:
+    async def slot_arrivals(self) -> list[tuple[int, int, datetime]]:
         return self.arrivals
 
 
@@ -87,7 +90,7 @@ async def test_the_original_slot_is_looked_at_when_an_earlier_slot_of_the_sequen
     a, b = _initial()
     first, _ = (await _ledger(a, b))._placement(CLIENT, key)
     a.claims = [*a.claims, _claim(arriving, arriving)]
-    a.arrivals = [(arriving, arriving)]
+    a.arrivals = [(arriving, arriving, EARLY)]
     assert (await _ledger(a, b))._placement(CLIENT, key) == (arriving, [first]), (
         f"expected the key placed on the arrived slot {arriving} and its first slot {first} looked at")
 
@@ -101,3 +104,16 @@ async def test_a_move_between_the_regions_own_shards_changes_nothing() -> None:
     target.claims = [*target.claims, _claim(first, first)]  # no arrival: the slot came from this region
     assert (await _ledger(a, b))._placement(CLIENT, key) == (first, []), (
         "expected a move inside the region to change neither the slot nor where the key's answer is looked for")
+
+
+async def test_in_a_region_whose_every_slot_arrived_the_walk_stops_at_the_range_that_arrived_first() -> None:
+    """Before its first range arrived the region owned nothing and opened nothing: a slot of that range is as good
+    a stop as a slot owned all along, so a region filled by moves does not walk every key's whole sequence."""
+    a = _Claims([_claim(1366, 2048)], [(1366, 2048, EARLY)])
+    b = _Claims([_claim(2049, 2731)], [(2049, 2731, EARLY + timedelta(minutes=5))])
+    ledger = await _ledger(a, b)
+    for key in KEYS:
+        placed, earlier = ledger._placement(CLIENT, key)
+        in_first = [slot for slot in [placed, *earlier] if slot <= 2048]
+        assert len(in_first) == 1 and [placed, *earlier][-1] == in_first[0], (
+            f"expected the walk of {key} to end at its first slot of the range that arrived first: {placed}, {earlier}")
