@@ -227,7 +227,8 @@ EMF_INTERVAL_S = 60.0  # how often a region or router writes its CloudWatch metr
 PLACEMENT_PROBES_MAX = 64
 # A retried open whose key's probe sequence a slot move touched (issue 11, app/region/service.py) looks for the
 # key's first answer along the sequence before it opens: in this region's shards, and in the regions its slots
-# moved to. A slot that moved on again is followed at most OPEN_REPLAY_HOPS_MAX times; each region asked answers
+# moved to. A slot that moved on again is followed at most OPEN_REPLAY_HOPS_MAX times, then the open is answered
+# 503 slot_moving (views of a just-switched slot disagree for a moment; routers hold it); each region asked answers
 # within OPEN_REPLAY_PEER_TIMEOUT_S, else the open is refused 503 region_unavailable (nothing written, the
 # client retries with its key); one call names at most OPEN_REPLAY_SLOTS_PER_CALL_MAX slots (its body stays
 # under REQUEST_BODY_BYTES_MAX).

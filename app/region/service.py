@@ -271,8 +271,10 @@ class RegionLedger:
             if not where:
                 break
         if where:
-            raise Problem("region_unavailable", "where this Idempotency-Key was first used could not be found "
-                          "after its slot moved; nothing was written, retry with the same key",
+            # The regions' views of a slot that just moved disagree for a moment: answered like a frozen slot
+            # (routers hold it and send it again), never by opening.
+            raise Problem("slot_moving", f"slot {min(where)}, where this Idempotency-Key may have been used "
+                          "before, has just moved; nothing was written, retry with the same key",
                           headers={"retry-after": str(limits.SLOT_MOVING_RETRY_AFTER_S)})
         first = next((stored[slot] for slot in slots if slot in stored), None)
         if first is None:
@@ -298,7 +300,10 @@ class RegionLedger:
         """What this region's shards hold under (client, key) at each slot, or where the slot went (this
         region's own view, for a slot none of its shards claims: the asker follows it there)."""
         if any(self.owner_of(slot)[0] != self.region for slot in slots):
-            await self._refresh_on_miss()  # a slot that just arrived may not be known here yet
+            # A slot that just arrived may not be known here yet. Read now, not at most every
+            # SLOT_OWNERSHIP_REFRESH_ON_MISS_MS: a walk's hops follow each other within milliseconds, and an
+            # answer from a view a moment old would send the asker back and forth until its hops run out.
+            await self.refresh_ownership()
         by_shard: dict[str, list[int]] = defaultdict(list)
         answers: list[StoredAnswer] = []
         for slot in slots:

@@ -4,8 +4,9 @@ services and a router as processes, the mover moving single slots.
 The region places a new account at the first slot of the key's probe sequence that it owns now
 (app.topology.placement), and the account's idempotency record moves with that slot. Proved here: a retry
 with the same key gets the first answer again, marked replayed, and no second account exists in any shard,
-after the key's slot moved to another shard of the region, then to another region, and after a slot that
-comes earlier in the key's sequence moved into the region.
+after the key's slot moved to another shard of the region, then to another region and on to a third, and after
+a slot that comes earlier in the key's sequence moved into the region; while the region holding the slot
+cannot be asked, the retry is refused and nothing is opened.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tests.keys import SessionKeys
 
 REGION = "eu-west-1"
 ELSEWHERE = "eun1-a"  # a shard of another region
+FURTHER = "use1-a"  # a shard of a third region
 # What a client retries: held answers the router gave up on, a key still in flight (its own other retry).
 RETRIED_CODES_ALLOWED = {"slot_moving", "misdirected", "idempotency_key_in_flight"}
 
@@ -68,7 +70,7 @@ async def _replayed(api: RouterApi, key: str, first: httpx.Response, what: str) 
         f"expected the retry {what} marked Idempotent-Replayed: true, got headers {dict(again.headers)}")
 
 
-async def test_a_retried_open_replays_after_its_slot_moves_within_the_region_and_then_to_another_region(
+async def test_a_retried_open_replays_after_its_slot_moves_within_the_region_then_to_other_regions(
     moving_world: Any, topology: Topology, keys: SessionKeys,  # noqa: F811
 ) -> None:
     async with httpx.AsyncClient(base_url=moving_world.router.url, timeout=30) as http:
@@ -89,6 +91,10 @@ async def test_a_retried_open_replays_after_its_slot_moves_within_the_region_and
         other = await _open(api, key, Counter(), currency="USD")
         assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused", (
             f"expected another request under the key refused as its reuse after the move, got {other.text}")
+
+        # Moved on again: the region's own record names eu-north-1, which names the slot's next owner.
+        await _move(moving_world, topology, slot, FURTHER)
+        await _replayed(api, key, first, f"after its slot moved on again to {FURTHER}")
 
         assert await _accounts_of(moving_world, client) == {first.json()["id"]}, (
             "expected exactly one account for the client's one key across all shards")
