@@ -109,7 +109,13 @@ class Grouped(Generic[_Item, _Result]):
             while self._waiting:
                 batch = self._waiting[: self._batch_max]
                 del self._waiting[: self._batch_max]
-                await self._send(batch)
+                try:
+                    await self._send(batch)
+                except Exception as exc:  # a bug here: its callers get it, and the worker serves the next ones
+                    log.error("grouped_call_failed", extra={"call": self._name, "error_type": type(exc).__name__})
+                    for _, future, _ in batch:
+                        if not future.done():
+                            future.set_exception(exc)
         finally:
             if self._worker is asyncio.current_task():
                 self._worker = None
