@@ -267,13 +267,9 @@ class ShardStore:
         self._alone_tasks: set[asyncio.Task[None]] = set()
         self._alone_futures: set[asyncio.Future[Outcome]] = set()  # postings a retry-alone task answers
         self._busy_until: dict[str, float] = {}  # account -> monotonic time it is known busy until
-        # The saga's single messages (the fast path, a lone redelivery) grouped per shard (app/store/grouped.py).
+        # The saga's single messages applied here (the fast path's, a lone redelivery), grouped (app/store/grouped.py).
         self._apply_grouped: Grouped[dict[str, Any], dict[str, Any]] = Grouped(
             f"saga-apply-{name}", self.saga_apply, self.saga_apply_isolated,
-            batch_max=limits.SAGA_GROUPED_MESSAGES_MAX, waiting_max=limits.SAGA_GROUPED_WAITING_MAX,
-        )
-        self._settle_grouped: Grouped[dict[str, Any], dict[str, Any]] = Grouped(
-            f"saga-settle-{name}", self._settle_answer, self.saga_settle_isolated,
             batch_max=limits.SAGA_GROUPED_MESSAGES_MAX, waiting_max=limits.SAGA_GROUPED_WAITING_MAX,
         )
 
@@ -283,7 +279,6 @@ class ShardStore:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._apply_grouped.close()
-        await self._settle_grouped.close()
         if self._probe is not None:
             self._probe.terminate()
         await self.pool.close()
@@ -438,9 +433,9 @@ class ShardStore:
         """Apply, once, a saga debited here whose credit slot has since moved here (migration 0008)."""
         return dict(await self._call("saga_apply_own", "select txr_saga_apply_own($1::jsonb)", message))
 
-    async def saga_settle(self, transfer_id: str, outcome: str, reason: str | None, **span: Any) -> dict[str, Any]:
+    async def saga_settle(self, transfer_id: str, outcome: str, reason: str | None) -> dict[str, Any]:
         """Post or return a pending transfer on the destination's answer; returns the transfer's body."""
-        async with self._connection("saga_settle", **span) as conn:
+        async with self._connection("saga_settle") as conn:
             body = await conn.fetchval("select txr_saga_settle($1, $2, $3)", transfer_id, outcome, reason)
         return dict(body)
 
@@ -452,27 +447,15 @@ class ShardStore:
         except GroupFull as exc:
             raise ShardUnavailable(f"shard {self.name}: {exc}") from None
 
-    async def saga_settle_one(self, transfer_id: str, outcome: str, reason: str | None) -> dict[str, Any]:
-        """`saga_settle`, in one transaction with the other answers settled here at the same time."""
-        try:
-            return await self._settle_grouped({"transfer_id": transfer_id, "outcome": outcome, "reason": reason})
-        except GroupFull as exc:
-            raise ShardUnavailable(f"shard {self.name}: {exc}") from None
-
-    async def _settle_answer(self, answer: dict[str, Any], **span: Any) -> dict[str, Any]:
-        return await self.saga_settle(answer["transfer_id"], answer["outcome"], answer["reason"], **span)
-
     async def saga_apply_isolated(
         self, messages: list[dict[str, Any]], **span: Any
     ) -> list[dict[str, Any] | Exception]:
         """`saga_apply_batch`, isolating any message that fails (`isolated`); a lost database is raised."""
         return await isolated(functools.partial(self.saga_apply_batch, **span), messages, split_on=_SPLIT_ON)
 
-    async def saga_settle_isolated(
-        self, answers: list[dict[str, Any]], **span: Any
-    ) -> list[dict[str, Any] | Exception]:
+    async def saga_settle_isolated(self, answers: list[dict[str, Any]]) -> list[dict[str, Any] | Exception]:
         """`saga_settle_batch`, isolating any answer that fails (`isolated`); a lost database is raised."""
-        return await isolated(functools.partial(self.saga_settle_batch, **span), answers, split_on=_SPLIT_ON)
+        return await isolated(self.saga_settle_batch, answers, split_on=_SPLIT_ON)
 
     async def saga_apply_batch(self, messages: list[dict[str, Any]], **span: Any) -> list[dict[str, Any]]:
         """Apply many saga messages addressed to this shard in one transaction (migration 0017): one result
@@ -483,11 +466,11 @@ class ShardStore:
         assert len(results) == len(messages), (len(results), len(messages))
         return [dict(result) for result in results]
 
-    async def saga_settle_batch(self, answers: list[dict[str, Any]], **span: Any) -> list[dict[str, Any]]:
+    async def saga_settle_batch(self, answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Settle many sagas debited here in one transaction (migration 0017); `answers` are
         {"transfer_id", "outcome", "reason"}; returns each transfer's body, in order."""
         bodies = await self._call("saga_settle", "select txr_saga_settle_batch($1::jsonb)", answers,
-                                  batch_size=len(answers), **span)
+                                  batch_size=len(answers))
         assert len(bodies) == len(answers), (len(bodies), len(answers))
         return [dict(body) for body in bodies]
 
