@@ -103,8 +103,16 @@ def plan(*, across_regions: bool) -> Plan:
 
 def run(*, accounts: int, entries: int, clients: int, seconds: float, across_regions: bool = False,
         as_json: bool = False) -> int:
-    figures = measure(accounts=accounts, entries=entries, clients=clients, seconds=seconds,
-                      across_regions=across_regions)
+    try:
+        figures = measure(accounts=accounts, entries=entries, clients=clients, seconds=seconds,
+                          across_regions=across_regions)
+    except Exception as exc:  # still one JSON object as the last line, naming the failure (a benchmark's report)
+        error = (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)[:300]
+        print(f"txroute bench move failed: {error}", flush=True)
+        if as_json:
+            print_json({"phase": "failed", "error": error, "accounts": accounts, "entries": entries,
+                        "clients": clients, "across_regions": across_regions})
+        return 1
     if as_json:
         print_json(figures)
     clean = figures["audit_clean"] and figures["money_conserved"] and figures["acknowledged_posted_once"]

@@ -15,10 +15,13 @@ records in `slot_moves` on the source and the target shard database.
                 (Mover.verify_changed, which says why that is enough); a mover resumed without its pre-verify
                 compares every row of the range (Mover.verify). A difference aborts the move and unfreezes
                 the source
-    switch      source: every account of the range booked to zero against the transit account towards the
-                target, balances recorded (`switching`); target: the same balances booked in, the range owned
-                with epoch + 1 (`switched`); source: the range `moved`, naming the target
-    cleanup     the source's stored answers and inbox rows of the range are deleted (its journal stays, archived)
+    switch      source: the balances recorded, the range's total per currency booked out in one posting
+                against the transit account towards the target (its range account `mvr_<move>_<currency>`
+                debited), the range `moved`, naming the target (`switching`); target: the recorded balances
+                booked in, one posting per account, the range owned with epoch + 1 (`switched`)
+    cleanup     source: each account of the range booked to zero against its range account (migration 0028:
+                outside the freeze), and the range's stored answers and inbox rows deleted (its journal stays,
+                archived)
 
 Every step is idempotent and recorded before the next begins, so running the mover again after any crash (of
 the mover, a database, a regional service) continues from the recorded phase. Before `switching` a move can be
@@ -97,9 +100,11 @@ class MoveSpec:
             f"{limits.SLOT_MOVING_RETRY_AFTER_S} s), wait up to {limits.MOVE_PENDING_SAGAS_WAIT_S:g} s for sagas "
             "debited from it, verify the row counts and the rows that differed or changed since the pre-verify "
             "(a difference aborts and unfreezes)",
-            f"switch: balances booked out on {self.source_shard} and in on {self.target_shard}, which owns the "
-            f"range with epoch {self.epoch}; {self.source_shard} answers 421 naming it",
-            f"clean up: {self.source_shard} deletes the range's stored answers and inbox rows (its journal stays)",
+            f"switch: balances booked out on {self.source_shard} (one posting per currency) and in on "
+            f"{self.target_shard}, which owns the range with epoch {self.epoch}; {self.source_shard} answers 421 "
+            "naming it",
+            f"clean up: {self.source_shard} books each of the range's accounts to zero and deletes the range's "
+            "stored answers and inbox rows (its journal stays)",
         ]
 
 
@@ -484,7 +489,8 @@ class Mover:
         if not answer["ok"]:  # a saga debited from the range is pending again: cannot happen under the freeze
             await self.cancel(spec, phase="aborted", reason=f"{answer['pending_sagas']} sagas pending at the switch")
             return "aborted"
-        self.progress(f"{spec.id}: switching: {len(answer['balances'])} accounts booked out of {spec.source_shard}")
+        self.progress(f"{spec.id}: switching: {len(answer['balances'])} accounts booked out of {spec.source_shard} "
+                      "(one posting per currency)")
         return "switching"
 
     async def _sagas_settled(self, spec: MoveSpec) -> bool:
@@ -642,6 +648,9 @@ class Mover:
 
     async def _cleanup(self, spec: MoveSpec) -> None:
         async with self.connect(spec.source_shard) as src, src.transaction():
+            booked = json.loads(await src.fetchval("select txr_move_book_out($1)::text", spec.id))["booked"]
+            if booked:
+                self.progress(f"{spec.id}: cleanup: {booked} accounts booked to zero on {spec.source_shard}")
             for table in SLOT_TABLES:
                 if table.source_after_switch == "delete":
                     await src.execute(

@@ -316,6 +316,55 @@ async def test_a_mover_stopped_after_a_phase_completes_the_move_when_run_again(b
     assert report.clean, report.text()
 
 
+async def test_the_switch_books_the_range_out_at_once_and_the_cleanup_books_each_account(bench: Bench) -> None:
+    """Migration 0028: under the freeze the source books the range out in one posting per currency against its
+    range account; its customer accounts keep their balances, offset by it, until the cleanup books each to zero
+    after the switch. The audit is clean in between, and a move back into the source waits for that cleanup."""
+    retried: Counter[str] = Counter()
+    inside, _ = await open_accounts(bench, retried)
+    spec = await bench.mover().spec(*RANGE, "use1-a")
+    await bench.mover().begin(spec)
+    with pytest.raises(MoverStopped):
+        await bench.mover(stop_after="switched").run(spec)
+    source_dsn = bench.world.shard_dsns()[SOURCE]
+
+    async def source_rows() -> tuple[int, int, int, int]:
+        conn = await asyncpg.connect(source_dsn)
+        try:
+            row = await conn.fetchrow(
+                """select (select coalesce(sum(balance), 0) from accounts
+                           where kind = 'customer' and slot between $1 and $2) as customers,
+                          (select coalesce(sum(balance), 0) from accounts where kind = 'range'
+                           and id like 'mvr_' || substr($3, 4) || '_%') as range_accounts,
+                          (select count(*) from transfers where kind = 'move' and reference = $3) as postings,
+                          (select count(*) from accounts where kind = 'customer' and slot between $1 and $2
+                           and balance <> 0) as not_zero""",
+                *RANGE, spec.id)
+            return int(row["customers"]), int(row["range_accounts"]), int(row["postings"]), int(row["not_zero"])
+        finally:
+            await conn.close()
+
+    switched = await source_rows()
+    report_switched = await audit(bench.world.shard_dsns(), full=True)
+    back = await bench.mover().spec(*RANGE, SOURCE)
+    with pytest.raises(MoveRefused, match="cleanup_pending"):
+        await bench.mover().begin(back)
+    phase = await bench.mover().run(await bench.mover().spec(*RANGE, "use1-a"))
+    done = await source_rows()
+    report_done = await audit(bench.world.shard_dsns(), full=True)
+
+    expected = INITIAL_BALANCE * len(inside)
+    assert switched == (expected, -expected, 1, len(inside)), (
+        f"expected the range's {expected} booked out in one posting against its range account, the accounts "
+        f"untouched: (customers, range accounts, postings, accounts not at zero) = {switched}")
+    assert report_switched.clean, report_switched.text()
+    assert phase == "done", bench.log[-5:]
+    assert done == (0, 0, 1 + len(inside), 0), (
+        f"expected each account booked to zero in the cleanup and the range account at zero: {done}")
+    assert report_done.clean, report_done.text()
+    assert await bench.owner(RANGE[0]) == ("use1-a", 2)
+
+
 @pytest.mark.parametrize("bench", [{"eu-north-1": PAUSED, "eu-west-1": PAUSED}], indirect=True)
 async def test_pending_sagas_hold_the_switch_and_a_message_to_a_moved_slot_is_readdressed(bench: Bench) -> None:
     """A saga debited from the range and still pending holds the switch: the first move aborts after its bounded
