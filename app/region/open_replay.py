@@ -54,7 +54,7 @@ def peer_asker(peers: Upstreams, minter: SagaTokenMinter) -> AskPeer:
             raise _unknown(region, "its answer was malformed") from None
         asked = set(slots)
         answers = [StoredAnswer(a.slot, fingerprint=a.fingerprint, status=a.status, body=a.body, moved_to=a.moved_to,
-                                in_flight=a.in_flight) for a in doc.answers if a.slot in asked]
+                                in_flight=a.in_flight, arriving=a.arriving) for a in doc.answers if a.slot in asked]
         if {a.slot for a in answers} != asked:
             raise _unknown(region, "it did not answer for every slot asked")
         return answers
@@ -79,6 +79,7 @@ class _Answer(msgspec.Struct, kw_only=True):
     body: dict[str, Any] | None = None
     moved_to: tuple[str, str] | None = None
     in_flight: bool = False
+    arriving: bool = False
 
 
 class _Answers(msgspec.Struct):
@@ -95,6 +96,6 @@ async def replay_lookup(request: Request[Any, Any, Any]) -> Response[bytes]:
     answers = await ledger.stored_answers(lookup.client, lookup.key, list(dict.fromkeys(lookup.slots)))
     return json_response(request, 200, {"answers": [
         {"slot": a.slot, "fingerprint": a.fingerprint, "status": a.status, "body": a.body, "moved_to": a.moved_to,
-         "in_flight": a.in_flight}
+         "in_flight": a.in_flight, "arriving": a.arriving}
         for a in answers
     ]})

@@ -44,6 +44,9 @@ class StoredAnswer:
     body: dict[str, Any] | None = None
     moved_to: tuple[str, str] | None = None  # (region, shard)
     in_flight: bool = False  # a request with the key is being processed where the slot lives
+    # The slot is on its way to the shard the region names for it (a move's switch-in has not committed there;
+    # its copies of the stored answers may be incomplete): whether it holds an answer is not known yet.
+    arriving: bool = False
 
 
 # (region, client, key, slots) -> that region's answers for those slots; raises Problem when it cannot be asked.
@@ -202,12 +205,15 @@ class RegionLedger:
         """A shard database answered that `slot` moved to (region, shard): route it there from now on, and read
         the whole map again before the next request (its neighbours moved with it)."""
         self._stale = True
-        if region == self.region and shard in self.stores:
+        here = region == self.region and shard in self.stores
+        if here:
             self._local[slot] = shard
             self._moved.pop(slot, None)
         else:
             self._local.pop(slot, None)
             self._moved[slot] = (region, shard)
+        if self._owned[slot] != here:  # placement reads the slot set: keep it the same view
+            self._owned = tuple(here if s == slot else owned for s, owned in enumerate(self._owned))
 
     def _placement(self, client: str, key: str) -> tuple[int, list[int]]:
         """Where an account opened with this key lives now, and where an earlier open of it may have stored its
@@ -264,6 +270,10 @@ class RegionLedger:
                     if answer.in_flight:
                         raise Problem("idempotency_key_in_flight", "a request with this Idempotency-Key is still "
                                       "being processed; retry it shortly")
+                    if answer.arriving:  # as for a frozen slot: routers hold it and send it again
+                        raise Problem("slot_moving", f"slot {answer.slot}, where this Idempotency-Key may have "
+                                      "been used before, is moving; nothing was written, retry with the same key",
+                                      headers={"retry-after": str(limits.SLOT_MOVING_RETRY_AFTER_S)})
                     if answer.moved_to is not None:
                         where[answer.slot] = answer.moved_to[0]
                     elif answer.status is not None:
@@ -323,7 +333,11 @@ class RegionLedger:
                 elif row["state"] in ("owned", "moving") and row["fingerprint"] is not None:
                     answers.append(StoredAnswer(slot, fingerprint=row["fingerprint"], status=int(row["status_code"]),
                                                 body=row["body"]))
-                else:  # owned and nothing stored; or a claim this shard does not have, so no answer of its own
+                elif row["state"] is None:
+                    # No claim at all: a move's target before its switch-in commits (the range's answers are
+                    # being copied here), or a view of the region's a moment old. Never "nothing stored".
+                    answers.append(StoredAnswer(slot, arriving=True))
+                else:  # owned and nothing stored
                     answers.append(StoredAnswer(slot))
         return answers
 
@@ -359,7 +373,13 @@ class RegionLedger:
                 prior = await self._earlier_answer(client, key, doc_fingerprint, earlier)
                 if prior is not None:
                     return prior
-            outcome = await (await self.store_for_slot(slot)).open_account(
+            try:
+                store = await self.store_for_slot(slot)
+            except Problem as problem:
+                if problem.code != "misdirected":
+                    raise
+                continue  # the view changed under the placement (store_for_slot has read it again): place again
+            outcome = await store.open_account(
                 {
                     "client": client,
                     "key": key,
@@ -371,12 +391,19 @@ class RegionLedger:
                     "metadata": request.metadata,
                 }
             )
-            if not (outcome.status == 421 and "owner_shard" in outcome.body):
+            if outcome.status != 421:
                 return outcome
-            # The slot's database says it moved after this region placed the key there (its view was a moment
-            # behind): nothing was written; learn where it went and place again, so the walk asks its new owner.
-            self.learn(slot, str(outcome.body["owner_region"]), str(outcome.body["owner_shard"]))
-        return outcome
+            # The slot's database says it moved after this region placed the key there, or claims it not yet (a
+            # move's switch-in): this region's view was a moment behind. Nothing was written; learn where it
+            # went (or read the claims again) and place again, so the walk asks its new owner.
+            if "owner_shard" in outcome.body:
+                self.learn(slot, str(outcome.body["owner_region"]), str(outcome.body["owner_shard"]))
+            else:
+                self._stale = True
+        # Never the internal 421 to a client: the placement is changing under a move, as for a frozen slot.
+        raise Problem("slot_moving", "the slot this account is placed on is changing owner; nothing was written, "
+                      "retry with the same Idempotency-Key",
+                      headers={"retry-after": str(limits.SLOT_MOVING_RETRY_AFTER_S)})
 
     async def deposit(self, client: str, key: str, request: FundsRequest) -> Outcome:
         return await self._funds(PostingKind.DEPOSIT, client, key, request)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from app import telemetry
+from app import limits, telemetry
 from app.api.schemas import BatchItem, BatchRequest
 from app.api.upstreams import Answer
 from app.errors import Problem
@@ -71,6 +71,15 @@ async def post_split_batch(
         except Problem as problem:
             if problem.code != "slot_moving":
                 raise
+        # A 421 still there past the hold is a slot whose new owner does not claim it yet (a move's switch-in):
+        # the client sees it as the frozen slot it still is, never the routers' internal 421.
+        for i in held:
+            result = results[i]
+            if result is not None and result["status"] == 421:
+                retry_after = limits.SLOT_MOVING_RETRY_AFTER_S
+                results[i] = {"status": 503, "code": "slot_moving", "slot": result.get("slot"),
+                              "detail": f"this item's slot is moving to another shard; nothing was written; retry "
+                                        f"after {retry_after} s with the same Idempotency-Key"}
     assert all(result is not None for result in results)
     body = {"atomic": False, "items": results}
     headers = list(_JSON_HEADERS)

@@ -189,3 +189,25 @@ async def test_a_request_held_past_the_bound_is_answered_503_slot_moving_and_its
 
 async def _at_least(gate: Gate, refused: int) -> bool:
     return gate.refused >= refused
+
+
+@pytest.mark.parametrize("gated_router", ["0.3"], indirect=True)
+async def test_batch_items_whose_slot_no_shard_claims_yet_are_answered_slot_moving_past_the_hold(
+    gate: Gate, gated_router: ServiceProcess, gated_api: RouterApi,
+) -> None:
+    """A move's target claims its range only once its switch-in commits (seconds at 10,000 accounts), and
+    meanwhile answers 421 at once (migration 0025). A non-atomic batch's items still answered 421 when the hold
+    ran out kept that answer: the client saw the routers' internal 421. They are 503 slot_moving, as a single
+    request is, and their retry with the same key posts them once."""
+    account = (await gated_api.open_account("EUR", region=REGION)).json()["id"]
+    items = [{"type": "deposit", "account": account, "amount": amount, "currency": "EUR"} for amount in (5, 7)]
+    key = new_key()
+    gate.misdirected = True
+    held = await gated_api.post("/v1/batches", {"atomic": False, "items": items}, key=key)
+    gate.misdirected = False
+    retried = await gated_api.post("/v1/batches", {"atomic": False, "items": items}, key=key)
+
+    assert held.status_code == 200, held.text
+    assert [(i["status"], i["code"]) for i in held.json()["items"]] == [(503, "slot_moving")] * 2, held.text
+    assert retried.status_code == 200 and [i["status"] for i in retried.json()["items"]] == [201, 201], retried.text
+    assert await gated_api.balance(account) == 12, "expected each item posted once"

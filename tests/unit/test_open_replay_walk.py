@@ -10,6 +10,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
+import pytest
+
+from app.errors import Problem
 from app.region.service import RegionLedger
 from app.store.shard import ShardStore
 from app.topology.loader import load_topology
@@ -117,3 +120,35 @@ async def test_in_a_region_whose_every_slot_arrived_the_walk_stops_at_the_range_
         in_first = [slot for slot in [placed, *earlier] if slot <= 2048]
         assert len(in_first) == 1 and [placed, *earlier][-1] == in_first[0], (
             f"expected the walk of {key} to end at its first slot of the range that arrived first: {placed}, {earlier}")
+
+
+class _Answering(_Claims):
+    """A shard that also answers the stored-answer read (ShardStore.stored_answers) with fixed rows per slot."""
+
+    def __init__(self, claims: list[dict[str, Any]], rows: dict[int, dict[str, Any]]) -> None:
+        super().__init__(claims)
+        self.rows = rows
+
+    async def stored_answers(self, client: str, key: str, slots: list[int]) -> list[dict[str, Any]]:
+        return [{"slot": slot, "free": True, **self.rows[slot]} for slot in slots]
+
+
+async def test_a_slot_still_switching_in_on_its_new_shard_is_answered_slot_moving_not_nothing_stored() -> None:
+    """A move's target has no claim on the range until its switch-in commits, seconds at 10,000 accounts, while
+    the source already says `moved` naming it. A retried open that looked there and found no claim took it for
+    "nothing stored" and opened a second account; whether that shard holds the key's answer is not known yet, so
+    the open is answered 503 slot_moving (routers hold it), nothing written."""
+    slot = 1500  # euw1-a's in regions/, moving to euw1-b
+    a = _Claims(_without([_claim(1366, 2048)], slot, "moved", (REGION, "euw1-b")))
+    unclaimed = {"state": None, "owner_region": None, "owner_shard": None, "fingerprint": "f" * 64,
+                 "status_code": 201, "body": {"id": "acc_copied"}}
+    b = _Answering([_claim(2049, 2731)], {slot: unclaimed})
+    ledger = await _ledger(a, cast(_Claims, b))
+    assert ledger.owner_of(slot) == (REGION, "euw1-b"), ledger.owner_of(slot)
+
+    answers = await ledger.stored_answers(CLIENT, KEYS[0], [slot])
+    with pytest.raises(Problem) as refused:
+        await ledger._earlier_answer(CLIENT, KEYS[0], "f" * 64, [slot])
+
+    assert [(x.slot, x.arriving, x.status) for x in answers] == [(slot, True, None)], answers
+    assert refused.value.code == "slot_moving", refused.value.code
