@@ -293,6 +293,8 @@ MOVE_FREEZE_ATTEMPTS_MAX = 200
 MOVE_PENDING_SAGAS_WAIT_S = 10.0
 MOVE_PENDING_SAGAS_POLL_MS = 50
 MOVE_PENDING_SAGAS_NUDGE_MS = 1_000
+# When they do not settle in time, the mover names at most this many of them with their outbox state.
+MOVE_PENDING_SAGAS_SHOWN_MAX = 5
 # Every statement of the mover, per database.
 MOVE_STATEMENT_TIMEOUT_S = 60.0
 # A mover's server sessions look this often whether the mover is still there, so a killed mover's statement is

@@ -442,6 +442,24 @@ class Mover:
         raise MoveRefused(f"move {spec.id}: the catch-up did not get within {until_lag} changes in "
                           f"{limits.MOVE_CATCH_UP_PASSES_MAX} passes (writes outpace it); run it again")
 
+    async def _show_pending_sagas(self, conn: asyncpg.Connection, spec: MoveSpec) -> None:
+        """Why the range's sagas did not settle, as the source's outbox records them (for the operator, and a
+        failing test): each pending transfer's message, whether delivered, its attempts and last error."""
+        rows = await conn.fetch(
+            """select t.id, t.credit_shard, o.attempts, o.failures, o.last_error,
+                      o.delivered_at is not null as delivered, o.dead_lettered_at is not null as dead,
+                      round(extract(epoch from o.next_attempt_at - clock_timestamp())::numeric, 1) as due_in_s
+               from transfers t left join outbox o on o.transfer_id = t.id
+               where t.state = 'pending' and t.debit_shard = $1 and txr_id_slot(t.debit_account) between $2 and $3
+               order by t.id limit $4""",
+            spec.source_shard, spec.slot_lo, spec.slot_hi, limits.MOVE_PENDING_SAGAS_SHOWN_MAX)
+        for r in rows:
+            self.progress(
+                f"{spec.id}: still pending: {r['id']} to {r['credit_shard']}: "
+                + ("no outbox row" if r["attempts"] is None else
+                   f"delivered {r['delivered']}, dead-lettered {r['dead']}, attempts {r['attempts']}, failures "
+                   f"{r['failures']}, next attempt in {r['due_in_s']} s, last error {r['last_error'] or 'none'}"))
+
     async def _freeze(self, spec: MoveSpec) -> None:
         for attempt in range(1, limits.MOVE_FREEZE_ATTEMPTS_MAX + 1):
             try:
@@ -509,6 +527,7 @@ class Mover:
                 if pending == 0:
                     return True
                 if time.monotonic() >= deadline:
+                    await self._show_pending_sagas(conn, spec)
                     return False
                 if time.monotonic() - nudged_at >= limits.MOVE_PENDING_SAGAS_NUDGE_MS / 1000:
                     nudged_at = time.monotonic()
