@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 
 from app.local.postgres import Cluster
-from app.topology.ids import parse_account_id
+from app.topology.ids import new_transfer_id, parse_account_id
 from app.topology.model import Topology
 from tests.events_support import committed_events
 from tests.helpers import ApiClient, account_in_shard, new_key, poll_until, shard_of, source_move_spec
@@ -150,3 +150,34 @@ async def test_a_saga_settled_while_its_debit_slot_is_frozen_writes_its_transfer
     events = [e for e in await committed_events(pg_clusters, topology, api.client_id) if e["resource"] == transfer]
     assert [e["type"] for e in events] == ["transfer.pending", "transfer.posted"], (
         f"expected the saga's pending and posted events, got {events}")
+
+
+async def test_a_saga_to_the_target_of_its_debit_ranges_move_is_applied_when_the_copy_of_its_row_came_first(
+    api: ApiClient, topology: Topology, shard_dsn: Callable[[str], str]
+) -> None:
+    """A move copies its range's transfers to its target, the debit side of a saga from the range among them.
+    When the saga's credit account is on the target and the copy came before the message, the credit side's
+    insert failed on the id at every delivery (a 500, then a dead letter; the saga stayed pending and the move's
+    freeze aborted). The credit side's row replaces the copy (migration 0029), as when the message comes first."""
+    shards = topology.region("eu-west-1").shards
+    debit = await account_in_shard(api, topology, shards[0].name)
+    credit = await account_in_shard(api, topology, shards[1].name)
+    transfer = new_transfer_id(parse_account_id(debit).slot)
+    target = await asyncpg.connect(shard_dsn(shards[1].name))
+    try:
+        await target.execute(  # the move's copy of the debit side's row, and its history, on the target
+            """insert into transfers (id, client, kind, debit_account, credit_account, amount, currency, state,
+                                      debit_shard, credit_shard, moved_from)
+               values ($1, $2, 'transfer', $3, $4, 40, 'EUR', 'pending', $5, $6, $5)""",
+            transfer, api.client_id, debit, credit, shards[0].name, shards[1].name)
+        message = {"transfer_id": transfer, "client": api.client_id, "debit_account": debit, "credit_account": credit,
+                   "credit_slot": parse_account_id(credit).slot, "amount": 40, "currency": "EUR",
+                   "source_shard": shards[0].name, "reference": None}
+        answer = json.loads(await target.fetchval("select txr_saga_apply($1::jsonb)::text", json.dumps(message)))
+        row = await target.fetchrow("select state, moved_from from transfers where id = $1", transfer)
+        entries = await target.fetchval("select count(*) from entries where transfer_id = $1", transfer)
+        balance = await target.fetchval("select balance from accounts where id = $1", credit)
+    finally:
+        await target.close()
+    assert answer["outcome"] == "applied", answer
+    assert (row["state"], row["moved_from"], entries, balance) == ("posted", None, 2, 40), (dict(row), entries, balance)
