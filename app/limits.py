@@ -194,6 +194,11 @@ SAGA_RELAY_BATCH_BODY_BYTES_MAX = 512 * 1024
 # shard), so one slow region holds up only its own messages (issue 10): two full batches, so one batch is
 # applied and settled while the next crosses the WAN.
 SAGA_RELAY_IN_FLIGHT_PER_DESTINATION_MAX = 2 * SAGA_RELAY_BATCH_MESSAGES_MAX
+# Single saga messages (the fast path's) that arrive at their credit shard while its previous apply is in the
+# database are applied together, at most this many per transaction
+# (app/store/grouped.py); at most SAGA_GROUPED_WAITING_MAX wait per shard (then 503, or 202 on the fast path).
+SAGA_GROUPED_MESSAGES_MAX = 64
+SAGA_GROUPED_WAITING_MAX = 4_096
 # A message whose delivery fails this many times in a way waiting cannot heal (the credit side refuses it as
 # malformed or fails on it, or its answer cannot be settled) is dead-lettered instead of retried forever.
 SAGA_POISON_FAILURES_MAX = 5

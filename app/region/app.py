@@ -31,7 +31,7 @@ from app.region.events_api import EVENT_ROUTES
 from app.region.health import Readiness
 from app.region.identity import require_internal, saga_peer, verified_body
 from app.region.open_replay import peer_asker, replay_lookup
-from app.region.saga import TRANSIENT_DB_ERRORS, Saga, apply_isolated
+from app.region.saga import TRANSIENT_DB_ERRORS, Saga
 from app.region.service import RegionLedger
 from app.region.sweeper import sweep_forever
 from app.security.keys import load_private_key, load_public_keys
@@ -305,7 +305,7 @@ async def saga_apply(request: Request[Any, Any, Any]) -> Response[bytes]:
     ledger: RegionLedger = request.app.state.ledger
     _check_saga_message(message, peer, ledger, request.app.state.topology)
     store = await ledger.store_for_slot(message.credit_slot)
-    result = await store.saga_apply(msgspec.structs.asdict(message))
+    result = await store.saga_apply_one(msgspec.structs.asdict(message))
     if result.get("status") in (421, 503):  # the slot moved (naming its owner) or is frozen by a move
         return outcome_response(request, Outcome(int(result["status"]), result["body"]))
     return json_response(request, 200, result)
@@ -339,8 +339,8 @@ async def saga_apply_batch(request: Request[Any, Any, Any]) -> Response[bytes]:
             continue
         by_store.setdefault(store.name, []).append(i)
     for name, indexes in by_store.items():
-        applied = await apply_isolated(ledger.stores[name],
-                                       [msgspec.structs.asdict(batch.messages[i]) for i in indexes])
+        applied = await ledger.stores[name].saga_apply_isolated(
+            [msgspec.structs.asdict(batch.messages[i]) for i in indexes])
         for i, result in zip(indexes, applied, strict=True):
             results[i] = _batch_result(ledger, result)
     return json_response(request, 200, {"results": results})

@@ -15,7 +15,13 @@ shard applies them in one transaction and this shard settles their answers in on
 message keeps an outcome of its own: a refusal returns its money, a 421 naming its slot's new owner sends it
 alone down the one-message path (re-addressed in the outbox), a failure reschedules it alone. A message that
 makes its batch's transaction fail (a bug, a broken constraint) is found by splitting the batch in halves
-until it is alone (`_isolated`), as the posting group commit does; the others are applied.
+until it is alone (`isolated`, app/store/grouped.py), as the posting group commit does; the others are applied.
+
+Single messages group at their credit shard too: the fast path's apply is sent with whatever other single
+messages for that shard arrive meanwhile, in one transaction (`ShardStore.saga_apply_one`, app/store/grouped.py):
+concurrent cross-shard transfers between two shards otherwise queue one by one on their transit account's row
+lock, each through its own commit. Settles are not grouped: they share no row, and grouped settles cost the
+debit shard more CPU than one transaction each (measured).
 
 Fault isolation (issue 10). The relay claims and sends per destination region, at most
 SAGA_RELAY_IN_FLIGHT_PER_DESTINATION_MAX messages in flight to each, so a region that hangs holds up only its
@@ -35,9 +41,9 @@ import asyncio
 import functools
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -154,7 +160,7 @@ class Saga:
             # Its credit slot may have moved into its own source shard (issue 11): that shard applies it itself.
             own = message["destination_shard"] == message["source_shard"]
             try:
-                result = await (local.saga_apply_own(message) if own else local.saga_apply(message))
+                result = await (local.saga_apply_own(message) if own else local.saga_apply_one(message))
             except ShardUnavailable as exc:
                 raise DeliveryFailed(str(exc)) from None
             except TRANSIENT_DB_ERRORS as exc:
@@ -259,7 +265,7 @@ class Saga:
         self, store: ShardStore, answers: list[dict[str, Any]]
     ) -> list[dict[str, Any] | Exception]:
         try:
-            settled = await _isolated(store.saga_settle_batch, answers)
+            settled = await store.saga_settle_isolated(answers)
         except ShardUnavailable as exc:
             return [DeliveryFailed(str(exc))] * len(answers)
         return [_delivery_failure(r, "settling") if isinstance(r, Exception) else r for r in settled]
@@ -269,7 +275,7 @@ class Saga:
         if local is None:
             return await self._apply_remote_batch(messages)
         try:
-            applied = await apply_isolated(local, messages)
+            applied = await local.saga_apply_isolated(messages)
         except ShardUnavailable as exc:
             return [DeliveryFailed(str(exc))] * len(messages)
         return [_delivery_failure(r, "credit shard") if isinstance(r, Exception) else r for r in applied]
@@ -453,32 +459,6 @@ def _batches(rows: list[Any]) -> list[tuple[str, list[Any]]]:
     cap = limits.SAGA_RELAY_BATCH_MESSAGES_MAX
     return alone + [(region, group[i:i + cap]) for (region, _), group in groups.items()
                     for i in range(0, len(group), cap)]
-
-
-_Item = TypeVar("_Item")
-_Result = TypeVar("_Result")
-
-
-async def _isolated(
-    call: Callable[[list[_Item]], Awaitable[list[_Result]]], items: list[_Item]
-) -> list[_Result | Exception]:
-    """`call` on all items in one transaction; when it fails with a database error, on each half again, so an
-    item that fails alone gets its error and the others their results (a bug in one message never holds up
-    its batch). A lost database (ShardUnavailable) is the whole batch's and is raised."""
-    try:
-        return list(await call(items))
-    except (asyncpg.PostgresError, SlotMoved) as exc:
-        if len(items) == 1:
-            return [exc]
-        log.error("saga_batch_failed_splitting", extra={"batch_size": len(items),
-                                                        "sqlstate": getattr(exc, "sqlstate", None)})
-    half = len(items) // 2
-    return [*await _isolated(call, items[:half]), *await _isolated(call, items[half:])]
-
-
-async def apply_isolated(store: ShardStore, messages: list[dict[str, Any]]) -> list[dict[str, Any] | Exception]:
-    """Apply messages addressed to `store`'s shard in one transaction, isolating any that fails (`_isolated`)."""
-    return await _isolated(store.saga_apply_batch, messages)
 
 
 def _delivery_failure(exc: Exception, what: str) -> DeliveryFailed:

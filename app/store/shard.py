@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +29,7 @@ from opentelemetry.trace import SpanContext
 from app import limits, telemetry
 from app.ledger.postings import Posting
 from app.store.access import AUTH_FAILURES, DatabaseEndpoint
+from app.store.grouped import Grouped, GroupFull, isolated
 from app.store.migrate import is_migrated
 
 log = logging.getLogger("txroute.store")
@@ -75,6 +77,11 @@ class SlotMoved(Exception):
     """A posting met an account whose slot a move has just switched away (migration 0008, SQLSTATE TXR02), or
     waited out its patience for an account of a frozen range (the switch holds them while it books them out):
     nothing was written; the client retries (its router holds it) and is routed to the new owner."""
+
+
+# A batch of saga messages or answers whose transaction failed with these is split to find the one at fault
+# (`isolated`); anything else (a lost database) is the whole batch's.
+_SPLIT_ON = (asyncpg.PostgresError, SlotMoved)
 
 
 class AccountBusy(Exception):
@@ -260,12 +267,18 @@ class ShardStore:
         self._alone_tasks: set[asyncio.Task[None]] = set()
         self._alone_futures: set[asyncio.Future[Outcome]] = set()  # postings a retry-alone task answers
         self._busy_until: dict[str, float] = {}  # account -> monotonic time it is known busy until
+        # The saga's single messages applied here (the fast path's, a lone redelivery), grouped (app/store/grouped.py).
+        self._apply_grouped: Grouped[dict[str, Any], dict[str, Any]] = Grouped(
+            f"saga-apply-{name}", self.saga_apply, self.saga_apply_isolated,
+            batch_max=limits.SAGA_GROUPED_MESSAGES_MAX, waiting_max=limits.SAGA_GROUPED_WAITING_MAX,
+        )
 
     async def close(self) -> None:
         tasks = [*self._workers, *self._alone_tasks]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._apply_grouped.close()
         if self._probe is not None:
             self._probe.terminate()
         await self.pool.close()
@@ -412,9 +425,9 @@ class ShardStore:
 
     # Saga (DESIGN D6) -------------------------------------------------------------------------------
 
-    async def saga_apply(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def saga_apply(self, message: dict[str, Any], **span: Any) -> dict[str, Any]:
         """Apply a saga message addressed to this shard, once; a duplicate reads the first outcome."""
-        return dict(await self._call("saga_apply", "select txr_saga_apply($1::jsonb)", message))
+        return dict(await self._call("saga_apply", "select txr_saga_apply($1::jsonb)", message, **span))
 
     async def saga_apply_own(self, message: dict[str, Any]) -> dict[str, Any]:
         """Apply, once, a saga debited here whose credit slot has since moved here (migration 0008)."""
@@ -426,12 +439,30 @@ class ShardStore:
             body = await conn.fetchval("select txr_saga_settle($1, $2, $3)", transfer_id, outcome, reason)
         return dict(body)
 
-    async def saga_apply_batch(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def saga_apply_one(self, message: dict[str, Any]) -> dict[str, Any]:
+        """`saga_apply`, in one transaction with the other messages applied here at the same time (the fast
+        path's, one per cross-shard transfer): what `saga_apply` answers, or raises, for this message."""
+        try:
+            return await self._apply_grouped(message)
+        except GroupFull as exc:
+            raise ShardUnavailable(f"shard {self.name}: {exc}") from None
+
+    async def saga_apply_isolated(
+        self, messages: list[dict[str, Any]], **span: Any
+    ) -> list[dict[str, Any] | Exception]:
+        """`saga_apply_batch`, isolating any message that fails (`isolated`); a lost database is raised."""
+        return await isolated(functools.partial(self.saga_apply_batch, **span), messages, split_on=_SPLIT_ON)
+
+    async def saga_settle_isolated(self, answers: list[dict[str, Any]]) -> list[dict[str, Any] | Exception]:
+        """`saga_settle_batch`, isolating any answer that fails (`isolated`); a lost database is raised."""
+        return await isolated(self.saga_settle_batch, answers, split_on=_SPLIT_ON)
+
+    async def saga_apply_batch(self, messages: list[dict[str, Any]], **span: Any) -> list[dict[str, Any]]:
         """Apply many saga messages addressed to this shard in one transaction (migration 0017): one result
         per message, in order, each what `saga_apply` would answer. A message that fails (a bug) fails the
         whole call: the caller splits the batch to find it."""
         results = await self._call("saga_apply", "select txr_saga_apply_batch($1::jsonb)", messages,
-                                   batch_size=len(messages))
+                                   batch_size=len(messages), **span)
         assert len(results) == len(messages), (len(results), len(messages))
         return [dict(result) for result in results]
 

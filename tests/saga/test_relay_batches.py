@@ -1,7 +1,9 @@
 """The relay's batches (issue 14): many saga messages per call to the credit region, applied there in one
 transaction and settled at the source in one, each message with an outcome of its own. Against real region
 processes and PostgreSQL: the test plays the part of a relay (a saga token of the source region, the batch
-route) where it needs a batch the real relay would not send on cue. Each test runs in a world of its own."""
+route) where it needs a batch the real relay would not send on cue. Each test runs in a world of its own.
+The fast path's single messages that meet at their credit shard are grouped the same way (app/store/grouped.py):
+those tests call the shard stores themselves, so the messages arrive together on cue."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import asyncpg
 
 from app import limits
 from app.security.tokens import BoundRequest
+from app.store import shard as shard_module
+from app.store.shard import ShardStore
 from app.topology.ids import new_transfer_id
 from tests.helpers import ApiClient, ledger_snapshot, new_client_id, poll_until, shard_of
 from tests.keys import SessionKeys
@@ -244,3 +248,102 @@ async def test_the_batch_route_refuses_a_call_without_a_saga_token_of_its_body_a
         assert response.status_code == 400, f"expected a batch past the bound refused: {response.text}"
         assert await dst.balance(b) == 0, "expected nothing applied"
     assert await _inbox_entries(world, ids) == {}, "expected nothing recorded in the inbox"
+
+
+async def _store(world: Any, shard: str) -> ShardStore:
+    """A shard store of the test's own on that shard (the connection setup is the service's)."""
+    pool = await asyncpg.create_pool(world.shard_dsns()[shard], min_size=1, max_size=4,
+                                     init=shard_module._init_connection)
+    assert pool is not None
+    return ShardStore(shard, pool, workers=1)
+
+
+async def _account_on(api: ApiClient, world: Any, shard: str) -> str:
+    for _ in range(40):
+        account = await api.new_account()
+        if shard_of(world.topology, account) == shard:
+            return account
+    raise AssertionError(f"expected an account opened on {shard} within 40 tries")
+
+
+async def _transactions(dsn: str, table: str, transfer_ids: list[str]) -> int:
+    """How many transactions wrote these transfers' rows of `table` (inbox)."""
+    rows = await _query(dsn, f"select count(distinct xmin::text) as n from {table} where transfer_id = any($1::text[])",
+                        transfer_ids)
+    return int(rows[0]["n"])
+
+
+async def test_single_messages_that_meet_at_their_credit_shard_are_applied_in_one_transaction_each_its_own(
+    make_world: Any,
+) -> None:
+    world = make_world({SOURCE: HELD_BACK})
+    client = new_client_id("grouped")
+    async with world.http(SOURCE) as h1, world.http(DESTINATION) as h2:
+        src, dst = ApiClient(h1, client), ApiClient(h2, client)
+        a, b = await src.new_account(), await dst.new_account()
+        credit_shard, debit_shard = shard_of(world.topology, b), shard_of(world.topology, a)
+        closed = await _account_on(dst, world, credit_shard)
+        await src.funded(a, 1_000)
+        ids = await _pending_transfers(src, a, b, 6, 10)
+        (to_closed,) = await _pending_transfers(src, a, closed, 1, 30)
+        assert (await dst.close(closed)).status_code in (200, 201), "expected the credit account closed"
+        transfers = [*ids, to_closed]
+        messages = await _outbox_messages(world.shard_dsns()[debit_shard], transfers)
+
+        credit = await _store(world, credit_shard)
+        try:
+            # The six, the refused one and a repeat of the first, all at once: one transaction for all.
+            results = await asyncio.gather(*(credit.saga_apply_one(m) for m in [*messages, messages[0]]))
+        finally:
+            await credit.close()
+        assert [r["outcome"] for r in results[:6]] == ["applied"] * 6, results
+        assert results[6]["outcome"] == "refused" and results[6]["reason"] == "account_closed", results[6]
+        assert results[7]["outcome"] == "applied" and results[7].get("duplicate"), (
+            f"expected the repeat answered as a duplicate: {results[7]}")
+        assert await _transactions(world.shard_dsns()[credit_shard], "inbox", transfers) == 1, (
+            "expected the messages that met applied in one transaction")
+        assert await dst.balance(b) == 60, "expected each message credited once"
+
+        debit = await _store(world, debit_shard)
+        try:
+            answers = [(t, r["outcome"], r.get("reason")) for t, r in zip(transfers, results, strict=False)]
+            bodies = await asyncio.gather(*(debit.saga_settle(*answer) for answer in answers))
+        finally:
+            await debit.close()
+        assert [body["state"] for body in bodies] == ["posted"] * 6 + ["returned"], bodies
+        assert bodies[6]["reason"] == "account_closed", bodies[6]
+        assert await _states(src, transfers) == ["posted"] * 6 + ["returned"]
+        assert await src.balance(a) == 1_000 - 60, "expected the refused 30 returned to the payer"
+        replay = await src.get(f"/v1/transfers/{ids[0]}")
+        assert replay.json()["state"] == "posted", replay.text
+    assert await _inbox_entries(world, transfers) == {**dict.fromkeys(ids, 2), to_closed: 0}
+    report = await world.audit()
+    assert report.clean, report.text()
+
+
+async def test_a_single_message_that_fails_in_the_database_fails_alone_and_the_others_met_with_it_apply(
+    make_world: Any,
+) -> None:
+    world = make_world({SOURCE: HELD_BACK})
+    client = new_client_id("grouped-fail")
+    async with world.http(SOURCE) as h1, world.http(DESTINATION) as h2:
+        src, dst = ApiClient(h1, client), ApiClient(h2, client)
+        a, b = await src.new_account(), await dst.new_account()
+        credit_shard = shard_of(world.topology, b)
+        await src.funded(a, 1_000)
+        deposited = await dst.deposit(b, 5)
+        assert deposited.status_code == 201, deposited.text
+        ids = await _pending_transfers(src, a, b, 4, 10)
+        messages = await _outbox_messages(world.shard_dsns()[shard_of(world.topology, a)], ids)
+        # Its id is a transfer the credit shard already has (the deposit), so recording it breaks a primary key.
+        breaking = {**messages[0], "transfer_id": deposited.json()["id"]}
+        credit = await _store(world, credit_shard)
+        try:
+            results = await asyncio.gather(*(credit.saga_apply_one(m) for m in [messages[0], breaking, *messages[1:]]),
+                                           return_exceptions=True)
+        finally:
+            await credit.close()
+        assert isinstance(results[1], asyncpg.UniqueViolationError), f"expected the breaking one's own error: {results}"
+        assert [r["outcome"] for r in [results[0], *results[2:]] if isinstance(r, dict)] == ["applied"] * 4, results
+        assert await dst.balance(b) == 5 + 40, "expected the four others credited once each"
+    assert await _inbox_entries(world, ids) == dict.fromkeys(ids, 2)
