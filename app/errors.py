@@ -18,6 +18,8 @@ from typing import Any
 
 import msgspec
 
+from app import limits
+
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "https://docs.txroute.dev/problems/"
 
@@ -98,6 +100,18 @@ class Problem(Exception):
 
     def body(self, request_id: str) -> bytes:
         return problem_body(self.code, self.detail, request_id, self.extra)
+
+
+def slot_moving(detail: str, *, extra: Mapping[str, Any] | None = None, advise: bool = True) -> Problem:
+    """503 `slot_moving` (DESIGN D13): the slot is frozen for a move's switch or changing owner, and nothing was
+    written. The one constructor of this problem, for the regions and the routers alike: it carries the
+    Retry-After (SLOT_MOVING_RETRY_AFTER_S) that routers hold by and clients retry by, and appends to the
+    caller's `detail` (what is moving) the advice to retry after that long with the same Idempotency-Key.
+    `advise=False` relays a shard's own refusal (txr_misdirected), whose detail already says how to retry."""
+    retry_after = str(limits.SLOT_MOVING_RETRY_AFTER_S)
+    if advise:
+        detail = f"{detail}; retry after {retry_after} s with the same Idempotency-Key"
+    return Problem("slot_moving", detail, extra=extra, headers={"retry-after": retry_after})
 
 
 def problem_body(code: str, detail: str, request_id: str, extra: Mapping[str, Any] | None = None) -> bytes:

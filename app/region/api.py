@@ -30,7 +30,7 @@ from app.api.schemas import (
     TransferRequest,
     TransfersPage,
 )
-from app.errors import Problem
+from app.errors import Problem, slot_moving
 from app.events.webhooks import EndpointRequest
 from app.ledger.states import TransferState
 from app.region.batches import post_batch
@@ -85,15 +85,15 @@ def outcome_response(
         return json_response(request, outcome.status, outcome.body, headers)
     body = dict(outcome.body)
     code, detail = body.pop("code"), body.pop("detail")
-    problem_headers = {}
     if code == "misdirected" and "owner_shard" not in body:
         region, shard = ledger(request).owner_of(int(body["slot"]))
         body.update(owner_region=region, owner_shard=shard)
     elif code == "misdirected":  # the shard's own record of where the slot moved: this region routes there now
         ledger(request).learn(int(body["slot"]), str(body["owner_region"]), str(body["owner_shard"]))
-    elif code == "slot_moving":  # frozen by a move (issue 11): nothing was written; the switch lands shortly
-        problem_headers["retry-after"] = str(limits.SLOT_MOVING_RETRY_AFTER_S)
-    response = problem_response(request, Problem(code, detail, extra=body, headers=problem_headers))
+    # slot_moving: frozen by a move (issue 11), nothing was written and the switch lands shortly: a Retry-After.
+    problem = (slot_moving(detail, extra=body, advise=False) if code == "slot_moving"
+               else Problem(code, detail, extra=body))
+    response = problem_response(request, problem)
     response.headers.update(headers)
     return response
 

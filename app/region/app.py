@@ -23,7 +23,7 @@ from app.api.openapi import OPENAPI_CONFIG, openapi_document
 from app.api.schemas import RegionReadiness, SagaBatch, SagaMessage
 from app.api.upstreams import Upstreams
 from app.config import RegionSettings
-from app.errors import Problem
+from app.errors import Problem, slot_moving
 from app.events.delivery import WebhookWorker
 from app.events.urls import UrlPolicy
 from app.region.api import PUBLIC_ROUTES, REQUEST_BODIES, outcome_response
@@ -201,11 +201,8 @@ def _slot_moved(request: Request[Any, Any, Any], exc: Exception) -> Response[byt
     # for an account the switch holds while it books the range out: nothing was written. The region's map is
     # read again before its next request, so the retry is sent as a saga to the new owner.
     request.app.state.ledger.ownership_changed()
-    retry_after = str(limits.SLOT_MOVING_RETRY_AFTER_S)
-    return problem_response(request, Problem(
-        "slot_moving", "an account of this posting is moving, or has just moved, to another shard; nothing was "
-        "written, retry with the same Idempotency-Key", headers={"retry-after": retry_after},
-    ))
+    return problem_response(request, slot_moving(
+        "an account of this posting is moving, or has just moved, to another shard; nothing was written"))
 
 
 def _overloaded(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:

@@ -15,7 +15,7 @@ from litestar import Request, Response, delete, get, post
 from app import limits
 from app.api.decoding import decode_body, idempotency_key
 from app.api.http import json_response
-from app.errors import Problem
+from app.errors import Problem, slot_moving
 from app.events import feed, signing
 from app.events.delivery import pages_json, read_pages
 from app.events.urls import UrlPolicy, UrlRefused, check_url
@@ -71,8 +71,8 @@ async def _owned_store(request: Request[Any, Any, Any], slot: int) -> ShardStore
         code, detail = body.pop("code"), body.pop("detail")
         if code == "misdirected" and "owner_shard" in body:  # the shard's record of where the slot went
             ledger(request).learn(slot, str(body["owner_region"]), str(body["owner_shard"]))
-        retry = {"retry-after": str(limits.SLOT_MOVING_RETRY_AFTER_S)} if code == "slot_moving" else {}
-        raise Problem(code, detail, extra=body, headers=retry)
+        raise (slot_moving(detail, extra=body, advise=False) if code == "slot_moving"
+               else Problem(code, detail, extra=body))
     return store
 
 

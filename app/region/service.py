@@ -17,7 +17,7 @@ import asyncpg
 
 from app import limits
 from app.api.schemas import CaptureRequest, FundsRequest, OpenAccountRequest, TransferRequest
-from app.errors import Problem
+from app.errors import Problem, slot_moving
 from app.ledger.postings import (
     Posting,
     PostingKind,
@@ -271,9 +271,8 @@ class RegionLedger:
                         raise Problem("idempotency_key_in_flight", "a request with this Idempotency-Key is still "
                                       "being processed; retry it shortly")
                     if answer.arriving:  # as for a frozen slot: routers hold it and send it again
-                        raise Problem("slot_moving", f"slot {answer.slot}, where this Idempotency-Key may have "
-                                      "been used before, is moving; nothing was written, retry with the same key",
-                                      headers={"retry-after": str(limits.SLOT_MOVING_RETRY_AFTER_S)})
+                        raise slot_moving(f"slot {answer.slot}, where this Idempotency-Key may have been used "
+                                          "before, is moving; nothing was written")
                     if answer.moved_to is not None:
                         where[answer.slot] = answer.moved_to[0]
                     elif answer.status is not None:
@@ -283,9 +282,8 @@ class RegionLedger:
         if where:
             # The regions' views of a slot that just moved disagree for a moment: answered like a frozen slot
             # (routers hold it and send it again), never by opening.
-            raise Problem("slot_moving", f"slot {min(where)}, where this Idempotency-Key may have been used "
-                          "before, has just moved; nothing was written, retry with the same key",
-                          headers={"retry-after": str(limits.SLOT_MOVING_RETRY_AFTER_S)})
+            raise slot_moving(f"slot {min(where)}, where this Idempotency-Key may have been used before, has "
+                              "just moved; nothing was written")
         first = next((stored[slot] for slot in slots if slot in stored), None)
         if first is None:
             return None
@@ -401,9 +399,7 @@ class RegionLedger:
             else:
                 self._stale = True
         # Never the internal 421 to a client: the placement is changing under a move, as for a frozen slot.
-        raise Problem("slot_moving", "the slot this account is placed on is changing owner; nothing was written, "
-                      "retry with the same Idempotency-Key",
-                      headers={"retry-after": str(limits.SLOT_MOVING_RETRY_AFTER_S)})
+        raise slot_moving("the slot this account is placed on is changing owner; nothing was written")
 
     async def deposit(self, client: str, key: str, request: FundsRequest) -> Outcome:
         return await self._funds(PostingKind.DEPOSIT, client, key, request)

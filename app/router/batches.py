@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from app import limits, telemetry
+from app import telemetry
 from app.api.schemas import BatchItem, BatchRequest
 from app.api.upstreams import Answer
-from app.errors import Problem
+from app.errors import Problem, slot_moving
 from app.security.tokens import BoundRequest, Principal
 
 if TYPE_CHECKING:
@@ -76,10 +76,8 @@ async def post_split_batch(
         for i in held:
             result = results[i]
             if result is not None and result["status"] == 421:
-                retry_after = limits.SLOT_MOVING_RETRY_AFTER_S
-                results[i] = {"status": 503, "code": "slot_moving", "slot": result.get("slot"),
-                              "detail": f"this item's slot is moving to another shard; nothing was written; retry "
-                                        f"after {retry_after} s with the same Idempotency-Key"}
+                results[i] = _refused(slot_moving("this item's slot is moving to another shard; nothing was written"),
+                                      slot=result.get("slot"))
     assert all(result is not None for result in results)
     body = {"atomic": False, "items": results}
     headers = list(_JSON_HEADERS)
@@ -91,6 +89,11 @@ async def post_split_batch(
 # What a batch's held items answer the hold: still moving, or released.
 _STILL_MOVING = Answer(503, [], b'{"code":"slot_moving"}')
 _RELEASED = Answer(200, [], b"")
+
+
+def _refused(problem: Problem, **extra: Any) -> dict[str, Any]:
+    """An item's answer when the router refuses it: the problem's status, code and detail, and `extra`."""
+    return {"status": problem.status, "code": problem.code, "detail": problem.detail, **extra}
 
 
 def _moving(results: list[dict[str, Any] | None], indexes: Iterable[int]) -> list[int]:
@@ -120,8 +123,7 @@ async def _send_part(
         answer = await router.send_to_region(region, "POST", BATCHES_PATH, headers, body)
     except Problem as problem:  # the region is down or drained: its items say so, the others are answered
         for index in indexes:
-            results[index] = {"status": problem.status, "code": problem.code, "detail": problem.detail,
-                              "region": region}
+            results[index] = _refused(problem, region=region)
         return
     doc: Any = None
     try:

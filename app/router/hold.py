@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 
 from app import limits, telemetry
 from app.api.upstreams import Answer
-from app.errors import Problem
+from app.errors import slot_moving
 from app.router.shardmap import ShardMapCache
 
 # One more try of the held request at its slot's current owner.
@@ -33,12 +33,6 @@ Attempt = Callable[[], Awaitable[Answer]]
 def is_slot_moving(answer: Answer) -> bool:
     """A region's 503 slot_moving (problem+json bodies carry their code; a 503 is small)."""
     return answer.status == 503 and b'"slot_moving"' in answer.body
-
-
-def slot_moving(detail: str) -> Problem:
-    retry_after = str(limits.SLOT_MOVING_RETRY_AFTER_S)
-    return Problem("slot_moving", f"{detail}; retry after {retry_after} s with the same Idempotency-Key",
-                   headers={"retry-after": retry_after})
 
 
 class SlotMovingHold:
