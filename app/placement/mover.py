@@ -70,6 +70,14 @@ class MoveRefused(OpsError):
 # hash other things with seeds 7 and 11 (migrations 0002, 0014).
 MOVE_LOCK_SEED = 13
 
+# The sagas debited from the move's range that are still pending, as a condition on `transfers t` with $1 the
+# source shard and $2, $3 the range's first and last slot. The freeze waits until none is left, nudging their
+# outbox messages meanwhile, and names them when the wait runs out (Mover._sagas_settled,
+# _show_pending_sagas); txr_move_switch_out checks the same condition under the switch (migration 0019).
+_PENDING_SAGAS_OF_RANGE_SQL = (
+    "t.state = 'pending' and t.debit_shard = $1 and txr_id_slot(t.debit_account) between $2 and $3"
+)
+
 
 @dataclass(frozen=True)
 class MoveSpec:
@@ -446,12 +454,12 @@ class Mover:
         """Why the range's sagas did not settle, as the source's outbox records them (for the operator, and a
         failing test): each pending transfer's message, whether delivered, its attempts and last error."""
         rows = await conn.fetch(
-            """select t.id, t.credit_shard, o.attempts, o.failures, o.last_error,
-                      o.delivered_at is not null as delivered, o.dead_lettered_at is not null as dead,
-                      round(extract(epoch from o.next_attempt_at - clock_timestamp())::numeric, 1) as due_in_s
-               from transfers t left join outbox o on o.transfer_id = t.id
-               where t.state = 'pending' and t.debit_shard = $1 and txr_id_slot(t.debit_account) between $2 and $3
-               order by t.id limit $4""",
+            f"""select t.id, t.credit_shard, o.attempts, o.failures, o.last_error,
+                       o.delivered_at is not null as delivered, o.dead_lettered_at is not null as dead,
+                       round(extract(epoch from o.next_attempt_at - clock_timestamp())::numeric, 1) as due_in_s
+                from transfers t left join outbox o on o.transfer_id = t.id
+                where {_PENDING_SAGAS_OF_RANGE_SQL}
+                order by t.id limit $4""",  # noqa: S608 (a constant)
             spec.source_shard, spec.slot_lo, spec.slot_hi, limits.MOVE_PENDING_SAGAS_SHOWN_MAX)
         for r in rows:
             self.progress(
@@ -521,8 +529,7 @@ class Mover:
         async with self.connect(spec.source_shard) as conn:
             while True:
                 pending = await conn.fetchval(
-                    """select count(*) from transfers where state = 'pending' and debit_shard = $1
-                         and txr_id_slot(debit_account) between $2 and $3""",
+                    f"select count(*) from transfers t where {_PENDING_SAGAS_OF_RANGE_SQL}",  # noqa: S608 (a constant)
                     spec.source_shard, spec.slot_lo, spec.slot_hi)
                 if pending == 0:
                     return True
@@ -532,12 +539,11 @@ class Mover:
                 if time.monotonic() - nudged_at >= limits.MOVE_PENDING_SAGAS_NUDGE_MS / 1000:
                     nudged_at = time.monotonic()
                     await conn.execute(
-                        """update outbox o set next_attempt_at = clock_timestamp()
-                           from transfers t
-                           where t.id = o.transfer_id and t.state = 'pending' and t.debit_shard = $1
-                             and txr_id_slot(t.debit_account) between $2 and $3
-                             and o.delivered_at is null and o.dead_lettered_at is null
-                             and o.next_attempt_at > clock_timestamp()""",
+                        f"""update outbox o set next_attempt_at = clock_timestamp()
+                            from transfers t
+                            where t.id = o.transfer_id and {_PENDING_SAGAS_OF_RANGE_SQL}
+                              and o.delivered_at is null and o.dead_lettered_at is null
+                              and o.next_attempt_at > clock_timestamp()""",  # noqa: S608 (a constant)
                         spec.source_shard, spec.slot_lo, spec.slot_hi)
                 self.progress(f"{spec.id}: waiting for {pending} sagas debited from the range to settle")
                 await _pause(limits.MOVE_PENDING_SAGAS_POLL_MS / 1000)
