@@ -18,14 +18,17 @@ records in `slot_moves` on the source and the target shard database.
     switch      source: the balances recorded, the range's total per currency booked out in one posting
                 against the transit account towards the target (its range account `mvr_<move>_<currency>`
                 debited), the range `moved`, naming the target (`switching`); target: the recorded balances
-                booked in, one posting per account, the range owned with epoch + 1 (`switched`)
+                booked in (each account's balance pre-booked before the freeze against the target's range
+                account; under it one posting per currency from the transit account and, per account changed
+                since, the difference: migration 0031), the range owned with epoch + 1 (`switched`)
     cleanup     source: each account of the range booked to zero against its range account (migration 0028:
                 outside the freeze), and the range's stored answers and inbox rows deleted (its journal stays,
                 archived)
 
 Every step is idempotent and recorded before the next begins, so running the mover again after any crash (of
 the mover, a database, a regional service) continues from the recorded phase. Before `switching` a move can be
-cancelled (or is aborted by a failed verify): the source unfrozen, the target's copies dropped. From
+cancelled (or is aborted by a failed verify): the source unfrozen, the target's pre-booked balances booked back
+to zero and its copies dropped. From
 `switching` on it only goes forward: the source's balances are booked out, and the target books them in.
 
 One mover at a time runs a move: `run` and `cancel` hold a session advisory lock keyed from the move's id on the
@@ -130,8 +133,8 @@ def parse_range(text: str) -> tuple[int, int]:
 @dataclass
 class MoveStats:
     """What one run of the mover measured (`txroute bench move` reads it): wall seconds per step, in the order
-    the steps ran (copy, catch_up, freeze, settle, final_catch_up, verify, switch_out, switch_in, cleanup: those
-    this run drove), the rows copied, the change log's lag, and when the range was frozen and switched
+    the steps ran (copy, catch_up, prebook, freeze, settle, final_catch_up, verify, switch_out, switch_in,
+    cleanup: those this run drove), the rows copied, the change log's lag, and when the range was frozen and switched
     (`time.monotonic()`, so a caller can tell which of its requests met the freeze)."""
 
     steps_s: dict[str, float] = field(default_factory=dict)
@@ -161,9 +164,10 @@ class MoverStopped(Exception):
 # recorded there: inside the copy's snapshot after its first table; in catch-up after a pass copied its rows but
 # before it consumed the change log; frozen after verify, before the switch-out; switching after the source
 # booked out and before the target books in; `switched_in` once the target booked in and owns the range while
-# the source still says `switching`; switched before the cleanup; `pre_verified` right after the pre-verify (the
-# source says `catching_up`).
-PAUSE_POINTS = ("copying", "catching_up", "frozen", "switching", "switched_in", "switched", "pre_verified")
+# the source still says `switching`; switched before the cleanup; `pre_verified` right after the pre-verify and
+# `prebooked` right after the target's pre-booking, just before the freeze (the source says `catching_up`).
+PAUSE_POINTS = ("copying", "catching_up", "frozen", "switching", "switched_in", "switched", "pre_verified",
+                "prebooked")
 
 
 @dataclass
@@ -334,6 +338,9 @@ class Mover:
             await self._pause_at("pre_verified")
             with stats.step("catch_up"):  # the writes made while the pre-verify read the range
                 stats.lag_at_freeze = await self._catch_up(spec, until_lag=limits.MOVE_CATCH_UP_LAG_ROWS_MAX)
+            with stats.step("prebook"):
+                await self._prebook(spec)
+            await self._pause_at("prebooked")
             with stats.step("freeze"):
                 await self._freeze(spec)
             stats.frozen_at = time.monotonic()
@@ -366,6 +373,7 @@ class Mover:
             async with self.connect(spec.target_shard) as conn, conn.transaction():
                 exists = await conn.fetchval("select phase from slot_moves where id = $1 for update", spec.id)
                 if exists is not None and exists not in ("switched", "done"):
+                    await conn.execute("select txr_move_unbook($1)", spec.id)  # the pre-booked balances, to zero
                     for table in reversed(SLOT_TABLES):
                         await conn.execute(
                             f"delete from {table.name} t where {table.slot_sql('t')} between $1 and $2 "  # noqa: S608
@@ -467,6 +475,19 @@ class Mover:
                 + ("no outbox row" if r["attempts"] is None else
                    f"delivered {r['delivered']}, dead-lettered {r['dead']}, attempts {r['attempts']}, failures "
                    f"{r['failures']}, next attempt in {r['due_in_s']} s, last error {r['last_error'] or 'none'}"))
+
+    async def _prebook(self, spec: MoveSpec) -> None:
+        """Before the freeze: the target books in the balances the source shows now (no lock: they may still
+        change), so that the switch-in books only what changed since (migration 0031). Once per move."""
+        async with self.connect(spec.source_shard) as src:
+            balances = await src.fetchval(
+                """select coalesce(jsonb_object_agg(id, balance), '{}'::jsonb)::text from accounts
+                   where kind = 'customer' and slot between $1 and $2 and balance <> 0""", spec.slot_lo, spec.slot_hi)
+        async with self.connect(spec.target_shard) as dst, dst.transaction():
+            booked = json.loads(await dst.fetchval("select txr_move_prebook($1, $2::jsonb)::text",
+                                                   spec.id, balances))["booked"]
+        if booked:
+            self.progress(f"{spec.id}: pre-booked {booked} balances on {spec.target_shard} (before the freeze)")
 
     async def _freeze(self, spec: MoveSpec) -> None:
         for attempt in range(1, limits.MOVE_FREEZE_ATTEMPTS_MAX + 1):
@@ -856,7 +877,7 @@ async def _import(conn: asyncpg.Connection, table: SlotTable, columns: list[str]
     if table.on_conflict == "nothing":
         conflict = "do nothing"
     else:
-        others = [c for c in columns if c not in table.key]
+        others = [c for c in columns if c not in table.key and c not in table.insert_only]
         conflict = (f"do update set ({', '.join(others)}) = row({', '.join('excluded.' + c for c in others)}) "
                     f"where {table.update_where}")
     await conn.execute(

@@ -33,6 +33,8 @@ class SlotTable:
     overrides: dict[str, str] = field(default_factory=dict)
     # Columns left out of the verify checksum (those overridden, and any the copy sets on its own).
     unchecked: tuple[str, ...] = ()
+    # Columns the copy sets when it inserts a row and never changes on a row the target has already.
+    insert_only: tuple[str, ...] = ()
     # On a conflict with a row the target has already: 'update' (the copy follows the source's row) or
     # 'nothing' (the target's own row stands); `update_where` narrows which rows may be updated.
     on_conflict: str = "update"
@@ -64,9 +66,11 @@ SLOT_TABLES: tuple[SlotTable, ...] = (
         "accounts", ("id",), "column", "slot",
         # Customer accounts only: a shard's settlement and transit accounts stay, whatever their slot column.
         where="t.kind = 'customer'",
-        # The balance arrives by the switch's balancing postings, never by copy.
+        # The balance arrives by balancing postings (the target's pre-booking and switch-in), never by copy: a
+        # copied account starts at zero, and a later copy of it leaves what its entries say (migration 0031).
         overrides={"balance": "0", "version": "0"},
         unchecked=("balance", "version"),
+        insert_only=("balance", "version"),
         drop_where="not exists (select 1 from entries e where e.account_id = t.id)",
     ),
     SlotTable(

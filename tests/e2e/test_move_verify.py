@@ -11,7 +11,9 @@ its own. Proved here:
 - after the pre-verify, the target refuses every write to the range (its fence: it does not own the range yet),
   which is what lets the freeze compare only D and C; and a target row that differs once the catch-up has
   consumed a change of its key (the row counts equal) is found under the freeze (it is in C), the move
-  aborting.
+  aborting;
+- the target books the balances in before the freeze and, under it, only what changed since (migration 0031);
+  a move cancelled after that books the target back to zero.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -29,12 +32,12 @@ import pytest
 from app.config import REPO_ROOT
 from app.ledger.postings import Posting, PostingKind, fingerprint, settlement_account_id
 from app.ops.audit import audit
-from app.placement.mover import FaultPause, Mover, MoveRefused, MoveSpec
+from app.placement.mover import FaultPause, Mover, MoveRefused, MoverStopped, MoveSpec
 from app.store import shard as shard_module
 from app.store.shard import ShardStore
 from app.topology.ids import new_account_id, new_transfer_id, parse_account_id
 from tests.e2e import test_slot_moves
-from tests.e2e.test_slot_moves import RANGE, SOURCE, Bench, open_accounts
+from tests.e2e.test_slot_moves import INITIAL_BALANCE, RANGE, SOURCE, Bench, open_accounts
 from tests.helpers import new_key, poll_until
 
 bench = test_slot_moves.bench  # the fixture: an isolated world (tests/world.py) and a router in front of it
@@ -91,7 +94,7 @@ async def test_a_second_mover_or_a_cancel_of_a_running_move_is_refused_at_once_a
     retried: Counter[str] = Counter()
     await open_accounts(bench, retried)
     dsn_file = _dsn_file(bench)
-    seen: dict[str, object] = {}
+    seen: dict[str, Any] = {}
 
     async def second_movers(_: Mover, spec: MoveSpec) -> None:
         seen["move"] = await _txroute("slots", "move", f"{RANGE[0]}-{RANGE[1]}", "--to", TARGET, "--yes",
@@ -154,7 +157,7 @@ async def test_after_the_pre_verify_the_target_refuses_writes_to_the_range_and_a
     inside, _ = await open_accounts(bench, retried)
     account = inside[0]
     slot = parse_account_id(account).slot
-    seen: dict[str, object] = {}
+    seen: dict[str, Any] = {}
 
     async def write_to_the_target(_: Mover, spec: MoveSpec) -> None:
         dsns = bench.world.shard_dsns()
@@ -213,3 +216,89 @@ async def test_after_the_pre_verify_the_target_refuses_writes_to_the_range_and_a
     assert str(seen["tampered"]) in reason, f"expected the renamed stored answer named: {reason}"
     assert await bench.owner(RANGE[0]) == (SOURCE, 1)
     assert report.clean, report.text()
+
+
+async def _range_books(bench: Bench, shard: str, move_id: str) -> dict[str, int]:
+    """On `shard`: the sum of the range's customer balances, of the move's range accounts, and the count of the
+    move's postings by their id's prefix (mvp_ pre-booked, mvi_ switched in per currency, mvd_ a difference at the
+    switch, mvc_ booked back by a cancel)."""
+    conn = await asyncpg.connect(bench.world.shard_dsns()[shard])
+    try:
+        row = await conn.fetchrow(
+            """select (select coalesce(sum(balance), 0) from accounts
+                       where kind = 'customer' and slot between $1 and $2) as customers,
+                      (select coalesce(sum(balance), 0) from accounts
+                       where kind = 'range' and id like 'mvr_' || substr($3, 4) || '_%') as range_accounts""",
+            *RANGE, move_id)
+        postings = {r["prefix"]: int(r["n"]) for r in await conn.fetch(
+            """select left(id, 4) as prefix, count(*) as n from transfers
+               where kind = 'move' and reference = $1 group by 1""", move_id)}
+    finally:
+        await conn.close()
+    return {"customers": int(row["customers"]), "range_accounts": int(row["range_accounts"]),
+            **{p: postings.get(p, 0) for p in ("mvp_", "mvi_", "mvd_", "mvc_")}}
+
+
+async def test_the_target_books_the_balances_in_before_the_freeze_and_under_it_only_what_changed(
+    bench: Bench,
+) -> None:
+    """Migration 0031: before the freeze the target books in each account's balance as the source shows it then,
+    against its range account; under the freeze it books the range's total from the transit account into the
+    range account (one posting per currency) and, for each account changed since, only the difference. The audit
+    is clean in between (the target does not own the range yet) and after; the range account ends at zero."""
+    retried: Counter[str] = Counter()
+    inside, _ = await open_accounts(bench, retried)
+    seen: dict[str, Any] = {}
+
+    async def after_the_prebooking(_: Mover, spec: MoveSpec) -> None:
+        seen["prebooked"] = await _range_books(bench, TARGET, spec.id)
+        seen["audit"] = await audit(bench.world.shard_dsns(), full=True)
+        # A posting on the source after the pre-booking: its two accounts differ from what the target booked.
+        seen["transfer"] = await bench.api.transfer(inside[0], inside[1], 10)
+
+    phase, spec = await _held_at(bench, "prebooked", after_the_prebooking)
+    switched = await _range_books(bench, TARGET, spec.id)
+    report = await audit(bench.world.shard_dsns(), full=True)
+    balances = {a: (await bench.api.get(f"/v1/accounts/{a}")).json()["balance"] for a in inside[:2]}
+
+    expected = INITIAL_BALANCE * len(inside)
+    assert seen["prebooked"] == {"customers": expected, "range_accounts": -expected, "mvp_": len(inside),
+                                 "mvi_": 0, "mvd_": 0, "mvc_": 0}, seen["prebooked"]
+    assert seen["audit"].clean, seen["audit"].text()
+    transfer = seen["transfer"]
+    assert transfer.status_code == 201, transfer.text
+    assert phase == "done", bench.log[-5:]
+    assert switched == {"customers": expected, "range_accounts": 0, "mvp_": len(inside), "mvi_": 1, "mvd_": 2,
+                        "mvc_": 0}, f"expected one posting in and the two changed accounts' differences: {switched}"
+    assert balances == {inside[0]: INITIAL_BALANCE - 10, inside[1]: INITIAL_BALANCE + 10}, balances
+    assert report.clean, report.text()
+
+
+async def test_a_move_cancelled_after_the_prebooking_books_the_target_back_to_zero_and_can_run_again(
+    bench: Bench,
+) -> None:
+    """A move stopped after its pre-booking (its freeze recorded) and cancelled: the target's pre-booked accounts
+    are booked back to zero against the range account before its copies are dropped; the audit is clean, the
+    source serves the range with its balances, and a new move of the range completes."""
+    retried: Counter[str] = Counter()
+    inside, _ = await open_accounts(bench, retried)
+    spec = await bench.mover().spec(*RANGE, TARGET)
+    await bench.mover().begin(spec)
+    with pytest.raises(MoverStopped):
+        await bench.mover(stop_after="frozen").run(spec)
+    prebooked = await _range_books(bench, TARGET, spec.id)
+    await bench.mover().cancel(spec)
+    cancelled = await _range_books(bench, TARGET, spec.id)
+    report = await audit(bench.world.shard_dsns(), full=True)
+    again = await bench.move(TARGET)
+    balance = (await bench.api.get(f"/v1/accounts/{inside[0]}")).json()["balance"]
+    report_again = await audit(bench.world.shard_dsns(), full=True)
+
+    expected = INITIAL_BALANCE * len(inside)
+    assert prebooked["customers"] == expected and prebooked["mvp_"] == len(inside), prebooked
+    assert cancelled == {"customers": 0, "range_accounts": 0, "mvp_": len(inside), "mvi_": 0, "mvd_": 0,
+                         "mvc_": len(inside)}, f"expected each pre-booked account booked back to zero: {cancelled}"
+    assert report.clean, report.text()
+    assert again == "done", bench.log[-5:]
+    assert balance == INITIAL_BALANCE
+    assert report_again.clean, report_again.text()
