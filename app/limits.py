@@ -304,6 +304,12 @@ MOVE_CLIENT_CHECK_INTERVAL_MS = 1_000
 # not empty after the verify (a write that reached the frozen range), at most this many times, then the move
 # aborts (and unfreezes).
 MOVE_VERIFY_ROUNDS_MAX = 3
+# Before the freeze, while writes go on: the rows the verify would compare under the freeze (those that differed
+# at the pre-verify, and every key the catch-up copied since) are compared again one by one and only those that
+# still differ kept, the catch-up's set starting over, while there are more than this many and at most this
+# many rounds (Mover._narrow).
+MOVE_NARROW_ROWS_TARGET = 1_000
+MOVE_NARROW_ROUNDS_MAX = 3
 # Test-only fault injection (app/placement/mover.py FaultPause): the longest a mover waits at a test's pause
 # point, and how often it looks whether the test let it go on.
 MOVE_FAULT_PAUSE_S_MAX = 600.0

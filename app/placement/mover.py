@@ -133,7 +133,7 @@ def parse_range(text: str) -> tuple[int, int]:
 @dataclass
 class MoveStats:
     """What one run of the mover measured (`txroute bench move` reads it): wall seconds per step, in the order
-    the steps ran (copy, catch_up, prebook, freeze, settle, final_catch_up, verify, switch_out, switch_in,
+    the steps ran (copy, catch_up, prebook, narrow, freeze, settle, final_catch_up, verify, switch_out, switch_in,
     cleanup: those this run drove), the rows copied, the change log's lag, and when the range was frozen and switched
     (`time.monotonic()`, so a caller can tell which of its requests met the freeze)."""
 
@@ -341,6 +341,8 @@ class Mover:
             with stats.step("prebook"):
                 await self._prebook(spec)
             await self._pause_at("prebooked")
+            with stats.step("narrow"):
+                await self._narrow(spec)
             with stats.step("freeze"):
                 await self._freeze(spec)
             stats.frozen_at = time.monotonic()
@@ -611,6 +613,37 @@ class Mover:
                 self.progress(f"{spec.id}: pre-verify {table.name}: {len(left)} rows on {spec.source_shard}, "
                               f"{len(right)} on {spec.target_shard}, {len(differing)} to compare again under the "
                               "freeze")
+
+    async def _narrow(self, spec: MoveSpec) -> None:
+        """Before the freeze, while writes go on: the rows the freeze would compare (D, C, and those whose
+        standing as the target's own changed) are compared one by one now, after a catch-up, and D keeps only
+        those that still differ; C starts over before any row is read. Repeated while more than
+        MOVE_NARROW_ROWS_TARGET rows are left, at most MOVE_NARROW_ROUNDS_MAX times. As sound as the pre-verify
+        (verify_changed says why): a key left out of D and C was read equal on both sides after C started over,
+        and any write of it since is consumed by a catch-up, which puts it back in C."""
+        pre = self._pre
+        if pre is None:
+            return
+        for round_number in range(1, limits.MOVE_NARROW_ROUNDS_MAX + 1):
+            left_over = sum(len(pre.differing.get(t.name, set()) | pre.consumed.get(t.name, set()))
+                            for t in SLOT_TABLES)
+            if left_over <= limits.MOVE_NARROW_ROWS_TARGET:
+                return
+            await self._catch_up(spec, until_lag=limits.MOVE_CATCH_UP_LAG_ROWS_MAX)
+            consumed, pre.consumed = pre.consumed, {}  # C starts over before the first row is read
+            kept = 0
+            async with self.connect(spec.source_shard) as src, self.connect(spec.target_shard) as dst:
+                for table in SLOT_TABLES:
+                    own = await _own_keys(dst, table, spec)
+                    keys = sorted(pre.differing.get(table.name, set()) | consumed.get(table.name, set())
+                                  | (own ^ pre.own.get(table.name, set())))
+                    left = await _row_hashes(src, table, spec, own, keys) if keys else {}
+                    right = await _row_hashes(dst, table, spec, own, keys) if keys else {}
+                    pre.differing[table.name] = {k for k in keys if left.get(k) != right.get(k)}
+                    pre.own[table.name] = own
+                    kept += len(pre.differing[table.name])
+            self.progress(f"{spec.id}: narrowed (round {round_number}): {left_over} rows compared before the "
+                          f"freeze, {kept} still differ")
 
     async def verify_changed(self, spec: MoveSpec) -> list[str]:
         """Under the freeze, after the last catch-up: per table, the compared rows' counts on both sides, and

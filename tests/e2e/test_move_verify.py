@@ -29,6 +29,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from app import limits
 from app.config import REPO_ROOT
 from app.ledger.postings import Posting, PostingKind, fingerprint, settlement_account_id
 from app.ops.audit import audit
@@ -41,6 +42,13 @@ from tests.e2e.test_slot_moves import INITIAL_BALANCE, RANGE, SOURCE, Bench, ope
 from tests.helpers import new_key, poll_until
 
 bench = test_slot_moves.bench  # the fixture: an isolated world (tests/world.py) and a router in front of it
+
+
+@pytest.fixture(autouse=True)
+def narrow_always(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every move run in this process narrows before its freeze (Mover._narrow compares D and C again and keeps
+    what still differs), whatever their size, so the verify's tests here hold with the narrowing too."""
+    monkeypatch.setattr(limits, "MOVE_NARROW_ROWS_TARGET", -1)
 
 TARGET = "euw1-b"  # the source's neighbour in eu-west-1
 TXROUTE = [sys.executable, "-m", "app.cli.main"]
@@ -142,6 +150,7 @@ async def test_a_copy_tampered_on_the_target_before_the_pre_verify_is_found_unde
     report = await audit(bench.world.shard_dsns(), full=True)
 
     assert phase == "aborted", f"expected the verify to abort the move, got {phase}: {bench.log[-5:]}"
+    assert any("narrowed (round 1)" in line for line in bench.log), "expected the move narrowed before its freeze"
     reason = moves[0]["reason"]
     assert "verify: accounts" in reason and inside[0] in reason, f"expected the tampered account named: {reason}"
     assert any("verify (" in line and "rows compared one by one" in line for line in bench.log), (
@@ -211,6 +220,7 @@ async def test_after_the_pre_verify_the_target_refuses_writes_to_the_range_and_a
         assert getattr(outcome, "body", {}).get("code") == "misdirected", outcome
     assert seen["copy"] == 0, f"expected the target's copy of {account} untouched at 0, got {seen['copy']}"
     assert phase == "aborted", f"expected the verify to abort the move, got {phase}: {bench.log[-5:]}"
+    assert any("narrowed (round 1)" in line for line in bench.log), "expected the move narrowed before its freeze"
     reason = moves[0]["reason"]
     assert "verify: idempotency" in reason and "1 of 1 rows compared differ" in reason, reason
     assert str(seen["tampered"]) in reason, f"expected the renamed stored answer named: {reason}"
