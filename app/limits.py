@@ -308,7 +308,7 @@ MOVE_VERIFY_ROUNDS_MAX = 3
 # at the pre-verify, and every key the catch-up copied since) are compared again one by one and only those that
 # still differ kept, the catch-up's set starting over, while there are more than this many and at most this
 # many rounds (Mover._narrow).
-MOVE_NARROW_ROWS_TARGET = 1_000
+MOVE_NARROW_ROWS_TARGET = 250
 MOVE_NARROW_ROUNDS_MAX = 3
 # Test-only fault injection (app/placement/mover.py FaultPause): the longest a mover waits at a test's pause
 # point, and how often it looks whether the test let it go on.

@@ -616,7 +616,8 @@ class Mover:
 
     async def _narrow(self, spec: MoveSpec) -> None:
         """Before the freeze, while writes go on: the rows the freeze would compare (D, C, and those whose
-        standing as the target's own changed) are compared one by one now, after a catch-up, and D keeps only
+        standing as the target's own changed) are compared one by one now, after a catch-up (which also copies
+        what changed while the target pre-booked), and D keeps only
         those that still differ; C starts over before any row is read. Repeated while more than
         MOVE_NARROW_ROWS_TARGET rows are left, at most MOVE_NARROW_ROUNDS_MAX times. As sound as the pre-verify
         (verify_changed says why): a key left out of D and C was read equal on both sides after C started over,
@@ -625,11 +626,11 @@ class Mover:
         if pre is None:
             return
         for round_number in range(1, limits.MOVE_NARROW_ROUNDS_MAX + 1):
+            await self._catch_up(spec, until_lag=limits.MOVE_CATCH_UP_LAG_ROWS_MAX)  # what the pre-booking let in
             left_over = sum(len(pre.differing.get(t.name, set()) | pre.consumed.get(t.name, set()))
                             for t in SLOT_TABLES)
             if left_over <= limits.MOVE_NARROW_ROWS_TARGET:
                 return
-            await self._catch_up(spec, until_lag=limits.MOVE_CATCH_UP_LAG_ROWS_MAX)
             consumed, pre.consumed = pre.consumed, {}  # C starts over before the first row is read
             kept = 0
             async with self.connect(spec.source_shard) as src, self.connect(spec.target_shard) as dst:
