@@ -84,7 +84,9 @@ end $$;
 
 -- The switch-in (0019) on top of the pre-booking: each account must hold what was pre-booked for it (zero if
 -- nothing was); per currency the source's total comes from the transit account into the range account, and each
--- account whose balance differs from what it holds is booked the difference against the range account.
+-- account whose balance differs from what it holds is booked the difference against the range account. The
+-- recorded balances are read once into a temporary table, and checked against the accounts after the booking,
+-- in this transaction (before, the mover read every balance back).
 create or replace function txr_move_switch_in(p_move text, p_balances jsonb) returns jsonb language plpgsql as $$
 declare
     m slot_moves;
@@ -96,9 +98,13 @@ begin
         return jsonb_build_object('ok', true);
     end if;
     assert m.phase = 'copying', m.phase;
-    if exists (select 1 from jsonb_object_keys(p_balances) k
-               left join accounts a on a.id = k
-               left join slot_move_prebooked p on p.move_id = p_move and p.account_id = k
+    create temp table if not exists txr_switch_in (id text primary key, balance bigint not null) on commit drop;
+    truncate txr_switch_in;
+    insert into txr_switch_in (id, balance) select key, value::bigint from jsonb_each_text(p_balances);
+    analyze txr_switch_in;
+    if exists (select 1 from txr_switch_in b
+               left join accounts a on a.id = b.id
+               left join slot_move_prebooked p on p.move_id = p_move and p.account_id = b.id
                where a.id is null or a.kind <> 'customer' or a.balance <> coalesce(p.amount, 0)) then
         return jsonb_build_object('ok', false,
                                   'detail', 'a moved account is missing on the target or not at what was pre-booked');
@@ -112,8 +118,8 @@ begin
     select coalesce(jsonb_agg(jsonb_build_object('id', 'mvr_' || substr(p_move, 4) || '_' || currency,
                                                  'currency', currency, 'amount', total)), '[]'::jsonb)
     into v_totals
-    from (select a.currency, sum(b.value::bigint) as total
-          from jsonb_each_text(p_balances) b join accounts a on a.id = b.key group by a.currency) c
+    from (select a.currency, sum(b.balance) as total
+          from txr_switch_in b join accounts a on a.id = b.id group by a.currency) c
     where total <> 0;
     insert into accounts (id, slot, kind, owner_client, currency)
     select t ->> 'id', m.slot_lo, 'range', 'txroute', t ->> 'currency' from jsonb_array_elements(v_totals) t
@@ -122,12 +128,17 @@ begin
     perform txr_move_book(p_move, 'mvi_', m.target_shard, m.source_shard, m.slot_lo, v_totals);
     -- Each account that changed since the pre-booking: the difference, from the range account.
     select coalesce(jsonb_agg(jsonb_build_object('id', a.id, 'currency', a.currency,
-                                                 'amount', b.value::bigint - a.balance)), '[]'::jsonb)
+                                                 'amount', b.balance - a.balance)), '[]'::jsonb)
     into v_rows
-    from jsonb_each_text(p_balances) b join accounts a on a.id = b.key
-    where b.value::bigint <> a.balance;
+    from txr_switch_in b join accounts a on a.id = b.id
+    where b.balance <> a.balance;
     perform 1 from accounts where id in (select r ->> 'id' from jsonb_array_elements(v_rows) r) order by id for update;
     perform txr_move_book(p_move, 'mvd_', m.target_shard, m.source_shard, m.slot_lo, v_rows, 'range');
+    -- Every account now holds what the source booked out (a difference here is a bug: the caller rolls back).
+    if exists (select 1 from txr_switch_in b join accounts a on a.id = b.id where a.balance <> b.balance) then
+        return jsonb_build_object('ok', false, 'bug', true,
+                                  'detail', 'balances differ from those the source booked out after the switch-in');
+    end if;
     delete from slot_move_prebooked where move_id = p_move;
     update slot_moves set balances = p_balances where id = p_move;
     perform txr_move_phase(p_move, 'switched');
