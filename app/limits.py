@@ -304,6 +304,11 @@ MOVE_CLIENT_CHECK_INTERVAL_MS = 1_000
 # not empty after the verify (a write that reached the frozen range), at most this many times, then the move
 # aborts (and unfreezes).
 MOVE_VERIFY_ROUNDS_MAX = 3
+# Before the freeze: the target pre-books the range's balances (migration 0031), then again the differences while
+# more than this many accounts changed during a round, at most this many rounds; what changed after the last round
+# is booked under the freeze.
+MOVE_PREBOOK_CHANGED_TARGET = 250
+MOVE_PREBOOK_ROUNDS_MAX = 3
 # Before the freeze, while writes go on: the rows the verify would compare under the freeze (those that differed
 # at the pre-verify, and every key the catch-up copied since) are compared again one by one and only those that
 # still differ kept, the catch-up's set starting over, while there are more than this many and at most this

@@ -480,16 +480,21 @@ class Mover:
 
     async def _prebook(self, spec: MoveSpec) -> None:
         """Before the freeze: the target books in the balances the source shows now (no lock: they may still
-        change), so that the switch-in books only what changed since (migration 0031). Once per move."""
-        async with self.connect(spec.source_shard) as src:
-            balances = await src.fetchval(
-                """select coalesce(jsonb_object_agg(id, balance), '{}'::jsonb)::text from accounts
-                   where kind = 'customer' and slot between $1 and $2 and balance <> 0""", spec.slot_lo, spec.slot_hi)
-        async with self.connect(spec.target_shard) as dst, dst.transaction():
-            booked = json.loads(await dst.fetchval("select txr_move_prebook($1, $2::jsonb)::text",
-                                                   spec.id, balances))["booked"]
-        if booked:
-            self.progress(f"{spec.id}: pre-booked {booked} balances on {spec.target_shard} (before the freeze)")
+        change), then the differences while many changed during a round, so that the switch-in books only what
+        changed since the last round (migration 0031)."""
+        for round_number in range(1, limits.MOVE_PREBOOK_ROUNDS_MAX + 1):
+            async with self.connect(spec.source_shard) as src:
+                balances = await src.fetchval(
+                    """select coalesce(jsonb_object_agg(id, balance), '{}'::jsonb)::text from accounts
+                       where kind = 'customer' and slot between $1 and $2 and balance <> 0""",
+                    spec.slot_lo, spec.slot_hi)
+            async with self.connect(spec.target_shard) as dst, dst.transaction():
+                booked = json.loads(await dst.fetchval("select txr_move_prebook($1, $2::jsonb)::text",
+                                                       spec.id, balances))["booked"]
+            self.progress(f"{spec.id}: pre-booking round {round_number}: {booked} balances booked on "
+                          f"{spec.target_shard} (before the freeze)")
+            if booked <= limits.MOVE_PREBOOK_CHANGED_TARGET:
+                return
 
     async def _freeze(self, spec: MoveSpec) -> None:
         for attempt in range(1, limits.MOVE_FREEZE_ATTEMPTS_MAX + 1):

@@ -230,8 +230,8 @@ async def test_after_the_pre_verify_the_target_refuses_writes_to_the_range_and_a
 
 async def _range_books(bench: Bench, shard: str, move_id: str) -> dict[str, int]:
     """On `shard`: the sum of the range's customer balances, of the move's range accounts, and the count of the
-    move's postings by their id's prefix (mvp_ pre-booked, mvi_ switched in per currency, mvd_ a difference at the
-    switch, mvc_ booked back by a cancel)."""
+    move's postings by their id's prefix (mvp1 pre-booked in the first round, mvi switched in per currency, mvd a
+    difference at the switch, mvc booked back by a cancel)."""
     conn = await asyncpg.connect(bench.world.shard_dsns()[shard])
     try:
         row = await conn.fetchrow(
@@ -241,12 +241,12 @@ async def _range_books(bench: Bench, shard: str, move_id: str) -> dict[str, int]
                        where kind = 'range' and id like 'mvr_' || substr($3, 4) || '_%') as range_accounts""",
             *RANGE, move_id)
         postings = {r["prefix"]: int(r["n"]) for r in await conn.fetch(
-            """select left(id, 4) as prefix, count(*) as n from transfers
+            """select split_part(id, '_', 1) as prefix, count(*) as n from transfers
                where kind = 'move' and reference = $1 group by 1""", move_id)}
     finally:
         await conn.close()
     return {"customers": int(row["customers"]), "range_accounts": int(row["range_accounts"]),
-            **{p: postings.get(p, 0) for p in ("mvp_", "mvi_", "mvd_", "mvc_")}}
+            **{p: postings.get(p, 0) for p in ("mvp1", "mvi", "mvd", "mvc")}}
 
 
 async def test_the_target_books_the_balances_in_before_the_freeze_and_under_it_only_what_changed(
@@ -272,14 +272,14 @@ async def test_the_target_books_the_balances_in_before_the_freeze_and_under_it_o
     balances = {a: (await bench.api.get(f"/v1/accounts/{a}")).json()["balance"] for a in inside[:2]}
 
     expected = INITIAL_BALANCE * len(inside)
-    assert seen["prebooked"] == {"customers": expected, "range_accounts": -expected, "mvp_": len(inside),
-                                 "mvi_": 0, "mvd_": 0, "mvc_": 0}, seen["prebooked"]
+    assert seen["prebooked"] == {"customers": expected, "range_accounts": -expected, "mvp1": len(inside),
+                                 "mvi": 0, "mvd": 0, "mvc": 0}, seen["prebooked"]
     assert seen["audit"].clean, seen["audit"].text()
     transfer = seen["transfer"]
     assert transfer.status_code == 201, transfer.text
     assert phase == "done", bench.log[-5:]
-    assert switched == {"customers": expected, "range_accounts": 0, "mvp_": len(inside), "mvi_": 1, "mvd_": 2,
-                        "mvc_": 0}, f"expected one posting in and the two changed accounts' differences: {switched}"
+    assert switched == {"customers": expected, "range_accounts": 0, "mvp1": len(inside), "mvi": 1, "mvd": 2,
+                        "mvc": 0}, f"expected one posting in and the two changed accounts' differences: {switched}"
     assert balances == {inside[0]: INITIAL_BALANCE - 10, inside[1]: INITIAL_BALANCE + 10}, balances
     assert report.clean, report.text()
 
@@ -305,9 +305,9 @@ async def test_a_move_cancelled_after_the_prebooking_books_the_target_back_to_ze
     report_again = await audit(bench.world.shard_dsns(), full=True)
 
     expected = INITIAL_BALANCE * len(inside)
-    assert prebooked["customers"] == expected and prebooked["mvp_"] == len(inside), prebooked
-    assert cancelled == {"customers": 0, "range_accounts": 0, "mvp_": len(inside), "mvi_": 0, "mvd_": 0,
-                         "mvc_": len(inside)}, f"expected each pre-booked account booked back to zero: {cancelled}"
+    assert prebooked["customers"] == expected and prebooked["mvp1"] == len(inside), prebooked
+    assert cancelled == {"customers": 0, "range_accounts": 0, "mvp1": len(inside), "mvi": 0, "mvd": 0,
+                         "mvc": len(inside)}, f"expected each pre-booked account booked back to zero: {cancelled}"
     assert report.clean, report.text()
     assert again == "done", bench.log[-5:]
     assert balance == INITIAL_BALANCE

@@ -8,18 +8,18 @@
 --
 -- Now, before the freeze, the mover reads the source's balances (no lock: they may still change) and the target
 -- books each account's balance against its range account `mvr_<move>_<currency>` (kind `range`, as on the
--- source; prefix `mvp_`), remembering what it booked (slot_move_prebooked). The target does not own the range
--- yet, so nothing serves or writes those accounts; every invariant holds on the target as on the source (the
--- audit counts range accounts with customers). Under the freeze the switch-in books, per currency, the total the
--- source booked out from the transit account into the range account (one posting), and for each account whose
--- balance changed since the pre-booking only the difference against the range account; each range account then
--- ends at zero. A range of mostly idle accounts switches in a few postings, whatever its size.
+-- source; prefix `mvp1_`), remembering what it booked (slot_move_prebooked); while many accounts changed during a
+-- round, the mover reads again and the target books the differences (`mvp2_`, ...). The target does not own the
+-- range yet, so nothing serves or writes those accounts; every invariant holds on the target as on the source
+-- (the audit counts range accounts with customers). Under the freeze the switch-in books, per currency, the total
+-- the source booked out from the transit account into the range account (one posting), and for each account
+-- whose balance changed since the last round only the difference against the range account (`mvd_`); each
+-- range account then ends at zero. A range of mostly idle accounts switches in a few postings, whatever its size.
 --
--- Run again (a mover resumed before its freeze), the pre-booking finds its move pre-booked and books nothing: the
--- switch-in's differences cover what changed meanwhile. A move cancelled or aborted before its switch books each
--- pre-booked account back to zero (prefix `mvc_`) before the target's copies are dropped; those accounts keep
--- their journal, at zero, on a shard that does not own their slots (a later move of the range in finds them and
--- books them in again).
+-- Run again (a mover resumed before its freeze), the pre-booking books only the differences. A move cancelled or
+-- aborted before its switch books each pre-booked account back to zero (`mvc_`) before the target's copies are
+-- dropped; those accounts keep their journal, at zero, on a shard that does not own their slots (a later move of
+-- the range in finds them and books them in again).
 --
 -- The copy no longer resets an existing account's balance to zero on the target (app/store/slotdata.py: balance
 -- and version are set on insert only): a pre-booked balance stays what its entries say.
@@ -28,34 +28,46 @@ create table slot_move_prebooked (
     move_id text not null references slot_moves (id),
     account_id text not null,
     amount bigint not null,
+    round integer not null,
     primary key (move_id, account_id)
 );
 
--- Pre-booking (target, before the freeze): p_balances maps account id -> the source's balance as read. Books the
--- accounts that exist on the target (the copy brought them) with a balance of zero there; an account the copy
--- has not brought yet is booked in whole by the switch-in.
+-- Pre-booking (target, before the freeze): p_balances maps account id -> the source's balance as read (accounts
+-- at zero left out). Books, against the range account, what each account of the range on the target lacks to
+-- hold that balance: all of it the first time, the differences on a later round (the mover repeats while many
+-- changed meanwhile; a resumed mover does the same). An account the copy has not brought yet is booked in whole
+-- by the switch-in, and one whose balance is not what this move pre-booked (zero if nothing) is left alone (the
+-- switch-in refuses it). Each round's postings have their own prefix: mvp<round>_.
 create function txr_move_prebook(p_move text, p_balances jsonb) returns jsonb language plpgsql as $$
 declare
     m slot_moves;
+    v_round integer;
     v_rows jsonb;
 begin
     select * into strict m from slot_moves where id = p_move and role = 'target' for update;
-    if m.phase <> 'copying' or exists (select 1 from slot_move_prebooked where move_id = p_move) then
+    if m.phase <> 'copying' then
         return jsonb_build_object('booked', 0);
     end if;
-    perform 1 from accounts a join jsonb_each_text(p_balances) b on b.key = a.id
-    where a.kind = 'customer' and a.slot between m.slot_lo and m.slot_hi and a.balance = 0
-    order by a.id for update of a;
-    select coalesce(jsonb_agg(jsonb_build_object('id', a.id, 'currency', a.currency, 'amount', b.value::bigint)),
-                    '[]'::jsonb)
-    into v_rows
-    from jsonb_each_text(p_balances) b join accounts a on a.id = b.key
-    where a.kind = 'customer' and a.slot between m.slot_lo and m.slot_hi and a.balance = 0 and b.value::bigint <> 0;
-    insert into slot_move_prebooked (move_id, account_id, amount)
-    select p_move, r ->> 'id', (r ->> 'amount')::bigint from jsonb_array_elements(v_rows) r;
+    v_round := coalesce((select max(round) from slot_move_prebooked where move_id = p_move), 0) + 1;
+    create temp table if not exists txr_prebook (id text primary key, currency text not null, amount bigint not null)
+        on commit drop;
+    truncate txr_prebook;
+    insert into txr_prebook (id, currency, amount)
+    select a.id, a.currency, coalesce((p_balances ->> a.id)::bigint, 0) - a.balance
+    from accounts a left join slot_move_prebooked p on p.move_id = p_move and p.account_id = a.id
+    where a.kind = 'customer' and a.slot between m.slot_lo and m.slot_hi
+      and a.balance = coalesce(p.amount, 0) and coalesce((p_balances ->> a.id)::bigint, 0) <> a.balance;
+    perform 1 from accounts where id in (select id from txr_prebook) order by id for update;
+    select coalesce(jsonb_agg(jsonb_build_object('id', id, 'currency', currency, 'amount', amount)), '[]'::jsonb)
+    into v_rows from txr_prebook;
+    insert into slot_move_prebooked (move_id, account_id, amount, round)
+    select p_move, id, amount, v_round from txr_prebook
+    on conflict (move_id, account_id) do update set amount = slot_move_prebooked.amount + excluded.amount,
+                                                    round = excluded.round;
     perform set_config('txr.move_switch', 'on', true);
-    perform txr_move_book(p_move, 'mvp_', m.target_shard, m.source_shard, m.slot_lo, v_rows, 'range');
-    return jsonb_build_object('booked', jsonb_array_length(v_rows));
+    perform txr_move_book(p_move, 'mvp' || v_round || '_', m.target_shard, m.source_shard, m.slot_lo, v_rows,
+                          'range');
+    return jsonb_build_object('booked', jsonb_array_length(v_rows), 'round', v_round);
 end $$;
 
 -- Cancel or abort before the switch (target): each pre-booked account back to zero against its range account,
