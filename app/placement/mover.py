@@ -339,7 +339,11 @@ class Mover:
             with stats.step("catch_up"):  # the writes made while the pre-verify read the range
                 stats.lag_at_freeze = await self._catch_up(spec, until_lag=limits.MOVE_CATCH_UP_LAG_ROWS_MAX)
             with stats.step("prebook"):
-                await self._prebook(spec)
+                skipped = await self._prebook(spec)
+            if skipped:
+                await self.cancel(spec, phase="aborted", reason=f"{skipped} accounts of the range on "
+                                  f"{spec.target_shard} do not hold what this move pre-booked (nothing frozen)")
+                return "aborted"
             await self._pause_at("prebooked")
             with stats.step("narrow"):
                 await self._narrow(spec)
@@ -478,23 +482,35 @@ class Mover:
                    f"delivered {r['delivered']}, dead-lettered {r['dead']}, attempts {r['attempts']}, failures "
                    f"{r['failures']}, next attempt in {r['due_in_s']} s, last error {r['last_error'] or 'none'}"))
 
-    async def _prebook(self, spec: MoveSpec) -> None:
+    async def _prebook(self, spec: MoveSpec) -> int:
         """Before the freeze: the target books in the balances the source shows now (no lock: they may still
         change), then the differences while many changed during a round, so that the switch-in books only what
-        changed since the last round (migration 0031)."""
+        changed since the last round (migrations 0031, 0032). By chunks of MOVE_PREBOOK_CHUNK_ACCOUNTS accounts,
+        each in its own transaction. Returns the accounts the target could not book (a balance that is not what
+        this move pre-booked), which the switch-in would refuse."""
+        skipped = 0
         for round_number in range(1, limits.MOVE_PREBOOK_ROUNDS_MAX + 1):
             async with self.connect(spec.source_shard) as src:
-                balances = await src.fetchval(
-                    """select coalesce(jsonb_object_agg(id, balance), '{}'::jsonb)::text from accounts
-                       where kind = 'customer' and slot between $1 and $2 and balance <> 0""",
-                    spec.slot_lo, spec.slot_hi)
-            async with self.connect(spec.target_shard) as dst, dst.transaction():
-                booked = json.loads(await dst.fetchval("select txr_move_prebook($1, $2::jsonb)::text",
-                                                       spec.id, balances))["booked"]
+                rows = await src.fetch(
+                    """select id, balance from accounts where kind = 'customer' and slot between $1 and $2
+                       order by id""", spec.slot_lo, spec.slot_hi)
+            booked = skipped = 0
+            size = limits.MOVE_PREBOOK_CHUNK_ACCOUNTS
+            for start in range(0, max(len(rows), 1), size):
+                chunk = rows[start:start + size]
+                # [first, last) of account ids, unbounded at both ends: every account of the range is in one chunk.
+                first = chunk[0]["id"] if start > 0 else None
+                last = rows[start + size]["id"] if start + size < len(rows) else None
+                balances = json.dumps({r["id"]: r["balance"] for r in chunk if r["balance"] != 0})
+                async with self.connect(spec.target_shard) as dst, dst.transaction():
+                    answer = json.loads(await dst.fetchval(
+                        "select txr_move_prebook($1, $2::jsonb, $3, $4)::text", spec.id, balances, first, last))
+                booked, skipped = booked + answer["booked"], skipped + answer["skipped"]
             self.progress(f"{spec.id}: pre-booking round {round_number}: {booked} balances booked on "
                           f"{spec.target_shard} (before the freeze)")
             if booked <= limits.MOVE_PREBOOK_CHANGED_TARGET:
-                return
+                break
+        return skipped
 
     async def _freeze(self, spec: MoveSpec) -> None:
         for attempt in range(1, limits.MOVE_FREEZE_ATTEMPTS_MAX + 1):
@@ -716,9 +732,6 @@ class Mover:
         async with self.connect(spec.target_shard) as dst, dst.transaction():
             answer = json.loads(await dst.fetchval("select txr_move_switch_in($1, $2::jsonb)::text",
                                                    spec.id, balances))
-            if answer.get("bug"):
-                raise MoveRefused(f"move {spec.id}: {answer['detail']}: this is a bug; nothing switched, the move "
-                                  "stays `switching` on the source")
             if not answer["ok"]:
                 raise MoveRefused(f"move {spec.id}: the target refused the switch ({answer['detail']}); the source "
                                   "has booked the balances out: repair the target and run the move again")

@@ -312,3 +312,57 @@ async def test_a_move_cancelled_after_the_prebooking_books_the_target_back_to_ze
     assert again == "done", bench.log[-5:]
     assert balance == INITIAL_BALANCE
     assert report_again.clean, report_again.text()
+
+
+async def test_a_move_into_a_shard_waits_for_an_earlier_move_half_cancelled_there(bench: Bench) -> None:
+    """A cancel whose source side committed but not its target side (the mover died between them) leaves that
+    move's pre-booked balances on the target: a new move of the range into it is refused until the cancel is run
+    again (migration 0032), which books them back; then the new move completes."""
+    retried: Counter[str] = Counter()
+    await open_accounts(bench, retried)
+    spec = await bench.mover().spec(*RANGE, TARGET)
+    await bench.mover().begin(spec)
+    with pytest.raises(MoverStopped):
+        await bench.mover(stop_after="frozen").run(spec)
+    source = await asyncpg.connect(bench.world.shard_dsns()[SOURCE])
+    try:  # the cancel's first half only, as a mover killed between its two transactions leaves it
+        await source.execute("select txr_move_unfreeze($1, 'cancelled', 'test: half a cancel')", spec.id)
+    finally:
+        await source.close()
+    with pytest.raises(MoveRefused, match="target_move_unfinished") as refused:
+        await bench.mover().begin(await bench.mover().spec(*RANGE, TARGET))
+    await bench.mover().cancel(spec)
+    cancelled = await _range_books(bench, TARGET, spec.id)
+    phase = await bench.move(TARGET)
+    report = await audit(bench.world.shard_dsns(), full=True)
+
+    assert spec.id in str(refused.value), refused.value
+    assert (cancelled["customers"], cancelled["range_accounts"]) == (0, 0), cancelled
+    assert phase == "done", bench.log[-5:]
+    assert report.clean, report.text()
+
+
+async def test_a_target_account_not_at_what_was_pre_booked_aborts_the_move_before_its_freeze(bench: Bench) -> None:
+    """An account of the range on the target that holds a balance no pre-booking of this move put there would be
+    refused by the switch-in after the source booked the range out: the pre-booking reports it and the mover
+    aborts before freezing anything."""
+    retried: Counter[str] = Counter()
+    inside, _ = await open_accounts(bench, retried)
+    spec = await bench.mover().spec(*RANGE, TARGET)
+    await bench.mover().begin(spec)
+    with pytest.raises(MoverStopped):
+        await bench.mover(stop_after="catching_up").run(spec)
+    target = await asyncpg.connect(bench.world.shard_dsns()[TARGET])
+    try:
+        await target.execute("update accounts set balance = 5 where id = $1", inside[0])
+        phase = await bench.mover().run(spec)
+        await target.execute("update accounts set balance = 0 where id = $1", inside[0])  # undo the damage
+    finally:
+        await target.close()
+    moves = await bench.mover().moves()
+    frozen = [line for line in bench.log if spec.id in line and "frozen:" in line]
+
+    assert phase == "aborted", bench.log[-5:]
+    assert "do not hold what this move pre-booked" in moves[0]["reason"], moves[0]
+    assert not frozen, f"expected nothing frozen: {frozen}"
+    assert await bench.owner(RANGE[0]) == (SOURCE, 1)
