@@ -106,14 +106,15 @@ class MoveSpec:
             f"shard {self.target_shard} ({self.target_region}) as {self.id}",
             "copy the range's accounts, transfers, stored answers and saga inbox rows while writes continue, "
             "then catch up the changes made meanwhile; hash every row of the range on both sides (pre-verify) "
-            "and catch up again",
+            f"and catch up again; {self.target_shard} pre-books the range's balances against its range account, "
+            "and the rows that differed or changed are compared again (narrowing)",
             f"freeze the range on {self.source_shard} (requests answered 503 slot_moving, Retry-After "
             f"{limits.SLOT_MOVING_RETRY_AFTER_S} s), wait up to {limits.MOVE_PENDING_SAGAS_WAIT_S:g} s for sagas "
             "debited from it, verify the row counts and the rows that differed or changed since the pre-verify "
             "(a difference aborts and unfreezes)",
             f"switch: balances booked out on {self.source_shard} (one posting per currency) and in on "
-            f"{self.target_shard}, which owns the range with epoch {self.epoch}; {self.source_shard} answers 421 "
-            "naming it",
+            f"{self.target_shard} (one posting per currency, and the accounts changed since the pre-booking), which "
+            f"owns the range with epoch {self.epoch}; {self.source_shard} answers 421 naming it",
             f"clean up: {self.source_shard} books each of the range's accounts to zero and deletes the range's "
             "stored answers and inbox rows (its journal stays)",
         ]
