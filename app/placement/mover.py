@@ -639,8 +639,8 @@ class Mover:
     async def _narrow(self, spec: MoveSpec) -> None:
         """Before the freeze, while writes go on: the rows the freeze would compare (D, C, and those whose
         standing as the target's own changed) are compared one by one now, after a catch-up (which also copies
-        what changed while the target pre-booked), and D keeps only
-        those that still differ; C starts over before any row is read. Repeated while more than
+        what changed while the target pre-booked), and D keeps only those that still differ; C starts over before
+        any row is read. Repeated while more than
         MOVE_NARROW_ROWS_TARGET rows are left, at most MOVE_NARROW_ROUNDS_MAX times. As sound as the pre-verify
         (verify_changed says why): a key left out of D and C was read equal on both sides after C started over,
         and any write of it since is consumed by a catch-up, which puts it back in C."""
@@ -658,11 +658,8 @@ class Mover:
             async with self.connect(spec.source_shard) as src, self.connect(spec.target_shard) as dst:
                 for table in SLOT_TABLES:
                     own = await _own_keys(dst, table, spec)
-                    keys = sorted(pre.differing.get(table.name, set()) | consumed.get(table.name, set())
-                                  | (own ^ pre.own.get(table.name, set())))
-                    left = await _row_hashes(src, table, spec, own, keys) if keys else {}
-                    right = await _row_hashes(dst, table, spec, own, keys) if keys else {}
-                    pre.differing[table.name] = {k for k in keys if left.get(k) != right.get(k)}
+                    keys = _keys_to_compare(pre, table, own, consumed)
+                    pre.differing[table.name] = set(await _differing(src, dst, table, spec, own, keys))
                     pre.own[table.name] = own
                     kept += len(pre.differing[table.name])
             self.progress(f"{spec.id}: narrowed (round {round_number}): {left_over} rows compared before the "
@@ -705,15 +702,12 @@ class Mover:
         async with self.connect(spec.source_shard) as src, self.connect(spec.target_shard) as dst:
             for table in SLOT_TABLES:
                 own = await _own_keys(dst, table, spec)
-                keys = sorted(pre.differing.get(table.name, set()) | pre.consumed.get(table.name, set())
-                              | (own ^ pre.own.get(table.name, set())))
+                keys = _keys_to_compare(pre, table, own, pre.consumed)
                 count_sql = f"select count(*) from {table.name} t where {_compared_sql(table, spec)}"  # noqa: S608
                 # Both sides at once (two databases): the counts read the whole range, the longest part of this.
                 counted = await asyncio.gather(*(c.fetchval(count_sql, spec.slot_lo, spec.slot_hi, _keys_json(own))
                                                  for c in (src, dst)))
-                left, right = ({}, {}) if not keys else await asyncio.gather(
-                    *(_row_hashes(c, table, spec, own, keys) for c in (src, dst)))
-                differing = [k for k in keys if left.get(k) != right.get(k)]
+                differing = await _differing(src, dst, table, spec, own, keys)
                 compared += len(keys)
                 if differing or counted[0] != counted[1]:
                     differences.append(f"{table.name}: {counted[0]} rows on {spec.source_shard}, {counted[1]} on "
@@ -890,6 +884,21 @@ async def _row_hashes(conn: asyncpg.Connection, table: SlotTable, spec: MoveSpec
             f"using ({', '.join(table.key)}) where {_compared_sql(table, spec)}", *args, batch)
         hashes.update((r[0], r[1]) for r in rows)
     return hashes
+
+
+def _keys_to_compare(pre: PreVerify, table: SlotTable, own: set[str], consumed: dict[str, set[str]]) -> list[str]:
+    """D, the keys consumed (C), and those whose standing as the target's own changed since the pre-verify."""
+    return sorted(pre.differing.get(table.name, set()) | consumed.get(table.name, set())
+                  | (own ^ pre.own.get(table.name, set())))
+
+
+async def _differing(src: asyncpg.Connection, dst: asyncpg.Connection, table: SlotTable, spec: MoveSpec,
+                     own: set[str], keys: list[str]) -> list[str]:
+    """Those of `keys` whose rows differ between the sides (or stand on one side only), both read at once."""
+    if not keys:
+        return []
+    left, right = await asyncio.gather(*(_row_hashes(c, table, spec, own, keys) for c in (src, dst)))
+    return [k for k in keys if left.get(k) != right.get(k)]
 
 
 async def _delete_gone(src: asyncpg.Connection, dst: asyncpg.Connection, table: SlotTable,
