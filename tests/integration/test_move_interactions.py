@@ -158,7 +158,9 @@ async def test_a_saga_to_the_target_of_its_debit_ranges_move_is_applied_when_the
     """A move copies its range's transfers to its target, the debit side of a saga from the range among them.
     When the saga's credit account is on the target and the copy came before the message, the credit side's
     insert failed on the id at every delivery (a 500, then a dead letter; the saga stayed pending and the move's
-    freeze aborted). The credit side's row replaces the copy (migration 0029), as when the message comes first."""
+    freeze aborted). The copy becomes the credit side's row, as when the message comes first (migration 0029), and
+    keeps the history copied with it (migration 0033: 0029 deleted it, the source kept it, and the move's verify
+    aborted on the difference)."""
     shards = topology.region("eu-west-1").shards
     debit = await account_in_shard(api, topology, shards[0].name)
     credit = await account_in_shard(api, topology, shards[1].name)
@@ -174,15 +176,20 @@ async def test_a_saga_to_the_target_of_its_debit_ranges_move_is_applied_when_the
                                       debit_shard, credit_shard, moved_from)
                values ($1, $2, 'transfer', $3, $4, 40, 'EUR', 'pending', $5, $6, $5)""",
             transfer, api.client_id, debit, credit, shards[0].name, shards[1].name)
+        await target.execute("insert into transfer_events (transfer_id, seq, state) values ($1, 1, 'pending')",
+                             transfer)
         message = {"transfer_id": transfer, "client": api.client_id, "debit_account": debit, "credit_account": credit,
                    "credit_slot": parse_account_id(credit).slot, "amount": 40, "currency": "EUR",
                    "source_shard": shards[0].name, "reference": None}
         answer = json.loads(await target.fetchval("select txr_saga_apply($1::jsonb)::text", json.dumps(message)))
         row = await target.fetchrow("select state, moved_from from transfers where id = $1", transfer)
         entries = await target.fetchval("select count(*) from entries where transfer_id = $1", transfer)
+        history = [tuple(r) for r in await target.fetch(
+            "select seq, state from transfer_events where transfer_id = $1 order by seq", transfer)]
         balance = await target.fetchval("select balance from accounts where id = $1", credit)
     finally:
         await undo.rollback()
         await target.close()
     assert answer["outcome"] == "applied", answer
     assert (row["state"], row["moved_from"], entries, balance) == ("posted", None, 2, 40), (dict(row), entries, balance)
+    assert history == [(1, "pending")], f"expected the copied history kept as the source has it, got {history}"
