@@ -309,9 +309,10 @@ MOVE_VERIFY_ROUNDS_MAX = 3
 # is booked under the freeze.
 MOVE_PREBOOK_CHANGED_TARGET = 250
 MOVE_PREBOOK_ROUNDS_MAX = 3
-# Accounts per pre-booking transaction: a transaction over a whole large range would outlast what the audit's
-# horizon assumes of any ledger transaction (migration 0007: two margins, 20 s).
-MOVE_PREBOOK_CHUNK_ACCOUNTS = 5_000
+# Accounts per transaction of a move's bookings (the pre-booking, the cleanup's booking out, a cancel's booking
+# back: migrations 0032, 0034): a transaction over a whole large range would outlast what the audit's horizon
+# assumes of any ledger transaction (migration 0007: two margins, 20 s).
+MOVE_BOOKING_CHUNK_ACCOUNTS = 5_000
 # Before the freeze, while writes go on: the rows the verify would compare under the freeze (those that differed
 # at the pre-verify, and every key the catch-up copied since) are compared again one by one and only those that
 # still differ kept, the catch-up's set starting over, while there are more than this many and at most this

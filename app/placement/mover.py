@@ -377,10 +377,11 @@ class Mover:
             if current not in (*CANCELLABLE, "cancelled", "aborted"):
                 raise MoveRefused(f"move {spec.id} is {current}: past the switch it can only complete (re-run it)")
             await self._close_source(spec, phase, reason)
+            # The pre-booked balances, to zero (by chunks; nothing once switched), then the copies dropped.
+            await self._book_by_chunks(spec.target_shard, "txr_move_unbook", spec)
             async with self.connect(spec.target_shard) as conn, conn.transaction():
                 exists = await conn.fetchval("select phase from slot_moves where id = $1 for update", spec.id)
                 if exists is not None and exists not in ("switched", "done"):
-                    await conn.execute("select txr_move_unbook($1)", spec.id)  # the pre-booked balances, to zero
                     for table in reversed(SLOT_TABLES):
                         await conn.execute(
                             f"delete from {table.name} t where {table.slot_sql('t')} between $1 and $2 "  # noqa: S608
@@ -486,17 +487,20 @@ class Mover:
     async def _prebook(self, spec: MoveSpec) -> int:
         """Before the freeze: the target books in the balances the source shows now (no lock: they may still
         change), then the differences while many changed during a round, so that the switch-in books only what
-        changed since the last round (migrations 0031, 0032). By chunks of MOVE_PREBOOK_CHUNK_ACCOUNTS accounts,
+        changed since the last round (migrations 0031, 0032). By chunks of MOVE_BOOKING_CHUNK_ACCOUNTS accounts,
         each in its own transaction. Returns the accounts the target could not book (a balance that is not what
         this move pre-booked), which the switch-in would refuse."""
         skipped = 0
+        async with self.connect(spec.target_shard) as dst:  # past any round a crashed mover recorded
+            recorded = await dst.fetchval(
+                "select coalesce(max(round), 0) from slot_move_prebooked where move_id = $1", spec.id)
         for round_number in range(1, limits.MOVE_PREBOOK_ROUNDS_MAX + 1):
             async with self.connect(spec.source_shard) as src:
                 rows = await src.fetch(
                     """select id, balance from accounts where kind = 'customer' and slot between $1 and $2
                        order by id""", spec.slot_lo, spec.slot_hi)
             booked = skipped = 0
-            size = limits.MOVE_PREBOOK_CHUNK_ACCOUNTS
+            size = limits.MOVE_BOOKING_CHUNK_ACCOUNTS
             for start in range(0, max(len(rows), 1), size):
                 chunk = rows[start:start + size]
                 # [first, last) of account ids, unbounded at both ends: every account of the range is in one chunk.
@@ -505,7 +509,8 @@ class Mover:
                 balances = json.dumps({r["id"]: r["balance"] for r in chunk if r["balance"] != 0})
                 async with self.connect(spec.target_shard) as dst, dst.transaction():
                     answer = json.loads(await dst.fetchval(
-                        "select txr_move_prebook($1, $2::jsonb, $3, $4)::text", spec.id, balances, first, last))
+                        "select txr_move_prebook($1, $2, $3::jsonb, $4, $5)::text",
+                        spec.id, recorded + round_number, balances, first, last))
                 booked, skipped = booked + answer["booked"], skipped + answer["skipped"]
             self.progress(f"{spec.id}: pre-booking round {round_number}: {booked} balances booked on "
                           f"{spec.target_shard} (before the freeze)")
@@ -737,10 +742,10 @@ class Mover:
                       f"(epoch {spec.epoch})")
 
     async def _cleanup(self, spec: MoveSpec) -> None:
+        booked = await self._book_by_chunks(spec.source_shard, "txr_move_book_out", spec)
+        if booked:
+            self.progress(f"{spec.id}: cleanup: {booked} accounts booked to zero on {spec.source_shard}")
         async with self.connect(spec.source_shard) as src, src.transaction():
-            booked = json.loads(await src.fetchval("select txr_move_book_out($1)::text", spec.id))["booked"]
-            if booked:
-                self.progress(f"{spec.id}: cleanup: {booked} accounts booked to zero on {spec.source_shard}")
             for table in SLOT_TABLES:
                 if table.source_after_switch == "delete":
                     await src.execute(
@@ -749,6 +754,22 @@ class Mover:
             await src.execute("select txr_move_phase($1, 'done')", spec.id)
         await self._set_phase(spec.target_shard, spec.id, "done")
         self.progress(f"{spec.id}: done")
+
+    async def _book_by_chunks(self, shard: str, function: str, spec: MoveSpec) -> int:
+        """Call a booking function of the range's accounts (txr_move_book_out on the source after the switch,
+        txr_move_unbook on the target at a cancel: migration 0034) by chunks of MOVE_BOOKING_CHUNK_ACCOUNTS
+        accounts in id order, each chunk its own transaction, until it has looked at every account; returns the
+        accounts booked. A crash between chunks leaves the rest for the next run."""
+        booked, after = 0, None
+        while True:
+            async with self.connect(shard) as conn, conn.transaction():
+                answer = json.loads(await conn.fetchval(
+                    f"select {function}($1, $2, $3)::text",
+                    spec.id, after, limits.MOVE_BOOKING_CHUNK_ACCOUNTS))
+            booked += int(answer["booked"])
+            after = answer["last"]
+            if after is None:
+                return booked
 
     # Reading ----------------------------------------------------------------------------------------------
 

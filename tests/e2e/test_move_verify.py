@@ -13,7 +13,8 @@ its own. Proved here:
   consumed a change of its key (the row counts equal) is found under the freeze (it is in C), the move
   aborting;
 - the target books the balances in before the freeze and, under it, only what changed since (migration 0031);
-  a move cancelled after that books the target back to zero.
+  a move cancelled after that books the target back to zero; the source's cleanup books each account out; all
+  three by chunks of accounts, each its own transaction (migrations 0032, 0034; two accounts a chunk here).
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ def narrow_always(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every move run in this process narrows before its freeze (Mover._narrow compares D and C again and keeps
     what still differs), whatever their size, so the verify's tests here hold with the narrowing too."""
     monkeypatch.setattr(limits, "MOVE_NARROW_ROWS_TARGET", -1)
+
+
+@pytest.fixture(autouse=True)
+def booking_by_chunks_of_two(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every move run in this process books by chunks of two accounts (the pre-booking, the cleanup's booking out,
+    a cancel's booking back: migrations 0032, 0034), so each of them runs over several chunks here."""
+    monkeypatch.setattr(limits, "MOVE_BOOKING_CHUNK_ACCOUNTS", 2)
 
 TARGET = "euw1-b"  # the source's neighbour in eu-west-1
 TXROUTE = [sys.executable, "-m", "app.cli.main"]
@@ -231,7 +239,7 @@ async def test_after_the_pre_verify_the_target_refuses_writes_to_the_range_and_a
 async def _range_books(bench: Bench, shard: str, move_id: str) -> dict[str, int]:
     """On `shard`: the sum of the range's customer balances, of the move's range accounts, and the count of the
     move's postings by their id's prefix (mvp1 pre-booked in the first round, mvi switched in per currency, mvd a
-    difference at the switch, mvc booked back by a cancel)."""
+    difference at the switch, mvc booked back by a cancel, mvb booked out by the source's cleanup)."""
     conn = await asyncpg.connect(bench.world.shard_dsns()[shard])
     try:
         row = await conn.fetchrow(
@@ -246,7 +254,7 @@ async def _range_books(bench: Bench, shard: str, move_id: str) -> dict[str, int]
     finally:
         await conn.close()
     return {"customers": int(row["customers"]), "range_accounts": int(row["range_accounts"]),
-            **{p: postings.get(p, 0) for p in ("mvp1", "mvi", "mvd", "mvc")}}
+            **{p: postings.get(p, 0) for p in ("mvp1", "mvi", "mvd", "mvc", "mvb")}}
 
 
 async def test_the_target_books_the_balances_in_before_the_freeze_and_under_it_only_what_changed(
@@ -268,18 +276,23 @@ async def test_the_target_books_the_balances_in_before_the_freeze_and_under_it_o
 
     phase, spec = await _held_at(bench, "prebooked", after_the_prebooking)
     switched = await _range_books(bench, TARGET, spec.id)
+    cleaned = await _range_books(bench, SOURCE, spec.id)
     report = await audit(bench.world.shard_dsns(), full=True)
     balances = {a: (await bench.api.get(f"/v1/accounts/{a}")).json()["balance"] for a in inside[:2]}
 
     expected = INITIAL_BALANCE * len(inside)
     assert seen["prebooked"] == {"customers": expected, "range_accounts": -expected, "mvp1": len(inside),
-                                 "mvi": 0, "mvd": 0, "mvc": 0}, seen["prebooked"]
+                                 "mvi": 0, "mvd": 0, "mvc": 0, "mvb": 0}, seen["prebooked"]
     assert seen["audit"].clean, seen["audit"].text()
     transfer = seen["transfer"]
     assert transfer.status_code == 201, transfer.text
     assert phase == "done", bench.log[-5:]
     assert switched == {"customers": expected, "range_accounts": 0, "mvp1": len(inside), "mvi": 1, "mvd": 2,
-                        "mvc": 0}, f"expected one posting in and the two changed accounts' differences: {switched}"
+                        "mvc": 0, "mvb": 0}, (
+        f"expected one posting in and the two changed accounts' differences: {switched}")
+    # The source's cleanup booked each account out to zero, by chunks of two (migration 0034).
+    assert cleaned == {"customers": 0, "range_accounts": 0, "mvp1": 0, "mvi": 0, "mvd": 0, "mvc": 0,
+                       "mvb": len(inside)}, f"expected every account booked out on the source: {cleaned}"
     assert balances == {inside[0]: INITIAL_BALANCE - 10, inside[1]: INITIAL_BALANCE + 10}, balances
     assert report.clean, report.text()
 
@@ -307,7 +320,8 @@ async def test_a_move_cancelled_after_the_prebooking_books_the_target_back_to_ze
     expected = INITIAL_BALANCE * len(inside)
     assert prebooked["customers"] == expected and prebooked["mvp1"] == len(inside), prebooked
     assert cancelled == {"customers": 0, "range_accounts": 0, "mvp1": len(inside), "mvi": 0, "mvd": 0,
-                         "mvc": len(inside)}, f"expected each pre-booked account booked back to zero: {cancelled}"
+                         "mvc": len(inside), "mvb": 0}, (
+        f"expected each pre-booked account booked back to zero: {cancelled}")
     assert report.clean, report.text()
     assert again == "done", bench.log[-5:]
     assert balance == INITIAL_BALANCE
