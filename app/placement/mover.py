@@ -965,6 +965,15 @@ async def _import(conn: asyncpg.Connection, table: SlotTable, columns: list[str]
         f"select {values} from jsonb_populate_recordset(null::{table.name}, $1::jsonb) r "
         f"where $2::text is not null on conflict ({keys}) {conflict}",
         rows, source_shard)
+    if table.own_merged:  # the source's side joins a row of the target's own under the same key
+        match = " and ".join(f"t.{c} = r.{c}" for c in table.key)
+        ours = ", ".join(f"t.{c}" for c in table.own_merged)
+        theirs = ", ".join(f"r.{c}" for c in table.own_merged)
+        await conn.execute(
+            f"update {table.name} t set ({', '.join(table.own_merged)}) = row({theirs}) "  # noqa: S608
+            f"from jsonb_populate_recordset(null::{table.name}, $1::jsonb) r "
+            f"where {match} and ({table.own_merged_where}) and ({ours}) is distinct from ({theirs})",
+            rows, source_shard)
 
 
 def _spec(row: asyncpg.Record) -> MoveSpec:

@@ -51,6 +51,10 @@ class SlotTable:
     # Rows of the range the target holds as its own, not as copies (SQL over alias t; None: none can be), which
     # the verify leaves out on both sides: e.g. the credit side of a saga from the range to the target itself.
     target_own: str | None = None
+    # Columns the copy sets on a row of the target's own as well, and which of those rows (SQL over alias t; $2 is
+    # the move's source shard): the source's side of a row both sides hold under one key.
+    own_merged: tuple[str, ...] = ()
+    own_merged_where: str = "false"
 
     def rows(self, source_shard: str) -> str:
         """`where` for one move (its source shard as a quoted literal)."""
@@ -81,6 +85,13 @@ SLOT_TABLES: tuple[SlotTable, ...] = (
         unchecked=("moved_from",),
         update_where="transfers.moved_from is not null or transfers.state = 'held'",
         target_own="t.moved_from is null and t.state <> 'held'",
+        # The credit side of a saga from the range that the target applied itself before the copy of the debit
+        # side's row came: the debit side's own columns join it, so it ends as it would had the copy come first
+        # (migration 0033: the copy then becomes the credit row), e.g. a unique reference stays unique on the new
+        # owner. Its state and shards stay the credit side's.
+        own_merged=("created_at", "reference_unique", "metadata", "hold_amount", "hold_expires_at", "resolution_key",
+                    "idempotency_key"),
+        own_merged_where="t.moved_from is null and t.state = 'posted' and t.debit_shard = $2",
         drop_where="t.moved_from is not null",
     ),
     SlotTable(

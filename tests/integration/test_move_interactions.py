@@ -13,6 +13,8 @@ from typing import Any
 import asyncpg
 
 from app.local.postgres import Cluster
+from app.placement import mover as mover_module
+from app.store.slotdata import SLOT_TABLES
 from app.topology.ids import new_transfer_id, parse_account_id
 from app.topology.model import Topology
 from tests.events_support import committed_events
@@ -193,3 +195,57 @@ async def test_a_saga_to_the_target_of_its_debit_ranges_move_is_applied_when_the
     assert answer["outcome"] == "applied", answer
     assert (row["state"], row["moved_from"], entries, balance) == ("posted", None, 2, 40), (dict(row), entries, balance)
     assert history == [(1, "pending")], f"expected the copied history kept as the source has it, got {history}"
+
+
+async def test_a_sagas_credit_row_on_its_debit_ranges_move_target_ends_the_same_whichever_came_first(
+    api: ApiClient, topology: Topology, shard_dsn: Callable[[str], str]
+) -> None:
+    """Two sagas from a moving range to the move's target, one whose message comes before the copy of its
+    debit-side row (the credit row stands; the copy's import joins the debit side's columns to it: slotdata
+    `own_merged`) and one whose copy comes first (the copy becomes the credit row: migration 0033). Both rows end
+    alike but for their id and reference: posted, no longer copies, and with the debit side's columns, so a unique
+    reference stays unique on the new owner whichever order the move met (the row here is a captured hold's, with
+    metadata: columns 0009 made immutable, which 0035 lets a credit row fill in once)."""
+    shards = topology.region("eu-west-1").shards
+    source, target_shard = shards[0].name, shards[1].name
+    debit = await account_in_shard(api, topology, source)
+    credit = await account_in_shard(api, topology, target_shard)
+    slot = parse_account_id(debit).slot
+    message_first, copy_first = new_transfer_id(slot), new_transfer_id(slot)
+    transfers = next(t for t in SLOT_TABLES if t.name == "transfers")
+    target = await asyncpg.connect(shard_dsn(target_shard))
+    undo = target.transaction()  # made-up sagas (nothing debited): everything written here is rolled back
+    await undo.start()
+    try:
+        columns = await mover_module._columns(target, "transfers")
+
+        def source_row(transfer: str) -> str:  # the debit side's row as the copy reads it on the source
+            row: dict[str, Any] = dict.fromkeys(columns)
+            row.update(id=transfer, client=api.client_id, kind="transfer", debit_account=debit,
+                       credit_account=credit, amount=40, currency="EUR", reference="inv-" + transfer,
+                       reference_unique=True, state="pending", debit_shard=source, credit_shard=target_shard,
+                       idempotency_key="key-1", metadata={"order": "42"}, created_at="2026-01-02T03:04:05+00:00",
+                       hold_amount=50, hold_expires_at="2026-01-03T03:04:05+00:00", resolution_key="key-2")
+            return json.dumps([row])
+
+        async def apply(transfer: str) -> None:
+            message = {"transfer_id": transfer, "client": api.client_id, "debit_account": debit,
+                       "credit_account": credit, "credit_slot": parse_account_id(credit).slot, "amount": 40,
+                       "currency": "EUR", "source_shard": source, "reference": "inv-" + transfer}
+            answer = json.loads(await target.fetchval("select txr_saga_apply($1::jsonb)::text", json.dumps(message)))
+            assert answer["outcome"] == "applied", answer
+
+        await apply(message_first)
+        await mover_module._import(target, transfers, columns, source_row(message_first), source)
+        await mover_module._import(target, transfers, columns, source_row(copy_first), source)
+        await apply(copy_first)
+        rows = {r["id"]: json.loads(r["row"]) for r in await target.fetch(
+            "select id, (to_jsonb(t) - 'id' - 'reference')::text as row from transfers t where id = any($1::text[])",
+            [message_first, copy_first])}
+    finally:
+        await undo.rollback()
+        await target.close()
+    assert rows[message_first] == rows[copy_first], f"expected both orders to end alike: {rows}"
+    row = rows[message_first]
+    assert (row["state"], row["moved_from"], row["reference_unique"], row["metadata"], row["hold_amount"]) == (
+        "posted", None, True, {"order": "42"}, 50), row

@@ -99,6 +99,11 @@ begin
     if m.phase <> 'copying' then
         return jsonb_build_object('booked', 0, 'skipped', 0);
     end if;
+    -- A round below one recorded would reuse a posting's id (a mover that read the rounds before a killed
+    -- mover's last chunk committed): refused whole, and the move run again.
+    if p_round < (select coalesce(max(round), 0) from slot_move_prebooked where move_id = p_move) then
+        raise exception 'move %: pre-booking round % is below one already recorded; run the move again', p_move, p_round;
+    end if;
     create temp table if not exists txr_prebook (id text primary key, currency text not null, amount bigint not null)
         on commit drop;
     truncate txr_prebook;
@@ -126,3 +131,17 @@ begin
     return jsonb_build_object('booked', jsonb_array_length(v_rows), 'skipped', v_skipped);
 end $$;
 
+
+-- Names the balances when it raises: after a chunked booking the earlier chunks have committed, so the message is
+-- what an operator has to go on (runbooks/move-slots.md).
+create or replace function txr_move_range_at_zero(p_move text) returns void language plpgsql as $$
+declare
+    v_left text;
+begin
+    select string_agg(id || ' ' || balance, ', ' order by id) into v_left
+    from accounts where kind = 'range' and id like 'mvr\_' || substr(p_move, 4) || '\_%' and balance <> 0;
+    if v_left is not null then
+        raise exception 'move %: range accounts not at zero after the booking (a bug; the move stays where it is): %',
+            p_move, v_left;
+    end if;
+end $$;
