@@ -31,6 +31,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("range", metavar="LO-HI", help="an inclusive slot range, e.g. 100-199")
     p.add_argument("--to", required=True, metavar="SHARD", help="the shard that will own the range")
     p.add_argument("--yes", action="store_true", help="do it (default: print the plan only)")
+    p.add_argument("--full-verify", action="store_true",
+                   help="under the freeze, compare every row of the range (default: the rows that changed since "
+                        "the pre-verify, and every balance at the switch: a shorter freeze)")
     target_options(p, _move)
 
     p = commands.add_parser("moves", help="recorded moves: phase, progress (rows copied, lag), next step")
@@ -50,7 +53,7 @@ def add_parser(sub: Any) -> None:
 def _move(args: argparse.Namespace) -> int:
     lo, hi = parse_range(args.range)
     # TXROUTE_FAULT_MOVER_PAUSE_*: test-only, inert unless set (FaultPause).
-    mover = Mover(target_from_args(args), pause=FaultPause.from_env(os.environ))
+    mover = Mover(target_from_args(args), pause=FaultPause.from_env(os.environ), full_verify=args.full_verify)
 
     async def go() -> int:
         spec = await mover.spec(lo, hi, args.to)

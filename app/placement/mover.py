@@ -11,16 +11,18 @@ records in `slot_moves` on the source and the target shard database.
     freeze      the range's ownership becomes `moving` on the source (waits for the postings past the fence;
                 later ones are answered 503 slot_moving); the sagas debited from the range must settle (bounded
                 wait, else the move aborts); a last catch-up empties the log
-    verify      per table, the range's row counts on both sides, and the rows of D and C compared one by one
-                (Mover.verify_changed, which says why that is enough); a mover resumed without its pre-verify
-                compares every row of the range (Mover.verify). A difference aborts the move and unfreezes
-                the source
-    switch      source: the balances recorded, the range's total per currency booked out in one posting
-                against the transit account towards the target (its range account `mvr_<move>_<currency>`
-                debited), the range `moved`, naming the target (`switching`); target: the recorded balances
-                booked in (each account's balance pre-booked before the freeze against the target's range
-                account; under it one posting per currency from the transit account and, per account changed
-                since, the difference: migration 0031), the range owned with epoch + 1 (`switched`)
+    verify      per table, the rows of D and C compared one by one (Mover.verify_changed, which says why that
+                is enough), and every account of the target at what the move pre-booked; a mover resumed without
+                its pre-verify, or run with --full-verify, compares every row of the range (Mover.verify). A
+                difference aborts the move and unfreezes the source
+    switch      source: a check of the range's balances recorded (count, hash, totals: migration 0036), the
+                range's total per currency booked out in one posting against the transit account towards the
+                target (its range account `mvr_<move>_<currency>` debited), the range `moved`, naming the target
+                (`switching`); target: each account's balance was pre-booked before the freeze against the
+                target's range account (the last round just before it); now one posting per currency from the
+                transit account and, for the accounts whose balance differs (the mover reads both sides), the
+                difference, then the same check as the source's, or nothing (migrations 0031, 0036); the range
+                owned with epoch + 1 (`switched`)
     cleanup     source: each account of the range booked to zero against its range account (migration 0028:
                 outside the freeze), and the range's stored answers and inbox rows deleted (its journal stays,
                 archived)
@@ -206,8 +208,9 @@ class FaultPause:
 
 class Mover:
     def __init__(self, target: Target, *, progress: Progress = print, stop_after: str | None = None,
-                 pause: FaultPause | None = None) -> None:
+                 pause: FaultPause | None = None, full_verify: bool = False) -> None:
         self.target = target
+        self.full_verify = full_verify  # under the freeze, compare every row (Mover.verify), not only D and C
         self.progress = progress
         # Fault injection (tests): leave off right after this phase is recorded, as a killed mover would.
         self.stop_after = stop_after
@@ -215,6 +218,10 @@ class Mover:
         self._held: dict[str, asyncpg.Connection] | None = None
         self._lock: tuple[str, str] | None = None  # (source shard, move id) while run/cancel hold the move's lock
         self._pre: PreVerify | None = None  # this run's pre-verify; None: a resumed run verifies every row
+        # The target's range after this run's last pre-booking round (id -> balance, pre-booked), and the accounts
+        # whose balance differs from the source's under the freeze (id -> the source's): None in a resumed run.
+        self._prebooked: dict[str, tuple[int, int]] | None = None
+        self._changed: dict[str, int] | None = None
         self.stats = MoveStats()
 
     async def _pause_at(self, point: str) -> None:
@@ -341,13 +348,18 @@ class Mover:
                 stats.lag_at_freeze = await self._catch_up(spec, until_lag=limits.MOVE_CATCH_UP_LAG_ROWS_MAX)
             with stats.step("prebook"):
                 skipped = await self._prebook(spec)
+            if not skipped:
+                with stats.step("narrow"):
+                    await self._narrow(spec)
+                with stats.step("prebook"):  # what changed while the rows were narrowed: a second or so is left
+                    skipped = await self._prebook(spec)
             if skipped:
                 await self.cancel(spec, phase="aborted", reason=f"{skipped} accounts of the range on "
                                   f"{spec.target_shard} do not hold what this move pre-booked (nothing frozen)")
                 return "aborted"
+            with stats.step("prebook"):
+                self._prebooked = await self._target_balances(spec)
             await self._pause_at("prebooked")
-            with stats.step("narrow"):
-                await self._narrow(spec)
             with stats.step("freeze"):
                 await self._freeze(spec)
             stats.frozen_at = time.monotonic()
@@ -366,7 +378,7 @@ class Mover:
                 await self._cleanup(spec)
             phase = "done"
         if phase == "done":  # the source's cleanup may have committed without the target's last step
-            await self._set_phase(spec.target_shard, spec.id, "done")
+            await self._target_done(spec)
         return phase
 
     async def cancel(self, spec: MoveSpec, *, phase: str = "cancelled", reason: str = "cancelled by operator") -> None:
@@ -382,6 +394,7 @@ class Mover:
             async with self.connect(spec.target_shard) as conn, conn.transaction():
                 exists = await conn.fetchval("select phase from slot_moves where id = $1 for update", spec.id)
                 if exists is not None and exists not in ("switched", "done"):
+                    await conn.execute("delete from slot_move_changes where move_id = $1", spec.id)
                     for table in reversed(SLOT_TABLES):
                         await conn.execute(
                             f"delete from {table.name} t where {table.slot_sql('t')} between $1 and $2 "  # noqa: S608
@@ -424,6 +437,7 @@ class Mover:
             if self.stats.lag_before_catch_up is None:
                 self.stats.lag_before_catch_up = await _lag(src, spec.id)
             for attempt in range(1, limits.MOVE_CATCH_UP_PASSES_MAX + 1):
+                await self._consume_target_writes(dst, spec)
                 # Changes are consumed (deleted once copied), never skipped past by a cursor: a change logged by
                 # a transaction that commits after a later one's must still be found by the next pass.
                 changes = await src.fetch(
@@ -447,8 +461,7 @@ class Mover:
                             f"where {table.slot_sql('t')} between $1 and $2 and ({table.rows(spec.source_shard)})",
                             spec.slot_lo, spec.slot_hi, json.dumps(list(keys.values())))
                         await _import(dst, table, columns[table.name], _json_array(rows), spec.source_shard)
-                        if table.deletes_logged:
-                            await _delete_gone(src, dst, table, list(keys.values()))
+                        await _delete_gone(src, dst, table, list(keys.values()))
                 if pause_at is not None:  # copied, not yet consumed: a re-run copies these rows again
                     await self._pause_at(pause_at)
                 if changes:
@@ -465,6 +478,21 @@ class Mover:
                     return lag
         raise MoveRefused(f"move {spec.id}: the catch-up did not get within {until_lag} changes in "
                           f"{limits.MOVE_CATCH_UP_PASSES_MAX} passes (writes outpace it); run it again")
+
+    async def _consume_target_writes(self, dst: asyncpg.Connection, spec: MoveSpec) -> None:
+        """The writes to the range on the target that this mover did not make (its change log there: migration
+        0036), consumed: once the pre-verify has begun, their keys join C, so the verify compares their rows.
+        (Before, the pre-verify itself reads every row as it then is.)"""
+        consumed = await dst.fetch(
+            """delete from slot_move_changes where id in
+                   (select id from slot_move_changes where move_id = $1 order by id limit $2)
+               returning tbl, key::text""", spec.id, limits.MOVE_COPY_BATCH_ROWS)
+        if consumed and self._pre is not None:
+            for change in consumed:
+                self._pre.consumed.setdefault(change["tbl"], set()).add(change["key"])
+        if consumed:
+            self.progress(f"{spec.id}: {len(consumed)} writes to the range on {spec.target_shard} not made by the "
+                          "mover, to compare")
 
     async def _show_pending_sagas(self, conn: asyncpg.Connection, spec: MoveSpec) -> None:
         """Why the range's sagas did not settle, as the source's outbox records them (for the operator, and a
@@ -487,36 +515,57 @@ class Mover:
     async def _prebook(self, spec: MoveSpec) -> int:
         """Before the freeze: the target books in the balances the source shows now (no lock: they may still
         change), then the differences while many changed during a round, so that the switch-in books only what
-        changed since the last round (migrations 0031, 0032). By chunks of MOVE_BOOKING_CHUNK_ACCOUNTS accounts,
-        each in its own transaction. Returns the accounts the target could not book (a balance that is not what
-        this move pre-booked), which the switch-in would refuse."""
-        skipped = 0
+        changed since the last round (migrations 0031, 0036). Each round reads the range's balances on both
+        sides and sends the accounts that differ, by chunks of MOVE_BOOKING_CHUNK_ACCOUNTS accounts, each in its
+        own transaction. Returns the accounts of the target not at what this move pre-booked (a balance no
+        booking of the move put there), which the switch-in would refuse: the move then aborts before its
+        freeze."""
         async with self.connect(spec.target_shard) as dst:  # past any round a crashed mover recorded
             recorded = await dst.fetchval(
                 "select coalesce(max(round), 0) from slot_move_prebooked where move_id = $1", spec.id)
         for round_number in range(1, limits.MOVE_PREBOOK_ROUNDS_MAX + 1):
-            async with self.connect(spec.source_shard) as src:
-                rows = await src.fetch(
-                    """select id, balance from accounts where kind = 'customer' and slot between $1 and $2
-                       order by id""", spec.slot_lo, spec.slot_hi)
-            booked = skipped = 0
+            source, target = await self._balances(spec)
+            skipped = sum(1 for balance, prebooked in target.values() if balance != prebooked)
+            if skipped:
+                return skipped
+            changed = sorted(_changed(source, target).items())
+            booked = 0
             size = limits.MOVE_BOOKING_CHUNK_ACCOUNTS
-            for start in range(0, max(len(rows), 1), size):
-                chunk = rows[start:start + size]
-                # [first, last) of account ids, unbounded at both ends: every account of the range is in one chunk.
-                first = chunk[0]["id"] if start > 0 else None
-                last = rows[start + size]["id"] if start + size < len(rows) else None
-                balances = json.dumps({r["id"]: r["balance"] for r in chunk if r["balance"] != 0})
+            for start in range(0, len(changed), size):
                 async with self.connect(spec.target_shard) as dst, dst.transaction():
                     answer = json.loads(await dst.fetchval(
-                        "select txr_move_prebook($1, $2, $3::jsonb, $4, $5)::text",
-                        spec.id, recorded + round_number, balances, first, last))
-                booked, skipped = booked + answer["booked"], skipped + answer["skipped"]
-            self.progress(f"{spec.id}: pre-booking round {round_number}: {booked} balances booked on "
+                        "select txr_move_prebook_listed($1, $2, $3::jsonb)::text",
+                        spec.id, recorded + round_number, json.dumps(dict(changed[start:start + size]))))
+                booked, skipped = booked + int(answer["booked"]), skipped + int(answer["skipped"])
+            self.progress(f"{spec.id}: pre-booking round {recorded + round_number}: {booked} balances booked on "
                           f"{spec.target_shard} (before the freeze)")
+            if skipped:
+                return skipped
             if booked <= limits.MOVE_PREBOOK_CHANGED_TARGET:
                 break
-        return skipped
+        return 0
+
+    async def _balances(self, spec: MoveSpec) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
+        """The range's customer balances on both sides, read at once."""
+        source, target = await asyncio.gather(self._source_balances(spec), self._target_balances(spec))
+        return source, target
+
+    async def _source_balances(self, spec: MoveSpec, *, fresh: bool = False) -> dict[str, int]:
+        """id -> balance of the range's customer accounts on the source."""
+        async with self.connect(spec.source_shard, fresh=fresh) as src:
+            rows = await src.fetch(
+                "select id, balance from accounts where kind = 'customer' and slot between $1 and $2",
+                spec.slot_lo, spec.slot_hi)
+        return {r["id"]: r["balance"] for r in rows}
+
+    async def _target_balances(self, spec: MoveSpec) -> dict[str, tuple[int, int]]:
+        """id -> (balance, what this move pre-booked) of the range's customer accounts on the target."""
+        async with self.connect(spec.target_shard) as dst:
+            rows = await dst.fetch(
+                """select a.id, a.balance, coalesce(p.amount, 0) as prebooked from accounts a
+                   left join slot_move_prebooked p on p.move_id = $3 and p.account_id = a.id
+                   where a.kind = 'customer' and a.slot between $1 and $2""", spec.slot_lo, spec.slot_hi, spec.id)
+        return {r["id"]: (r["balance"], r["prebooked"]) for r in rows}
 
     async def _freeze(self, spec: MoveSpec) -> None:
         for attempt in range(1, limits.MOVE_FREEZE_ATTEMPTS_MAX + 1):
@@ -543,14 +592,31 @@ class Mover:
             with stats.step("final_catch_up"):
                 await self._catch_up(spec, until_lag=0)
             with stats.step("verify"):
-                differences = await (self.verify(spec) if self._pre is None else self.verify_changed(spec))
+                # With the balances on both sides (the source's read beside the verify): an account on one side
+                # only, or not at what was pre-booked on the target, would make the switch-in refuse after the
+                # source booked the range out. The target's were read after the last pre-booking round (nothing
+                # else books its range), unless this mover was resumed.
+                differences, source = await asyncio.gather(
+                    self.verify(spec) if self._pre is None or self.full_verify else self.verify_changed(spec),
+                    self._source_balances(spec, fresh=True))
+                target = self._prebooked if self._prebooked is not None else {}
+                if source.keys() - target.keys():  # resumed, or accounts opened since (copied by a catch-up)
+                    target = await self._target_balances(spec)
+            off = sorted(k for k, (balance, prebooked) in target.items() if balance != prebooked)
+            if off:
+                differences.append(f"{len(off)} accounts of the range on {spec.target_shard} do not hold what this "
+                                   f"move pre-booked (first: {off[:3]})")
+            alone = sorted(source.keys() ^ target.keys())
+            if alone:
+                differences.append(f"{len(alone)} accounts of the range on one side only (first: {alone[:3]})")
+            self._changed = _changed(source, target)
             if differences:
                 await self.cancel(spec, phase="aborted", reason="verify: " + "; ".join(differences))
                 return "aborted"
             # Nothing fenced writes a frozen range; a change logged since the last catch-up is copied and its
             # row compared again (a key consumed now joins C), or the move gives up.
-            async with self.connect(spec.source_shard) as src:
-                lag = await _lag(src, spec.id)
+            async with self.connect(spec.source_shard) as src, self.connect(spec.target_shard) as dst:
+                lag = await _lag(src, spec.id) + await _lag(dst, spec.id)  # the target's: writes it did not make
             if lag == 0:
                 break
             self.progress(f"{spec.id}: verify round {verify_round}: {lag} changes logged under the freeze")
@@ -565,7 +631,8 @@ class Mover:
         if not answer["ok"]:  # a saga debited from the range is pending again: cannot happen under the freeze
             await self.cancel(spec, phase="aborted", reason=f"{answer['pending_sagas']} sagas pending at the switch")
             return "aborted"
-        self.progress(f"{spec.id}: switching: {len(answer['balances'])} accounts booked out of {spec.source_shard} "
+        accounts = (answer.get("check") or {}).get("accounts", "the")
+        self.progress(f"{spec.id}: switching: {accounts} accounts booked out of {spec.source_shard} "
                       "(one posting per currency)")
         return "switching"
 
@@ -671,9 +738,9 @@ class Mover:
                           f"freeze, {kept} still differ")
 
     async def verify_changed(self, spec: MoveSpec) -> list[str]:
-        """Under the freeze, after the last catch-up: per table, the compared rows' counts on both sides, and
-        one by one the rows of D (differing at the pre-verify) and C (consumed from the change log since it
-        began), and those that became or stopped being the target's own since.
+        """Under the freeze, after the last catch-up: per table, one by one the rows of D (differing at the
+        pre-verify) and C (consumed from the change logs since it began: the source's, and the target's of the
+        writes there its mover did not make), and those that became or stopped being the target's own since.
 
         Why this is as strong as comparing every row (Mover.verify): take a key k in none of these sets. The
         pre-verify read k's row equal on both sides, in snapshots taken after it began. Its source row:
@@ -684,22 +751,26 @@ class Mover:
         an entry committed out of id order is consumed (and counted) by a later pass, never skipped. So a
         write of k after the pre-verify began would have put k in C: the source row is the one the
         pre-verify read. (The loop in _settle_verify_switch_out checks the log is still empty after the
-        verify.) Its target row: the range's copies on the target change only by this mover's imports and
-        deletes (copy, catch-up), and a catch-up imports exactly the keys whose entries it consumes, which
-        are in C; every other write of the range on the target is refused by its fence, since the target
-        does not own the range until the switch (txr_owns in every client write and saga credit;
-        txr_event_slot_owned in the webhook worker, cleanup and operators' functions, migration 0021; tested
-        in tests/e2e/test_move_verify.py and tests/integration/test_slot_freeze.py). The exception is the
-        target's own rows (SlotTable.target_own, e.g. a saga credited from the range to the target itself),
-        written by the target's own postings: they are read again here, left out on both sides as
+        verify.) Its target row: the mover's imports and deletes (copy, catch-up) change exactly the keys
+        whose source entries a catch-up consumes, which are in C; any other write of a range row on the
+        target, by whatever writer (the target's own postings, a saga credit, an operator's SQL, a writer
+        the fences forgot, such as migration 0029's saga credit that deleted a copy's history), logs its key
+        in the target's change log in the writer's transaction (migration 0036: every session but the
+        mover's), which every catch-up pass consumes into C as well; the loop in _settle_verify_switch_out
+        checks that log is empty after the verify too. (Client writes and saga credits of the range are
+        refused there anyway, since the target does not own the range until the switch: txr_owns,
+        txr_event_slot_owned, migration 0021.) The target's own rows (SlotTable.target_own, e.g. a saga
+        credited from the range to the target itself) are read again here, left out on both sides as
         Mover.verify does, and a key whose standing changed since the pre-verify is compared. A mover
         resumed after a crash has no pre-verify in memory (nor the C its dead process built): it compares
         every row.
 
-        What this trusts, then: that nothing but the mover writes the target's copies of the range between
-        the pre-verify and the switch (an operator's hand-made SQL on the target would go unseen unless it
-        changes a row count), and that hashtextextended's 64 bits tell rows apart (Mover.verify's sums
-        trust the same)."""
+        What this trusts, then: the change-log triggers (a session that sets txr.move_copy, or disables
+        triggers, as the owner can, writes unseen), and that hashtextextended's 64 bits tell rows apart
+        (Mover.verify's sums trust the same). `txroute slots move --full-verify` compares every row's checksum
+        under the freeze instead. Until migration 0036 this also counted every table's rows of the range on
+        both sides under the freeze: the only check of the target's side then, and the longest part of the
+        freeze at 100,000 accounts."""
         pre = self._pre
         assert pre is not None, "verify_changed without a pre-verify"
         differences = []
@@ -708,30 +779,44 @@ class Mover:
             for table in SLOT_TABLES:
                 own = await _own_keys(dst, table, spec)
                 keys = _keys_to_compare(pre, table, own, pre.consumed)
-                count_sql = f"select count(*) from {table.name} t where {_compared_sql(table, spec)}"  # noqa: S608
-                # Both sides at once (two databases): the counts read the whole range, the longest part of this.
-                counted = await asyncio.gather(*(c.fetchval(count_sql, spec.slot_lo, spec.slot_hi, _keys_json(own))
-                                                 for c in (src, dst)))
                 differing = await _differing(src, dst, table, spec, own, keys)
                 compared += len(keys)
-                if differing or counted[0] != counted[1]:
-                    differences.append(f"{table.name}: {counted[0]} rows on {spec.source_shard}, {counted[1]} on "
-                                       f"{spec.target_shard}, {len(differing)} of {len(keys)} rows compared differ "
+                if differing:
+                    differences.append(f"{table.name}: {len(differing)} of {len(keys)} rows compared differ "
                                        f"(first: {differing[:3]})")
         self.stats.rows_compared_in_freeze = compared
-        self.progress(f"{spec.id}: verify ({compared} rows compared one by one, counts of every table): "
+        self.progress(f"{spec.id}: verify ({compared} rows compared one by one): "
                       + ("; ".join(differences) if differences else "equal"))
         return differences
 
     async def _switch_in(self, spec: MoveSpec) -> None:
+        """The target books in what the source booked out: the switch-out recorded a check of the range's
+        balances (migration 0036), and the target is sent only the accounts whose balance differs from its own
+        (the source's cannot change once `moved`, the target's only by this move's bookings). The call checks
+        them before it books and, after, that its own check of the range equals the source's, in its
+        transaction: once it commits the target owns the range and takes writes; a difference rolls the switch
+        back on the target as well. A move switched out before 0036 recorded every balance instead."""
         async with self.connect(spec.source_shard) as src:
-            balances = await src.fetchval("select balances::text from slot_moves where id = $1", spec.id)
-        # The balances are checked by the call that books them, in its transaction (before it books, against what
-        # was pre-booked; after, against what the source booked out): once it commits, the target owns the range
-        # and takes writes. A difference rolls the switch back on the target as well (raised in the transaction).
+            recorded = await src.fetchrow(
+                "select balance_check::text as check, balances::text as balances from slot_moves where id = $1",
+                spec.id)
+        args: tuple[Any, ...]
+        if recorded["check"] is None:
+            call, args = "txr_move_switch_in($1, $2::jsonb)", (spec.id, recorded["balances"])
+        else:
+            if self._changed is None:  # a resumed mover
+                source, target = await self._balances(spec)
+                self._changed = _changed(source, target)
+            changed = json.dumps(self._changed)
+            call, args = "txr_move_switch_in_changed($1, $2::jsonb, $3::jsonb)", (spec.id, changed, recorded["check"])
         async with self.connect(spec.target_shard) as dst, dst.transaction():
-            answer = json.loads(await dst.fetchval("select txr_move_switch_in($1, $2::jsonb)::text",
-                                                   spec.id, balances))
+            try:
+                answer = json.loads(await dst.fetchval(f"select {call}::text", *args))
+            except asyncpg.RaiseError as refused:
+                self._changed = None  # a re-run reads both sides again
+                raise MoveRefused(f"move {spec.id}: the target refused the switch ({refused}); the source has booked "
+                                  "the balances out: run the move again (it reads both sides afresh), and if it is "
+                                  "refused again see runbooks/move-slots.md") from refused
             if not answer["ok"]:
                 raise MoveRefused(f"move {spec.id}: the target refused the switch ({answer['detail']}); the source "
                                   "has booked the balances out: repair the target and run the move again")
@@ -739,7 +824,7 @@ class Mover:
         async with self.connect(spec.source_shard) as src:
             await src.execute("select txr_move_switch_done($1)", spec.id)
         self.progress(f"{spec.id}: switched: {spec.target_shard} owns slots {spec.slot_lo}-{spec.slot_hi} "
-                      f"(epoch {spec.epoch})")
+                      f"(epoch {spec.epoch}; {answer.get('changed', 0)} balances changed since the pre-booking)")
 
     async def _cleanup(self, spec: MoveSpec) -> None:
         booked = await self._book_by_chunks(spec.source_shard, "txr_move_book_out", spec)
@@ -752,8 +837,16 @@ class Mover:
                         f"delete from {table.name} t where {table.slot_sql('t')} between $1 and $2 "  # noqa: S608
                         f"and ({table.rows(spec.source_shard)})", spec.slot_lo, spec.slot_hi)
             await src.execute("select txr_move_phase($1, 'done')", spec.id)
-        await self._set_phase(spec.target_shard, spec.id, "done")
+        await self._target_done(spec)
         self.progress(f"{spec.id}: done")
+
+    async def _target_done(self, spec: MoveSpec) -> None:
+        """The target's record of the move done, and what it pre-booked forgotten (no longer needed once switched
+        in; deleted here rather than under the freeze)."""
+        async with self.connect(spec.target_shard) as dst, dst.transaction():
+            await dst.execute("delete from slot_move_prebooked where move_id = $1", spec.id)
+            await dst.execute("delete from slot_move_changes where move_id = $1", spec.id)
+            await dst.execute("select txr_move_phase($1, 'done')", spec.id)
 
     async def _book_by_chunks(self, shard: str, function: str, spec: MoveSpec) -> int:
         """Call a booking function of the range's accounts (txr_move_book_out on the source after the switch,
@@ -821,22 +914,27 @@ class Mover:
             await conn.execute("select txr_move_phase($1, $2)", move_id, phase)
 
     @contextlib.asynccontextmanager
-    async def connect(self, shard: str) -> AsyncIterator[asyncpg.Connection]:
+    async def connect(self, shard: str, *, fresh: bool = False) -> AsyncIterator[asyncpg.Connection]:
+        """A connection to the shard: while `run` or `cancel` acts, the one it holds per shard (one statement at a
+        time); `fresh`: one of its own, closed after, for work running beside the held one's."""
         dsn = self.target.shard_dsns.get(shard)
         if dsn is None:
             raise MoveRefused(f"no database given for shard {shard} (--dsn {shard}=...)")
-        if self._held is not None and shard in self._held and not self._held[shard].is_closed():
-            yield self._held[shard]
+        held = None if fresh else self._held
+        if held is not None and shard in held and not held[shard].is_closed():
+            yield held[shard]
             return
         conn = await asyncpg.connect(
             dsn, timeout=limits.DB_CONNECT_TIMEOUT_S, command_timeout=limits.MOVE_STATEMENT_TIMEOUT_S,
             server_settings={"timezone": "UTC", "application_name": "txroute-mover",
-                             "client_connection_check_interval": str(limits.MOVE_CLIENT_CHECK_INTERVAL_MS)},
+                             "client_connection_check_interval": str(limits.MOVE_CLIENT_CHECK_INTERVAL_MS),
+                             # Its writes of a range on the target are the move's own, not logged (migration 0036).
+                             "txr.move_copy": "on"},
         )
-        if self._held is not None:
+        if held is not None:
             if self._lock is not None and self._lock[0] == shard:  # also again after a lost connection
                 await _take_lock(conn, shard, self._lock[1])
-            self._held[shard] = conn
+            held[shard] = conn
             yield conn
             return
         try:
@@ -857,6 +955,12 @@ async def _take_lock(conn: asyncpg.Connection, shard: str, move_id: str) -> None
 async def _lag(src: asyncpg.Connection, move_id: str) -> int:
     """The change-log entries of the move not consumed yet."""
     return int(await src.fetchval("select count(*) from slot_move_changes where move_id = $1", move_id))
+
+
+def _changed(source: dict[str, int], target: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """The accounts whose balance on the source (id -> balance) differs from the target's (id -> balance, pre-booked;
+    an account not there yet counts as zero)."""
+    return {k: v for k, v in source.items() if v != target.get(k, (0, 0))[0]}
 
 
 def _key_sql(table: SlotTable) -> str:

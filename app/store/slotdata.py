@@ -3,10 +3,10 @@
 A table whose rows belong to a slot is added to SLOT_TABLES here, in the order rows are imported (a table after those
 its foreign keys name), and its migration adds the change-log trigger the catch-up reads:
 
-    create trigger <table>_move_log after insert or update [or delete] on <table>
+    create trigger <table>_move_log after insert or update or delete on <table>
         for each row execute function txr_move_log('column' | 'id', <slot column>, <key columns>...);
 
-(`or delete` for a table whose rows are deleted in normal operation: `deletes_logged` below.)
+(The same trigger logs, on a move's target, the writes to the range its mover did not make: migration 0036.)
 
 ('column': the slot is an integer column; 'id': it is embedded in an account or transfer id column.)
 tests/integration/test_slot_freeze.py checks that every table registered has that trigger with these
@@ -44,10 +44,6 @@ class SlotTable:
     source_after_switch: str = "keep"
     # Which target rows a cancelled move drops (SQL over alias t), beyond the slot.
     drop_where: str = "true"
-    # Rows are deleted in normal operation (a client deleting a webhook endpoint, retention): the change-log
-    # trigger fires on delete too (migration 0016), and the catch-up deletes on the target each logged row the
-    # source no longer has.
-    deletes_logged: bool = False
     # Rows of the range the target holds as its own, not as copies (SQL over alias t; None: none can be), which
     # the verify leaves out on both sides: e.g. the credit side of a saga from the range to the target itself.
     target_own: str | None = None
@@ -109,9 +105,8 @@ SLOT_TABLES: tuple[SlotTable, ...] = (
     # (the schedule and feed position go along: the new shard's worker goes on where the old one stopped; the
     # old one delivers only endpoints whose slot it owns) and attempts. `events` is not here: events stay in the
     # stream of the shard that wrote them, which the feed reads until retention (migration 0011).
-    SlotTable("webhook_endpoints", ("id",), "column", "slot", source_after_switch="delete", deletes_logged=True),
-    SlotTable("webhook_deliveries", ("endpoint_id", "event_id"), "column", "slot", source_after_switch="delete",
-              deletes_logged=True),
-    SlotTable("webhook_attempts", ("id",), "column", "slot", source_after_switch="delete", deletes_logged=True),
+    SlotTable("webhook_endpoints", ("id",), "column", "slot", source_after_switch="delete"),
+    SlotTable("webhook_deliveries", ("endpoint_id", "event_id"), "column", "slot", source_after_switch="delete"),
+    SlotTable("webhook_attempts", ("id",), "column", "slot", source_after_switch="delete"),
 )
 

@@ -14,12 +14,17 @@ its own. Proved here:
   aborting;
 - the target books the balances in before the freeze and, under it, only what changed since (migration 0031);
   a move cancelled after that books the target back to zero; the source's cleanup books each account out; all
-  three by chunks of accounts, each its own transaction (migrations 0032, 0034; two accounts a chunk here).
+  three by chunks of accounts, each its own transaction (migrations 0032, 0034; two accounts a chunk here);
+- a write to the target's copy after the pre-verify by anyone but the mover is logged there and found under the
+  freeze (migration 0036);
+- the switch-in books only the differences the mover lists and refuses, whole, a list its check of every
+  balance finds wrong (migration 0036); `--full-verify` compares every row under the freeze.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from collections import Counter
@@ -199,10 +204,9 @@ async def test_after_the_pre_verify_the_target_refuses_writes_to_the_range_and_a
         source = await asyncpg.connect(dsns[SOURCE])
         try:
             seen["copy"] = await target.fetchval("select balance from accounts where id = $1", account)
-            # A row of the range that differs on the target once a catch-up consumed a change of its key, the
-            # counts staying equal: a copied stored answer given another key on the target, and a change-log entry
-            # for that key, as the source's trigger writes one (the catch-up finds no such row on the source, and
-            # stored answers are not deleted on the target by a catch-up).
+            # A row of the range that differs on the target once a catch-up consumed a change of its key: a
+            # copied stored answer given another key on the target, and a change-log entry for the new key, as
+            # the source's trigger writes one.
             renamed = await target.fetchval(
                 """update idempotency set key = key || '-renamed'
                    where (client, key) = (select client, key from idempotency where client = $1 and slot = $2
@@ -230,8 +234,51 @@ async def test_after_the_pre_verify_the_target_refuses_writes_to_the_range_and_a
     assert phase == "aborted", f"expected the verify to abort the move, got {phase}: {bench.log[-5:]}"
     assert any("narrowed (round 1)" in line for line in bench.log), "expected the move narrowed before its freeze"
     reason = moves[0]["reason"]
+    # Since migration 0036 the catch-up deletes on the target a logged row the source does not have (the renamed
+    # one), and the target's own log names the key the row had (an update of a key logs both), which the target
+    # no longer holds: that row is the one that differs.
     assert "verify: idempotency" in reason and "1 of 1 rows compared differ" in reason, reason
-    assert str(seen["tampered"]) in reason, f"expected the renamed stored answer named: {reason}"
+    original = str(seen["tampered"]).removesuffix("-renamed")
+    assert f'"key": "{original}"' in reason, f"expected the stored answer's original key named: {reason}"
+    assert await bench.owner(RANGE[0]) == (SOURCE, 1)
+    assert report.clean, report.text()
+
+
+async def test_a_write_to_the_targets_copy_after_the_pre_verify_by_anyone_but_the_mover_is_found_under_the_freeze(
+    bench: Bench,
+) -> None:
+    """Migration 0036: the target logs the writes to a range it is copying that its mover did not make (here an
+    owner's SQL changing a copied account and deleting a copied stored answer, as migration 0029's saga credit
+    once deleted a copy's history), the catch-up consumes them into the rows to compare, and the verify under the freeze
+    finds them without counting the range's rows; the move aborts and the source keeps the range."""
+    retried: Counter[str] = Counter()
+    inside, _ = await open_accounts(bench, retried)
+    slot = parse_account_id(inside[0]).slot
+    seen: dict[str, Any] = {}
+
+    async def write_to_the_copy(_: Mover, spec: MoveSpec) -> None:
+        target = await asyncpg.connect(bench.world.shard_dsns()[TARGET])
+        try:
+            seen["account"] = await target.execute(
+                "update accounts set overdraft_limit = overdraft_limit + 1 where id = $1", inside[0])
+            seen["answer"] = await target.fetchval(
+                """delete from idempotency
+                   where (client, key) = (select client, key from idempotency where slot = $1 order by key limit 1)
+                   returning key""", slot)
+            seen["logged"] = await target.fetchval("select count(*) from slot_move_changes where move_id = $1", spec.id)
+        finally:
+            await target.close()
+
+    phase, _ = await _held_at(bench, "pre_verified", write_to_the_copy)
+    moves = await bench.mover().moves()
+    report = await audit(bench.world.shard_dsns(), full=True)
+
+    assert seen["account"] == "UPDATE 1" and seen["answer"] is not None, seen
+    assert seen["logged"] == 2, f"expected both writes logged on the target: {seen['logged']}"
+    assert phase == "aborted", f"expected the verify to abort the move, got {phase}: {bench.log[-5:]}"
+    reason = moves[0]["reason"]
+    assert "accounts: 1 of" in reason and inside[0] in reason, reason
+    assert "idempotency: 1 of" in reason and seen["answer"] in reason, reason
     assert await bench.owner(RANGE[0]) == (SOURCE, 1)
     assert report.clean, report.text()
 
@@ -295,6 +342,74 @@ async def test_the_target_books_the_balances_in_before_the_freeze_and_under_it_o
                        "mvb": len(inside)}, f"expected every account booked out on the source: {cleaned}"
     assert balances == {inside[0]: INITIAL_BALANCE - 10, inside[1]: INITIAL_BALANCE + 10}, balances
     assert report.clean, report.text()
+
+
+async def test_the_switch_in_books_only_the_listed_differences_and_its_check_refuses_a_wrong_list(
+    bench: Bench,
+) -> None:
+    """Migration 0036: the switch-out records a check of the range's balances (how many accounts, a hash of each
+    one's id and balance, the total per currency) and the mover sends the switch-in only the accounts whose
+    balance differs. Held once the source has booked the range out, a switch-in sent a wrong list (one account
+    said to hold 1 more than the source booked out) books it, finds that its own check of the range is not the
+    source's, and rolls back whole: the target owns nothing and holds only what was pre-booked. The mover then
+    switches in (no account changed since the pre-booking: no difference booked), the range account ends at zero
+    and the audit is clean."""
+    retried: Counter[str] = Counter()
+    inside, _ = await open_accounts(bench, retried)
+    seen: dict[str, Any] = {}
+
+    async def at_the_switch(_: Mover, spec: MoveSpec) -> None:
+        src = await asyncpg.connect(bench.world.shard_dsns()[SOURCE])
+        dst = await asyncpg.connect(bench.world.shard_dsns()[TARGET])
+        try:
+            check = await src.fetchval("select balance_check::text from slot_moves where id = $1", spec.id)
+            wrong = json.dumps({inside[0]: INITIAL_BALANCE + 1})
+            with pytest.raises(asyncpg.RaiseError) as refused:
+                async with dst.transaction():
+                    await dst.fetchval("select txr_move_switch_in_changed($1, $2::jsonb, $3::jsonb)",
+                                       spec.id, wrong, check)
+            seen["refused"] = str(refused.value)
+            seen["check"] = json.loads(check)
+            seen["owned"] = await dst.fetchval(
+                "select count(*) from slot_ownership where slot_lo <= $2 and slot_hi >= $1 and state = 'owned'",
+                *RANGE)
+        finally:
+            await src.close()
+            await dst.close()
+        seen["books"] = await _range_books(bench, TARGET, spec.id)
+
+    phase, spec = await _held_at(bench, "switching", at_the_switch)
+    switched = await _range_books(bench, TARGET, spec.id)
+    report = await audit(bench.world.shard_dsns(), full=True)
+    balance = (await bench.api.get(f"/v1/accounts/{inside[0]}")).json()["balance"]
+
+    expected = INITIAL_BALANCE * len(inside)
+    assert seen["check"]["accounts"] == len(inside) and sum(seen["check"]["totals"].values()) == expected, seen
+    assert "are not those" in seen["refused"] and "nothing switched in" in seen["refused"], seen["refused"]
+    assert seen["owned"] == 0, "expected the refused switch-in to leave the target owning nothing of the range"
+    assert seen["books"] == {"customers": expected, "range_accounts": -expected, "mvp1": len(inside), "mvi": 0,
+                             "mvd": 0, "mvc": 0, "mvb": 0}, f"expected only the pre-booking: {seen['books']}"
+    assert phase == "done", bench.log[-5:]
+    assert switched == {"customers": expected, "range_accounts": 0, "mvp1": len(inside), "mvi": 1, "mvd": 0,
+                        "mvc": 0, "mvb": 0}, f"expected one posting in and no difference: {switched}"
+    assert balance == INITIAL_BALANCE
+    assert report.clean, report.text()
+
+
+async def test_a_move_with_full_verify_compares_every_row_under_the_freeze(bench: Bench) -> None:
+    """`txroute slots move --full-verify`: under the freeze the mover compares every row of the range (counts and
+    checksums of every table: Mover.verify), not only the rows that changed since the pre-verify."""
+    retried: Counter[str] = Counter()
+    await open_accounts(bench, retried)
+    mover = bench.mover(full_verify=True)
+    spec = await mover.spec(*RANGE, TARGET)
+    await mover.begin(spec)
+    phase = await mover.run(spec)
+
+    assert phase == "done", bench.log[-5:]
+    assert mover.stats.rows_compared_in_freeze is None, "expected no one-by-one verify under the freeze"
+    assert any(spec.id in line and line.endswith("verify: equal") for line in bench.log), bench.log[-8:]
+    assert await bench.owner(RANGE[0]) == (TARGET, 2)
 
 
 async def test_a_move_cancelled_after_the_prebooking_books_the_target_back_to_zero_and_can_run_again(

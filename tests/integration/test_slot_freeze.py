@@ -67,8 +67,7 @@ async def test_every_per_slot_table_writes_the_change_log_the_catch_up_reads(
         assert triggers.get(table.name) == expected, (
             f"expected {table.name} to log its changes with txr_move_log{tuple(expected)}, got "
             f"{triggers.get(table.name)}")
-        assert (table.name in on_delete) == table.deletes_logged, (
-            f"expected {table.name}'s change log to fire on delete exactly when its rows are deleted in operation")
+        assert table.name in on_delete, f"expected {table.name}'s change log to fire on delete too (0036)"
 
 
 async def test_webhook_rows_of_a_slot_the_shard_does_not_own_are_left_alone_by_its_worker_and_operators(
