@@ -350,6 +350,7 @@ WEBHOOK_RETRY_SCHEDULE_S = (5, 300, 1_800, 7_200, 18_000, 36_000, 86_400, 86_400
 WEBHOOK_RETRY_JITTER_RATIO = 0.1
 WEBHOOK_IN_FLIGHT_PER_ENDPOINT_MAX = 4  # so one slow endpoint holds at most this many of the worker's sends
 WEBHOOK_IN_FLIGHT_MAX = 64  # per region worker, all endpoints
+WEBHOOK_CLAIM_TIMEOUT_S = 5.0  # one shard's claim: a slow shard is skipped for this pass, the others claim on
 WEBHOOK_CLAIM_LEASE_MS = 30_000  # a claimed delivery is due again after this (a crash mid-send), > the timeout
 WEBHOOK_IDLE_POLL_MS = 200
 WEBHOOK_INGEST_PAGE_MAX = 100  # events read from one shard's feed per endpoint per pass

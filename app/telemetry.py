@@ -263,6 +263,11 @@ class Metrics:
             "txroute_webhook_endpoint_disabled_total",
             "Endpoints this process disabled, by why: gone (410) or failing (the retry schedule ran out)",
             ["region", "reason"], registry=r)
+        # `shard` is a local shard, or a peer region whose feed could not be read; `stage` a bounded set:
+        # endpoints, ingest, feed_read, claim, peer_read, peer_refused.
+        self.webhook_shard_errors = c("txroute_webhook_shard_errors_total",
+                                      "Webhook worker passes that skipped a shard or peer region it could not reach",
+                                      ["region", "shard", "stage"], registry=r)
         self.events_deleted = c("txroute_events_deleted_total", "Events deleted past their retention",
                                 ["region", "shard"], registry=r)
         self.scrape_errors = c("txroute_metrics_shard_read_errors_total",

@@ -45,16 +45,35 @@ INTERNAL_EVENTS_PATH = "/internal/events"
 
 
 async def read_pages(
-    stores: dict[str, ShardStore], client: str, positions: dict[str, str], types: list[str] | None, limit: int
+    stores: dict[str, ShardStore], client: str, positions: dict[str, str], types: list[str] | None, limit: int,
+    *, skip_unavailable_in: str | None = None,
 ) -> list[ShardPage]:
-    """One page of the client's events from each of these shards, after its position."""
+    """One page of the client's events from each of these shards, after its position. A shard that cannot be
+    read in time fails the whole read (the client's feed answers 503), unless `skip_unavailable_in` names the
+    region (the webhook worker's reads): then that shard is left out (`shard_unavailable`), its position does not
+    move, and it is read again on a later pass, while the other shards' events go on being delivered."""
 
-    async def one(name: str, store: ShardStore) -> ShardPage:
-        async with asyncio.timeout(limits.EVENTS_FEED_DB_TIMEOUT_S):
-            items = await store.events_page(client, positions.get(name, START), types, limit)
+    async def one(name: str, store: ShardStore) -> ShardPage | None:
+        try:
+            async with asyncio.timeout(limits.EVENTS_FEED_DB_TIMEOUT_S):
+                items = await store.events_page(client, positions.get(name, START), types, limit)
+        except (ShardUnavailable, TimeoutError) as exc:
+            if skip_unavailable_in is None:
+                raise
+            shard_unavailable(skip_unavailable_in, name, "feed_read", exc)
+            return None
         return ShardPage(name, items, len(items) == limit)
 
-    return list(await asyncio.gather(*(one(name, store) for name, store in stores.items())))
+    pages = await asyncio.gather(*(one(name, store) for name, store in stores.items()))
+    return [page for page in pages if page is not None]
+
+
+def shard_unavailable(region: str, shard: str, stage: str, exc: BaseException) -> None:
+    """A shard (or a peer region, `shard` then names it) could not be read or written in time for the webhook
+    worker at `stage`: logged with a stable event name and counted; the worker goes on with the others."""
+    log.warning("webhook_shard_unavailable",
+                extra={"shard": shard, "stage": stage, "error_type": type(exc).__name__})
+    telemetry.METRICS.webhook_shard_errors.labels(region, shard, stage).inc()
 
 
 def pages_json(pages: Sequence[ShardPage]) -> dict[str, Any]:
@@ -95,23 +114,34 @@ class WebhookWorker:
     # Ingest -----------------------------------------------------------------------------------------
 
     async def ingest_once(self) -> int:
-        """Queue the new events of every enabled endpoint of this region; returns how many were queued."""
+        """Queue the new events of every enabled endpoint of this region; returns how many were queued. A shard
+        that cannot be read or written is skipped (logged, counted, tried again next pass): the endpoints of the
+        other shards, and the other shards' events of every endpoint, go on."""
         added = 0
-        for store in self.stores.values():
-            endpoints = await store.webhook_rows(
-                "webhook_endpoints_enabled",
-                """select id, client, event_types, feed_position, created_at from webhook_endpoints
-                   where state = 'enabled' order by id""",
-            )
+        for name, store in self.stores.items():
+            try:
+                async with asyncio.timeout(limits.EVENTS_FEED_DB_TIMEOUT_S):
+                    endpoints = await store.webhook_rows(
+                        "webhook_endpoints_enabled",
+                        """select id, client, event_types, feed_position, created_at from webhook_endpoints
+                           where state = 'enabled' order by id""",
+                    )
+            except (ShardUnavailable, TimeoutError) as exc:
+                shard_unavailable(self.region, name, "endpoints", exc)
+                continue
             for endpoint in endpoints:
-                added += await self._ingest_endpoint(store, endpoint)
+                try:
+                    added += await self._ingest_endpoint(store, endpoint)
+                except (ShardUnavailable, TimeoutError) as exc:  # its own shard: the position stays, read again
+                    shard_unavailable(self.region, name, "ingest", exc)
         return added
 
     async def _ingest_endpoint(self, store: ShardStore, endpoint: Any) -> int:
         positions: dict[str, str] = dict(endpoint["feed_position"])
         types = list(endpoint["event_types"]) if endpoint["event_types"] else None
         limit = limits.WEBHOOK_INGEST_PAGE_MAX
-        pages = await read_pages(self.stores, endpoint["client"], positions, types, limit)
+        pages = await read_pages(self.stores, endpoint["client"], positions, types, limit,
+                                 skip_unavailable_in=self.region)
         for region in sorted({s.region for s in self.topology.shards} - {self.region}):
             remote = await self._remote_pages(region, endpoint["client"], positions, types, limit)
             if remote is not None:
@@ -149,17 +179,20 @@ class WebhookWorker:
                 region, "GET", f"{INTERNAL_EVENTS_PATH}?{qs}", headers={"authorization": f"Bearer {token}"},
                 body=None, timeout_s=limits.WEBHOOK_PEER_TIMEOUT_S,
             )
-        except UpstreamError:
+        except UpstreamError as exc:
+            shard_unavailable(self.region, region, "peer_read", exc)
             return None
         if answer.status != 200:
             log.warning("webhook_peer_feed_refused", extra={"peer": region, "status": answer.status})
+            telemetry.METRICS.webhook_shard_errors.labels(self.region, region, "peer_refused").inc()
             return None
         return pages_from_json(msgspec.json.decode(answer.body))
 
     # Send -------------------------------------------------------------------------------------------
 
     async def send_once(self) -> int:
-        """Claim what is due (within the in-flight bounds) and start sending it; returns how many were claimed."""
+        """Claim what is due (within the in-flight bounds) and start sending it; returns how many were claimed.
+        A shard whose claim fails or times out is skipped (logged, counted): the others' deliveries go on."""
         claimed = 0
         for name, store in self.stores.items():
             room = limits.WEBHOOK_IN_FLIGHT_MAX - len(self._tasks)
@@ -167,10 +200,15 @@ class WebhookWorker:
                 break
             rooms: dict[str, int] = {"*": limits.WEBHOOK_IN_FLIGHT_PER_ENDPOINT_MAX}
             rooms.update({e: limits.WEBHOOK_IN_FLIGHT_PER_ENDPOINT_MAX - n for e, n in self._in_flight.items()})
-            rows = await store.webhook_rows(
-                "webhook_claim", "select * from txr_webhook_claim($1::jsonb, $2, $3)",
-                rooms, room, limits.WEBHOOK_CLAIM_LEASE_MS,
-            )
+            try:
+                async with asyncio.timeout(limits.WEBHOOK_CLAIM_TIMEOUT_S):
+                    rows = await store.webhook_rows(
+                        "webhook_claim", "select * from txr_webhook_claim($1::jsonb, $2, $3)",
+                        rooms, room, limits.WEBHOOK_CLAIM_LEASE_MS,
+                    )
+            except (ShardUnavailable, TimeoutError) as exc:
+                shard_unavailable(self.region, name, "claim", exc)
+                continue
             for row in rows:
                 claimed += 1
                 endpoint = row["endpoint_id"]

@@ -34,12 +34,16 @@ from app.region.identity import caller, saga_peer, verified_body
 from app.store.shard import Outcome, ShardStore
 
 
-async def _region_events(request: Request[Any, Any, Any], client: str) -> Response[bytes]:
+async def _region_events(request: Request[Any, Any, Any], client: str, *, for_worker: bool = False) -> Response[bytes]:
+    """This region's page of each shard. For a client, a shard that cannot be read fails the page (503); for
+    another region's webhook worker it is left out, so its other shards' events are still delivered."""
     q = request.query_params
     positions = feed.decode_cursor(q.get("after"))
     limit = feed.page_size(q.get("limit"))
     types = feed.event_types(q.get("types"))
-    pages = await read_pages(ledger(request).stores, client, positions, types, limit)
+    region = ledger(request).region
+    pages = await read_pages(ledger(request).stores, client, positions, types, limit,
+                             skip_unavailable_in=region if for_worker else None)
     return json_response(request, 200, pages_json(pages))
 
 
@@ -57,7 +61,7 @@ async def internal_events(request: Request[Any, Any, Any]) -> Response[bytes]:
     client = request.query_params.get("client")
     if not client or len(client) > 128:
         raise Problem("invalid_request", "name the client")
-    return await _region_events(request, client)
+    return await _region_events(request, client, for_worker=True)
 
 
 async def _owned_store(request: Request[Any, Any, Any], slot: int) -> ShardStore:

@@ -1,0 +1,160 @@
+"""The region's webhook worker (app/events/delivery.py) against shard databases of its own: two clusters, each
+one shard owning every slot, so a test may stop one without disturbing the session's regions (whose workers
+never see these databases). Receivers are real HTTP servers on loopback; events are written by the ledger's
+own function (txr_event_write, migration 0011)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp import web
+
+from app.events.delivery import WebhookWorker
+from app.events.urls import UrlPolicy
+from app.events.webhooks import new_endpoint_id
+from app.local.postgres import Cluster
+from app.store import shard as shard_module
+from app.store.shard import ShardStore
+from app.topology.model import Shard, SlotRange, Topology
+from tests.conftest import TEST_PG_SETTINGS, copy_cluster
+from tests.helpers import new_client_id, poll_until
+
+SHARDS = ("wh-a", "wh-b")
+
+
+@dataclass
+class Receiver:
+    url: str = ""
+    delay_s: dict[str, float] = field(default_factory=dict)  # path -> seconds before answering
+    received: list[tuple[str, str, float]] = field(default_factory=list)  # (path, webhook-id, monotonic time)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(self.delay_s.get(request.path, 0.0))
+        self.received.append((request.path, request.headers["webhook-id"], time.monotonic()))
+        return web.Response(status=200)
+
+    def ids(self, path: str) -> set[str]:
+        return {event for p, event, _ in self.received if p == path}
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    found = Receiver()
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", found.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    found.url = f"http://127.0.0.1:{port}"
+    try:
+        yield found
+    finally:
+        await runner.cleanup()
+
+
+@dataclass
+class Rig:
+    clusters: dict[str, Cluster]
+    stores: dict[str, ShardStore]
+
+    def dsn(self, shard: str) -> str:
+        return self.clusters[shard].dsn(Shard(shard, "eu-west-1", (SlotRange(0, 4095),)).database)
+
+    async def sql(self, shard: str, statement: str, *args: Any) -> Any:
+        conn = await asyncpg.connect(self.dsn(shard))
+        try:
+            return await conn.fetchval(statement, *args)
+        finally:
+            await conn.close()
+
+    async def event(self, shard: str, client: str, resource: str = "acc_test") -> str:
+        """One event written as the ledger writes it; its id."""
+        await self.sql(shard, "select txr_event_write('account.opened', $1, 7, $2, '{}'::jsonb)", client, resource)
+        event_id: str = await self.sql(
+            shard, "select id from events where client = $1 order by xid desc, seq desc limit 1", client)
+        return event_id
+
+    async def endpoint(self, shard: str, client: str, url: str) -> str:
+        endpoint_id = new_endpoint_id(7)
+        await self.sql(
+            shard, "insert into webhook_endpoints (id, slot, client, url, secret) values ($1, 7, $2, $3, $4)",
+            endpoint_id, client, url, "whsec_" + "A" * 43 + "=")
+        return endpoint_id
+
+    def worker(self, topology: Topology, stores: dict[str, ShardStore] | None = None) -> WebhookWorker:
+        return WebhookWorker(region="eu-west-1", topology=topology, stores=stores or self.stores, peers=None,
+                             minter=None, policy=UrlPolicy(allow_loopback=True), schedule_s=(0.5, 0.5, 1, 1, 2))
+
+
+@pytest.fixture
+async def rig(work_dir: Path, pg_template: Cluster) -> AsyncIterator[Rig]:
+    folder = work_dir / f"webhook-rig-{uuid.uuid4().hex[:8]}"
+    clusters: dict[str, Cluster] = {}
+    stores: dict[str, ShardStore] = {}
+    try:
+        for name in SHARDS:
+            cluster = copy_cluster(pg_template, folder / name)
+            clusters[name] = cluster
+            await asyncio.to_thread(cluster.provision, [Shard(name, "eu-west-1", (SlotRange(0, 4095),))])
+        rig = Rig(clusters, stores)
+        for name in SHARDS:
+            pool = await asyncpg.create_pool(rig.dsn(name), min_size=0, max_size=4, timeout=2,
+                                             init=shard_module._init_connection)
+            assert pool is not None
+            stores[name] = ShardStore(name, pool, workers=1)
+        yield rig
+    finally:
+        for store in stores.values():
+            await store.close()
+        for cluster in clusters.values():
+            cluster.stop(mode="immediate")
+
+
+async def _running(worker: WebhookWorker) -> asyncio.Task[None]:
+    return asyncio.create_task(worker.run_forever())
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_one_shard_down_leaves_the_other_shards_deliveries_going(
+    rig: Rig, receiver: Receiver, topology: Topology
+) -> None:
+    # Endpoints homed on each shard; the down shard comes first in the worker's order, as in the issue.
+    down, up = "wh-b", "wh-a"
+    client_up, client_down = new_client_id(), new_client_id()
+    await rig.endpoint(up, client_up, f"{receiver.url}/up")
+    await rig.endpoint(down, client_down, f"{receiver.url}/down")
+    worker = rig.worker(topology, {down: rig.stores[down], up: rig.stores[up]})
+    task = await _running(worker)
+    try:
+        first = {await rig.event(up, client_up), await rig.event(down, client_up)}
+        await poll_until(lambda: _has(receiver, "/up", first), timeout_s=20, what="both shards' events delivered")
+        await asyncio.to_thread(rig.clusters[down].stop, mode="immediate")
+        later = {await rig.event(up, client_up) for _ in range(3)}
+        await poll_until(lambda: _has(receiver, "/up", first | later), timeout_s=20,
+                         what="the healthy shard's events delivered while the other shard's database is stopped")
+        await asyncio.to_thread(rig.clusters[down].start, settings=TEST_PG_SETTINGS)
+        back = await rig.event(down, client_up)
+        await poll_until(lambda: _has(receiver, "/up", first | later | {back}), timeout_s=30,
+                         what="the shard's events delivered again once its database is back")
+    finally:
+        await _stop(task)
+    ids = [event for path, event, _ in receiver.received if path == "/up"]
+    assert sorted(ids) == sorted(first | later | {back}), f"expected each event once, got {ids}"
+
+
+async def _has(receiver: Receiver, path: str, events: set[str]) -> bool:
+    return events <= receiver.ids(path)
