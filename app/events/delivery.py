@@ -292,8 +292,10 @@ class WebhookWorker:
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = aiohttp.TCPConnector(
-                resolver=GuardedResolver(self.policy), limit=limits.WEBHOOK_IN_FLIGHT_MAX,
-                limit_per_host=limits.WEBHOOK_IN_FLIGHT_PER_ENDPOINT_MAX, ttl_dns_cache=None, use_dns_cache=False,
+                # No bound per host: the worker bounds each endpoint (_in_flight), and endpoints that share a
+                # host (two clients of one receiving service) must not wait for each other's slow answers.
+                resolver=GuardedResolver(self.policy), limit=limits.WEBHOOK_IN_FLIGHT_MAX, limit_per_host=0,
+                ttl_dns_cache=None, use_dns_cache=False,
             )
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=aiohttp.ClientTimeout(total=limits.WEBHOOK_TIMEOUT_S),

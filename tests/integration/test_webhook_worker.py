@@ -33,11 +33,15 @@ SHARDS = ("wh-a", "wh-b")
 @dataclass
 class Receiver:
     url: str = ""
-    delay_s: dict[str, float] = field(default_factory=dict)  # path -> seconds before answering
+    held: set[str] = field(default_factory=set)  # paths that answer only once `released` is set (a slow receiver)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
     received: list[tuple[str, str, float]] = field(default_factory=list)  # (path, webhook-id, monotonic time)
+    arrived: list[tuple[str, str]] = field(default_factory=list)  # (path, webhook-id) as requests come in
 
     async def handle(self, request: web.Request) -> web.Response:
-        await asyncio.sleep(self.delay_s.get(request.path, 0.0))
+        self.arrived.append((request.path, request.headers["webhook-id"]))
+        if request.path in self.held:
+            await self.released.wait()
         self.received.append((request.path, request.headers["webhook-id"], time.monotonic()))
         return web.Response(status=200)
 
@@ -59,6 +63,7 @@ async def receiver() -> AsyncIterator[Receiver]:
     try:
         yield found
     finally:
+        found.released.set()
         await runner.cleanup()
 
 
@@ -158,3 +163,33 @@ async def test_one_shard_down_leaves_the_other_shards_deliveries_going(
 
 async def _has(receiver: Receiver, path: str, events: set[str]) -> bool:
     return events <= receiver.ids(path)
+
+
+async def test_a_slow_endpoint_with_a_large_backlog_does_not_delay_another_endpoints_deliveries(
+    rig: Rig, receiver: Receiver, topology: Topology
+) -> None:
+    shard = "wh-a"
+    slow_client, quick_client = new_client_id("slow"), new_client_id("quick")
+    await rig.endpoint(shard, slow_client, f"{receiver.url}/slow")
+    await rig.endpoint(shard, quick_client, f"{receiver.url}/quick")
+    receiver.held.add("/slow")
+    backlog = 300  # more than the 256 rows 0011's claim looked at, all older than the quick endpoint's event
+    await rig.sql(shard, "select count(txr_event_write('account.opened', $1, 7, 'acc_' || i, '{}'::jsonb)) "
+                         "from generate_series(1, $2) i", slow_client, backlog)
+    task = await _running(rig.worker(topology, {shard: rig.stores[shard]}))
+    try:
+        async def slow_queued_and_busy() -> bool:
+            queued = await rig.sql(shard, "select count(*) from webhook_deliveries where state = 'pending'")
+            return queued == backlog and sum(1 for p, _ in receiver.arrived if p == "/slow") >= 4
+
+        await poll_until(slow_queued_and_busy, timeout_s=30,
+                         what="the slow endpoint's backlog queued and its in-flight room used")
+        quick = await rig.event(shard, quick_client)
+        started = time.monotonic()
+        await poll_until(lambda: _has(receiver, "/quick", {quick}), timeout_s=10,
+                         what="the quick endpoint's event delivered while the slow one holds its backlog")
+        waited = time.monotonic() - started
+    finally:
+        await _stop(task)
+    assert not receiver.ids("/slow"), "expected the slow receiver to have answered nothing yet"
+    assert waited < 10, f"expected the quick endpoint's delivery within 10 s, took {waited:.1f} s"
