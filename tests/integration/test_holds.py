@@ -4,13 +4,14 @@ and its databases: each rule as the client sees it, the ledger conserved after i
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Callable
 
 import asyncpg
 import httpx
 
 from app import limits
-from app.store.shard import AS_OF_SQL
+from app.store.shard import AS_OF_SQL, TransfersQuery, account_transfers_sql
 from app.topology.ids import parse_account_id
 from app.topology.model import Topology
 from tests.helpers import (
@@ -107,6 +108,36 @@ async def test_a_hold_expires_at_its_time_in_reads_and_postings_before_any_sweep
 
     await poll_until(recorded, timeout_s=10, what="the sweeper to record the expiry")
     await assert_shard_conserved(shard_dsn(shard))
+
+
+async def test_listing_an_accounts_transfers_by_state_follows_a_hold_past_its_time_before_any_sweep(
+    api: ApiClient, topology: Topology, shard_dsn: Callable[[str], str]
+) -> None:
+    # The body of a hold past its time says `expired` before the sweeper records it; `?state=` must agree.
+    shard, (a, b) = await accounts_in_one_shard(api, topology, 2)
+    await api.funded(a, 10)
+    hold = (await api.hold(a, b, 10, expires_in_s=3600)).json()
+    listed = (await api.get(f"/v1/accounts/{a}/transfers?state=held")).json()["items"]
+    assert [t["id"] for t in listed] == [hold["id"]], listed
+    conn = await asyncpg.connect(shard_dsn(shard))
+    try:
+        # Its time passed inside a transaction never committed: the sweeper cannot record it meanwhile.
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("set local session_replication_role = replica")  # a transfer's columns are guarded
+        await conn.execute("update transfers set hold_expires_at = clock_timestamp() - interval '1 second' "
+                           "where id = $1", hold["id"])
+        await conn.execute("set local session_replication_role = origin")
+
+        async def by_state(state: str) -> list[tuple[str, str]]:
+            sql, args = account_transfers_sql(a, api.client_id, TransfersQuery(limit=10, state=state))
+            return [(r["id"], json.loads(r["body"])["state"]) for r in await conn.fetch(sql, *args)]
+
+        assert await by_state("held") == [], "expected a hold past its time not to list as held"
+        assert await by_state("expired") == [(hold["id"], "expired")], "expected it to list as expired"
+        await tx.rollback()
+    finally:
+        await conn.close()
 
 
 async def test_a_withdrawal_can_be_held_and_captured_and_a_deposit_cannot_be_held(
