@@ -14,6 +14,7 @@ import msgspec
 from app import limits
 from app.ledger.money import CURRENCIES
 from app.topology.ids import ACCOUNT_ID_PATTERN, TRANSFER_ID_PATTERN
+from app.topology.model import SLOT_COUNT
 
 Currency = enum.StrEnum("Currency", {code: code for code in sorted(CURRENCIES)})  # type: ignore[misc]
 
@@ -116,6 +117,14 @@ class BatchRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     items: Annotated[list[BatchItem], msgspec.Meta(min_length=1, max_length=limits.BATCH_ITEMS_MAX)]
     indexes: Annotated[list[Annotated[int, msgspec.Meta(ge=0, lt=limits.BATCH_ITEMS_MAX)]], msgspec.Meta(
         max_length=limits.BATCH_ITEMS_MAX)] | None = None
+
+
+class BatchClaim(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """`POST /internal/batch-claim`, from a router only, before it sends a batch's items (DESIGN D15): bind the
+    batch's Idempotency-Key to `fingerprint` (of the client's whole batch) at the key's home `slot`."""
+
+    slot: Annotated[int, msgspec.Meta(ge=0, lt=SLOT_COUNT)]
+    fingerprint: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
 
 
 class BatchItemResult(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -18,6 +18,7 @@ from app.api.decoding import decode_body, decode_optional_body, idempotency_key
 from app.api.http import json_response, problem_response
 from app.api.schemas import (
     Account,
+    BatchClaim,
     BatchRequest,
     BatchResult,
     CaptureRequest,
@@ -34,7 +35,7 @@ from app.errors import Problem, slot_moving
 from app.events.webhooks import EndpointRequest
 from app.ledger.states import TransferState
 from app.region.batches import post_batch
-from app.region.identity import caller, caller_principal, verified_body
+from app.region.identity import batch_claimer, caller, caller_principal, verified_body
 from app.region.service import RegionLedger
 from app.store.shard import Outcome, TransfersQuery
 from app.topology.ids import InvalidId, parse_account_id, parse_transfer_id
@@ -163,6 +164,17 @@ async def batch(request: Request[Any, Any, Any]) -> Response[bytes]:
     found = await caller_principal(request)
     key, data = await _body(request, BatchRequest)
     return outcome_response(request, await post_batch(ledger(request), found.client, key, data, found.scopes))
+
+
+@post("/internal/batch-claim", summary="Bind a batch's Idempotency-Key to its body (DESIGN D15)", status_code=200,
+      include_in_schema=False)
+async def batch_claim(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """A router's first call for a client's batch: 200 when the key is new or was claimed by the same body,
+    `422 idempotency_key_reused` for another body, the slot's 421/503 when another shard owns it."""
+    client = await batch_claimer(request)
+    key, claim = await _body(request, BatchClaim)
+    store = await ledger(request).store_for_slot(claim.slot)
+    return outcome_response(request, await store.claim_batch(client, key, claim.slot, claim.fingerprint))
 
 
 @get(

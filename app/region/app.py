@@ -26,7 +26,7 @@ from app.config import RegionSettings
 from app.errors import Problem, slot_moving
 from app.events.delivery import WebhookWorker
 from app.events.urls import UrlPolicy
-from app.region.api import PUBLIC_ROUTES, REQUEST_BODIES, outcome_response
+from app.region.api import PUBLIC_ROUTES, REQUEST_BODIES, batch_claim, outcome_response
 from app.region.events_api import EVENT_ROUTES
 from app.region.health import Readiness
 from app.region.identity import require_internal, saga_peer, verified_body
@@ -143,7 +143,8 @@ def create_app(settings: RegionSettings) -> telemetry.Instrumented:
 
     app = Litestar(
         route_handlers=[
-            *PUBLIC_ROUTES, *EVENT_ROUTES, healthz, readyz, shardmap, saga_apply, saga_apply_batch, replay_lookup,
+            *PUBLIC_ROUTES, *EVENT_ROUTES, batch_claim, healthz, readyz, shardmap, saga_apply, saga_apply_batch,
+            replay_lookup,
             openapi_document,
             metrics,
         ],

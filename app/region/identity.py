@@ -120,6 +120,16 @@ async def caller_principal(request: Request[Any, Any, Any]) -> Principal:
     return found
 
 
+async def batch_claimer(request: Request[Any, Any, Any]) -> str:
+    """The client of `/internal/batch-claim`: a router's call for a client's batch, so the client's own token
+    behind the hop token, as on the public route `POST /v1/batches` (its scope)."""
+    found = _client(request, await principal(request))
+    scope = required_scope("POST", "/v1/batches")
+    if scope is None or scope not in found.scopes:
+        raise Problem("forbidden", f"the token does not grant {scope}")
+    return found.client
+
+
 async def require_internal(request: Request[Any, Any, Any]) -> None:
     """The shard map answers only the routers' own hop tokens (scope `internal`)."""
     if INTERNAL not in (await principal(request)).scopes:

@@ -37,7 +37,7 @@ from app.api.schemas import RouterReadiness
 from app.api.upstreams import Answer, NoAnswer, NotConnected, UpstreamError, Upstreams
 from app.config import RouterSettings
 from app.errors import PROBLEM_CONTENT_TYPE, Problem, problem_body
-from app.router.batches import post_split_batch
+from app.router.batches import claim_batch, post_split_batch
 from app.router.docs import docs_asset, docs_page
 from app.router.events import merged_page
 from app.router.hold import SlotMovingHold, is_slot_moving
@@ -170,15 +170,22 @@ class Router:
             slot, named_region = write.slot, write.region
             if write.batch is not None:
                 assert write.slots is not None
+                if write.batch.atomic:
+                    regions = {self.shardmap.region_for_slot(s) for item in write.slots for s in item}
+                    if len(regions) > 1:
+                        raise Problem("batch_spans_shards", "an atomic batch keeps every account on one shard; "
+                                      f"these accounts live in {len(regions)} regions",
+                                      extra={"regions": sorted(regions)})
+                # The batch's key bound to its whole body before any item is sent (DESIGN D15).
+                refused = await claim_batch(self, principal, headers["idempotency-key"], write.batch,
+                                            self._client_headers(headers, rid))
+                if refused is not None:
+                    return refused
                 if not write.batch.atomic:
                     return await post_split_batch(
                         self, principal, headers["idempotency-key"], write.batch, write.slots,
                         self._client_headers(headers, rid),
                     )
-                regions = {self.shardmap.region_for_slot(s) for item in write.slots for s in item}
-                if len(regions) > 1:
-                    raise Problem("batch_spans_shards", "an atomic batch keeps every account on one shard; these "
-                                  f"accounts live in {len(regions)} regions", extra={"regions": sorted(regions)})
             elif slot is None and named_region is None:
                 # The same region for (client, key) on every router, so a retry through another region's
                 # router replays instead of opening a second account (app.topology.placement).
@@ -269,6 +276,12 @@ class Router:
             return await attempt()
 
         return await self.hold.hold(again)
+
+    async def send_to_slot(
+        self, slot: int, method: str, path_qs: str, headers: dict[str, str], body: bytes | None
+    ) -> Answer:
+        """`_to_owner` for a request of the router's own making (a batch's claim, app/router/batches.py)."""
+        return await self._to_owner(slot, method, path_qs, headers, body)
 
     async def _to_owner(
         self, slot: int, method: str, path_qs: str, headers: dict[str, str], body: bytes | None

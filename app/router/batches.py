@@ -5,9 +5,10 @@ Each part is a request of the router's own making: its body is the region's item
 client's batch (`indexes`), so the region derives each item's key from the batch's key and the item's index in
 the client's batch, whatever the split (a replay after the shard map changed finds the same keys). Each part
 carries its own hop token, bound to that part's body, and the batch's Idempotency-Key, which the region uses only
-to derive item keys: a non-atomic batch stores nothing under the batch's key, only each item's outcome under its
-own. A region that cannot be reached answers its items 503 with the code it would answer a single request
-(`region_unavailable`, `region_draining`) while the other parts are answered as usual; an item answered 421
+to derive item keys: each item's outcome is stored under its own key where it posts. What binds the batch's key
+to the whole body is `claim_batch`, before any part is sent (for an atomic batch too). A region that cannot be
+reached answers its items 503 with the code it would answer a single request (`region_unavailable`,
+`region_draining`) while the other parts are answered as usual; an item answered 421
 (its slot moved) is sent once more after the shard map is refreshed, and items answered 503 slot_moving (their
 slot is frozen by a move) are held and sent again like a single request (app/router/hold.py).
 """
@@ -21,16 +22,49 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from app import telemetry
-from app.api.schemas import BatchItem, BatchRequest
+from app.api.schemas import BatchClaim, BatchItem, BatchRequest
 from app.api.upstreams import Answer
 from app.errors import Problem, slot_moving
+from app.ledger.postings import fingerprint
+from app.router.hold import is_slot_moving
 from app.security.tokens import BoundRequest, Principal
+from app.topology.placement import batch_home_slot
 
 if TYPE_CHECKING:
     from app.router.app import Router
 
 BATCHES_PATH = "/v1/batches"
+CLAIM_PATH = "/internal/batch-claim"
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+def batch_fingerprint(batch: BatchRequest) -> str:
+    """The client's whole batch (items, their order, the atomic flag), as the atomic batch's record has it."""
+    return fingerprint("batch", msgspec.to_builtins(batch))
+
+
+async def claim_batch(
+    router: Router, principal: Principal, key: str, batch: BatchRequest, client_headers: dict[str, str]
+) -> Answer | None:
+    """Bind the batch's key to its body before any item is sent (migration 0040): at the key's home slot (a
+    hash of client and key, whatever accounts the batch names), so a body sent earlier under the key is met
+    there even when the two share no region. None: claimed now or by this same body before (go on); else the
+    answer for the whole batch, nothing sent (`422 idempotency_key_reused`, `409 idempotency_key_in_flight`,
+    `503` when the home cannot be reached: retry with the same key). A home slot frozen by a move is held like
+    a single request."""
+    slot = batch_home_slot(principal.client, key)
+    body = msgspec.json.encode(BatchClaim(slot=slot, fingerprint=batch_fingerprint(batch)))
+
+    async def attempt() -> Answer:
+        hop = router.minter.for_client(principal, BoundRequest("POST", CLAIM_PATH, body, key))
+        headers = {**client_headers, "authorization": "Bearer " + hop, "idempotency-key": key,
+                   "content-type": "application/json"}
+        return await router.send_to_slot(slot, "POST", CLAIM_PATH, headers, body)
+
+    answer = await attempt()
+    if is_slot_moving(answer) or answer.status == 421:
+        answer = await router.hold.hold(attempt)
+    return None if answer.status == 200 else answer
 
 
 async def post_split_batch(

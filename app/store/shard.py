@@ -377,6 +377,14 @@ class ShardStore:
             return Outcome(int(item["status"]), body)
         return Outcome.from_json(doc)
 
+    async def claim_batch(self, client: str, key: str, slot: int, fingerprint: str) -> Outcome:
+        """Bind a batch's key to its body at the key's home slot (migration 0040): 200 when the key is new here
+        or was claimed by the same body (replayed), `422 idempotency_key_reused` for another body, `409
+        idempotency_key_in_flight`, or the slot's 421/503 when this shard does not own it (nothing written)."""
+        telemetry.annotate(shard=self.name)
+        return Outcome.from_json(await self._call(
+            "batch_claim", "select txr_batch_claim($1, $2, $3, $4)", client, key, slot, fingerprint))
+
     async def _busy_outcome(self, item: dict[str, Any], accounts: list[str]) -> Outcome:
         """The stored outcome of a key whose posting found an account busy: never "nothing was posted" for a
         request that did post (its first answer lost, say to a timeout); a retry gets its stored answer,

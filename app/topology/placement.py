@@ -54,6 +54,12 @@ def placement_slot(client: str, key: str, owned: Sequence[bool]) -> int:
     return slot
 
 
+def batch_home_slot(client: str, key: str) -> int:
+    """The slot where a batch's Idempotency-Key is bound to its body (DESIGN D15): a hash of (client, key)
+    alone, whichever accounts the batch names, so two bodies sent under one key meet there."""
+    return _weight("batch", client, key) % SLOT_COUNT
+
+
 def probe_sequence(client: str, key: str, *, among: Iterable[int] | None = None) -> Iterator[int]:
     """The slots in the order (client, key) prefers them: the PLACEMENT_PROBES_MAX hashed probes (a slot may come
     twice), then the slots of `among` (default: all) by rendezvous weight, highest first (the fallback, computed

@@ -4,12 +4,14 @@ batches span regions and answer each item on its own, also while a region is dow
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 
 from app.local.processes import ServiceProcess
 from app.topology.model import Topology
+from app.topology.placement import batch_home_slot
 from tests.e2e.conftest import ROUTER_REGION, RouterApi
 from tests.helpers import accounts_in_one_shard, new_key, shard_of
 
@@ -130,10 +132,19 @@ async def test_a_non_atomic_batch_across_three_regions_answers_the_live_ones_whi
         accounts[region.name] = opened.json()["id"]
     order = [r.name for r in topology.regions] * 3
     items = [funds("deposit", accounts[region], 10 + i) for i, region in enumerate(order)]
-    key = new_key()
+    # A batch's key is bound to its body at the key's home (a hash of client and key): a key at home in a live
+    # region, and one at home in the region that goes down.
+    key = key_at_home(client_api, topology, lambda region: region != DOWN)
+    homeless = key_at_home(client_api, topology, lambda region: region == DOWN)
     victim = region_services[DOWN]
     victim.kill()
     try:
+        # The key's home is down: nothing can bind it, so nothing is sent; the whole batch is 503 (retry it).
+        refused = await post_batch(client_api, items, atomic=False, key=homeless)
+        assert refused.status_code == 503 and refused.json()["code"] == "region_unavailable", refused.text
+        for region, account in accounts.items():
+            if region != DOWN:
+                assert await client_api.balance(account) == 0, f"expected nothing posted in {region}"
         response = await post_batch(client_api, items, atomic=False, key=key)
         assert response.status_code == 200, response.text
         results = response.json()["items"]
@@ -160,6 +171,66 @@ async def test_a_non_atomic_batch_across_three_regions_answers_the_live_ones_whi
     for region, account in accounts.items():
         expected = sum(10 + i for i, r in enumerate(order) if r == region)
         assert await client_api.balance(account) == expected, f"expected every deposit of {region} exactly once"
+
+
+async def test_a_batch_key_reused_with_another_body_is_refused_wholly_and_posts_nothing(
+    client_api: RouterApi, topology: Topology
+) -> None:
+    # A non-atomic batch spans regions and stores its items' answers where each item posts; its key is still
+    # bound to its whole body (items, their order, the atomic flag), at the key's own home, before any item.
+    accounts = {}
+    for region in topology.regions:
+        opened = await client_api.open_account(region=region.name)
+        assert opened.status_code == 201, opened.text
+        accounts[region.name] = opened.json()["id"]
+    a, b, c = accounts.values()
+    key = new_key()
+    first = await post_batch(client_api, [funds("deposit", a, 10)], atomic=False, key=key)
+    assert first.status_code == 200 and first.json()["items"][0]["status"] == 201, first.text
+    reuses = [
+        ([funds("deposit", a, 10), funds("deposit", b, 77)], False),  # one more item, in another region
+        ([funds("deposit", b, 77)], False),  # nothing in common with the first body: no region in common
+        ([funds("deposit", a, 10)], True),  # the same item, atomic
+        ([funds("deposit", a, 11)], False),
+    ]
+    for items, atomic in reuses:
+        reused = await post_batch(client_api, items, atomic=atomic, key=key)
+        assert reused.status_code == 422, f"expected 422 idempotency_key_reused, got {reused.status_code} {reused.text}"
+        assert reused.json()["code"] == "idempotency_key_reused", reused.text
+    assert (await client_api.balance(a), await client_api.balance(b)) == (10, 0), "expected nothing posted by a reuse"
+    again = await post_batch(client_api, [funds("deposit", a, 10)], atomic=False, key=key)
+    assert again.status_code == 200 and again.headers.get("idempotent-replayed") == "true", again.text
+    assert again.json()["items"][0]["transfer"]["id"] == first.json()["items"][0]["transfer"]["id"]
+
+    # Across three regions: the same items in another order are another batch; the same batch replays.
+    spread = [funds("deposit", a, 1), funds("deposit", b, 2), funds("deposit", c, 3)]
+    key = new_key()
+    posted = await post_batch(client_api, spread, atomic=False, key=key)
+    assert posted.status_code == 200 and [i["status"] for i in posted.json()["items"]] == [201] * 3, posted.text
+    reordered = await post_batch(client_api, spread[::-1], atomic=False, key=key)
+    assert reordered.status_code == 422 and reordered.json()["code"] == "idempotency_key_reused", reordered.text
+    replayed = await post_batch(client_api, spread, atomic=False, key=key)
+    assert replayed.status_code == 200 and replayed.json()["items"] == [
+        {**item, "replayed": True} for item in posted.json()["items"]], replayed.text
+    assert [await client_api.balance(x) for x in (a, b, c)] == [11, 2, 3], "expected each deposit once"
+
+    # An atomic batch's key is bound the same way: the same items sent non-atomic are refused.
+    _, (d,) = await accounts_in_one_shard(client_api, topology, 1)
+    key = new_key()
+    atomic = await post_batch(client_api, [funds("deposit", d, 5)], atomic=True, key=key)
+    assert atomic.status_code == 201, atomic.text
+    loose = await post_batch(client_api, [funds("deposit", d, 5)], atomic=False, key=key)
+    assert loose.status_code == 422 and loose.json()["code"] == "idempotency_key_reused", loose.text
+    assert await client_api.balance(d) == 5
+
+
+def key_at_home(api: RouterApi, topology: Topology, wanted: Callable[[str], bool]) -> str:
+    """A fresh Idempotency-Key whose batch home (app.topology.placement.batch_home_slot) is in a region `wanted`."""
+    for _ in range(1_000):
+        key = new_key()
+        if wanted(topology.shard_for_slot(batch_home_slot(api.client_id, key)).region):
+            return key
+    raise AssertionError("expected a key at home in the wanted region within 1000 tries")
 
 
 async def test_a_unique_reference_is_refused_when_taken_on_the_same_account(
