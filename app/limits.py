@@ -338,6 +338,9 @@ EVENTS_CLEANUP_BATCH_MAX = 1_000  # rows one cleanup statement deletes; it runs 
 EVENTS_CLEANUP_BATCHES_PER_RUN_MAX = 20
 EVENTS_CLEANUP_INTERVAL_S = 300.0
 EVENTS_FEED_DB_TIMEOUT_S = 5.0  # one shard's page of the feed
+# Events one shard's page reads past its position when filtering by type (the rest of the client's events are of
+# other types): bounds a page's cost; the cursor moves past what was read even when nothing matched.
+EVENTS_FEED_SCAN_ROWS_MAX = 1_000
 WEBHOOK_ENDPOINTS_PER_CLIENT_MAX = 16
 WEBHOOK_URL_CHARS_MAX = 2_048
 WEBHOOK_DESCRIPTION_CHARS_MAX = 256

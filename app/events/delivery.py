@@ -23,6 +23,7 @@ import functools
 import logging
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -32,7 +33,7 @@ import msgspec
 from app import limits, telemetry
 from app.api.upstreams import UpstreamError, Upstreams
 from app.events import signing
-from app.events.feed import START, ShardPage, encode_cursor
+from app.events.feed import ShardPage, encode_cursor, valid_position
 from app.events.urls import GuardedResolver, UrlPolicy, UrlRefused, check_url
 from app.events.webhooks import retry_delay_s
 from app.security.tokens import BoundRequest, SagaTokenMinter, request_target
@@ -46,23 +47,25 @@ INTERNAL_EVENTS_PATH = "/internal/events"
 
 async def read_pages(
     stores: dict[str, ShardStore], client: str, positions: dict[str, str], types: list[str] | None, limit: int,
-    *, skip_unavailable_in: str | None = None,
+    *, skip_unavailable_in: str | None = None, since: datetime | None = None,
 ) -> list[ShardPage]:
     """One page of the client's events from each of these shards, after its position. A shard that cannot be
     read in time fails the whole read (the client's feed answers 503), unless `skip_unavailable_in` names the
     region (the webhook worker's reads): then that shard is left out (`shard_unavailable`), its position does not
-    move, and it is read again on a later pass, while the other shards' events go on being delivered."""
+    move, and it is read again on a later pass, while the other shards' events go on being delivered. A shard
+    missing from `positions` is read from its beginning, or with `since` (a webhook endpoint's creation) from
+    its first event created since (ShardStore.events_page)."""
 
     async def one(name: str, store: ShardStore) -> ShardPage | None:
         try:
             async with asyncio.timeout(limits.EVENTS_FEED_DB_TIMEOUT_S):
-                items = await store.events_page(client, positions.get(name, START), types, limit)
+                read = await store.events_page(client, positions.get(name), types, limit, since=since)
         except (ShardUnavailable, TimeoutError) as exc:
             if skip_unavailable_in is None:
                 raise
             shard_unavailable(skip_unavailable_in, name, "feed_read", exc)
             return None
-        return ShardPage(name, items, len(items) == limit)
+        return ShardPage(name, read.items, read.more, read.scanned)
 
     pages = await asyncio.gather(*(one(name, store) for name, store in stores.items()))
     return [page for page in pages if page is not None]
@@ -77,13 +80,20 @@ def shard_unavailable(region: str, shard: str, stage: str, exc: BaseException) -
 
 
 def pages_json(pages: Sequence[ShardPage]) -> dict[str, Any]:
-    return {"shards": [{"shard": p.shard, "more": p.more,
+    return {"shards": [{"shard": p.shard, "more": p.more, "scanned": p.scanned,
                         "items": [{"position": pos, "event": e} for pos, e in p.items]} for p in pages]}
 
 
 def pages_from_json(doc: dict[str, Any]) -> list[ShardPage]:
-    return [ShardPage(s["shard"], [(i["position"], i["event"]) for i in s["items"]], bool(s["more"]))
-            for s in doc["shards"]]
+    """A region's pages; `scanned` is checked like a cursor's position (a region before it sends none)."""
+    pages = []
+    for s in doc["shards"]:
+        scanned = s.get("scanned")
+        if scanned is not None and not valid_position(scanned):
+            raise ValueError(f"a region sent an invalid scanned position for {s['shard']}")
+        pages.append(ShardPage(s["shard"], [(i["position"], i["event"]) for i in s["items"]], bool(s["more"]),
+                               scanned))
+    return pages
 
 
 class WebhookWorker:
@@ -141,18 +151,20 @@ class WebhookWorker:
         types = list(endpoint["event_types"]) if endpoint["event_types"] else None
         limit = limits.WEBHOOK_INGEST_PAGE_MAX
         pages = await read_pages(self.stores, endpoint["client"], positions, types, limit,
-                                 skip_unavailable_in=self.region)
+                                 skip_unavailable_in=self.region, since=endpoint["created_at"])
         for region in sorted({s.region for s in self.topology.shards} - {self.region}):
-            remote = await self._remote_pages(region, endpoint["client"], positions, types, limit)
+            remote = await self._remote_pages(region, endpoint["client"], positions, types, limit,
+                                              endpoint["created_at"])
             if remote is not None:
                 pages.extend(remote)
         since = endpoint["created_at"]
         queued: list[dict[str, Any]] = []
         moved: dict[str, str] = {}
         for page in pages:
-            if not page.items:
+            to = page.scanned or (page.items[-1][0] if page.items else None)
+            if to is None or to == positions.get(page.shard):
                 continue
-            moved[page.shard] = page.items[-1][0]
+            moved[page.shard] = to
             for _, event in page.items:
                 if _parse_ts(event["created_at"]) >= since.timestamp():
                     queued.append({"id": event["id"], "type": event["type"], "created_at": event["created_at"],
@@ -164,12 +176,14 @@ class WebhookWorker:
         ))
 
     async def _remote_pages(
-        self, region: str, client: str, positions: dict[str, str], types: list[str] | None, limit: int
+        self, region: str, client: str, positions: dict[str, str], types: list[str] | None, limit: int,
+        since: datetime,
     ) -> list[ShardPage] | None:
         """Another region's pages for this client, or None when it cannot be read now (tried again next pass)."""
         if self.peers is None or self.minter is None or not self.peers.knows(region):
             return None
-        query = {"client": client, "after": encode_cursor(positions), "limit": str(limit)}
+        query = {"client": client, "after": encode_cursor(positions), "limit": str(limit),
+                 "since": since.isoformat()}
         if types:
             query["types"] = ",".join(types)
         qs = urlencode(query)
@@ -344,6 +358,4 @@ class WebhookWorker:
 
 
 def _parse_ts(text: str) -> float:
-    from datetime import datetime
-
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()

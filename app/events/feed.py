@@ -4,8 +4,11 @@ Each shard orders its events by (xid, seq) and hands out only those whose transa
 reader's snapshot (migration 0011): a shard's stream never grows before a position already handed out. A
 cursor is the vector of per-shard positions, `{shard: "xid.seq"}`, as base64url JSON: opaque to clients,
 validated on the way in (a bad one is 400 `invalid_cursor`). A page takes events from the shards' streams in
-created_at order and advances each shard's position only past what it took, so no page skips or repeats an
-event, whatever is written meanwhile. A shard missing from the cursor starts from its beginning.
+created_at order and advances each shard's position only past what it took (or, when it took all the shard
+gave, to where that shard read: a `types` filter passes over events of other types, which are final, so a rare
+type costs a bounded read per page), so no page skips or repeats an event of the page's filter, whatever is
+written meanwhile. A cursor belongs to its filter: given with other `types` it would pass over events the first
+filter read past. A shard missing from the cursor starts from its beginning.
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ def decode_cursor(text: str | None) -> dict[str, str]:
     return dict(doc)
 
 
+def valid_position(position: str) -> bool:
+    return isinstance(position, str) and _in_range(position)
+
+
 def _in_range(position: str) -> bool:
     """A position the database can read: xid8 is unsigned 64-bit, seq a bigint (the pattern bounds digits only)."""
     if not _POSITION.match(position):
@@ -96,6 +103,9 @@ class ShardPage:
     shard: str
     items: list[tuple[str, dict[str, Any]]]
     more: bool  # the shard had at least this many events; there may be more
+    # How far the shard read its stream for this page (a types filter reads past events of other types): the
+    # position moves there once every item is taken, even when no event matched. None: to the last item taken.
+    scanned: str | None = None
 
 
 def merge(
@@ -117,5 +127,8 @@ def merge(
         heads[shard] += 1
         new_positions[shard] = position
         out.append(event)
+    for page in pages:  # a shard whose every item was taken moves to where it read (events of other types)
+        if page.scanned is not None and heads[page.shard] == len(page.items):
+            new_positions[page.shard] = page.scanned
     more = any(heads[p.shard] < len(p.items) or p.more for p in pages)
     return out, new_positions, more

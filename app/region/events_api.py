@@ -8,6 +8,7 @@ Endpoints live on the shard of their client's home slot (app/events/webhooks.py)
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 from litestar import Request, Response, delete, get, post
@@ -42,9 +43,23 @@ async def _region_events(request: Request[Any, Any, Any], client: str, *, for_wo
     limit = feed.page_size(q.get("limit"))
     types = feed.event_types(q.get("types"))
     region = ledger(request).region
+    since = _since(q.get("since")) if for_worker else None
     pages = await read_pages(ledger(request).stores, client, positions, types, limit,
-                             skip_unavailable_in=region if for_worker else None)
+                             skip_unavailable_in=region if for_worker else None, since=since)
     return json_response(request, 200, pages_json(pages))
+
+
+def _since(text: str | None) -> datetime.datetime | None:
+    """A webhook endpoint's creation time (a peer worker's `since`): shards it has not read start there."""
+    if text is None:
+        return None
+    try:
+        at = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise Problem("invalid_request", "since must be an ISO 8601 time with its offset") from None
+    if at.tzinfo is None:
+        raise Problem("invalid_request", "since must be an ISO 8601 time with its offset")
+    return at
 
 
 @get("/v1/events", summary="The client's events after a cursor: the router merges every region's part (one page per "

@@ -191,6 +191,20 @@ class TransfersQuery:
     before_id: str | None = None
 
 
+START_POSITION = "0.0"  # a shard's event stream from its beginning (app/events/feed.py)
+
+
+@dataclass(frozen=True, slots=True)
+class EventsRead:
+    """A page of one shard's event stream (`events_page`): the events, each with its position; `scanned`, a
+    position the reader may move to once it has taken every item (None: only as far as the last item), no
+    event of its filter lying between; `more`, whether the read stopped at a bound (there may be more)."""
+
+    items: list[tuple[str, dict[str, Any]]]
+    scanned: str | None
+    more: bool
+
+
 # One range of transfers_client_reference, in its order (no sort).
 REFERENCE_SQL = """select txr_transfer_body(t) as body, t.created_at, t.id from transfers t
                    where t.client = $1 and t.reference = $2
@@ -520,28 +534,78 @@ class ShardStore:
     # Events and webhooks (DESIGN D16, migration 0011) ----------------------------------------------
 
     async def events_page(
-        self, client: str, position: str, types: list[str] | None, limit: int
-    ) -> list[tuple[str, dict[str, Any]]]:
+        self, client: str, position: str | None, types: list[str] | None, limit: int,
+        *, since: datetime.datetime | None = None,
+    ) -> EventsRead:
         """The client's events after `position` ("xid.seq"), in (xid, seq) order, at most `limit`: only those
-        whose transaction ended before this statement's snapshot, so none can later appear before them."""
+        whose transaction ended before this statement's snapshot, so none can later appear before them.
+
+        With `types`, at most EVENTS_FEED_SCAN_ROWS_MAX of the client's events are read past the position
+        (index events_feed), and the answer says how far (`scanned`): the events skipped there are of other types
+        and final, so a reader of this filter moves its position there even when none matched, and a rare type
+        costs a bounded read per page instead of the client's whole retained history on every call.
+
+        `position` None is a stream not read yet: from its beginning, or with `since` (a webhook endpoint's
+        creation) from just before the first event created at or after it (`scanned` says where), so a new
+        endpoint does not read the client's retained history."""
+        if position is None:
+            position = START_POSITION if since is None else await self._events_start(client, since)
+            started: str | None = position
+        else:
+            started = None
         xid, seq = position.split(".")
+        scan_max = limit if types is None else max(limit, limits.EVENTS_FEED_SCAN_ROWS_MAX)
         rows = await self._fetch(
             "events_page",
-            """select xid::text || '.' || seq as position, id, type, client, slot, data,
-                      txr_ts(created_at) as created_at
-               from events
-               where client = $1 and (xid, seq) > ($2::text::xid8, $3::bigint)
-                 and xid < pg_snapshot_xmin(pg_current_snapshot())
-                 and ($4::text[] is null or type = any($4::text[]))
-               order by xid, seq
-               limit $5""",
-            client, xid, int(seq), types, limit,
+            """with scanned as materialized (
+                   select xid, seq, id, type, client, slot, data, created_at from events
+                   where client = $1 and (xid, seq) > ($2::text::xid8, $3::bigint)
+                     and xid < pg_snapshot_xmin(pg_current_snapshot())
+                   order by xid, seq
+                   limit $6)
+               select * from (
+                   select xid::text || '.' || seq as position, id, type, client, slot, data,
+                          txr_ts(created_at) as created_at, null::bigint as scanned_rows
+                   from scanned where $4::text[] is null or type = any($4::text[])
+                   order by xid, seq limit $5) matched
+               union all
+               select * from (
+                   select xid::text || '.' || seq, null::text, null::text, null::text, null::integer,
+                          null::jsonb, null::text,
+                          (select count(*) from scanned)
+                   from scanned order by xid desc, seq desc limit 1) tail""",
+            client, xid, int(seq), types, limit, scan_max,
         )
-        return [
-            (r["position"], {"id": r["id"], "type": r["type"], "created_at": r["created_at"], "client": r["client"],
-                             "slot": r["slot"], "data": r["data"]})
-            for r in rows
-        ]
+        items = sorted(
+            ((r["position"], {"id": r["id"], "type": r["type"], "created_at": r["created_at"], "client": r["client"],
+                              "slot": r["slot"], "data": r["data"]})
+             for r in rows if r["scanned_rows"] is None),
+            key=lambda item: tuple(int(part) for part in item[0].split(".")),
+        )
+        tail = next((r for r in rows if r["scanned_rows"] is not None), None)
+        if len(items) == limit:
+            return EventsRead(items, None, True)
+        if tail is None:
+            return EventsRead(items, started, False)
+        return EventsRead(items, tail["position"], tail["scanned_rows"] == scan_max)
+
+    async def _events_start(self, client: str, since: datetime.datetime) -> str:
+        """Where a stream not read yet starts for events created at or after `since`: just before the first
+        visible one, else at the snapshot's xmin (every later event's transaction id is at least that). Read by
+        creation time (index events_created), so the cost is the shard's events since `since`, not the client's
+        history. Events before `since` that still follow this position are left to the reader to drop."""
+        position: str = await self._fetchval(
+            "events_start",
+            """with recent as materialized (
+                   select xid, seq, client from events where created_at >= $2)
+               select coalesce(
+                   (select xid::text || '.' || (seq - 1) from recent
+                    where client = $1 and xid < pg_snapshot_xmin(pg_current_snapshot())
+                    order by xid, seq limit 1),
+                   pg_snapshot_xmin(pg_current_snapshot())::text || '.0')""",
+            client, since,
+        )
+        return position
 
     async def events_cleanup(self, before_s: float, *, limit: int) -> int:
         """Delete at most `limit` events older than `before_s` seconds (retention); returns how many."""

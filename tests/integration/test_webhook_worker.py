@@ -6,6 +6,7 @@ own function (txr_event_write, migration 0011)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -193,3 +194,79 @@ async def test_a_slow_endpoint_with_a_large_backlog_does_not_delay_another_endpo
         await _stop(task)
     assert not receiver.ids("/slow"), "expected the slow receiver to have answered nothing yet"
     assert waited < 10, f"expected the quick endpoint's delivery within 10 s, took {waited:.1f} s"
+
+
+async def _write_events(rig: Rig, shard: str, client: str, count: int, event_type: str = "account.opened") -> None:
+    await rig.sql(shard, "select count(txr_event_write($3, $1, 7, 'acc_' || i, '{}'::jsonb)) "
+                         "from generate_series(1, $2) i", client, count, event_type)
+
+
+async def _head(rig: Rig, shard: str, client: str) -> str:
+    position: str = await rig.sql(
+        shard, "select xid::text || '.' || seq from events where client = $1 order by xid desc, seq desc limit 1",
+        client)
+    return position
+
+
+async def test_a_new_endpoint_starts_at_the_heads_and_its_first_pass_queues_the_newest_event(
+    rig: Rig, receiver: Receiver, topology: Topology
+) -> None:
+    client = new_client_id()
+    for shard in SHARDS:
+        await _write_events(rig, shard, client, 450)  # retained history from before the endpoint
+    home = "wh-a"
+    endpoint = await rig.endpoint(home, client, f"{receiver.url}/new")
+    fresh = await rig.event("wh-b", client)
+    worker = rig.worker(topology)
+    queued = await worker.ingest_once()
+    events = await rig.sql(home, "select array_agg(event_id) from webhook_deliveries where endpoint_id = $1",
+                           endpoint)
+    assert queued == 1 and events == [fresh], (
+        f"expected the first pass to queue only the event written after the endpoint, got {queued}: {events}")
+    raw = await rig.sql(home, "select feed_position::text from webhook_endpoints where id = $1", endpoint)
+    positions = json.loads(raw)
+    assert positions["wh-b"] == await _head(rig, "wh-b", client), positions
+    assert set(positions) == set(SHARDS), f"expected a position for every shard after one pass, got {positions}"
+    later = await rig.event("wh-a", client)
+    assert await worker.ingest_once() == 1
+    assert await worker.ingest_once() == 0, "expected a pass with nothing new to queue nothing"
+    events = await rig.sql(home, "select array_agg(event_id order by event_id) from webhook_deliveries "
+                                 "where endpoint_id = $1", endpoint)
+    assert sorted(events) == sorted([fresh, later]), events
+
+
+async def test_a_types_filtered_read_moves_the_cursor_past_what_it_read_and_never_skips_or_repeats(
+    rig: Rig, topology: Topology
+) -> None:
+    from app.events import feed
+    from app.events.delivery import read_pages
+
+    client = new_client_id()
+    shard = "wh-a"
+    stores = {shard: rig.stores[shard]}
+    await _write_events(rig, shard, client, 2_500)  # none of them of the type read
+    types = ["transfer.returned"]
+
+    async def page(positions: dict[str, str]) -> tuple[list[dict[str, Any]], dict[str, str], bool]:
+        pages = await read_pages(stores, client, positions, types, 100)
+        return feed.merge(positions, pages, 100)
+
+    positions: dict[str, str] = {}
+    calls = 0
+    more = True
+    while more:
+        items, positions, more = await page(positions)
+        calls += 1
+        assert not items, f"expected no transfer.returned yet, got {items}"
+        assert calls <= 4, "expected the 2,500 events of other types read past in at most 3 bounded pages and one"
+    assert positions[shard] == await _head(rig, shard, client), (
+        "expected the cursor at the last event read, so the next call does not read the history again")
+    await _write_events(rig, shard, client, 10)
+    await _write_events(rig, shard, client, 1, "transfer.returned")
+    wanted = await rig.sql(shard, "select id from events where client = $1 and type = 'transfer.returned'", client)
+    await _write_events(rig, shard, client, 10)
+    items, positions, more = await page(positions)
+    assert [e["id"] for e in items] == [wanted] and not more, items
+    assert positions[shard] == await _head(rig, shard, client)
+    items, positions, more = await page(positions)
+    assert items == [] and not more, "expected the event once, and nothing after it"

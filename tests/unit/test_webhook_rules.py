@@ -84,3 +84,17 @@ def test_merging_shard_pages_consumes_each_shard_in_order_and_moves_only_past_wh
     items, positions, more = feed.merge({"c": "9.9"}, [a, b], 2)
     assert [e["id"] for e in items] == ["evt_b5", "evt_a1"], "expected heads merged by created_at"
     assert positions == {"a": "1.1", "b": "5.5", "c": "9.9"} and more
+
+
+def test_a_shard_moves_to_where_it_read_only_once_every_item_it_gave_is_taken() -> None:
+    def ev(shard: str, n: int, at: str) -> tuple[str, dict[str, str]]:
+        return f"{n}.{n}", {"id": f"evt_{shard}{n}", "created_at": at}
+
+    a = feed.ShardPage("a", [ev("a", 1, "2026-01-01T00:00:01Z"), ev("a", 2, "2026-01-01T00:00:03Z")], False, "8.8")
+    b = feed.ShardPage("b", [], True, "7.7")  # read 1,000 events of other types, none matched
+    items, positions, more = feed.merge({}, [a, b], 1)
+    assert [e["id"] for e in items] == ["evt_a1"]
+    assert positions == {"a": "1.1", "b": "7.7"}, "expected a only past what was taken, b to where it read"
+    assert more
+    items, positions, more = feed.merge({}, [a, b], 5)
+    assert [e["id"] for e in items] == ["evt_a1", "evt_a2"] and positions == {"a": "8.8", "b": "7.7"}
