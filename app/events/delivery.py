@@ -34,7 +34,7 @@ from app import limits, telemetry
 from app.api.upstreams import UpstreamError, Upstreams
 from app.events import signing
 from app.events.feed import ShardPage, encode_cursor, valid_position
-from app.events.urls import GuardedResolver, UrlPolicy, UrlRefused, check_url
+from app.events.urls import GuardedResolver, UrlPolicy, UrlRefused, check_url, refused_at_connection
 from app.events.webhooks import retry_delay_s
 from app.security.tokens import BoundRequest, SagaTokenMinter, request_target
 from app.store.shard import ShardStore, ShardUnavailable
@@ -258,7 +258,7 @@ class WebhookWorker:
         except TimeoutError:
             reason = "timeout"
         except (aiohttp.ClientError, OSError) as exc:
-            reason = "url_refused" if "not public" in str(exc) else "connection"
+            reason = "url_refused" if refused_at_connection(exc) else "connection"
         latency_ms = int((time.perf_counter() - started) * 1000)
         m = telemetry.METRICS
         m.webhook_latency.labels(self.region).observe(latency_ms / 1000)

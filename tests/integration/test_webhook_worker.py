@@ -29,6 +29,7 @@ from tests.conftest import TEST_PG_SETTINGS, copy_cluster
 from tests.helpers import new_client_id, poll_until
 
 SHARDS = ("wh-a", "wh-b")
+LOCAL = UrlPolicy(allow_loopback=True)
 
 
 @dataclass
@@ -97,9 +98,10 @@ class Rig:
             endpoint_id, client, url, "whsec_" + "A" * 43 + "=")
         return endpoint_id
 
-    def worker(self, topology: Topology, stores: dict[str, ShardStore] | None = None) -> WebhookWorker:
+    def worker(self, topology: Topology, stores: dict[str, ShardStore] | None = None,
+               policy: UrlPolicy = LOCAL) -> WebhookWorker:
         return WebhookWorker(region="eu-west-1", topology=topology, stores=stores or self.stores, peers=None,
-                             minter=None, policy=UrlPolicy(allow_loopback=True), schedule_s=(0.5, 0.5, 1, 1, 2))
+                             minter=None, policy=policy, schedule_s=(0.5, 0.5, 1, 1, 2))
 
 
 @pytest.fixture
@@ -270,3 +272,44 @@ async def test_a_types_filtered_read_moves_the_cursor_past_what_it_read_and_neve
     assert positions[shard] == await _head(rig, shard, client)
     items, positions, more = await page(positions)
     assert items == [] and not more, "expected the event once, and nothing after it"
+
+
+async def test_a_name_public_at_registration_and_private_at_connection_is_refused_at_connection(
+    rig: Rig, topology: Topology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from app.events.urls import check_url
+
+    answers = iter(["93.184.215.14"])  # the first answer public, every later one private (DNS rebinding)
+    loop = asyncio.get_running_loop()
+    real = loop.getaddrinfo
+    asked: list[str] = []
+
+    async def rebinding(host: str, port: int, *args: Any, **kwargs: Any) -> Any:
+        if host != "hooks.rebind.test":
+            return await real(host, port, *args, **kwargs)
+        address = next(answers, "10.0.0.1")
+        asked.append(address)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    monkeypatch.setattr(loop, "getaddrinfo", rebinding)
+    deployed = UrlPolicy(allow_loopback=False)
+    url = "https://hooks.rebind.test/hook"
+    await check_url(url, deployed)  # registration: the name resolves to a public address, accepted
+    shard = "wh-a"
+    client = new_client_id()
+    endpoint = await rig.endpoint(shard, client, url)
+    event = await rig.event(shard, client)
+    worker = rig.worker(topology, {shard: rig.stores[shard]}, deployed)
+    try:
+        assert await worker.ingest_once() == 1
+        assert await worker.send_once() == 1
+        await asyncio.gather(*worker._tasks)
+    finally:
+        if worker._session is not None:
+            await worker._session.close()
+    assert asked[:2] == ["93.184.215.14", "10.0.0.1"], f"expected the connection to resolve again, got {asked}"
+    error = await rig.sql(shard, "select error from webhook_attempts where endpoint_id = $1 and event_id = $2",
+                          endpoint, event)
+    assert error == "url_refused", f"expected the connection refused by the address check, got {error!r}"

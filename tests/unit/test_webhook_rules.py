@@ -98,3 +98,45 @@ def test_a_shard_moves_to_where_it_read_only_once_every_item_it_gave_is_taken() 
     assert more
     items, positions, more = feed.merge({}, [a, b], 5)
     assert [e["id"] for e in items] == ["evt_a1", "evt_a2"] and positions == {"a": "8.8", "b": "7.7"}
+
+
+@pytest.mark.parametrize("host", [
+    "[::ffff:10.0.0.1]", "[::ffff:a9fe:a9fe]", "[::a00:1]", "[::169.254.169.254]", "[64:ff9b::a00:1]",
+    "[64:ff9b::a9fe:a9fe]", "[64:ff9b::7f00:1]", "[2002:a00:1::1]", "[2002:a9fe:a9fe::]", "[2002:7f00:1::]",
+    "192.0.0.9", "192.0.0.170", "192.88.99.1", "198.18.0.1", "203.0.113.7", "240.0.0.1",
+    "[2001:0:4136:e378:8000:63bf:f5ff:fffe]", "[fec0::1]", "[64:ff9b:1::808:808]", "[2001:db8::1]",
+])
+async def test_deployed_rules_refuse_ipv4_wrapped_in_ipv6_and_special_purpose_ranges(host: str) -> None:
+    with pytest.raises(UrlRefused):
+        await check_url(f"https://{host}/hook", DEPLOYED)
+
+
+async def test_an_ipv6_address_wrapping_a_public_ipv4_address_is_judged_by_that_address() -> None:
+    for host in ("[::ffff:93.184.215.14]", "[64:ff9b::5db8:d70e]", "[2002:5db8:d70e::1]"):
+        await check_url(f"https://{host}/hook", DEPLOYED)
+
+
+def _stub_dns(monkeypatch: pytest.MonkeyPatch, answers: dict[str, list[str]]) -> None:
+    """getaddrinfo answering `answers` for those names (the system resolver for any other)."""
+    import asyncio
+    import socket
+
+    loop = asyncio.get_running_loop()
+    real = loop.getaddrinfo
+
+    async def fake(host: str, port: int, *args: object, **kwargs: object) -> list[object]:
+        if host in answers:
+            return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
+                    for a in answers[host]]
+        return await real(host, port, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "getaddrinfo", fake)
+
+
+async def test_registration_refuses_a_hostname_resolving_to_a_private_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    _stub_dns(monkeypatch, {"hooks.private.test": ["10.1.2.3"], "mixed.test": ["93.184.215.14", "10.1.2.3"],
+                            "wrapped.test": ["64:ff9b::a00:1"], "public.test": ["93.184.215.14"]})
+    for host in ("hooks.private.test", "mixed.test", "wrapped.test"):
+        with pytest.raises(UrlRefused, match="not public"):
+            await check_url(f"https://{host}/hook", DEPLOYED)
+    await check_url("https://public.test/hook", DEPLOYED)
