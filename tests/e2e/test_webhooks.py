@@ -230,6 +230,17 @@ async def test_webhooks_deliver_signed_events_retry_across_a_restart_and_stop_at
         assert len(latest.headers["webhook-signature"].split(" ")) == 2
         assert verify_signature(rotated.json()["secret"], latest.headers, latest.body)
         assert verify_signature(ok["secret"], latest.headers, latest.body)
+        # Deliveries are per client too: B sees its endpoint's attempts, A gets 404 for them as for the endpoint.
+        async def theirs_attempted() -> bool:
+            answer = await other.get(f"/v1/webhook-endpoints/{theirs['id']}/deliveries")
+            assert answer.status_code == 200, answer.text
+            return bool(answer.json()["items"])
+
+        await poll_until(theirs_attempted, timeout_s=30, what="B's endpoint to show its delivery attempts")
+        for path in (f"/v1/webhook-endpoints/{theirs['id']}/deliveries", f"/v1/webhook-endpoints/{theirs['id']}"):
+            peeked = await api.get(path)
+            assert peeked.status_code == 404, f"expected A to get 404 for B's {path}, got {peeked.status_code}"
+            assert peeked.json()["code"] == "webhook_endpoint_not_found", peeked.text
         deleted = await http.delete(f"/v1/webhook-endpoints/{theirs['id']}", headers=api.headers())
         assert deleted.status_code == 404, "expected A unable to delete B's endpoint"
 
