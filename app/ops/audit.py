@@ -363,9 +363,11 @@ async def _check_money(
     """Per shard, customers plus transit hold what deposits minus withdrawals put there: a saga moves money
     between a customer and a transit account of the same shard in each of its transactions."""
     if not incremental:  # from the transfers themselves; incrementally, from the settlement accounts' entries
+        # Posted only: a withdrawal hold moves no money while held, nor once voided or expired.
         for r in await shard.conn.fetch(
             """select currency, kind, sum(amount)::bigint as total from transfers
-               where kind in ('deposit', 'withdrawal') and moved_from is null group by currency, kind"""
+               where kind in ('deposit', 'withdrawal') and state = 'posted' and moved_from is null
+               group by currency, kind"""
         ):
             figures[r["currency"]][r["kind"] + "s"] += int(r["total"])
     for currency, f in sorted(figures.items()):

@@ -18,7 +18,7 @@ from app.topology.model import Topology
 from tests.e2e.conftest import RouterApi
 from tests.e2e.test_events_slot_move import _move, moving_world  # noqa: F401 - the fixture
 from tests.events_support import committed_events
-from tests.helpers import accounts_in_one_shard, new_client_id, new_key, poll_until
+from tests.helpers import accounts_in_one_shard, new_client_id, new_key, poll_until, shard_of
 from tests.keys import SessionKeys
 
 
@@ -143,3 +143,52 @@ async def test_a_slot_moves_away_and_back_and_its_first_shard_serves_it_again_wi
     assert balances == (1_000 - 111, 111), f"expected each transfer posted once, got {balances}"
     report = await audit(moving_world.shard_dsns(), full=True)
     assert report.clean, report.text()
+
+
+async def test_a_withdrawal_hold_captured_after_its_slot_moved_credits_the_new_shards_settlement_account(
+    moving_world: Any, topology: Topology, keys: SessionKeys,  # noqa: F811
+) -> None:
+    """A withdrawal hold names its shard's settlement account as its credit; the move copies it as it is, and on the
+    new owner that account does not exist: the capture read no credit row and its entry failed (500). The capture
+    credits the settlement account of the shard that captures it (migration 0038), and the void releases as
+    before; the audit (entries against each transfer's accounts, money conserved per shard) stays clean."""
+    async with httpx.AsyncClient(base_url=moving_world.router.url, timeout=30) as http:
+        client = new_client_id()
+        api = RouterApi(http, client, keys.client_token(client))
+        account = await api.new_account()
+        home = shard_of(topology, account)
+        await api.funded(account, 1_000)
+        held, released = [await api.post("/v1/withdrawals", {"account": account, "amount": amount, "currency": "EUR",
+                                                              "hold": {"expires_in_s": 3600}})
+                          for amount in (300, 100)]
+        assert held.status_code == released.status_code == 201, (held.text, released.text)
+        assert held.json()["state"] == released.json()["state"] == "held", (held.text, released.text)
+
+        moved_to = await _move(moving_world, topology, parse_account_id(account).slot)
+        assert moved_to != home
+        assert await _money(api, account) == (1_000, 400, 600)
+
+        capture_key = new_key()
+        capture = await api.capture(held.json()["id"], 250, key=capture_key)
+        void = await api.void(released.json()["id"])
+        assert capture.status_code == 201 and capture.json()["state"] == "posted", (
+            f"expected the withdrawal hold captured on its new shard, got {capture.status_code} {capture.text}")
+        assert void.status_code == 200 and void.json()["state"] == "voided", void.text
+        assert await _money(api, account) == (750, 0, 750)
+        replay = await api.capture(held.json()["id"], 250, key=capture_key)
+        assert replay.status_code == 201 and replay.json() == capture.json(), replay.text
+
+    conn = await asyncpg.connect(moving_world.shard_dsns()[moved_to])
+    try:
+        row = await conn.fetchrow("select credit_account, state, amount, moved_from from transfers where id = $1",
+                                  held.json()["id"])
+        entries = sorted(tuple(r) for r in await conn.fetch(
+            "select account_id, amount from entries where transfer_id = $1", held.json()["id"]))
+    finally:
+        await conn.close()
+    settlement = f"set_{moved_to}_EUR"
+    assert dict(row) == {"credit_account": settlement, "state": "posted", "amount": 250, "moved_from": None}, dict(row)
+    assert entries == sorted([(account, -250), (settlement, 250)]), entries
+    report = await moving_world.audit()
+    assert report.clean, report.text()
+
