@@ -205,10 +205,14 @@ class EventsRead:
     more: bool
 
 
-# One range of transfers_client_reference, in its order (no sort).
+# One range of transfers_client_reference, in its order (no sort). A transfer is listed by the shard that owns (or
+# has frozen) the slot its id carries, its debit account's: that shard holds its debit side, posted there or
+# copied there by a move with its slot (whose `debit_shard` still names the shard it was debited on, and whose row
+# may be the credit row a saga to the move's target had made, joined by the copy). A saga's credit-side row on
+# another shard is of a slot that shard does not own, and a move's source keeps its rows archived under a `moved`
+# slot: neither is listed, so each transfer is listed once.
 REFERENCE_SQL = """select txr_transfer_body(t) as body, t.created_at, t.id from transfers t
                    where t.client = $1 and t.reference = $2
-                     and (t.debit_shard is null or t.debit_shard = (select shard from shard_info))
                      and exists (select 1 from slot_ownership o where txr_id_slot(t.id) between o.slot_lo
                                  and o.slot_hi and o.state in ('owned', 'moving'))
                    order by t.created_at desc, t.id desc limit $3"""
@@ -935,11 +939,12 @@ class ShardStore:
         return account, [dict(r) for r in rows]
 
     async def transfers_by_reference(self, client: str, reference: str, *, limit: int) -> list[dict[str, Any]]:
-        """The client's transfers with this reference that this shard answers for, newest first. A saga's
-        credit-side copy (on the credit shard) is left out: its debit shard answers for the transfer and its
-        state (a transfer id embeds its debit slot). So are the transfers of slots this shard neither owns nor
-        has frozen: a slot move (migration 0008) leaves the source's rows archived and the target's copies are
-        not its own until the switch, and either would list a transfer twice, the archived one in a stale state."""
+        """The client's transfers with this reference that this shard answers for, newest first: those of the
+        slots it owns or has frozen (a transfer id embeds its debit slot, so the owner of that slot answers for the
+        transfer and its state, REFERENCE_SQL). A saga's credit-side row (on the credit shard) is of a slot that
+        shard does not own; a slot move (migration 0008) leaves the source's rows archived and the target's copies
+        are not its own until the switch, and either would list a transfer twice, the archived one in a stale
+        state."""
         rows = await self._fetch("transfers_by_reference", REFERENCE_SQL, client, reference, limit)
         return [dict(r) for r in rows]
 

@@ -13,10 +13,11 @@ import asyncpg
 import httpx
 
 from app.ops.audit import audit
+from app.store.shard import REFERENCE_SQL
 from app.topology.ids import parse_account_id
 from app.topology.model import Topology
 from tests.e2e.conftest import RouterApi
-from tests.e2e.test_events_slot_move import _move, moving_world  # noqa: F401 - the fixture
+from tests.e2e.test_events_slot_move import _move, _other_shard, moving_world  # noqa: F401 - the fixture
 from tests.events_support import committed_events
 from tests.helpers import accounts_in_one_shard, new_client_id, new_key, poll_until, shard_of
 from tests.keys import SessionKeys
@@ -192,3 +193,60 @@ async def test_a_withdrawal_hold_captured_after_its_slot_moved_credits_the_new_s
     report = await moving_world.audit()
     assert report.clean, report.text()
 
+
+async def test_the_reference_lookup_lists_each_cross_shard_transfer_once_after_its_debit_slot_moved(
+    moving_world: Any, topology: Topology, keys: SessionKeys,  # noqa: F811
+) -> None:
+    """The copy of a saga's debit-side row keeps naming its source as `debit_shard`; each shard listed only rows
+    whose debit shard it is, so after the move no shard listed a cross-shard transfer or captured hold of the
+    range (the source's slot is `moved`). Each is listed once, by the slot's new owner: a saga to another region,
+    a hold captured there, and a saga to the move's own target (whose credit row the copy joined)."""
+    async with httpx.AsyncClient(base_url=moving_world.router.url, timeout=30) as http:
+        client = new_client_id()
+        api = RouterApi(http, client, keys.client_token(client))
+        debit = (await api.open_account(region="eu-west-1")).json()["id"]
+        far = (await api.open_account(region="us-east-1")).json()["id"]
+        home = shard_of(topology, debit)
+        target = _other_shard(topology, parse_account_id(debit).slot)
+        near = (await api.open_account(region="eu-west-1")).json()["id"]
+        while shard_of(topology, near) != target:  # placement hashes the key: open until one lands there
+            near = (await api.open_account(region="eu-west-1")).json()["id"]
+        await api.funded(debit, 1_000)
+        reference = "inv-" + new_key()[-8:]
+        sent = await api.post("/v1/transfers", {"debit_account": debit, "credit_account": far, "amount": 100,
+                                                "currency": "EUR", "reference": reference})
+        hold = await api.post("/v1/transfers", {"debit_account": debit, "credit_account": far, "amount": 50,
+                                                "currency": "EUR", "reference": reference,
+                                                "hold": {"expires_in_s": 3600}})
+        assert hold.status_code == 201, hold.text
+        captured = await api.capture(hold.json()["id"])
+        to_target = await api.post("/v1/transfers", {"debit_account": debit, "credit_account": near, "amount": 10,
+                                                     "currency": "EUR", "reference": reference})
+        ids = {sent.json()["id"], hold.json()["id"], to_target.json()["id"]}
+        for response in (sent, captured, to_target):
+            assert response.status_code in (201, 202), response.text
+
+        async def settled() -> bool:
+            states = [(await api.get(f"/v1/transfers/{i}")).json().get("state") for i in ids]
+            return states == ["posted"] * 3
+
+        await poll_until(settled, timeout_s=60, what="the sagas settled")
+        assert await _move(moving_world, topology, parse_account_id(debit).slot, to=target) != home
+
+        lookup = await api.get("/v1/transfers", params={"reference": reference})
+        listing = await api.get(f"/v1/accounts/{debit}/transfers")
+    assert lookup.status_code == 200 and listing.status_code == 200, (lookup.text, listing.text)
+    assert sorted(t["id"] for t in lookup.json()["items"]) == sorted(ids), (
+        f"expected each transfer listed by the lookup after the move: {lookup.json()}")
+    assert {t["id"] for t in listing.json()["items"]} >= ids, listing.json()
+    # Across shards (the router merges by id, so count the shards' own answers): each transfer exactly once.
+    found: Counter[str] = Counter()
+    for dsn in moving_world.shard_dsns().values():
+        conn = await asyncpg.connect(dsn)
+        try:
+            found.update(r["id"] for r in await conn.fetch(REFERENCE_SQL, client, reference, 100))
+        finally:
+            await conn.close()
+    assert found == Counter(dict.fromkeys(ids, 1)), f"expected each transfer listed by one shard once: {found}"
+    report = await moving_world.audit()
+    assert report.clean, report.text()
