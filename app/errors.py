@@ -61,6 +61,7 @@ CODES: Mapping[str, tuple[int, str]] = {
     "webhook_endpoints_limit": (422, "The client has as many webhook endpoints as it may"),
     "same_account": (422, "Debit and credit accounts are the same"),
     "capture_exceeds_hold": (422, "The capture is larger than the hold"),
+    "as_of_before_move": (422, "as_of is before the account arrived on its shard by a slot move; see earliest"),
     "hold_not_supported": (422, "Only transfers and withdrawals can be held"),
     "batch_spans_shards": (422, "An atomic batch must keep every account on one shard"),
     "batch_refused": (422, "An item of the atomic batch was refused; nothing was posted"),

@@ -271,11 +271,22 @@ async def close_account(request: Request[Any, Any, Any], account_id: str) -> Res
     return outcome_response(request, await ledger(request).close_account(client, key, parsed))
 
 
-@get("/v1/accounts/{account_id:str}", summary="Read an account", responses={200: ResponseSpec(Account), **_ERRORS})
+@get(
+    "/v1/accounts/{account_id:str}",
+    summary="Read an account",
+    description=(
+        "With `as_of` (RFC 3339 with its offset), the balance, held and available amounts at that instant, from the "
+        "journal. A time before the account arrived on its shard by a slot move is refused: 422 `as_of_before_move`, "
+        "whose `earliest` is the first time the shard can answer for it."
+    ),
+    responses={200: ResponseSpec(Account), **_ERRORS},
+)
 async def get_account(
     request: Request[Any, Any, Any], account_id: str, as_of: str | None = None
 ) -> Response[bytes]:
-    """With `as_of` (RFC 3339), the balance, held and available amounts at that instant, from the journal."""
+    """With `as_of` (RFC 3339), the balance, held and available amounts at that instant, from the journal; a time
+    before the account arrived on its shard by a slot move is refused, 422 `as_of_before_move` with `earliest`, the
+    first time the shard can answer for it."""
     client = await caller(request)
     parsed = _path_id(parse_account_id, account_id, "account_not_found")
     at = _as_of(request.query_params.get("as_of"))

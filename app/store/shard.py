@@ -159,8 +159,16 @@ SERVER_SETTINGS = {
 # before T can be open at T: the range scan of transfers_holds_by_account is bounded by a week of holds, not by
 # the account's history. (This replaces txr_account_as_of of migration 0009, which scans every hold created
 # before T; a later migration may drop it.)
+# Entries do not move with a slot (DESIGN D13): an account that arrived by a move has its journal here from the
+# move's bookings on, and before the switch those are the pre-booking's, not the balance of the time. `arrived` is
+# the switch of the last move that brought the slot here (slot_moves, role target; the switch-in records it after
+# its last booking) when the account existed before it (else its whole journal is here); a T before it is refused
+# (as_of_before_move), since this shard cannot answer it and the shard that could no longer serves the slot.
 AS_OF_SQL = """
     select txr_owns($3) as owned,
+           (select max(m.switched_at) from slot_moves m
+            where m.role = 'target' and m.phase in ('switched', 'done') and $3 between m.slot_lo and m.slot_hi
+              and m.switched_at > (select a.created_at from accounts a where a.id = $1)) as arrived,
            (select txr_account_body(a) || jsonb_build_object(
                        'balance', coalesce(b.balance_after, 0), 'held', h.held,
                        'available', coalesce(b.balance_after, 0) - h.held + a.overdraft_limit, 'as_of', txr_ts($4))
@@ -919,6 +927,13 @@ class ShardStore:
         row = await self._fetchrow(
             "get_account_as_of", AS_OF_SQL, account_id, client, slot, at, limits.HOLD_EXPIRES_IN_S_MAX
         )
+        if row["owned"] and row["body"] is not None and row["arrived"] is not None and at < row["arrived"]:
+            earliest = row["arrived"].astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            return Outcome(422, {
+                "code": "as_of_before_move", "earliest": earliest,
+                "detail": f"account {account_id} arrived on its shard by a slot move at {earliest}; its balance is "
+                          f"known here from then on, not before",
+            })
         return self._read_outcome(row, slot, "account_not_found", f"account {account_id} was not found")
 
     async def list_entries(

@@ -5,6 +5,7 @@ lookup lists each transfer once, every event is written once, and the audit is c
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections import Counter
 from typing import Any
@@ -192,6 +193,44 @@ async def test_a_withdrawal_hold_captured_after_its_slot_moved_credits_the_new_s
     assert entries == sorted([(account, -250), (settlement, 250)]), entries
     report = await moving_world.audit()
     assert report.clean, report.text()
+
+
+async def test_a_balance_as_of_a_time_before_the_account_arrived_by_a_move_is_refused_and_after_it_exact(
+    moving_world: Any, topology: Topology, keys: SessionKeys,  # noqa: F811
+) -> None:
+    """Entries do not move with a slot: the new owner's journal of a moved account starts with the move's
+    bookings, so a time before the switch read 0 (or a pre-booking) there. It is refused, 422 as_of_before_move
+    naming the earliest time the shard answers for the account (its switch); from that time on the answer is the
+    journal's, exact."""
+    async with httpx.AsyncClient(base_url=moving_world.router.url, timeout=30) as http:
+        client = new_client_id()
+        api = RouterApi(http, client, keys.client_token(client))
+        account = await api.new_account()
+        await api.funded(account, 100)
+        before_move = datetime.datetime.now(datetime.UTC).isoformat()
+        read_before = await api.account(account, as_of=before_move)
+        assert read_before.status_code == 200 and read_before.json()["balance"] == 100, read_before.text
+        await api.funded(account, 20)
+        held = await api.hold(account, await api.new_account(), 30)
+        assert held.status_code == 201, held.text
+
+        await _move(moving_world, topology, parse_account_id(account).slot)
+        await api.funded(account, 5)
+
+        refused = await api.account(account, as_of=before_move)
+        assert refused.status_code == 422 and refused.json()["code"] == "as_of_before_move", (
+            f"expected a time before the move refused, got {refused.status_code} {refused.text}")
+        assert refused.headers["content-type"].startswith("application/problem+json"), refused.headers
+        earliest = refused.json()["earliest"]
+        assert datetime.datetime.fromisoformat(earliest) > datetime.datetime.fromisoformat(before_move), refused.text
+        at_arrival = await api.account(account, as_of=earliest)
+        assert at_arrival.status_code == 200, at_arrival.text
+        assert (at_arrival.json()["balance"], at_arrival.json()["held"]) == (120, 30), (
+            f"expected the balance and held at the move, exactly: {at_arrival.text}")
+        now = await api.account(account, as_of=datetime.datetime.now(datetime.UTC).isoformat())
+        assert (now.status_code, now.json()["balance"], now.json()["held"]) == (200, 125, 30), now.text
+        just_before = (datetime.datetime.fromisoformat(earliest) - datetime.timedelta(microseconds=1)).isoformat()
+        assert (await api.account(account, as_of=just_before)).status_code == 422
 
 
 async def test_the_reference_lookup_lists_each_cross_shard_transfer_once_after_its_debit_slot_moved(

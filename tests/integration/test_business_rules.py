@@ -174,6 +174,9 @@ async def test_openapi_documents_every_public_route_with_its_request_body(api: A
     (meta,) = AccountId.__metadata__
     assert all(parse_account_id(example) for example in meta.examples)
     assert "insufficient_funds" in document["info"]["x-problem-codes"]
+    assert document["info"]["x-problem-codes"]["as_of_before_move"]["status"] == 422
+    assert "as_of_before_move" in paths["/v1/accounts/{account_id}"]["get"]["description"], (
+        "expected the account read to document its refusal of a time before a slot move")
 
 
 async def test_reads_run_concurrently_with_writes_without_errors(api: ApiClient) -> None:
