@@ -81,20 +81,22 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks that print figures beside a baseline")
     bench.add_argument(
-        "name", choices=["ledger", "router", "saga", "ratelimit", "audit", "batch", "move"],
+        "name", choices=["ledger", "router", "saga", "ratelimit", "audit", "batch", "move", "events"],
         help="ledger: transfers/s and latency vs pgbench tpcb-like; router: transfers via the router vs direct; "
         "batch: transfers/s in batches of 100 through the router (atomic and not) vs pgbench tpcb-like; "
         "saga: cross-region vs same-shard latency under a simulated RTT, and the relay's drain rate; "
         "ratelimit: the router's per-client rate-limit check, ns per request; "
         "audit: txroute audit's run time on one shard of --entries entries, full and incremental; "
         "move: a slot move of --accounts accounts and --entries entries under 8 writers through the router "
-        "(freeze, copy rate, unaffected slots' throughput during the move over before, errors, audit)",
+        "(freeze, copy rate, unaffected slots' throughput during the move over before, errors, audit); "
+        "events: webhook delivery latency commit -> receipt p50/p99 under --clients posting transfers, and the "
+        "events/s one client reads paging its feed",
     )
     bench.add_argument("--entries", type=int, default=1_000_000,
                        help="audit: entries seeded in the shard; move: in the moving range (default 1M)")
     bench.add_argument("--delta", type=int, default=10_000, help="audit: entries added before the incremental run")
     bench.add_argument("--json", action="store_true",
-                       help="ledger, router, saga, audit, batch, move: the last line is one JSON object of "
+                       help="ledger, router, saga, audit, batch, move, events: the last line is one JSON object of "
                        "figures")
     bench.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto",
                        help="ledger, router, saga: the load generator: wrk (installed with apt-get when absent, "
@@ -321,6 +323,10 @@ def _bench(args: argparse.Namespace) -> int:
         from benchmarks import batch
 
         return batch.run(clients=args.clients, seconds=args.seconds, accounts=args.accounts, as_json=args.json)
+    if args.name == "events":
+        from benchmarks import events
+
+        return events.run(clients=args.clients, seconds=args.seconds, accounts=args.accounts, as_json=args.json)
     if args.name == "audit":
         from benchmarks import audit as audit_bench
 

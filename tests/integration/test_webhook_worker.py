@@ -151,9 +151,11 @@ async def test_one_shard_down_leaves_the_other_shards_deliveries_going(
         first = {await rig.event(up, client_up), await rig.event(down, client_up)}
         await poll_until(lambda: _has(receiver, "/up", first), timeout_s=20, what="both shards' events delivered")
         await asyncio.to_thread(rig.clusters[down].stop, mode="immediate")
+        skipped_before = _shard_errors(down)
         later = {await rig.event(up, client_up) for _ in range(3)}
         await poll_until(lambda: _has(receiver, "/up", first | later), timeout_s=20,
                          what="the healthy shard's events delivered while the other shard's database is stopped")
+        assert _shard_errors(down) > skipped_before, "expected the skipped shard counted in the metric"
         await asyncio.to_thread(rig.clusters[down].start, settings=TEST_PG_SETTINGS)
         back = await rig.event(down, client_up)
         await poll_until(lambda: _has(receiver, "/up", first | later | {back}), timeout_s=30,
@@ -162,6 +164,13 @@ async def test_one_shard_down_leaves_the_other_shards_deliveries_going(
         await _stop(task)
     ids = [event for path, event, _ in receiver.received if path == "/up"]
     assert sorted(ids) == sorted(first | later | {back}), f"expected each event once, got {ids}"
+
+
+def _shard_errors(shard: str) -> float:
+    from app import telemetry
+
+    return sum(s.value for family in telemetry.METRICS.webhook_shard_errors.collect() for s in family.samples
+               if s.name == "txroute_webhook_shard_errors_total" and s.labels["shard"] == shard)
 
 
 async def _has(receiver: Receiver, path: str, events: set[str]) -> bool:
