@@ -351,8 +351,10 @@ WEBHOOK_RESPONSE_BYTES_MAX = 4_096  # of a receiver's answer body we read (and d
 # Backoff after each failed attempt (then the endpoint is disabled: at most ~3 days of tries), +- jitter.
 WEBHOOK_RETRY_SCHEDULE_S = (5, 300, 1_800, 7_200, 18_000, 36_000, 86_400, 86_400, 86_400)
 WEBHOOK_RETRY_JITTER_RATIO = 0.1
-WEBHOOK_IN_FLIGHT_PER_ENDPOINT_MAX = 4  # so one slow endpoint holds at most this many of the worker's sends
-WEBHOOK_IN_FLIGHT_MAX = 64  # per region worker, all endpoints
+# So one slow endpoint holds at most this many of the worker's sends (16 slow endpoints fill the worker, as 4 of
+# 64 did); at 4 one endpoint's deliveries fell behind 33 transfers/s on the local stack (`txroute bench events`).
+WEBHOOK_IN_FLIGHT_PER_ENDPOINT_MAX = 16
+WEBHOOK_IN_FLIGHT_MAX = 256  # per region worker, all endpoints
 WEBHOOK_CLAIM_TIMEOUT_S = 5.0  # one shard's claim: a slow shard is skipped for this pass, the others claim on
 WEBHOOK_CLAIM_LEASE_MS = 30_000  # a claimed delivery is due again after this (a crash mid-send), > the timeout
 WEBHOOK_IDLE_POLL_MS = 200

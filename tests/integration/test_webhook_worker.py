@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 
+from app import limits
 from app.events.delivery import WebhookWorker
 from app.events.urls import UrlPolicy
 from app.events.webhooks import new_endpoint_id
@@ -185,14 +186,16 @@ async def test_a_slow_endpoint_with_a_large_backlog_does_not_delay_another_endpo
     await rig.endpoint(shard, slow_client, f"{receiver.url}/slow")
     await rig.endpoint(shard, quick_client, f"{receiver.url}/quick")
     receiver.held.add("/slow")
-    backlog = 300  # more than the 256 rows 0011's claim looked at, all older than the quick endpoint's event
+    # More than the rows 0011's claim looked at (4 x the worker's room), all older than the quick endpoint's event.
+    backlog = 4 * limits.WEBHOOK_IN_FLIGHT_MAX + 100
     await rig.sql(shard, "select count(txr_event_write('account.opened', $1, 7, 'acc_' || i, '{}'::jsonb)) "
                          "from generate_series(1, $2) i", slow_client, backlog)
     task = await _running(rig.worker(topology, {shard: rig.stores[shard]}))
     try:
         async def slow_queued_and_busy() -> bool:
             queued = await rig.sql(shard, "select count(*) from webhook_deliveries where state = 'pending'")
-            return queued == backlog and sum(1 for p, _ in receiver.arrived if p == "/slow") >= 4
+            busy = sum(1 for p, _ in receiver.arrived if p == "/slow")
+            return queued == backlog and busy >= limits.WEBHOOK_IN_FLIGHT_PER_ENDPOINT_MAX
 
         await poll_until(slow_queued_and_busy, timeout_s=30,
                          what="the slow endpoint's backlog queued and its in-flight room used")
