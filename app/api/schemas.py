@@ -192,10 +192,14 @@ class EntriesPage(msgspec.Struct, kw_only=True):
 
 
 class TransfersPage(msgspec.Struct, kw_only=True):
-    """An account's transfers, newest first; `next_cursor` is opaque (null on the last page)."""
+    """An account's transfers, newest first; `next_cursor` is opaque (null on the last page). `complete_from`, only
+    for an account that arrived on its shard by a slot move: the listing holds every transfer of the account made
+    from then on, but a transfer into it made before then from an account that did not move with it is not listed
+    (it stayed with the shard the account left)."""
 
     items: list[Transfer]
     next_cursor: str | None
+    complete_from: str | None = None
 
 
 class ReferenceLookup(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -222,12 +222,15 @@ async def list_account_transfers(
         state=state_text, before_at=before[0] if before else None, before_id=before[1] if before else None,
     )
     store = await ledger(request).store_for_slot(parsed.slot)
-    account, rows = await store.account_transfers(parsed.text, client, parsed.slot, page)
+    account, rows, arrived = await store.account_transfers(parsed.text, client, parsed.slot, page)
     if account.status != 200:
         return outcome_response(request, account)
     last = rows[-1] if len(rows) == page_size else None
     next_cursor = encode_transfers_cursor(last["created_at"], last["id"]) if last else None
-    return json_response(request, 200, {"items": [r["body"] for r in rows], "next_cursor": next_cursor})
+    body: dict[str, Any] = {"items": [r["body"] for r in rows], "next_cursor": next_cursor}
+    if arrived is not None:  # the account came by a slot move: say from when the listing is whole
+        body["complete_from"] = arrived.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return json_response(request, 200, body)
 
 
 @post(

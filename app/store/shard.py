@@ -152,6 +152,16 @@ SERVER_SETTINGS = {
 }
 
 
+def arrived_sql(account: str, slot: str) -> str:
+    """When the account (the placeholder `account`) arrived on this shard by a slot move: the switch of the last move
+    of its slot (`slot`) into this shard, if the account existed before it (one probe of slot_moves_arrivals, migration
+    0041); null for an account whose whole history is here. Used by the balance as of a time and the transfer
+    listing, which both know only this shard's rows. Only $n placeholders are joined in, never a value."""
+    return f"""(select max(m.switched_at) from slot_moves m
+            where m.role = 'target' and m.phase in ('switched', 'done') and {slot} between m.slot_lo and m.slot_hi
+              and m.switched_at > (select a.created_at from accounts a where a.id = {account}))"""  # noqa: S608
+
+
 # GET /v1/accounts/{id}?as_of=T (DESIGN D14): the balance is the account's last entry at or before T, one probe of
 # entries_account_time (entries are stamped when written, so per account their times follow their ids); held is
 # the sum of the holds open at T: created by T, not past their time, not resolved by T (the resolution's
@@ -164,11 +174,8 @@ SERVER_SETTINGS = {
 # the switch of the last move that brought the slot here (slot_moves, role target; the switch-in records it after
 # its last booking) when the account existed before it (else its whole journal is here); a T before it is refused
 # (as_of_before_move), since this shard cannot answer it and the shard that could no longer serves the slot.
-AS_OF_SQL = """
-    select txr_owns($3) as owned,
-           (select max(m.switched_at) from slot_moves m
-            where m.role = 'target' and m.phase in ('switched', 'done') and $3 between m.slot_lo and m.slot_hi
-              and m.switched_at > (select a.created_at from accounts a where a.id = $1)) as arrived,
+AS_OF_SQL = f"""
+    select txr_owns($3) as owned, {arrived_sql('$1', '$3')} as arrived,
            (select txr_account_body(a) || jsonb_build_object(
                        'balance', coalesce(b.balance_after, 0), 'held', h.held,
                        'available', coalesce(b.balance_after, 0) - h.held + a.overdraft_limit, 'as_of', txr_ts($4))
@@ -184,7 +191,7 @@ AS_OF_SQL = """
                   and t.hold_expires_at > $4
                   and not exists (select 1 from transfer_events ev
                                   where ev.transfer_id = t.id and ev.seq > 1 and ev.at <= $4)) h
-            where a.id = $1 and a.owner_client = $2 and a.kind = 'customer') as body"""
+            where a.id = $1 and a.owner_client = $2 and a.kind = 'customer') as body"""  # noqa: S608 - placeholders
 
 # A queued posting: its JSON, the future its request awaits, and its request's span (None when untraced).
 @dataclass(frozen=True, slots=True)
@@ -965,16 +972,20 @@ class ShardStore:
 
     async def account_transfers(
         self, account_id: str, client: str, slot: int, page: TransfersQuery
-    ) -> tuple[Outcome, list[dict[str, Any]]]:
+    ) -> tuple[Outcome, list[dict[str, Any]], datetime.datetime | None]:
         """An account's transfers, newest first, keyset-paginated on (created_at, id): one index range scan per
-        side (transfers_debit_account, transfers_credit_account), merged."""
+        side (transfers_debit_account, transfers_credit_account), merged. And when the account arrived here by a
+        slot move (`arrived_sql`; None if it did not): a transfer into it made before then from an account that did
+        not move with it stayed on the shard it left, and is not among these rows."""
         assert 1 <= page.limit <= limits.TRANSFERS_PAGE_SIZE_MAX
         account = await self.get_account(account_id, client, slot)
         if account.status != 200:
-            return account, []
+            return account, [], None
         sql, args = account_transfers_sql(account_id, client, page)
         rows = await self._fetch("account_transfers", sql, *args)
-        return account, [dict(r) for r in rows]
+        arrived = await self._fetch(
+            "account_arrived", f"select {arrived_sql('$1', '$2')} as at", account_id, slot)
+        return account, [dict(r) for r in rows], arrived[0]["at"]
 
     async def ready(self) -> bool:
         """Reachable and migrated, asked on a connection of its own (never the pool's, so a busy pool does not

@@ -289,3 +289,38 @@ async def test_the_reference_lookup_lists_each_cross_shard_transfer_once_after_i
     assert found == Counter(dict.fromkeys(ids, 1)), f"expected each transfer listed by one shard once: {found}"
     report = await moving_world.audit()
     assert report.clean, report.text()
+
+
+async def test_an_accounts_transfer_listing_after_its_slot_moved_says_from_when_it_is_complete(
+    moving_world: Any, topology: Topology, keys: SessionKeys,  # noqa: F811
+) -> None:
+    """The listing reads the account's own shard. A transfer into the account from a slot that did not move with it
+    stays on the shard it left, so after the move the new shard's listing cannot hold it: the page says from when
+    it is complete (`complete_from`, the switch), and lists what moved with the account and what came after."""
+    async with httpx.AsyncClient(base_url=moving_world.router.url, timeout=30) as http:
+        client = new_client_id()
+        api = RouterApi(http, client, keys.client_token(client))
+        _, (payer, payee) = await accounts_in_one_shard(api, topology, 2)
+        while parse_account_id(payer).slot == parse_account_id(payee).slot:
+            _, (payer, payee) = await accounts_in_one_shard(api, topology, 2)
+        await api.funded(payer, 100)
+        into = await api.transfer(payer, payee, 40)
+        back = await api.transfer(payee, payer, 10)
+        assert into.status_code == back.status_code == 201, (into.text, back.text)
+        before = await api.get(f"/v1/accounts/{payee}/transfers")
+        await _move(moving_world, topology, parse_account_id(payee).slot)
+        later = await api.transfer(payer, payee, 5)
+        assert later.status_code in (201, 202), later.text
+
+        async def settled() -> bool:
+            return (await api.get(f"/v1/transfers/{later.json()['id']}")).json()["state"] == "posted"
+
+        await poll_until(settled, timeout_s=60, what="the saga into the moved account settled")
+        after = await api.get(f"/v1/accounts/{payee}/transfers")
+    assert before.status_code == after.status_code == 200, (before.text, after.text)
+    assert "complete_from" not in before.json(), before.json()
+    complete_from = datetime.datetime.fromisoformat(after.json()["complete_from"])
+    assert complete_from > datetime.datetime.fromisoformat(into.json()["created_at"]), after.json()
+    listed = {t["id"] for t in after.json()["items"]}
+    assert {back.json()["id"], later.json()["id"]} <= listed, (
+        f"expected what moved with the account and what came after listed: {after.json()}")
