@@ -53,15 +53,23 @@ _GRANTS = (
     "grant select on all tables in schema public to {role}",
     "alter default privileges in schema public grant select on tables to {role}",
     # Every ledger function that may write runs as its owner with a pinned search_path; the rest (stable
-    # readers such as txr_owns) run as the caller, who may read.
+    # readers such as txr_owns) run as the caller, who may read. Trigger functions run as the caller too: the
+    # service role writes no table itself, so a trigger fires only inside those functions, as their owner and
+    # under their search_path, and the wrapping (a save and restore of every setting per row) only cost time.
     """do $$
        declare f regprocedure;
        begin
            for f in select p.oid::regprocedure from pg_proc p join pg_namespace n on n.oid = p.pronamespace
                     where n.nspname = 'public' and p.proname like 'txr\\_%' and p.prokind = 'f'
-                      and p.provolatile = 'v'
+                      and p.provolatile = 'v' and p.prorettype <> 'trigger'::regtype
            loop
                execute format('alter function %s security definer set search_path = public, pg_temp', f);
+           end loop;
+           for f in select p.oid::regprocedure from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+                    where n.nspname = 'public' and p.prorettype = 'trigger'::regtype
+                      and (p.prosecdef or p.proconfig is not null)
+           loop
+               execute format('alter function %s security invoker reset all', f);
            end loop;
        end $$""",
     "revoke execute on all functions in schema public from public",

@@ -80,7 +80,21 @@ async def test_every_writing_function_runs_as_its_owner_with_a_pinned_search_pat
     try:
         writers = await owner.fetch(
             """select p.proname, p.prosecdef, p.proconfig from pg_proc p join pg_namespace n on n.oid = p.pronamespace
-               where n.nspname = 'public' and p.proname like 'txr\\_%' and p.provolatile = 'v'"""
+               where n.nspname = 'public' and p.proname like 'txr\\_%' and p.provolatile = 'v'
+                 and p.prorettype <> 'trigger'::regtype"""
+        )
+        # Trigger functions run as the caller: inside the writing functions, their owner. The service role may
+        # write no table, so no trigger fires on its behalf outside them.
+        triggers = await owner.fetch(
+            """select p.proname, p.prosecdef, p.proconfig from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+               where n.nspname = 'public' and p.prorettype = 'trigger'::regtype"""
+        )
+        service_writes = await owner.fetch(
+            """select c.relname, x.privilege_type from pg_class c join pg_namespace n on n.oid = c.relnamespace
+               cross join unnest(array['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE']) x(privilege_type)
+               where n.nspname = 'public' and c.relkind in ('r', 'p')
+                 and has_table_privilege($1, c.oid, x.privilege_type)""",
+            SERVICE_ROLE,
         )
         public_may_run = await owner.fetch(
             """select p.proname from pg_proc p join pg_namespace n on n.oid = p.pronamespace
@@ -95,6 +109,10 @@ async def test_every_writing_function_runs_as_its_owner_with_a_pinned_search_pat
         assert r["prosecdef"], f"expected {r['proname']} to be SECURITY DEFINER"
         assert "search_path=public, pg_temp" in (r["proconfig"] or []), f"expected {r['proname']}'s search_path pinned"
     assert public_may_run == [], f"expected PUBLIC to execute no function, got {[r['proname'] for r in public_may_run]}"
+    assert {"txr_move_log", "txr_transfer_event", "txr_accounts_moved_fence"} <= {r["proname"] for r in triggers}
+    for r in triggers:
+        assert not r["prosecdef"] and not r["proconfig"], f"expected trigger function {r['proname']} to run as the caller"
+    assert service_writes == [], f"expected {SERVICE_ROLE} to write no table itself, got {service_writes}"
 
 
 async def test_another_role_cannot_even_connect_to_a_shard(
