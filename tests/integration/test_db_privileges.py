@@ -111,7 +111,7 @@ async def test_every_writing_function_runs_as_its_owner_with_a_pinned_search_pat
     assert public_may_run == [], f"expected PUBLIC to execute no function, got {[r['proname'] for r in public_may_run]}"
     assert {"txr_move_log", "txr_transfer_event", "txr_accounts_moved_fence"} <= {r["proname"] for r in triggers}
     for r in triggers:
-        assert not r["prosecdef"] and not r["proconfig"], f"expected trigger function {r['proname']} to run as the caller"
+        assert not r["prosecdef"] and not r["proconfig"], f"expected trigger {r['proname']} to run as the caller"
     assert service_writes == [], f"expected {SERVICE_ROLE} to write no table itself, got {service_writes}"
 
 
