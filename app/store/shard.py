@@ -567,11 +567,11 @@ class ShardStore:
         `position` None is a stream not read yet: from its beginning, or with `since` (a webhook endpoint's
         creation) from just before the first event created at or after it (`scanned` says where), so a new
         endpoint does not read the client's retained history."""
-        if position is None:
-            position = START_POSITION if since is None else await self._events_start(client, since)
-            started: str | None = position
-        else:
-            started = None
+        started: str | None = None  # where a stream not read yet starts, when `since` placed it
+        if position is None and since is not None:
+            position = started = await self._events_start(client, since)
+        elif position is None:
+            position = START_POSITION
         xid, seq = position.split(".")
         scan_max = limit if types is None else max(limit, limits.EVENTS_FEED_SCAN_ROWS_MAX)
         rows = await self._fetch(

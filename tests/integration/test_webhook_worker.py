@@ -135,7 +135,8 @@ async def _running(worker: WebhookWorker) -> asyncio.Task[None]:
 
 async def _stop(task: asyncio.Task[None]) -> None:
     task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    async with asyncio.timeout(30):  # a worker that does not stop when cancelled is a failure, not a hang
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_one_shard_down_leaves_the_other_shards_deliveries_going(
@@ -149,18 +150,19 @@ async def test_one_shard_down_leaves_the_other_shards_deliveries_going(
     worker = rig.worker(topology, {down: rig.stores[down], up: rig.stores[up]})
     task = await _running(worker)
     try:
-        first = {await rig.event(up, client_up), await rig.event(down, client_up)}
-        await poll_until(lambda: _has(receiver, "/up", first), timeout_s=20, what="both shards' events delivered")
-        await asyncio.to_thread(rig.clusters[down].stop, mode="immediate")
-        skipped_before = _shard_errors(down)
-        later = {await rig.event(up, client_up) for _ in range(3)}
-        await poll_until(lambda: _has(receiver, "/up", first | later), timeout_s=20,
-                         what="the healthy shard's events delivered while the other shard's database is stopped")
-        assert _shard_errors(down) > skipped_before, "expected the skipped shard counted in the metric"
-        await asyncio.to_thread(rig.clusters[down].start, settings=TEST_PG_SETTINGS)
-        back = await rig.event(down, client_up)
-        await poll_until(lambda: _has(receiver, "/up", first | later | {back}), timeout_s=30,
-                         what="the shard's events delivered again once its database is back")
+        async with asyncio.timeout(150):  # each step is bounded; this names the step of a hang
+            first = {await rig.event(up, client_up), await rig.event(down, client_up)}
+            await poll_until(lambda: _has(receiver, "/up", first), timeout_s=20, what="both shards' events delivered")
+            await asyncio.to_thread(rig.clusters[down].stop, mode="immediate")
+            skipped_before = _shard_errors(down)
+            later = {await rig.event(up, client_up) for _ in range(3)}
+            await poll_until(lambda: _has(receiver, "/up", first | later), timeout_s=20,
+                             what="the healthy shard's events delivered while the other shard's database is stopped")
+            assert _shard_errors(down) > skipped_before, "expected the skipped shard counted in the metric"
+            await asyncio.to_thread(rig.clusters[down].start, settings=TEST_PG_SETTINGS)
+            back = await rig.event(down, client_up)
+            await poll_until(lambda: _has(receiver, "/up", first | later | {back}), timeout_s=30,
+                             what="the shard's events delivered again once its database is back")
     finally:
         await _stop(task)
     ids = [event for path, event, _ in receiver.received if path == "/up"]
