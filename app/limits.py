@@ -355,6 +355,9 @@ WEBHOOK_RETRY_JITTER_RATIO = 0.1
 # 64 did); at 4 one endpoint's deliveries fell behind 33 transfers/s on the local stack (`txroute bench events`).
 WEBHOOK_IN_FLIGHT_PER_ENDPOINT_MAX = 16
 WEBHOOK_IN_FLIGHT_MAX = 256  # per region worker, all endpoints
+# Results of attempts written at once by one region worker (through the shards' pools, of DB_POOL_SIZE_MAX each,
+# which postings share): a pass of sends ending together queues its writes here, not in front of postings.
+WEBHOOK_RECORD_CONCURRENCY_MAX = 2
 WEBHOOK_CLAIM_TIMEOUT_S = 5.0  # one shard's claim: a slow shard is skipped for this pass, the others claim on
 WEBHOOK_CLAIM_LEASE_MS = 30_000  # a claimed delivery is due again after this (a crash mid-send), > the timeout
 WEBHOOK_IDLE_POLL_MS = 200

@@ -120,6 +120,10 @@ class WebhookWorker:
         self._session: aiohttp.ClientSession | None = None
         # Set when an attempt ends or events were queued: the sender claims again at once instead of polling.
         self._wake = asyncio.Event()
+        # Attempts' results are written through the shards' pools, which postings share: however many sends end
+        # at once (up to WEBHOOK_IN_FLIGHT_MAX, e.g. a pass of slow endpoints timing out together), at most this
+        # many of their writes wait for or hold a connection.
+        self._record_gate = asyncio.Semaphore(limits.WEBHOOK_RECORD_CONCURRENCY_MAX)
 
     # Ingest -----------------------------------------------------------------------------------------
 
@@ -292,11 +296,12 @@ class WebhookWorker:
         outcome: str, delay_ms: int, disable: str | None,
     ) -> None:
         try:
-            await store.webhook_call(
-                "webhook_attempted", "select txr_webhook_attempted($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                row["endpoint_id"], row["event_id"], row["attempts"], status, latency_ms, error, outcome,
-                delay_ms, disable,
-            )
+            async with self._record_gate:
+                await store.webhook_call(
+                    "webhook_attempted", "select txr_webhook_attempted($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    row["endpoint_id"], row["event_id"], row["attempts"], status, latency_ms, error, outcome,
+                    delay_ms, disable,
+                )
         except ShardUnavailable:
             # Not recorded: the lease ends and the delivery is sent again (at least once).
             log.warning("webhook_record_failed", extra={"endpoint": row["endpoint_id"]})

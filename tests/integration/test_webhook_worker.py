@@ -212,6 +212,54 @@ async def test_a_slow_endpoint_with_a_large_backlog_does_not_delay_another_endpo
     assert waited < 10, f"expected the quick endpoint's delivery within 10 s, took {waited:.1f} s"
 
 
+async def test_results_of_sends_ending_together_take_a_bounded_share_of_the_shards_pool(
+    rig: Rig, receiver: Receiver, topology: Topology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A held receiver released at once ends a full endpoint's sends together; their results are written through
+    the shard's pool, which postings share, at most WEBHOOK_RECORD_CONCURRENCY_MAX at a time, and all of them."""
+    shard = "wh-a"
+    client = new_client_id("burst")
+    await rig.endpoint(shard, client, f"{receiver.url}/burst")
+    receiver.held.add("/burst")
+    count = limits.WEBHOOK_IN_FLIGHT_PER_ENDPOINT_MAX
+    await _write_events(rig, shard, client, count)
+    store = rig.stores[shard]
+    real_call = store.webhook_call
+    writing, most = 0, 0
+
+    async def counted(op: str, *args: Any, **kwargs: Any) -> Any:
+        nonlocal writing, most
+        if op != "webhook_attempted":
+            return await real_call(op, *args, **kwargs)
+        writing += 1
+        most = max(most, writing)
+        try:
+            await asyncio.sleep(0.05)  # each write held a moment, so writes that overlap are seen to
+            return await real_call(op, *args, **kwargs)
+        finally:
+            writing -= 1
+
+    monkeypatch.setattr(store, "webhook_call", counted)
+    task = await _running(rig.worker(topology, {shard: store}))
+    try:
+        async def all_in_flight() -> bool:
+            return sum(1 for p, _ in receiver.arrived if p == "/burst") == count
+
+        await poll_until(all_in_flight, timeout_s=30, what="every send of the endpoint in flight at the held receiver")
+        receiver.released.set()
+
+        async def all_recorded() -> bool:
+            done = await rig.sql(shard, "select count(*) from webhook_deliveries where state = 'delivered'")
+            return bool(done == count)
+
+        await poll_until(all_recorded, timeout_s=30, what="every delivery recorded as delivered")
+    finally:
+        await _stop(task)
+    assert len(receiver.ids("/burst")) == count
+    assert 1 <= most <= limits.WEBHOOK_RECORD_CONCURRENCY_MAX, (
+        f"expected at most {limits.WEBHOOK_RECORD_CONCURRENCY_MAX} result writes at once, saw {most}")
+
+
 async def _write_events(rig: Rig, shard: str, client: str, count: int, event_type: str = "account.opened") -> None:
     await rig.sql(shard, "select count(txr_event_write($3, $1, 7, 'acc_' || i, '{}'::jsonb)) "
                          "from generate_series(1, $2) i", client, count, event_type)
