@@ -47,6 +47,33 @@ def migrations() -> list[Migration]:
     return found
 
 
+# Every ledger function that may write runs as its owner with a pinned search_path; the rest (stable
+# readers such as txr_owns) run as the caller, who may read. Trigger functions run as the caller too: the
+# service role writes no table itself, so a trigger fires only inside those functions, as their owner and
+# under their search_path, and the wrapping (a save and restore of every setting per row) only cost time.
+# Applied after each migration inside its transaction (a migration's `create or replace` resets a function to
+# run as its caller: a service still running would meet a writing function without its owner's rights until
+# grants ran apart), and again with the grants (app/store/provision.py). It alters only functions not yet
+# as they should be.
+FUNCTION_SECURITY_SQL = """do $$
+       declare f regprocedure;
+       begin
+           for f in select p.oid::regprocedure from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+                    where n.nspname = 'public' and p.proname like 'txr\\_%' and p.prokind = 'f'
+                      and p.provolatile = 'v' and p.prorettype <> 'trigger'::regtype
+                      and not (p.prosecdef and p.proconfig = array['search_path=public, pg_temp'])
+           loop
+               execute format('alter function %s security definer set search_path = public, pg_temp', f);
+           end loop;
+           for f in select p.oid::regprocedure from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+                    where n.nspname = 'public' and p.prorettype = 'trigger'::regtype
+                      and (p.prosecdef or p.proconfig is not null)
+           loop
+               execute format('alter function %s security invoker reset all', f);
+           end loop;
+       end $$"""
+
+
 async def migrate(conn: asyncpg.Connection) -> list[str]:
     """Apply what is missing; return the names applied now."""
     applied_now: list[str] = []
@@ -66,6 +93,7 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
                 continue
             async with conn.transaction():
                 await conn.execute(m.sql)
+                await conn.execute(FUNCTION_SECURITY_SQL)
                 await conn.execute(
                     "insert into schema_migrations (version, name, checksum) values ($1, $2, $3)",
                     m.version, m.name, m.checksum,

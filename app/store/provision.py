@@ -31,7 +31,7 @@ from pathlib import Path
 import asyncpg
 
 from app.store.access import AccessError, DatabaseEndpoint, endpoint_from_env, password_from_env
-from app.store.migrate import LOCK_ID, migrate
+from app.store.migrate import FUNCTION_SECURITY_SQL, LOCK_ID, migrate
 from app.topology.loader import load_topology
 from app.topology.model import Shard
 
@@ -52,26 +52,7 @@ _GRANTS = (
     "grant usage on schema public to {role}",
     "grant select on all tables in schema public to {role}",
     "alter default privileges in schema public grant select on tables to {role}",
-    # Every ledger function that may write runs as its owner with a pinned search_path; the rest (stable
-    # readers such as txr_owns) run as the caller, who may read. Trigger functions run as the caller too: the
-    # service role writes no table itself, so a trigger fires only inside those functions, as their owner and
-    # under their search_path, and the wrapping (a save and restore of every setting per row) only cost time.
-    """do $$
-       declare f regprocedure;
-       begin
-           for f in select p.oid::regprocedure from pg_proc p join pg_namespace n on n.oid = p.pronamespace
-                    where n.nspname = 'public' and p.proname like 'txr\\_%' and p.prokind = 'f'
-                      and p.provolatile = 'v' and p.prorettype <> 'trigger'::regtype
-           loop
-               execute format('alter function %s security definer set search_path = public, pg_temp', f);
-           end loop;
-           for f in select p.oid::regprocedure from pg_proc p join pg_namespace n on n.oid = p.pronamespace
-                    where n.nspname = 'public' and p.prorettype = 'trigger'::regtype
-                      and (p.prosecdef or p.proconfig is not null)
-           loop
-               execute format('alter function %s security invoker reset all', f);
-           end loop;
-       end $$""",
+    FUNCTION_SECURITY_SQL,  # app/store/migrate.py: also applied inside each migration's own transaction
     "revoke execute on all functions in schema public from public",
     "grant execute on all functions in schema public to {role}",
     "alter default privileges in schema public revoke execute on functions from public",

@@ -22,7 +22,8 @@
 -- * transfers.state and transfer_events.state referenced transfer_states: a foreign-key check (a statement) on
 --   every insert and state change. A CHECK constraint over the same six states says the same without a
 --   statement; transfer_states stays, as the list of states and which are terminal (the audit reads it). A
---   migration that adds a state changes both.
+--   migration that adds a state changes both. The constraints are added NOT VALID here (a brief lock, no scan) and
+--   validated by migration 0045, in a transaction of its own, which scans without blocking reads or writes.
 
 create or replace function txr_post(p_batch jsonb, p_lock_wait_ms integer, p_patience_ms integer default 0)
 returns jsonb language plpgsql as $$
@@ -154,11 +155,9 @@ end $$;
 alter table transfers drop constraint transfers_state_fkey;
 alter table transfers add constraint transfers_state_known
     check (state in ('pending', 'posted', 'returned', 'held', 'voided', 'expired')) not valid;
-alter table transfers validate constraint transfers_state_known;
 alter table transfer_events drop constraint transfer_events_state_fkey;
 alter table transfer_events add constraint transfer_events_state_known
     check (state in ('pending', 'posted', 'returned', 'held', 'voided', 'expired')) not valid;
-alter table transfer_events validate constraint transfer_events_state_known;
 
 
 -- txr_post_one (migration 0009) with the non-hold posting's four writes in two statements.
