@@ -3,6 +3,7 @@ call the ledger functions, and nothing else; provisioning (as the owner) grants 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -10,6 +11,7 @@ import pytest
 
 from app.local.postgres import SERVICE_ROLE, Cluster
 from app.local.processes import ServiceProcess
+from app.store.migrate import migrate, migrations
 from app.topology.model import Topology
 from tests.helpers import ApiClient
 from tests.integration.conftest import HOME_REGION
@@ -129,3 +131,32 @@ async def test_another_role_cannot_even_connect_to_a_shard(
     finally:
         await owner.execute("drop role if exists txroute_stranger")
         await owner.close()
+
+
+async def test_migrations_alone_leave_every_writing_function_run_by_its_owner(
+    pg_clusters: dict[str, Cluster], topology: Topology
+) -> None:
+    """Each migration applies the function security inside its own transaction, so no committed state has a
+    writing function that a `create or replace` reset to run as its caller (a live service would meet it before
+    the grants ran). Checked on a database migrated and never provisioned."""
+    cluster = pg_clusters[HOME_REGION]
+    database = f"migrated_only_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(cluster.dsn("postgres"))
+    try:
+        await admin.execute(f'create database "{database}"')
+        conn = await asyncpg.connect(cluster.dsn(database))
+        try:
+            applied = await migrate(conn)
+            wrong = await conn.fetch(
+                """select p.proname from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+                   where n.nspname = 'public' and p.proname like 'txr\\_%' and p.prokind = 'f'
+                     and (p.prorettype <> 'trigger'::regtype and p.provolatile = 'v'
+                          and not (p.prosecdef and p.proconfig = array['search_path=public, pg_temp'])
+                          or p.prorettype = 'trigger'::regtype and (p.prosecdef or p.proconfig is not null))""")
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f'drop database if exists "{database}"')
+        await admin.close()
+    assert applied == [m.name for m in migrations()], applied
+    assert wrong == [], f"expected migrations alone to leave every function's security right, got {wrong}"
