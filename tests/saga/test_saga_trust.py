@@ -33,6 +33,8 @@ SAGA_ROUTES = ["/internal/saga/apply", "/internal/saga/apply-batch"]  # every re
 SAGA_READ_ROUTES = ["/internal/events"]  # every region-to-region read: another region's webhook worker
 # Region-to-region reads by POST: a retried open asks where its key's slots moved (app/region/open_replay.py).
 SAGA_READ_POST_ROUTES = ["/internal/replay-lookup"]
+# Router-to-region routes, hop tokens only (app/router): the shard map, and a batch's key claim (DESIGN D15).
+ROUTER_ROUTES = ["/internal/shardmap", "/internal/batch-claim"]
 SOURCE, DESTINATION = "eu-west-1", "us-east-1"
 
 
@@ -145,10 +147,13 @@ async def test_a_saga_message_is_applied_only_from_the_region_owning_its_source_
         assert (await _post(http, url, body, token)).status_code == 401
         # Saga tokens open no other door: not the public API, not the routers' shard map.
         account = f"/v1/accounts/{credit}"
-        for method, path in (("GET", account), ("GET", "/internal/shardmap")):
-            token = keys.saga_token(SOURCE, DESTINATION, BoundRequest(method, path, b""))
-            response = await http.request(method, region_services[DESTINATION].url + path,
-                                          headers={"authorization": "Bearer " + token})
+        claim = json.dumps({"key": "k-1", "fingerprint": "0" * 64}).encode()
+        for method, path, sent in (("GET", account, b""), ("GET", ROUTER_ROUTES[0], b""),
+                                   ("POST", ROUTER_ROUTES[1], claim)):
+            token = keys.saga_token(SOURCE, DESTINATION, BoundRequest(method, path, sent))
+            response = await http.request(method, region_services[DESTINATION].url + path, content=sent or None,
+                                          headers={"authorization": "Bearer " + token,
+                                                   "content-type": "application/json"})
             assert response.status_code == 401, f"{method} {path}: {response.text}"
     assert await _snapshot(pg_clusters, topology) == before, "expected nothing written by a refused message"
     await _conserved(pg_clusters, topology)
@@ -167,13 +172,14 @@ async def test_saga_routes_refuse_calls_without_a_token_or_with_a_client_token(
 
 def test_saga_routes_name_every_internal_route_the_regions_serve_to_each_other() -> None:
     """The attack tests above cover SAGA_ROUTES; a region-to-region route added later must join them. Every
-    /internal/ route of the regional service is a saga route, but the routers' shard map (hop tokens)."""
+    /internal/ route of the regional service is a saga route, but the routers' (hop tokens; a saga token is refused
+    there, above)."""
     app = create_app(RegionSettings.from_env({
         **region_env(), "TXROUTE_REGION": SOURCE, "TXROUTE_DATABASE_URL": "postgresql://nobody@127.0.0.1:1",
     }))
     litestar = app.app
     internal = {route.path for route in litestar.routes if route.path.startswith("/internal/")}  # type: ignore[attr-defined]
-    assert internal - {"/internal/shardmap"} == set(SAGA_ROUTES) | set(SAGA_READ_ROUTES) | set(SAGA_READ_POST_ROUTES), (
+    assert internal - set(ROUTER_ROUTES) == set(SAGA_ROUTES) | set(SAGA_READ_ROUTES) | set(SAGA_READ_POST_ROUTES), (
         sorted(internal))
 
 
