@@ -11,9 +11,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from app.api.schemas import BatchItem, BatchRequest, FundsRequest, TransferItem, TransferRequest
 from app.errors import Problem
+from app.ledger.postings import fingerprint
 from app.security import scopes
+
+
+def batch_fingerprint(batch: BatchRequest) -> str:
+    """The client's whole batch (items, their order, the atomic flag): what its key is bound to, by the router's
+    claim (migration 0040) and by an atomic batch's stored record alike."""
+    return fingerprint("batch", msgspec.to_builtins(batch))
 
 
 def item_key(batch_key: str, index: int, item: BatchItem) -> str:

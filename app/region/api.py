@@ -37,7 +37,7 @@ from app.ledger.states import TransferState
 from app.region.batches import post_batch
 from app.region.identity import batch_claimer, caller, caller_principal, verified_body
 from app.region.service import RegionLedger
-from app.store.shard import Outcome, TransfersQuery
+from app.store.shard import Outcome, TransfersQuery, utc_text
 from app.topology.ids import InvalidId, parse_account_id, parse_transfer_id
 
 REPLAYED_HEADER = "idempotent-replayed"
@@ -229,7 +229,7 @@ async def list_account_transfers(
     next_cursor = encode_transfers_cursor(last["created_at"], last["id"]) if last else None
     body: dict[str, Any] = {"items": [r["body"] for r in rows], "next_cursor": next_cursor}
     if arrived is not None:  # the account came by a slot move: say from when the listing is whole
-        body["complete_from"] = arrived.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        body["complete_from"] = utc_text(arrived)
     return json_response(request, 200, body)
 
 

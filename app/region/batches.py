@@ -17,13 +17,11 @@ import asyncio
 import logging
 from typing import Any
 
-import msgspec
-
 from app import limits
 from app.api import batches
 from app.api.schemas import BatchItem, BatchRequest, DepositItem, TransferItem, TransferRequest, WithdrawalItem
 from app.errors import Problem
-from app.ledger.postings import PostingKind, fingerprint
+from app.ledger.postings import PostingKind
 from app.region.service import RegionLedger
 from app.store.shard import (
     AccountBusy,
@@ -83,7 +81,7 @@ async def _atomic(ledger: RegionLedger, client: str, key: str, batch: BatchReque
                           extra={"index": index})
         postings.append(posting)
     assert store is not None
-    return await store.post_atomic(client, key, fingerprint("batch", msgspec.to_builtins(batch)), postings)
+    return await store.post_atomic(client, key, batches.batch_fingerprint(batch), postings)
 
 
 async def _posting(ledger: RegionLedger, client: str, key: str, item: BatchItem) -> tuple[ShardStore, Any]:

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from app import telemetry
+from app.api.batches import batch_fingerprint
 from app.api.schemas import BatchClaim, BatchItem, BatchRequest
 from app.api.upstreams import Answer
 from app.errors import Problem, slot_moving
-from app.ledger.postings import fingerprint
 from app.router.hold import is_slot_moving
 from app.security.tokens import BoundRequest, Principal
 from app.topology.placement import batch_home_slot
@@ -36,11 +36,6 @@ if TYPE_CHECKING:
 BATCHES_PATH = "/v1/batches"
 CLAIM_PATH = "/internal/batch-claim"
 _JSON_HEADERS = [(b"content-type", b"application/json")]
-
-
-def batch_fingerprint(batch: BatchRequest) -> str:
-    """The client's whole batch (items, their order, the atomic flag), as the atomic batch's record has it."""
-    return fingerprint("batch", msgspec.to_builtins(batch))
 
 
 async def claim_batch(

@@ -152,6 +152,11 @@ SERVER_SETTINGS = {
 }
 
 
+def utc_text(at: datetime.datetime) -> str:
+    """A time as the API writes it (txr_ts in SQL): UTC, microseconds, Z."""
+    return at.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def arrived_sql(account: str, slot: str) -> str:
     """When the account (the placeholder `account`) arrived on this shard by a slot move: the switch of the last move
     of its slot (`slot`) into this shard, if the account existed before it (one probe of slot_moves_arrivals, migration
@@ -935,7 +940,7 @@ class ShardStore:
             "get_account_as_of", AS_OF_SQL, account_id, client, slot, at, limits.HOLD_EXPIRES_IN_S_MAX
         )
         if row["owned"] and row["body"] is not None and row["arrived"] is not None and at < row["arrived"]:
-            earliest = row["arrived"].astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            earliest = utc_text(row["arrived"])
             return Outcome(422, {
                 "code": "as_of_before_move", "earliest": earliest,
                 "detail": f"account {account_id} arrived on its shard by a slot move at {earliest}; its balance is "
