@@ -9,8 +9,6 @@ message or stack (which could hold SQL or a secret).
 from __future__ import annotations
 
 import logging
-import re
-import secrets
 from typing import Any
 
 import msgspec
@@ -25,7 +23,6 @@ from app.errors import PROBLEM_CONTENT_TYPE, Problem, problem_body
 log = logging.getLogger("txroute.http")
 
 REQUEST_ID_HEADER = "x-request-id"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 _HTTP_CODES = {
     400: "invalid_request",
     401: "unauthorized",
@@ -43,7 +40,7 @@ def request_id(request: Request[Any, Any, Any]) -> str:
     rid = state.get("request_id")
     if rid is None:
         given = request.headers.get(REQUEST_ID_HEADER)
-        rid = given if given and _REQUEST_ID.match(given) else "req_" + secrets.token_hex(12)
+        rid = telemetry.request_id(given)
         state["request_id"] = rid
     return str(rid)
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -69,7 +67,6 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 ROUTER_ID = "txroute-router"
 SHARDMAP_PATH = "/internal/shardmap"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 _JSON = b"application/json"
 
 
@@ -114,8 +111,7 @@ class Router:
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
         rid = scope.get("state", {}).get("request_id")  # telemetry.Instrumented's
         if rid is None:
-            given = headers.get("x-request-id")
-            rid = given if given and _REQUEST_ID.match(given) else "req_" + secrets.token_hex(12)
+            rid = telemetry.request_id(headers.get("x-request-id"))
         try:
             answer = await self._handle(scope, receive, headers, rid)
         except Problem as problem:
