@@ -116,7 +116,10 @@ CLIENT_TOKEN_LIFETIME_MAX_S = 24 * 3600
 CLIENT_TOKEN_LIFETIME_CAP_S = 7 * 24 * 3600
 # Verifying an Ed25519 JWT costs ~250 us here; a verified client token is remembered (its `exp` still checked
 # on every use). Bounded, least recently used out first (one OrderedDict move per hit), so a full cache does not
-# send every active client through the signature check at once.
+# send every active client through the signature check at once. Revocation bound: an entry lives until its
+# token's `exp` (+ CLIENT_TOKEN_LEEWAY_S, as an uncached check allows) and never past its process, whose keys
+# are read at start; a key is retired by restarting the process without it (`txroute ops rotate-keys`), so a
+# cached verdict outlives a retired key by 0 s (no per-token revocation list: docs/architecture.md, Trust domains).
 TOKEN_CACHE_ENTRIES_MAX = 10_000
 
 # Hop tokens (router -> region): one per request, bound to it (method, target, body digest, Idempotency-Key),
