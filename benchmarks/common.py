@@ -10,12 +10,13 @@ import asyncio
 import functools
 import json
 import os
+import resource
 import shutil
 import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -72,12 +73,36 @@ class Figures:
     errors: int
     seconds: float
     latencies_ms: list[float]
+    # CPU seconds by part of the stack over the run (CpuMeter), where measured.
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def merged(cls, name: str, parts: list[Figures]) -> Figures:
         """One figure from several runs of the same workload (interleaved rounds)."""
+        cpu: dict[str, float] = {}
+        for part in parts:
+            for what, seconds in part.cpu_s.items():
+                cpu[what] = cpu.get(what, 0.0) + seconds
         return cls(name, sum(p.ops for p in parts), sum(p.errors for p in parts), sum(p.seconds for p in parts),
-                   [ms for p in parts for ms in p.latencies_ms])
+                   [ms for p in parts for ms in p.latencies_ms], cpu)
+
+    def cpu_us_per_op(self) -> dict[str, float]:
+        """CPU microseconds per operation by part of the stack, and their total."""
+        if not self.cpu_s or not self.ops:
+            return {}
+        split = {what: round(seconds / self.ops * 1e6) for what, seconds in self.cpu_s.items()}
+        return {**split, "total": sum(split.values())}
+
+    def cpu_line(self) -> str:
+        """Where each operation's CPU went, and the rate those parts alone would allow on this machine's cores:
+        what the ratio of two stacks comes down to when both keep the cores busy."""
+        split = self.cpu_us_per_op()
+        if not split:
+            return ""
+        parts = " + ".join(f"{what} {us:,.0f}" for what, us in split.items() if what != "total")
+        cores = os.cpu_count() or 1
+        return (f"  CPU per op: {parts} = {split['total']:,.0f} us; on {cores} cores at most "
+                f"{cores * 1e6 / split['total']:,.0f}/s")
 
     @property
     def calls(self) -> int:
@@ -113,6 +138,49 @@ def cpu_s(process: ServiceProcess) -> float:
         if int(fields[2]) == group:  # fields after the name: state ppid pgrp ... utime(11) stime(12)
             total_ticks += int(fields[11]) + int(fields[12])
     return total_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def cluster_cpu_s(cluster: Cluster) -> float:
+    """CPU seconds used so far by a PostgreSQL cluster: its postmaster, every live process it started, and
+    (by the postmaster's counters of reaped children) every backend that has ended."""
+    postmaster = int((cluster.data_dir / "postmaster.pid").read_text().split()[0])
+    total_ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended meanwhile (its time moves to the postmaster's reaped counters)
+        # fields after the name: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14)
+        if int(stat.parent.name) == postmaster:
+            total_ticks += sum(int(f) for f in fields[11:15])
+        elif int(fields[1]) == postmaster:
+            total_ticks += int(fields[11]) + int(fields[12])
+    return total_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    """This process's CPU (the Python load generator runs here) and its ended children's (wrk, pgbench)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class CpuMeter:
+    """CPU seconds by part of the stack over one run: the regional service (when there is one), PostgreSQL,
+    and the load generator (this process and the children it waited for: wrk, pgbench)."""
+
+    def __init__(self, cluster: Cluster, service: ServiceProcess | None, generator_name: str) -> None:
+        self._cluster, self._service, self._generator = cluster, service, generator_name
+        self._start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        reading = {"PostgreSQL": cluster_cpu_s(self._cluster), self._generator: _own_cpu_s()}
+        if self._service is not None:
+            reading = {"service": cpu_s(self._service), **reading}
+        return reading
+
+    def stop(self) -> dict[str, float]:
+        now = self._read()
+        return {what: now[what] - self._start[what] for what in now}
 
 
 def fresh_cluster(name: str) -> Cluster:

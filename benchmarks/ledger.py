@@ -24,6 +24,7 @@ from app.local.processes import ServiceProcess
 from benchmarks.client import Direct
 from benchmarks.common import (
     WARM_UP_S,
+    CpuMeter,
     Figures,
     fresh_cluster,
     open_accounts,
@@ -50,14 +51,17 @@ def run(*, clients: int, seconds: float, accounts: int, generator: str = "auto",
     if profiler:
         print(f"(profiled by py-spy, collapsed stacks in {profile}: the sampler's CPU lowers these figures)")
     print(ours.line() + f"  service RSS {rss_mib:.0f} MiB")
+    print(ours.cpu_line())
     print(pgbench.line())
+    print(pgbench.cpu_line())
     ratio = ours.per_second / pgbench.per_second
     print(f"ratio: txroute transfers/s = {ratio:.2f} x pgbench tpcb-like TPS")
     if as_json:
         print_json({"ratio": round(ratio, 3), "per_second": round(ours.per_second, 1),
                     "pgbench_tps": round(pgbench.per_second, 1), "p50_ms": round(ours.percentile(0.50), 2),
                     "p99_ms": round(ours.percentile(0.99), 2), "rss_mib": round(rss_mib, 1),
-                    "clients": clients, "errors": ours.errors})
+                    "clients": clients, "errors": ours.errors,
+                    "cpu_us_per_transfer": ours.cpu_us_per_op(), "cpu_us_per_pgbench_tx": pgbench.cpu_us_per_op()})
     return 0 if ours.errors == 0 else 1
 
 
@@ -85,9 +89,13 @@ def measure(
         ours: list[Figures] = []
         theirs: list[Figures] = []
         for _ in range(rounds):
+            meter = CpuMeter(cluster, service, "load generator")
             ours.append(asyncio.run(transfer_workload("", url, auth, pick, clients=clients, seconds=step_s)))
+            ours[-1].cpu_s = meter.stop()
             if pgbench:
+                meter = CpuMeter(cluster, None, "pgbench client")
                 theirs.append(pgbench.run(step_s))
+                theirs[-1].cpu_s = meter.stop()
         if profiler:
             print(profiler.report())
         rss_mib = _rss_mib(service)

@@ -8,8 +8,9 @@ balance), keys used before (a replay, a reused key) or twice in the batch, holds
 gets the batch in one `txr_post` call; twin B gets its items one by one, each through `txr_post_one` after
 `txr_system_bound_refusal`, which is what `txr_post` did for every item before 0046. The answers, the accounts,
 the transfers, the entries (with each balance_after), the stored outcomes and the events of the two twins must
-agree after every example (a system account's balance_after aside: see STATE_QUERIES), every account's
-entries must chain (each balance_after the running sum of its amounts), and both twins must conserve money.
+agree after every example, every account's entries must chain (each balance_after the running sum of its
+amounts), and both twins must conserve money. The same holds for `txr_post_together` (atomic batches and
+unique references) against `txr_post_item` one by one.
 """
 
 from __future__ import annotations
@@ -62,11 +63,19 @@ async def _open(conns: list[asyncpg.Connection], *, client: str, account: str, s
         assert outcome["status"] == 201, outcome
 
 
-async def _one_by_one(conn: asyncpg.Connection, item: dict[str, Any]) -> dict[str, Any]:
-    """What txr_post did for each item before migration 0046 (its lock pass aside: nothing else runs here)."""
-    doc = await conn.fetchval(
-        "select coalesce(txr_system_bound_refusal($1::jsonb), txr_post_one($1::jsonb))", json.dumps(item))
-    return json.loads(doc)
+# What each caller did for every item before migration 0046 (their lock passes aside: nothing else runs here).
+ONE_BY_ONE = {
+    "txr_post": "select coalesce(txr_system_bound_refusal($1::jsonb), txr_post_one($1::jsonb))",
+    "txr_post_together": "select txr_post_item($1::jsonb)",
+}
+BATCH_CALL = {
+    "txr_post": "select txr_post($1::jsonb, 200, 1000)",
+    "txr_post_together": "select txr_post_together($1::jsonb, 200)",
+}
+
+
+async def _one_by_one(conn: asyncpg.Connection, item: dict[str, Any], caller: str = "txr_post") -> dict[str, Any]:
+    return json.loads(await conn.fetchval(ONE_BY_ONE[caller], json.dumps(item)))
 
 
 @pytest.fixture(scope="module")
@@ -180,10 +189,7 @@ STATE_QUERIES = {
     "transfers": """select id, client, kind, debit_account, credit_account, amount, currency, reference, state,
                            credit_shard, idempotency_key, metadata, hold_amount, reference_unique
                     from transfers order by id""",
-    # A system account's balance_after is left out: the plain items are posted before the batch's others, so a
-    # settlement account that both kinds touch has its entries in another order (checked by _chain_breaks).
-    "entries": """select e.transfer_id, e.account_id, e.amount, case when a.kind = 'customer' then e.balance_after end
-                  from entries e join accounts a on a.id = e.account_id order by e.transfer_id, e.amount""",
+    "entries": "select transfer_id, account_id, amount, balance_after from entries order by transfer_id, amount",
     "idempotency": """select client, key, fingerprint, status_code, body - 'created_at' as body, slot
                       from idempotency order by client, key""",
     "events": "select type, resource_id, data - 'created_at' as data from events order by resource_id, type",
@@ -198,27 +204,29 @@ async def _state(conn: asyncpg.Connection) -> dict[str, list[Any]]:
             for name, sql in STATE_QUERIES.items()}
 
 
-async def _set_path_calls(conn: asyncpg.Connection, batch: list[dict[str, Any]]) -> tuple[list[Any], int]:
+async def _set_path_calls(
+    conn: asyncpg.Connection, batch: list[dict[str, Any]], caller: str = "txr_post"
+) -> tuple[list[Any], int]:
     """txr_post's answers, and how many times it called txr_post_set (by pg_stat_xact_user_functions, which
     may also count earlier transactions' calls not yet flushed: hence the difference)."""
     calls_sql = "select coalesce(sum(calls), 0) from pg_stat_xact_user_functions where funcname = 'txr_post_set'"
     async with conn.transaction():
         await conn.execute("set local track_functions = 'pl'")
         before = await conn.fetchval(calls_sql)
-        answers = json.loads(await conn.fetchval("select txr_post($1::jsonb, 200, 1000)", json.dumps(batch)))
+        answers = json.loads(await conn.fetchval(BATCH_CALL[caller], json.dumps(batch)))
         calls = await conn.fetchval(calls_sql) - before
     return answers, calls
 
 
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(specs=st.lists(item_specs, min_size=1, max_size=12))
+@given(specs=st.lists(item_specs, min_size=1, max_size=12), caller=st.sampled_from(["txr_post", "txr_post_together"]))
 async def test_a_batch_answers_and_writes_what_its_items_one_by_one_do(
-    twins: Twins, specs: list[dict[str, Any]]
+    twins: Twins, specs: list[dict[str, Any]], caller: str
 ) -> None:
     batch = _batch(twins, specs)
-    together, _ = await _set_path_calls(twins.a, batch)
-    one_by_one = [await _one_by_one(twins.b, item) for item in batch]
+    together, _ = await _set_path_calls(twins.a, batch, caller)
+    one_by_one = [await _one_by_one(twins.b, item, caller) for item in batch]
     assert len(together) == len(batch)
     for index, (got, expected) in enumerate(zip(together, one_by_one, strict=True)):
         assert _without_times(got) == _without_times(expected), f"item {index}: {batch[index]}"
@@ -241,22 +249,27 @@ async def _chain_breaks(conn: asyncpg.Connection) -> list[asyncpg.Record]:
 
 
 async def test_plain_items_take_the_set_path_and_the_settlement_chain_reads_in_batch_order(twins: Twins) -> None:
-    """Deposits and withdrawals share the settlement account; each entry's balance_after is the running sum
-    in batch order, and the set path ran (so the property above compared it, not the old path twice)."""
+    """Deposits and withdrawals share the settlement account, transfers share customer accounts (the last one
+    refused for funds the earlier ones took); each entry's balance_after is the running sum in batch order, and
+    the set path ran once for the run (so the property above compared it, not the old path twice)."""
     settlement = settlement_account_id(twins.shard, "EUR")
     before = await twins.a.fetchval("select balance from accounts where id = $1", settlement)
+    available = await twins.a.fetchval("select balance from accounts where id = $1", twins.accounts[5])
     batch = [_posting(twins, "deposit", None, 0, 7), _posting(twins, "withdrawal", 1, None, 3),
-             _posting(twins, "deposit", None, 2, 11), _posting(twins, "transfer", 3, 4, 1)]
+             _posting(twins, "deposit", None, 2, 11), _posting(twins, "transfer", 3, 4, 1),
+             _posting(twins, "transfer", 5, 6, available), _posting(twins, "transfer", 6, 7, available),
+             _posting(twins, "transfer", 5, 7, 1)]
     answers, calls = await _set_path_calls(twins.a, batch)
     assert calls == 1
-    assert [a["status"] for a in answers] == [201, 201, 201, 201], answers
+    assert [a["status"] for a in answers] == [201, 201, 201, 201, 201, 201, 422], answers
+    assert answers[-1]["body"]["code"] == "insufficient_funds"
     chain = await twins.a.fetch(
         "select e.balance_after, e.amount from entries e where e.account_id = $1 and e.transfer_id = any($2::text[]) "
         "order by e.id", settlement, [batch[0]["id"], batch[1]["id"], batch[2]["id"]])
     assert [(r["amount"], r["balance_after"]) for r in chain] == [
         (-7, before - 7), (3, before - 4), (-11, before - 15)]
-    for item in batch:  # twin B one by one: the same accounts, transfers and entries
-        assert (await _one_by_one(twins.b, item))["status"] == 201
+    for item, answer in zip(batch, answers, strict=True):  # twin B one by one: the same answers and state
+        assert _without_times(await _one_by_one(twins.b, item)) == _without_times(answer)
     state_a, state_b = await _state(twins.a), await _state(twins.b)
     for name in STATE_QUERIES:
         assert state_a[name] == state_b[name], f"the twins' {name} differ"

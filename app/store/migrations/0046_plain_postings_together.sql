@@ -1,131 +1,233 @@
 -- Plain postings of a batch posted together (issue 14, item 3). A posting's cost in PostgreSQL is mostly per
 -- statement: each INSERT or UPDATE starts an executor, opens its indexes and builds its table's check
--- constraints from their stored text. txr_post_one runs about ten such statements per posting; a batch of 8 ran
--- 80. Measured in SQL alone (one session, synchronous_commit off, 200,000 transfers on the shard), a prototype
--- posting a batch's transfers set-based cost 40% less backend CPU per posting in batches of 8 and 60% less in
--- batches of 64.
+-- constraints from their stored text. txr_post_one runs about ten such statements per posting (and its callers
+-- more): a batch of 100 ran a thousand. Measured in SQL alone (one session, synchronous_commit off, 200,000
+-- transfers on the shard), a prototype posting a batch's transfers set-based cost 40% less backend CPU per
+-- posting in batches of 8 and 60% less in batches of 64.
 --
--- txr_post_set posts, in a handful of statements, every item of a txr_post batch that is plain:
---   * a transfer, deposit or withdrawal that is no hold, starts no saga, names no remote credit and asks no
---     unique reference;
---   * its slot is owned and not frozen, and none of its accounts is busy;
---   * its Idempotency-Key appears once in the batch;
---   * each of its accounts is used by no other item of the batch, unless it is a system account (the shard's
---     settlement account of a deposit or withdrawal) that exists in the posting's currency and is so far from
---     its bound (txr_system_bound_refusal) that no order of the batch's items could reach it.
--- So what decides each plain item's answer (its customer accounts, their funds, its key) is touched by no other
--- item of the batch, and posting the plain items first and then the others one by one, in batch order, answers
--- each item exactly as posting them all one by one would; the batch is one transaction either way. The answers
--- are txr_post_one's, text for text: the same refusal functions run on the same rows. Every trigger and
--- constraint fires as before, per row: the moved-account fence, the change log, the events, the entries' foreign
--- keys and their deferred zero-sum check. Each entry's balance_after is its account's balance after the entries
--- before it: a running sum over the plain items in batch order, then the batch's other items add theirs. So a
--- settlement account's chain is whole, though a deposit posted together comes before a deposit of the same
--- batch posted one by one (the order of a batch's items is the order the requests reached the queue: any order
--- is theirs).
+-- An item is plain (txr_plain_items) when it is a transfer, deposit or withdrawal that is no hold, starts no
+-- saga, names no remote credit and asks no unique reference; its slot is not frozen and none of its accounts is
+-- busy; its Idempotency-Key appears once in the batch; and the system account a deposit or withdrawal names
+-- (the shard's settlement account) exists in its currency, so far from its bound (txr_system_bound_refusal)
+-- that no order of the batch's items could reach it.
 --
--- The rest (holds, sagas, unique references, items sharing an account, a key twice) go one by one as before.
+-- txr_post and txr_post_together walk their batch in order as before, but each run of consecutive plain items
+-- goes to txr_post_set at once. txr_post_set decides every item of the run in order, in memory: the same
+-- refusal functions as txr_post_one, on the accounts' rows as the run's earlier postings left them (so items
+-- that share an account see each other's effect, as one by one). Then it writes the run in a handful of
+-- statements: both balances of every account once, the transfers, the entries (each balance_after the running
+-- balance), the stored outcomes. Every trigger and constraint fires as before, per row: the moved-account fence,
+-- the change log, the events, the entries' foreign keys and their deferred zero-sum check. Items of the run
+-- whose slot it does not find owned are left to the one-by-one path right after the run.
+--
+-- So each item is answered as posting the batch's items one by one, in order, answers it, text for text, and
+-- the shard ends as it would (tests/property/test_postings_together.py holds both against a twin shard).
 
+create or replace function txr_plain_items(p_batch jsonb, p_frozen jsonb, p_busy text[]) returns boolean[]
+language sql stable as $$
+    with items as (
+        select i - 1 as i, x from jsonb_array_elements(p_batch) with ordinality as t(x, i)
+    ), keys as (
+        select x ->> 'client' as client, x ->> 'key' as key from items group by 1, 2 having count(*) > 1
+    ), system as (  -- the system accounts the batch names, and whether every amount naming them fits their room
+        select a.id, a.currency,
+               abs(a.balance) <= 4611686018427387904 - sum((x ->> 'amount')::bigint) as room
+        from items join accounts a on a.id in (x ->> 'debit', x ->> 'credit') and a.kind <> 'customer'
+        group by a.id, a.currency, a.balance
+    )
+    select coalesce(array_agg(
+        x ->> 'kind' in ('transfer', 'deposit', 'withdrawal')
+        and x ->> 'transit' is null and x ->> 'hold_expires_in_s' is null
+        and not coalesce((x ->> 'credit_remote')::boolean, false)
+        and not coalesce((x ->> 'unique_reference')::boolean, false)
+        and not p_frozen ? i::text
+        and not (x ->> 'debit' = any(p_busy) or x ->> 'credit' = any(p_busy))
+        and not exists (select 1 from keys k where k.client = x ->> 'client' and k.key = x ->> 'key')
+        and (x ->> 'kind' <> 'deposit' or exists (
+            select 1 from system s where s.id = x ->> 'debit' and s.room and s.currency = x ->> 'currency'))
+        and (x ->> 'kind' <> 'withdrawal' or exists (
+            select 1 from system s where s.id = x ->> 'credit' and s.room and s.currency = x ->> 'currency'))
+        order by i), '{}')
+    from items
+$$;
+
+-- A run of plain items (batch indexes, in order): item index -> its answer. An item whose slot is not found
+-- owned here is left out.
 create or replace function txr_post_set(p_batch jsonb, p_items integer[]) returns jsonb language plpgsql as $$
 declare
-    v_slots integer[];
-    v_owned integer[];
+    v_items integer[];  -- p_items whose slot is owned, in order
     v_busy_keys integer[];
-    v_results jsonb;
+    v_prior jsonb;  -- client || chr(31) || key -> the stored outcome
+    v_rows accounts[];  -- the run's accounts, as the postings decided so far leave them
+    v_at jsonb;  -- account id -> its position in v_rows
+    v_postings integer[];  -- postings per position in v_rows
+    v_answers jsonb[];  -- per position in v_items; null for a posting until it is written
+    v_store integer[] := '{}';  -- positions in v_items whose answer is stored (refusals and postings)
+    v_posted integer[] := '{}';  -- batch indexes of the postings, in order
+    e_transfer text[] := '{}';
+    e_account text[] := '{}';
+    e_amount bigint[] := '{}';
+    e_after bigint[] := '{}';
+    v_written jsonb;  -- transfer id -> the answer of its posting
+    v_k integer;
+    v_i integer;
+    p jsonb;
+    v_amount bigint;
+    d accounts;
+    c accounts;
+    v_dk integer;
+    v_ck integer;
+    v_prior_one jsonb;
+    v_refusal jsonb;
 begin
     -- The ownership fence, as txr_owns takes it: the owning rows FOR SHARE, so a freeze waits for this
-    -- transaction and a posting after the freeze sees `moving`. An item whose slot is not found owned here is
-    -- left out (not answered): the caller posts it one by one, which answers it or looks again.
-    select array_agg(distinct (p_batch -> i ->> 'slot')::integer) into v_slots from unnest(p_items) i;
-    select coalesce(array_agg(s), '{}') into v_owned
-    from unnest(v_slots) s
-    cross join lateral (
-        select 1 from slot_ownership o where o.state = 'owned' and s between o.slot_lo and o.slot_hi for share
-    ) l;
+    -- transaction and a posting after the freeze sees `moving`.
+    select coalesce(array_agg(i order by n), '{}') into v_items
+    from unnest(p_items) with ordinality as u(i, n)
+    where (p_batch -> i ->> 'slot')::integer in (
+        select q.s from (select distinct (p_batch -> j ->> 'slot')::integer as s from unnest(p_items) j) q
+        cross join lateral (select 1 from slot_ownership o
+                            where o.state = 'owned' and q.s between o.slot_lo and o.slot_hi for share) l);
+    if cardinality(v_items) = 0 then
+        return '{}'::jsonb;
+    end if;
     -- Each key's advisory lock, in a statement of its own: the stored outcomes are read after it, in a new
     -- snapshot, so an outcome committed by the key's last holder is seen (as txr_idempotency_check does).
     select coalesce(array_agg(i), '{}') into v_busy_keys
-    from unnest(p_items) i
-    where (p_batch -> i ->> 'slot')::integer = any(v_owned)
-      and not pg_try_advisory_xact_lock(
-          hashtextextended((p_batch -> i ->> 'client') || chr(31) || (p_batch -> i ->> 'key'), 7));
-    with items as (
-        select i, x ->> 'id' as id, x ->> 'kind' as kind, x ->> 'client' as client, x ->> 'key' as key,
-               x ->> 'fingerprint' as fingerprint, x ->> 'debit' as debit, x ->> 'credit' as credit,
-               (x ->> 'amount')::bigint as amount, x ->> 'currency' as currency, (x ->> 'slot')::integer as slot,
-               x ->> 'reference' as reference, x ->> 'credit_shard' as credit_shard,
-               case when jsonb_typeof(x -> 'metadata') = 'object' then x -> 'metadata' end as metadata
-        from unnest(p_items) i
-        cross join lateral (select p_batch -> i) j(x)
-        where (x ->> 'slot')::integer = any(v_owned)
-    ), keyed as (
-        select items.*, i = any(v_busy_keys) as key_busy, p.fingerprint as prior_fingerprint,
-               p.status_code as prior_status, p.body as prior_body
-        from items left join idempotency p on p.client = items.client and p.key = items.key
-    ), judged as materialized (
-        -- txr_post_one's refusals, in its order, on the same rows.
-        select k.*, case
-            when k.key_busy or k.prior_fingerprint is not null then null
-            when k.kind <> 'deposit' and txr_customer_refusal(d, k.debit, k.client, k.currency) is not null
-                then txr_customer_refusal(d, k.debit, k.client, k.currency)
-            when k.kind <> 'withdrawal' and txr_customer_refusal(c, k.credit, k.client, k.currency) is not null
-                then txr_customer_refusal(c, k.credit, k.client, k.currency)
-            when k.kind <> 'deposit' and txr_funds_refusal(d, k.amount) is not null
-                then txr_funds_refusal(d, k.amount)
-            when c.kind = 'customer' and c.balance > 9007199254740991 - k.amount
-                then txr_refusal(422, 'balance_limit_exceeded',
-                    format('account %s would exceed the largest balance, 9007199254740991', c.id))
-        end as refusal
-        from keyed k
-        left join accounts d on d.id = k.debit
-        left join accounts c on c.id = k.credit
-    ), posting as (
-        select * from judged where not key_busy and prior_fingerprint is null and refusal is null
-    ), signed as (  -- every entry: debit first, then credit, in batch order
-        select i, 0 as side, id as transfer_id, debit as account, -amount as amount from posting
-        union all
-        select i, 1, id, credit, amount from posting
-    ), chained as (
-        select s.*, a.balance + sum(s.amount) over (partition by s.account order by s.i, s.side) as balance_after
-        from signed s join accounts a on a.id = s.account
-    ), moved as (
-        update accounts a set balance = a.balance + d.delta, version = a.version + d.postings
-        from (select account, sum(amount) as delta, count(*) as postings from signed group by account) d
-        where a.id = d.account
-    ), t as (
-        insert into transfers (id, client, kind, debit_account, credit_account, amount, currency, reference, state,
-                               credit_shard, metadata)
-        select id, client, kind, debit, credit, amount, currency, reference, 'posted', credit_shard, metadata
-        from posting order by i
-        returning *
-    ), e as (
-        insert into entries (transfer_id, account_id, amount, balance_after)
-        select transfer_id, account, amount, balance_after from chained order by i, side
-    ), answered as (
-        select t.id, jsonb_build_object('status', 201, 'body', txr_transfer_body(t)) as outcome from t
-    ), outcomes as materialized (
-        select j.i, j.client, j.key, j.fingerprint, j.slot, j.key_busy, j.prior_fingerprint is not null as known,
-               case
-                   when j.key_busy then txr_refusal(409, 'idempotency_key_in_flight',
-                       'a request with this Idempotency-Key is still being processed; retry it shortly')
-                   when j.prior_fingerprint is not null and j.prior_fingerprint <> j.fingerprint then
-                       txr_refusal(422, 'idempotency_key_reused',
-                           'this Idempotency-Key was already used for a different request')
-                   when j.prior_fingerprint is not null then
-                       jsonb_build_object('status', j.prior_status, 'body', j.prior_body, 'replayed', true)
-                   else coalesce(j.refusal, a.outcome)
-               end as outcome
-        from judged j left join answered a on a.id = j.id
-    ), stored as (  -- what txr_idempotency_store keeps: each outcome but a busy key's or a known key's
-        insert into idempotency (client, key, fingerprint, status_code, body, slot)
-        select client, key, fingerprint, (outcome ->> 'status')::integer, outcome -> 'body', slot
-        from outcomes where not key_busy and not known
-    )
-    select coalesce(jsonb_object_agg(i, outcome), '{}'::jsonb) into v_results from outcomes;
-    return v_results;
+    from unnest(v_items) i
+    where not pg_try_advisory_xact_lock(
+        hashtextextended((p_batch -> i ->> 'client') || chr(31) || (p_batch -> i ->> 'key'), 7));
+    select coalesce(jsonb_object_agg(o.client || chr(31) || o.key, jsonb_build_object(
+               'fingerprint', o.fingerprint, 'status', o.status_code, 'body', o.body)), '{}')
+    into v_prior
+    from idempotency o
+    where (o.client, o.key) in (select p_batch -> i ->> 'client', p_batch -> i ->> 'key' from unnest(v_items) i);
+    select coalesce(array_agg(r.acc order by r.n), '{}'), coalesce(jsonb_object_agg(r.id, r.n), '{}')
+    into v_rows, v_at
+    from (select acc, acc.id, row_number() over (order by acc.id) as n from accounts acc
+          where acc.id in (select p_batch -> i ->> 'debit' from unnest(v_items) i
+                           union select p_batch -> i ->> 'credit' from unnest(v_items) i)) r;
+    v_postings := array_fill(0, array[cardinality(v_rows)]);
+    v_answers := array_fill(null::jsonb, array[cardinality(v_items)]);
+    -- Each item decided in order, as txr_post_one decides it, on the rows as the run has left them so far.
+    for v_k in 1 .. cardinality(v_items) loop
+        v_i := v_items[v_k];
+        p := p_batch -> v_i;
+        v_prior_one := v_prior -> ((p ->> 'client') || chr(31) || (p ->> 'key'));
+        if v_i = any(v_busy_keys) then
+            v_answers[v_k] := txr_refusal(409, 'idempotency_key_in_flight',
+                'a request with this Idempotency-Key is still being processed; retry it shortly');
+            continue;
+        end if;
+        if v_prior_one is not null then
+            v_answers[v_k] := case
+                when v_prior_one ->> 'fingerprint' <> p ->> 'fingerprint' then
+                    txr_refusal(422, 'idempotency_key_reused',
+                        'this Idempotency-Key was already used for a different request')
+                else jsonb_build_object('status', (v_prior_one ->> 'status')::integer, 'body', v_prior_one -> 'body',
+                                        'replayed', true)
+            end;
+            continue;
+        end if;
+        v_amount := (p ->> 'amount')::bigint;
+        v_dk := (v_at ->> (p ->> 'debit'))::integer;
+        v_ck := (v_at ->> (p ->> 'credit'))::integer;
+        d := null;
+        c := null;
+        if v_dk is not null then
+            d := v_rows[v_dk];
+        end if;
+        if v_ck is not null then
+            c := v_rows[v_ck];
+        end if;
+        v_refusal := null;
+        if p ->> 'kind' <> 'deposit' then
+            v_refusal := txr_customer_refusal(d, p ->> 'debit', p ->> 'client', p ->> 'currency');
+        end if;
+        if v_refusal is null and p ->> 'kind' <> 'withdrawal' then
+            v_refusal := txr_customer_refusal(c, p ->> 'credit', p ->> 'client', p ->> 'currency');
+        end if;
+        if v_refusal is null and p ->> 'kind' <> 'deposit' then
+            v_refusal := txr_funds_refusal(d, v_amount);
+        end if;
+        if v_refusal is null and c.kind = 'customer' and c.balance > 9007199254740991 - v_amount then
+            v_refusal := txr_refusal(422, 'balance_limit_exceeded',
+                format('account %s would exceed the largest balance, 9007199254740991', c.id));
+        end if;
+        v_store := array_append(v_store, v_k);
+        if v_refusal is not null then
+            v_answers[v_k] := v_refusal;
+            continue;
+        end if;
+        assert d.id is not null and c.id is not null, 'posting names a missing system account';
+        assert d.currency = p ->> 'currency' and c.currency = p ->> 'currency', 'system account currency';
+        d.balance := d.balance - v_amount;
+        c.balance := c.balance + v_amount;
+        v_rows[v_dk] := d;
+        v_rows[v_ck] := c;
+        v_postings[v_dk] := v_postings[v_dk] + 1;
+        v_postings[v_ck] := v_postings[v_ck] + 1;
+        v_posted := array_append(v_posted, v_i);
+        e_transfer := array_append(array_append(e_transfer, p ->> 'id'), p ->> 'id');
+        e_account := array_append(array_append(e_account, d.id), c.id);
+        e_amount := array_append(array_append(e_amount, -v_amount), v_amount);
+        e_after := array_append(array_append(e_after, d.balance), c.balance);
+    end loop;
+    -- The run's writes: every balance once, then the transfers with their entries, then the stored outcomes.
+    if cardinality(v_store) > 0 then
+        with n as (
+            select r.id, r.balance, v_postings[r.ordinality::integer] as postings
+            from unnest(v_rows) with ordinality as r
+            where v_postings[r.ordinality::integer] > 0
+        ), moved as (
+            update accounts a set balance = n.balance, version = a.version + n.postings from n where a.id = n.id
+        ), t as (
+            insert into transfers (id, client, kind, debit_account, credit_account, amount, currency, reference,
+                                   state, credit_shard, metadata)
+            select x ->> 'id', x ->> 'client', x ->> 'kind', x ->> 'debit', x ->> 'credit', (x ->> 'amount')::bigint,
+                   x ->> 'currency', x ->> 'reference', 'posted', x ->> 'credit_shard',
+                   case when jsonb_typeof(x -> 'metadata') = 'object' then x -> 'metadata' end
+            from unnest(v_posted) with ordinality as u(i, o)
+            cross join lateral (select p_batch -> u.i) j(x)
+            order by u.o
+            returning *
+        ), e as (
+            insert into entries (transfer_id, account_id, amount, balance_after)
+            select * from unnest(e_transfer, e_account, e_amount, e_after)
+        ), answered as (
+            select t.id, jsonb_build_object('status', 201, 'body', txr_transfer_body(t)) as outcome from t
+        ), stored as (
+            insert into idempotency (client, key, fingerprint, status_code, body, slot)
+            select x ->> 'client', x ->> 'key', x ->> 'fingerprint', (o ->> 'status')::integer, o -> 'body',
+                   (x ->> 'slot')::integer
+            from (select p_batch -> v_items[s.k] as x, coalesce(v_answers[s.k], a.outcome) as o
+                  from unnest(v_store) as s(k)
+                  left join answered a on a.id = p_batch -> v_items[s.k] ->> 'id') q
+        )
+        select coalesce(jsonb_object_agg(id, outcome), '{}') into v_written from answered;
+    end if;
+    return (select jsonb_object_agg(v_items[k], coalesce(v_answers[k], v_written -> (p_batch -> v_items[k] ->> 'id')))
+            from generate_subscripts(v_items, 1) k);
 end $$;
 
--- txr_post (migration 0043) with its plain items posted together first, and its answers collected in an array
+-- One item of a txr_post batch on its own, as txr_post has posted every item until now.
+create or replace function txr_post_alone(p jsonb) returns jsonb language plpgsql as $$
+declare
+    v_result jsonb;
+begin
+    -- A system account at its bound refuses the posting before anything is written (migration 0006).
+    v_result := txr_system_bound_refusal(p);
+    if v_result is null then
+        v_result := txr_post_one(p);
+        -- A saga message keeps its request's trace context, for every later delivery to link to.
+        if v_result ? 'message' and p ? 'traceparent' then
+            update outbox set traceparent = p ->> 'traceparent' where transfer_id = v_result -> 'message' ->> 'transfer_id';
+        end if;
+    end if;
+    return v_result;
+end $$;
+
+-- txr_post (migration 0043) with its runs of plain items posted together, and its answers collected in an array
 -- (appending to a jsonb array copied the whole array at every item).
 create or replace function txr_post(p_batch jsonb, p_lock_wait_ms integer, p_patience_ms integer default 0)
 returns jsonb language plpgsql as $$
@@ -144,8 +246,10 @@ declare
     v_index integer;
     v_set text;  -- set_config's answer, unused: an assignment is a simple expression, a PERFORM a statement
     v_all_locked boolean := false;
-    v_plain integer[];
-    v_together jsonb := '{}';  -- item index -> its answer, for the plain items posted together
+    v_plain boolean[];  -- per item (from 1): posted with its run of plain neighbours (txr_plain_items)
+    v_run integer[] := '{}';
+    v_together jsonb;  -- item index -> its answer, for a run posted together
+    v_k integer;
 begin
     assert p_lock_wait_ms > 0, 'a lock wait of 0 would wait forever';
     -- Items for a slot not owned here are answered first, without a lock (see above).
@@ -214,73 +318,83 @@ begin
         end;
     end loop;
     v_set := set_config('lock_timeout', v_lock_timeout, true);
-    -- The plain items (see txr_post_set), posted together before the others.
-    with items as (
-        select i - 1 as i, x, x ->> 'debit' as debit, x ->> 'credit' as credit
-        from jsonb_array_elements(p_batch) with ordinality as t(x, i)
-        where not v_frozen ? (i - 1)::text
-    ), uses as (
-        select i, debit as account, (x ->> 'amount')::bigint as amount, x ->> 'currency' as currency from items
-        union all
-        select i, coalesce(x ->> 'transit', credit), (x ->> 'amount')::bigint, x ->> 'currency' from items
-    ), shared as (  -- accounts used by more than one item, with every amount that uses them
-        select account, sum(amount) as total, bool_and(uses.currency = a.currency) as one_currency,
-               a.id is not null and a.kind <> 'customer'
-                   and abs(a.balance) <= 4611686018427387904 - sum(amount) as system_with_room
-        from uses left join accounts a on a.id = uses.account
-        group by account, a.id, a.kind, a.balance
-        having count(distinct i) > 1
-    ), keys as (
-        select x ->> 'client' as client, x ->> 'key' as key from jsonb_array_elements(p_batch) x
-        group by 1, 2 having count(*) > 1
-    )
-    select coalesce(array_agg(i order by i), '{}') into v_plain
-    from items
-    where x ->> 'kind' in ('transfer', 'deposit', 'withdrawal')
-      and x ->> 'transit' is null and x ->> 'hold_expires_in_s' is null
-      and not coalesce((x ->> 'credit_remote')::boolean, false)
-      and not coalesce((x ->> 'unique_reference')::boolean, false)
-      and not (debit = any(v_busy) or credit = any(v_busy))
-      and not exists (select 1 from keys k where k.client = x ->> 'client' and k.key = x ->> 'key')
-      and not exists (select 1 from shared s where s.account in (debit, credit)
-                      and not (s.system_with_room and s.one_currency))
-      and (x ->> 'kind' <> 'deposit'
-           or exists (select 1 from accounts a where a.id = debit and a.kind <> 'customer'
-                      and a.currency = x ->> 'currency'
-                      and abs(a.balance) <= 4611686018427387904 - (x ->> 'amount')::bigint))
-      and (x ->> 'kind' <> 'withdrawal'
-           or exists (select 1 from accounts a where a.id = credit and a.kind <> 'customer'
-                      and a.currency = x ->> 'currency'
-                      and abs(a.balance) <= 4611686018427387904 - (x ->> 'amount')::bigint));
-    if cardinality(v_plain) > 0 then
-        v_together := txr_post_set(p_batch, v_plain);
-    end if;
+    -- Runs of consecutive plain items go to txr_post_set; every other item, and a run's item it left out, is
+    -- posted on its own, in batch order.
+    v_plain := txr_plain_items(p_batch, v_frozen, v_busy);
     for v_index in 0 .. jsonb_array_length(p_batch) - 1 loop
         v_item := p_batch -> v_index;
-        if v_together ? v_index::text then
-            v_results := v_results || (v_together -> v_index::text);
+        if v_plain[v_index + 1] then
+            v_run := array_append(v_run, v_index);
+            continue when coalesce(v_plain[v_index + 2], false);
+            v_together := txr_post_set(p_batch, v_run);
+            foreach v_k in array v_run loop
+                v_results := array_append(v_results, coalesce(v_together -> v_k::text, txr_post_alone(p_batch -> v_k)));
+            end loop;
+            v_run := '{}';
         elsif v_frozen ? v_index::text then
-            v_results := v_results || (v_frozen -> v_index::text);
+            v_results := array_append(v_results, v_frozen -> v_index::text);
         elsif v_item ->> 'debit' = any(v_busy) or coalesce(v_item ->> 'transit', v_item ->> 'credit') = any(v_busy) then
-            v_results := v_results || jsonb_build_object(
+            v_results := array_append(v_results, jsonb_build_object(
                 'status', 409, 'busy', true,
                 'busy_account', case when v_item ->> 'debit' = any(v_busy) then v_item ->> 'debit'
                                      else coalesce(v_item ->> 'transit', v_item ->> 'credit') end,
                 'body', jsonb_build_object(
                     'code', 'account_busy',
-                    'detail', 'an account of this posting is locked by another operation; nothing was posted'));
+                    'detail', 'an account of this posting is locked by another operation; nothing was posted')));
         else
-            -- A system account at its bound refuses the posting before anything is written (item 2 below).
-            v_result := txr_system_bound_refusal(v_item);
-            if v_result is null then
-                v_result := txr_post_one(v_item);
-                -- A saga message keeps its request's trace context, for every later delivery to link to.
-                if v_result ? 'message' and v_item ? 'traceparent' then
-                    update outbox set traceparent = v_item ->> 'traceparent'
-                    where transfer_id = v_result -> 'message' ->> 'transfer_id';
-                end if;
-            end if;
-            v_results := v_results || v_result;
+            v_results := array_append(v_results, txr_post_alone(v_item));
+        end if;
+    end loop;
+    return to_jsonb(v_results);
+end $$;
+
+-- txr_post_together (migration 0010: atomic batches and postings with a unique reference) with its runs of plain
+-- items posted together; every other item as before, through txr_post_item.
+create or replace function txr_post_together(p_items jsonb, p_lock_wait_ms integer) returns jsonb
+language plpgsql as $$
+declare
+    -- A PL/pgSQL array grows in place; appending to a jsonb array copies it, O(n^2) over 1,000 items.
+    v_results jsonb[] := '{}';
+    v_id text;
+    v_lock_timeout text := current_setting('lock_timeout');
+    v_plain boolean[];
+    v_run integer[] := '{}';
+    v_together jsonb;
+    v_index integer;
+    v_k integer;
+begin
+    assert p_lock_wait_ms > 0, 'a lock wait of 0 would wait forever';
+    insert into accounts (id, slot, kind, owner_client, currency)
+    select distinct x ->> 'transit', (x ->> 'slot')::integer, 'transit', 'txroute', x ->> 'currency'
+    from jsonb_array_elements(p_items) x where (x ->> 'transit') is not null
+    on conflict (id) do nothing;
+    perform set_config('lock_timeout', p_lock_wait_ms::text, true);
+    begin
+        for v_id in
+            select x ->> 'debit' from jsonb_array_elements(p_items) x
+            union
+            select coalesce(x ->> 'transit', x ->> 'credit') from jsonb_array_elements(p_items) x
+            order by 1
+        loop
+            perform 1 from accounts where id = v_id for update;
+        end loop;
+    exception when lock_not_available then
+        perform set_config('lock_timeout', v_lock_timeout, true);
+        return jsonb_build_object('busy', true, 'busy_account', v_id);
+    end;
+    perform set_config('lock_timeout', v_lock_timeout, true);
+    v_plain := txr_plain_items(p_items, '{}', '{}');
+    for v_index in 0 .. jsonb_array_length(p_items) - 1 loop
+        if v_plain[v_index + 1] then
+            v_run := array_append(v_run, v_index);
+            continue when coalesce(v_plain[v_index + 2], false);
+            v_together := txr_post_set(p_items, v_run);
+            foreach v_k in array v_run loop
+                v_results := array_append(v_results, coalesce(v_together -> v_k::text, txr_post_item(p_items -> v_k)));
+            end loop;
+            v_run := '{}';
+        else
+            v_results := array_append(v_results, txr_post_item(p_items -> v_index));
         end if;
     end loop;
     return to_jsonb(v_results);
