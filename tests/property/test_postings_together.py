@@ -252,22 +252,28 @@ async def test_plain_items_take_the_set_path_and_the_settlement_chain_reads_in_b
     """Deposits and withdrawals share the settlement account, transfers share customer accounts (the last one
     refused for funds the earlier ones took); each entry's balance_after is the running sum in batch order, and
     the set path ran once for the run (so the property above compared it, not the old path twice)."""
+    for n in range(8):  # accounts of this test's own, whatever the property test left behind
+        twins.accounts[("t", n)] = new_account_id(twins.slot)
+        await _open([twins.a, twins.b], client=CLIENT, account=twins.accounts[("t", n)], slot=twins.slot,
+                    currency="EUR")
+    k = [("t", n) for n in range(8)]
     settlement = settlement_account_id(twins.shard, "EUR")
     before = await twins.a.fetchval("select balance from accounts where id = $1", settlement)
-    available = await twins.a.fetchval("select balance from accounts where id = $1", twins.accounts[5])
-    batch = [_posting(twins, "deposit", None, 0, 7), _posting(twins, "withdrawal", 1, None, 3),
-             _posting(twins, "deposit", None, 2, 11), _posting(twins, "transfer", 3, 4, 1),
-             _posting(twins, "transfer", 5, 6, available), _posting(twins, "transfer", 6, 7, available),
-             _posting(twins, "transfer", 5, 7, 1)]
+    batch = [_posting(twins, "deposit", None, k[0], 7), _posting(twins, "deposit", None, k[1], 10),
+             _posting(twins, "withdrawal", k[1], None, 3), _posting(twins, "deposit", None, k[2], 11),
+             _posting(twins, "deposit", None, k[3], 5), _posting(twins, "transfer", k[3], k[4], 1),
+             _posting(twins, "deposit", None, k[5], 50), _posting(twins, "transfer", k[5], k[6], 50),
+             _posting(twins, "transfer", k[6], k[7], 50), _posting(twins, "transfer", k[5], k[7], 1)]
     answers, calls = await _set_path_calls(twins.a, batch)
     assert calls == 1
-    assert [a["status"] for a in answers] == [201, 201, 201, 201, 201, 201, 422], answers
+    assert [a["status"] for a in answers] == [201] * 9 + [422], answers
     assert answers[-1]["body"]["code"] == "insufficient_funds"
     chain = await twins.a.fetch(
-        "select e.balance_after, e.amount from entries e where e.account_id = $1 and e.transfer_id = any($2::text[]) "
-        "order by e.id", settlement, [batch[0]["id"], batch[1]["id"], batch[2]["id"]])
+        "select e.amount, e.balance_after from entries e where e.account_id = $1 and e.transfer_id = any($2::text[]) "
+        "order by e.id", settlement, [item["id"] for item in batch])
     assert [(r["amount"], r["balance_after"]) for r in chain] == [
-        (-7, before - 7), (3, before - 4), (-11, before - 15)]
+        (-7, before - 7), (-10, before - 17), (3, before - 14), (-11, before - 25), (-5, before - 30),
+        (-50, before - 80)]
     for item, answer in zip(batch, answers, strict=True):  # twin B one by one: the same answers and state
         assert _without_times(await _one_by_one(twins.b, item)) == _without_times(answer)
     state_a, state_b = await _state(twins.a), await _state(twins.b)
