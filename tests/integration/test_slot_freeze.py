@@ -12,7 +12,7 @@ import asyncpg
 from app.store.slotdata import SLOT_TABLES
 from app.topology.ids import parse_account_id
 from app.topology.model import Topology
-from tests.helpers import ApiClient, new_key, shard_of, source_move_spec
+from tests.helpers import ApiClient, accounts_in_one_shard, new_key, shard_of, source_move_spec
 
 
 async def test_a_frozen_slot_answers_503_slot_moving_writes_nothing_and_takes_the_retry_once_unfrozen(
@@ -68,6 +68,50 @@ async def test_every_per_slot_table_writes_the_change_log_the_catch_up_reads(
             f"expected {table.name} to log its changes with txr_move_log{tuple(expected)}, got "
             f"{triggers.get(table.name)}")
         assert table.name in on_delete, f"expected {table.name}'s change log to fire on delete too (0036)"
+
+
+async def test_writes_are_logged_while_a_move_of_their_slot_logs_and_only_then(
+    api: ApiClient, topology: Topology, shard_dsn: Callable[[str], str]
+) -> None:
+    """Migration 0047: the change log answers first whether any move logs on the shard. A deposit to an account
+    of the moving slot is logged (account, transfer and stored answer); a deposit to another slot of
+    the same shard during the move is not; once the move has ended, neither is."""
+    shard, (moving, other) = await accounts_in_one_shard(api, topology, 2)
+    slot = parse_account_id(moving).slot
+    assert parse_account_id(other).slot != slot, "expected two slots (placement hashes the key)"
+    move = "mv_logtest" + new_key()[-12:].lower()
+    spec = source_move_spec(topology, slot, move)
+    logged_sql = "select tbl, key::text from slot_move_changes where move_id = $1 order by id"
+    conn = await asyncpg.connect(shard_dsn(shard))
+    try:
+        quiet_before = await conn.fetchval("select count(*) from slot_move_changes")
+        idle = await api.deposit(moving, 100)
+        quiet_after = await conn.fetchval("select count(*) from slot_move_changes")
+        begun = json.loads(await conn.fetchval("select txr_move_begin($1::jsonb)::text", json.dumps(spec)))
+        assert begun["ok"], begun
+        logged_key = new_key()
+        during = await api.deposit(moving, 200, key=logged_key)
+        elsewhere = await api.deposit(other, 300)
+        logged = [(r["tbl"], json.loads(r["key"])) for r in await conn.fetch(logged_sql, move)]
+        await conn.execute("select txr_move_freeze($1)", move)
+        await conn.execute("select txr_move_unfreeze($1, 'cancelled', 'test')", move)
+        ended_before = await conn.fetchval("select count(*) from slot_move_changes")
+        ended = await api.deposit(moving, 400)
+        ended_after = await conn.fetchval("select count(*) from slot_move_changes")
+    finally:
+        await conn.execute("delete from slot_move_changes where move_id = $1", move)
+        await conn.close()
+    for response in (idle, during, elsewhere, ended):
+        assert response.status_code == 201, f"expected each deposit posted, got {response.status_code} {response.text}"
+    assert quiet_after == quiet_before, f"expected nothing logged without a move: {quiet_before} -> {quiet_after}"
+    transfer = during.json()["id"]
+    assert ("transfers", {"id": transfer}) in logged, f"expected the moving slot's transfer logged: {logged}"
+    assert ("accounts", {"id": moving}) in logged, f"expected the moving slot's account logged: {logged}"
+    assert ("idempotency", {"client": api.client_id, "key": logged_key}) in logged, logged
+    other_transfer = elsewhere.json()["id"]
+    assert not [k for _, k in logged if other in k.values() or other_transfer in k.values()], (
+        f"expected nothing logged for a slot the move does not cover: {logged}")
+    assert ended_after == ended_before, f"expected nothing logged once the move ended: {ended_before} -> {ended_after}"
 
 
 async def test_webhook_rows_of_a_slot_the_shard_does_not_own_are_left_alone_by_its_worker_and_operators(
