@@ -219,7 +219,8 @@ begin
         v_result := txr_post_one(p);
         -- A saga message keeps its request's trace context, for every later delivery to link to.
         if v_result ? 'message' and p ? 'traceparent' then
-            update outbox set traceparent = p ->> 'traceparent' where transfer_id = v_result -> 'message' ->> 'transfer_id';
+            update outbox set traceparent = p ->> 'traceparent'
+            where transfer_id = v_result -> 'message' ->> 'transfer_id';
         end if;
     end if;
     return v_result;
