@@ -15,7 +15,7 @@ import shutil
 import ssl
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,33 +125,33 @@ class Figures:
         )
 
 
+def _processes() -> Iterator[tuple[int, list[str]]]:
+    """Every live process: its pid and the fields of /proc/<pid>/stat after its name, state(0) ppid(1)
+    pgrp(2) ... utime(11) stime(12) cutime(13) cstime(14), in clock ticks."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            yield int(stat.parent.name), stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended meanwhile
+
+
 def cpu_s(process: ServiceProcess) -> float:
     """CPU seconds (user + system) used so far by a service's process group (granian's main process and its
     worker): unlike latency, CPU per request hardly moves when other work shares the machine."""
     assert process.process is not None
-    group, total_ticks = process.process.pid, 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(") ", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # the process ended meanwhile
-        if int(fields[2]) == group:  # fields after the name: state ppid pgrp ... utime(11) stime(12)
-            total_ticks += int(fields[11]) + int(fields[12])
+    group = process.process.pid
+    total_ticks = sum(int(f[11]) + int(f[12]) for _, f in _processes() if int(f[2]) == group)
     return total_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def cluster_cpu_s(cluster: Cluster) -> float:
     """CPU seconds used so far by a PostgreSQL cluster: its postmaster, every live process it started, and
-    (by the postmaster's counters of reaped children) every backend that has ended."""
+    (by the postmaster's counters of reaped children) every backend that has ended: a backend that ends
+    between two readings moves from the live processes' sum to the postmaster's reaped counters."""
     postmaster = int((cluster.data_dir / "postmaster.pid").read_text().split()[0])
     total_ticks = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(") ", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # the process ended meanwhile (its time moves to the postmaster's reaped counters)
-        # fields after the name: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14)
-        if int(stat.parent.name) == postmaster:
+    for pid, fields in _processes():
+        if pid == postmaster:
             total_ticks += sum(int(f) for f in fields[11:15])
         elif int(fields[1]) == postmaster:
             total_ticks += int(fields[11]) + int(fields[12])
